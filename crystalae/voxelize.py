@@ -138,8 +138,11 @@ def voxelize_arrays(
     else:
         placed = lattice @ (np.eye(3) if rotation is None else rotation).T
         centre = np.full(3, config.box_size / 2)
-        origin = centre - 0.5 * placed.sum(axis=0)
-        cart = origin + frac @ placed
+        local = (_compact(frac) if config.box_mode == "unit_cell" else frac) @ placed
+        # unit cell: centre the atoms' bounding box; lattice: centre the cell (either way, `origin` records it)
+        middle = 0.5 * (local.min(axis=0) + local.max(axis=0)) if config.box_mode == "unit_cell" else 0.5 * placed.sum(axis=0)
+        origin = centre - middle
+        cart = origin + local
         if config.box_mode == "unit_cell":
             outside = (cart < 0) | (cart > config.box_size)
             if outside.any():
@@ -154,6 +157,21 @@ def voxelize_arrays(
         index = (cart - voxel_offset(config)) / (config.box_size / config.grid)
         labels = _labels(index, numbers, grid_step(config, placed), config, periodic=False)
     return Density(values.astype(np.float32), labels, placed, origin, config)
+
+
+def _compact(frac: np.ndarray) -> np.ndarray:
+    """Periodic images of the atoms that span the least fractional range per axis.
+
+    Per axis, the cut between 1 and 0 moves to the widest gap between atoms, so a cell whose atoms
+    straddle a face is not drawn as two halves at opposite ends of the box.
+    """
+    out = frac.copy()
+    for axis in range(3):
+        x = np.sort(frac[:, axis])
+        gaps = np.diff(np.append(x, x[0] + 1.0))
+        cut = x[(np.argmax(gaps) + 1) % len(x)]  # first coordinate after the widest gap
+        out[:, axis] = np.mod(frac[:, axis] - cut, 1.0) + cut
+    return out
 
 
 def _separable(weights: np.ndarray, g0: np.ndarray, g1: np.ndarray, g2: np.ndarray) -> np.ndarray:

@@ -1,0 +1,5 @@
+import sys
+
+from crystalae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Streamlit dashboard over sweep results and the model registry (depends on `search`)."""
