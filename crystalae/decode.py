@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import numpy as np
 from pymatgen.core import Composition, Element, Structure
-from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from crystalae.voxelize import MAX_Z, Density, atom_sigmas, gaussian_norm
@@ -40,7 +39,7 @@ def decode(
     min_height: electrons / Å^3 a peak must exceed (default: half the peak of a hydrogen atom).
     """
     config = density.config
-    values = np.asarray(density.values, dtype=np.float64)
+    values = np.asarray(density.values)
     if species == "labels" and density.labels is None:
         raise DecodeError("species='labels' needs a labels grid")
     if species == "composition" and composition is None:
@@ -109,11 +108,12 @@ def _unique_lattice_atoms(cart, frac, z, lattice, config) -> np.ndarray:
 
 
 def _local_maxima(values: np.ndarray, periodic: bool, min_height: float) -> np.ndarray:
-    if periodic:
-        filtered = ndimage.maximum_filter(values, size=3, mode="wrap")
-    else:
-        filtered = ndimage.maximum_filter(values, size=3, mode="constant", cval=-np.inf)
-    return np.argwhere((values >= filtered) & (values > min_height))
+    """Voxels not lower than any of their 26 neighbours (separable 3x3x3 max, ~3x scipy's here)."""
+    padded = np.pad(values, 1, mode="wrap") if periodic else np.pad(values, 1, constant_values=-np.inf)
+    m = np.maximum(np.maximum(padded[:-2], padded[1:-1]), padded[2:])
+    m = np.maximum(np.maximum(m[:, :-2], m[:, 1:-1]), m[:, 2:])
+    m = np.maximum(np.maximum(m[:, :, :-2], m[:, :, 1:-1]), m[:, :, 2:])
+    return np.argwhere((values >= m) & (values > min_height))
 
 
 def _gather(values: np.ndarray, centres: np.ndarray, periodic: bool) -> np.ndarray:
@@ -126,7 +126,7 @@ def _gather(values: np.ndarray, centres: np.ndarray, periodic: bool) -> np.ndarr
 
 def _fit_peaks(values, centres, others, periodic) -> tuple[np.ndarray, np.ndarray]:
     """Sub-voxel peak positions (index units) and peak heights from a log-quadratic fit."""
-    local = _gather(values, centres, periodic) - others
+    local = _gather(values, centres, periodic).astype(np.float64) - others
     floor = 1e-9 * max(float(local.max()), 1e-30)
     coef = np.log(np.maximum(local, floor)) @ _FIT.T  # (P, 10)
     g = coef[:, 1:4]

@@ -100,12 +100,11 @@ def voxelize_chunk(task: tuple[list[tuple[int, Entry]], dict, PrepareOptions]) -
             rows["origin"].append(d.origin.tolist())
             densities.append(d.values)
             labels.append(d.labels)
-    n = config.grid
-    rows["density"] = pa.FixedShapeTensorArray.from_numpy_ndarray(
-        np.stack(densities) if densities else np.zeros((0, n, n, n), np.float32))
-    rows["labels"] = pa.FixedShapeTensorArray.from_numpy_ndarray(
-        np.stack(labels) if labels else np.zeros((0, n, n, n), np.uint8))
-    return pa.Table.from_pydict(rows, schema=schema(n)), rejects
+    if not densities:
+        return schema(config.grid).empty_table(), rejects
+    rows["density"] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack(densities))
+    rows["labels"] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack(labels))
+    return pa.Table.from_pydict(rows, schema=schema(config.grid)), rejects
 
 
 def prepare_dataset(
@@ -128,6 +127,8 @@ def prepare_dataset(
     _claim_folder(out, plan, overwrite)
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
+    for stale in shard_dir.glob(".shard-*.tmp"):  # left by a run killed mid-write
+        stale.unlink()
 
     indexed = list(enumerate(entries))
     chunks = [indexed[i : i + options.shard_size] for i in range(0, len(indexed), options.shard_size)]

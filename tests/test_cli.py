@@ -1,0 +1,39 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+
+from crystalae.cli import main
+
+
+def test_roundtrip_command_writes_ids_cifs_and_metrics(tmp_path, capsys):
+    out = tmp_path / "rt.csv"
+    assert main(["roundtrip", "demo:12", "--out", str(out), "--workers", "1", "--grid", "24"]) == 0
+    frame = pd.read_csv(out, keep_default_na=False)
+    assert list(frame.columns) == ["material_id", "cif"] and len(frame) == 12
+    metrics = json.loads((tmp_path / "rt.metrics.json").read_text())
+    assert metrics["n"] == 12 and metrics["config"]["grid"] == 24
+    assert 0 <= metrics["match_rate"] <= 1
+    assert "match rate" in capsys.readouterr().out
+
+
+def test_bad_input_gives_a_clear_error_not_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "crystalae", "roundtrip", str(tmp_path / "missing.csv"),
+                             "--out", str(tmp_path / "o.csv")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "missing.csv does not exist" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "crystalae", "roundtrip", "demo:2", "--sigma", "-1",
+                             "--out", str(tmp_path / "o.csv")], capture_output=True, text=True)
+    assert result.returncode == 2 and "sigma must be > 0" in result.stderr
+
+
+def test_voxel_config_yaml_with_cli_override(tmp_path):
+    from crystalae.cli import build_parser, voxel_config_from_args
+
+    path = tmp_path / "v.yaml"
+    path.write_text("grid: 20\nsigma: 0.7\nrepresentation: box\n")
+    args = build_parser().parse_args(["roundtrip", "demo", "--out", "x.csv", "--voxel-config", str(path),
+                                      "--sigma", "0.4"])
+    config = voxel_config_from_args(args)
+    assert (config.grid, config.sigma, config.representation) == (20, 0.4, "box")
