@@ -1,0 +1,79 @@
+"""Self-describing checkpoints: one folder with `checkpoint.pt` (weights + configs + metrics), loadable
+with `torch.load(..., weights_only=True)`, and `config.json` beside it for people and the dashboard."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crystalae.config import VoxelConfig
+from crystalae.io import atomic_write, write_json
+from crystalae.models import CrystalAE, ModelConfig
+
+FORMAT = "crystalae-checkpoint/1"
+FILENAME = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the requested configuration."""
+
+
+@dataclass
+class LoadedModel:
+    model: CrystalAE
+    voxel: VoxelConfig
+    meta: dict[str, Any]  # train config, metrics, epoch, dataset hash
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+
+def save_checkpoint(folder: str | Path, model: CrystalAE, voxel: VoxelConfig, *, epoch: int,
+                    metrics: dict[str, Any], train_config: dict[str, Any], dataset_hash: str,
+                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+    folder = Path(folder)
+    payload = {
+        "format": FORMAT, "epoch": epoch, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model_config": model.config.as_dict(), "voxel_config": voxel.as_dict(),
+        "train_config": train_config, "metrics": _plain(metrics), "dataset_hash": dataset_hash,
+    }
+    atomic_write(folder / FILENAME, lambda tmp: torch.save(payload, tmp))
+    write_json(folder / "config.json", {k: v for k, v in payload.items() if k not in ("model", "optimizer")})
+    return folder
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dict (weights-only unpickling: no code runs from the file)."""
+    path = Path(path)
+    file = path / FILENAME if path.is_dir() else path
+    if not file.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist (expected a folder with {FILENAME} or the file)")
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {file} is not readable: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a crystalae checkpoint (format {FORMAT} expected)")
+    return payload
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the model from the checkpoint alone; strict, so mismatched weights fail loudly."""
+    payload = read_checkpoint(path)
+    model = CrystalAE(ModelConfig.from_dict(payload["model_config"]))
+    try:
+        model.load_state_dict(payload["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit its model config: {exc}") from None
+    model.to(device).eval()
+    meta = {k: payload[k] for k in ("epoch", "metrics", "train_config", "dataset_hash")}
+    return LoadedModel(model, VoxelConfig.from_dict(payload["voxel_config"]), meta)
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(metrics, default=float))

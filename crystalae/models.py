@@ -1,0 +1,202 @@
+"""Networks: `DensityVAE` (3-D conv VAE with a lattice head) and `Segmenter` (3-D U-Net).
+
+Shapes: densities are (B, 1, N, N, N); the latent is (B, latent_dim); species logits are
+(B, n_classes, N, N, N). Convolutions pad circularly for the periodic `cell` grid, with zeros for `box`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the VAE + segmenter pair; saved in every checkpoint."""
+
+    grid: int = 32
+    periodic: bool = True  # circular padding (cell representation)
+    latent_dim: int = 128
+    depth: int = 4  # down/up stages of the VAE; grid must be divisible by 2**depth
+    base_width: int = 32  # channels after the first stage, doubling per stage
+    max_width: int = 256
+    norm: bool = True  # GroupNorm in every block (the paper used none)
+    residual: bool = True  # a residual conv block after each stage
+    seg_depth: int = 2
+    seg_width: int = 16
+    attention: bool = False  # attention gates on U-Net skips, as the paper
+    n_classes: int = 2  # background + elements in `species`
+    species: tuple[int, ...] = (6,)  # atomic number of class i + 1
+    lattice_head: bool = True  # predict (a, b, c, alpha, beta, gamma) from the latent
+
+    def __post_init__(self) -> None:
+        if self.grid % (2**self.depth) != 0:
+            raise ValueError(f"grid {self.grid} must be divisible by 2**depth = {2**self.depth}")
+        if self.grid % (2**self.seg_depth) != 0:
+            raise ValueError(f"grid {self.grid} must be divisible by 2**seg_depth = {2**self.seg_depth}")
+        if self.n_classes != len(self.species) + 1:
+            raise ValueError(f"n_classes {self.n_classes} must be len(species) + 1 = {len(self.species) + 1}")
+        for name in ("latent_dim", "depth", "base_width", "seg_depth", "seg_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["species"] = list(self.species)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
+        data = dict(data)
+        if "species" in data:
+            data["species"] = tuple(int(z) for z in data["species"])
+        return cls(**data)
+
+
+PAPER_PRESET = {  # Hoffmann et al.: 5 conv layers 16 -> 256 channels, dense layer, latent 300, trilinear up
+    "latent_dim": 300, "depth": 5, "base_width": 16, "max_width": 256, "norm": False, "residual": False,
+    "attention": True,
+}
+
+
+def _conv(c_in: int, c_out: int, periodic: bool, stride: int = 1) -> nn.Conv3d:
+    return nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, padding_mode="circular" if periodic else "zeros")
+
+
+def _norm(channels: int, enabled: bool) -> nn.Module:
+    return nn.GroupNorm(min(8, channels), channels) if enabled else nn.Identity()
+
+
+class ConvBlock(nn.Module):
+    """conv -> norm -> SiLU, optionally followed by a residual conv pair."""
+
+    def __init__(self, c_in: int, c_out: int, periodic: bool, norm: bool, residual: bool, stride: int = 1):
+        super().__init__()
+        self.main = nn.Sequential(_conv(c_in, c_out, periodic, stride), _norm(c_out, norm), nn.SiLU())
+        self.residual = (nn.Sequential(_conv(c_out, c_out, periodic), _norm(c_out, norm), nn.SiLU(),
+                                       _conv(c_out, c_out, periodic), _norm(c_out, norm))
+                         if residual else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.main(x)
+        return F.silu(x + self.residual(x)) if self.residual is not None else x
+
+
+def _widths(config: ModelConfig) -> list[int]:
+    return [min(config.base_width * 2**i, config.max_width) for i in range(config.depth)]
+
+
+class DensityVAE(nn.Module):
+    """3-D conv encoder -> (mu, logvar) -> 3-D conv decoder with trilinear upsampling."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        widths = _widths(config)
+        c = config
+        self.encoder = nn.Sequential(*[
+            ConvBlock(1 if i == 0 else widths[i - 1], widths[i], c.periodic, c.norm, c.residual, stride=2)
+            for i in range(c.depth)])
+        self.bottom = c.grid // 2**c.depth
+        flat = widths[-1] * self.bottom**3
+        self.to_stats = nn.Linear(flat, 2 * c.latent_dim)
+        self.from_latent = nn.Linear(c.latent_dim, flat)
+        self.decoder = nn.ModuleList([
+            ConvBlock(widths[i], widths[i - 1] if i > 0 else widths[0], c.periodic, c.norm, c.residual)
+            for i in reversed(range(c.depth))])
+        self.out = _conv(widths[0], 1, c.periodic)
+        self.lattice = (nn.Sequential(nn.Linear(c.latent_dim, 128), nn.SiLU(), nn.Linear(128, 6))
+                        if c.lattice_head else None)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x).flatten(1)  # (B, C * b^3)
+        mu, logvar = self.to_stats(h).chunk(2, dim=1)
+        return mu, logvar.clamp(-30, 20)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        widths = _widths(self.config)
+        h = self.from_latent(z).view(len(z), widths[-1], self.bottom, self.bottom, self.bottom)
+        for block in self.decoder:
+            h = block(F.interpolate(h, scale_factor=2, mode="trilinear", align_corners=False))
+        return self.out(h)  # (B, 1, N, N, N)
+
+    def lattice_params(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, 6) normalised lattice: lengths / 10 Å, angles / 90 degrees."""
+        if self.lattice is None:
+            raise RuntimeError("this model has no lattice head (box representation)")
+        return self.lattice(z)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        out = {"recon": self.decode(z), "mu": mu, "logvar": logvar}
+        if self.lattice is not None:
+            out["lattice"] = self.lattice(z)
+        return out
+
+
+class AttentionGate(nn.Module):
+    """Additive attention on a U-Net skip (Oktay et al. 2018), as in the paper's segmenter."""
+
+    def __init__(self, skip: int, gate: int, inner: int):
+        super().__init__()
+        self.skip = nn.Conv3d(skip, inner, 1)
+        self.gate = nn.Conv3d(gate, inner, 1)
+        self.psi = nn.Conv3d(inner, 1, 1)
+
+    def forward(self, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return skip * torch.sigmoid(self.psi(F.silu(self.skip(skip) + self.gate(gate))))
+
+
+class Segmenter(nn.Module):
+    """3-D U-Net: density (B, 1, N, N, N) -> species logits (B, n_classes, N, N, N)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        widths = [c.seg_width * 2**i for i in range(c.seg_depth + 1)]
+        self.down = nn.ModuleList([ConvBlock(1, widths[0], c.periodic, c.norm, False)] + [
+            ConvBlock(widths[i], widths[i + 1], c.periodic, c.norm, False, stride=2) for i in range(c.seg_depth)])
+        self.up = nn.ModuleList([ConvBlock(widths[i + 1] + widths[i], widths[i], c.periodic, c.norm, False)
+                                 for i in reversed(range(c.seg_depth))])
+        self.gates = (nn.ModuleList([AttentionGate(widths[i], widths[i + 1], widths[i])
+                                     for i in reversed(range(c.seg_depth))]) if c.attention else None)
+        self.head = nn.Conv3d(widths[0], c.n_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        x = skips.pop()
+        for k, block in enumerate(self.up):
+            skip = skips.pop()
+            x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+            if self.gates is not None:
+                skip = self.gates[k](skip, x)
+            x = block(torch.cat([x, skip], dim=1))
+        return self.head(x)
+
+
+class CrystalAE(nn.Module):
+    """The pair trained together: VAE for the density, U-Net for species on its reconstruction."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vae = DensityVAE(config)
+        self.segmenter = Segmenter(config)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.vae(x)
+        # The segmenter learns from the VAE's output, as at generation time; it does not steer the VAE.
+        out["species_logits"] = self.segmenter(out["recon"].detach())
+        return out
