@@ -2,7 +2,6 @@
 with `torch.load(..., weights_only=True)`, and `config.json` beside it for people and the dashboard."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,15 @@ class LoadedModel:
 
 def save_checkpoint(folder: str | Path, model: CrystalAE, voxel: VoxelConfig, *, epoch: int,
                     metrics: dict[str, Any], train_config: dict[str, Any], dataset_hash: str,
-                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None, history: list[dict] | None = None) -> Path:
+    """Write `checkpoint.pt` + `config.json` into `folder`; `history` is the per-epoch metric record."""
     folder = Path(folder)
     payload = {
         "format": FORMAT, "epoch": epoch, "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "model_config": model.config.as_dict(), "voxel_config": voxel.as_dict(),
         "train_config": train_config, "metrics": _plain(metrics), "dataset_hash": dataset_hash,
+        "history": _plain({"h": history or []})["h"],
     }
     atomic_write(folder / FILENAME, lambda tmp: torch.save(payload, tmp))
     write_json(folder / "config.json", {k: v for k, v in payload.items() if k not in ("model", "optimizer")})
@@ -56,7 +57,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {file} is not readable: {exc}") from None
+        raise CheckpointError(f"checkpoint {file} is not readable: {str(exc).splitlines()[0]}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a crystalae checkpoint (format {FORMAT} expected)")
     return payload
@@ -71,9 +72,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path}: weights do not fit its model config: {exc}") from None
     model.to(device).eval()
-    meta = {k: payload[k] for k in ("epoch", "metrics", "train_config", "dataset_hash")}
+    meta = {k: payload.get(k) for k in ("epoch", "metrics", "train_config", "dataset_hash", "history")}
     return LoadedModel(model, VoxelConfig.from_dict(payload["voxel_config"]), meta)
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(metrics, default=float))
+    """JSON-safe (hence weights-only-safe) copy: numpy scalars become floats, NaN becomes None."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, (bool, int, str)) or v is None:
+            return v
+        v = float(v)
+        return None if v != v else v
+    return clean(metrics)

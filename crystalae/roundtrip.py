@@ -67,10 +67,15 @@ def roundtrip(
         "decode_failures": sum(1 for r in valid if r["error"]),
         **summarize(valid), "seconds": round(time.perf_counter() - started, 2),
     }
+    write_results(out, rows, metrics)
+    return metrics
+
+
+def write_results(out: Path, rows: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+    """OUT (material_id,cif; empty cif where decoding failed), OUT.details.csv, OUT.metrics.json."""
     write_text(out, _csv(rows, ["material_id", "cif"]))
     write_text(details_path(out), _csv(rows, ["material_id", "match", "rms", "composition_ok", "count_ok", "error"]))
     write_json(metrics_path(out), metrics)
-    return metrics
 
 
 def details_path(out: Path) -> Path:

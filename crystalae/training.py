@@ -181,7 +181,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = CrystalAE(model_cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_epoch = 0
+    start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -189,6 +189,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         start_epoch = payload["epoch"] + 1
+        history = list(payload.get("history") or [])
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     rank = ray.train.get_context().get_world_rank()
@@ -210,9 +211,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics.update({f"val_{k}": v for k, v in evaluate(core, val_table, voxel, cfg, device).items()})
         else:
             metrics["val_loss"] = metrics["train_loss"]
+        history.append(_scalars(metrics))
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(folder, core, voxel, epoch=epoch, metrics=metrics, train_config=cfg.as_dict(),
-                            dataset_hash=loop_config["dataset_hash"], optimizer=optimizer)
+                            dataset_hash=loop_config["dataset_hash"], optimizer=optimizer, history=history)
             ray.train.report(_scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -307,4 +309,3 @@ def best_checkpoint_path(result, metric: str = "val_loss", mode: str = "min") ->
     return ranked[0][1].path
 
 
-os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
