@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from pymatgen.core import Structure
+from pymatgen.core.periodic_table import DummySpecies
 
 STRUCTURE_SUFFIXES = {".cif": "cif", ".json": "json", ".vasp": "poscar", ".poscar": "poscar"}
 
@@ -138,7 +139,7 @@ def check_structure(structure: Structure, min_distance: float = 0.5) -> None:
     if not structure.is_ordered:
         raise StructureError("structure is disordered (partial occupancies)")
     for site in structure:
-        if getattr(site.specie, "Z", 0) < 1:  # DummySpecies (e.g. 'X' in a CIF) has Z = 0
+        if isinstance(site.specie, DummySpecies) or getattr(site.specie, "Z", 0) < 1:  # e.g. 'Xx' in a CIF
             raise StructureError(f"unknown element {site.species_string!r}")
     if not np.isfinite(structure.lattice.matrix).all() or not np.isfinite(structure.frac_coords).all():
         raise StructureError("NaN or infinite coordinates or lattice")

@@ -1,0 +1,135 @@
+"""Models, checkpoints and Ray Train on a tiny grid (8^3) and a tiny model: minutes, CPU only."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Structure
+
+from crystalae.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from crystalae.config import VoxelConfig
+from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
+from crystalae.shards import PrepareOptions, prepare_dataset
+from crystalae.training import TrainConfig, train
+
+TINY = {"depth": 1, "base_width": 4, "max_width": 8, "latent_dim": 8, "seg_depth": 1, "seg_width": 4,
+        "residual": False}
+TRAIN = TrainConfig(epochs=4, batch_size=8, lr=5e-3, workers=2, eval_limit=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    prepare_dataset("demo:36", out, VoxelConfig(grid=8), PrepareOptions(shard_size=12, val_fraction=0.2), workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    import ray
+
+    storage = tmp_path_factory.mktemp("runs")
+    result = train(tiny_data, TRAIN, TINY, storage=storage, name="tiny")
+    yield {"result": result, "storage": storage, "data": tiny_data}
+    ray.shutdown()
+
+
+def _latest(result) -> dict:
+    return read_checkpoint(result.checkpoint.path)
+
+
+def test_two_ray_workers_lower_the_loss(trained):
+    assert trained["result"].error is None
+    history = _latest(trained["result"])["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["train_samples"] > 0 and "val_match_rate" in history[-1]
+
+
+def test_resume_continues_the_epoch_count(trained):
+    result = train(trained["data"], TrainConfig(**{**TRAIN.as_dict(), "epochs": 6}), TINY,
+                   storage=trained["storage"], name="tiny")
+    payload = _latest(result)
+    assert payload["epoch"] == 5
+    assert [h["epoch"] for h in payload["history"]] == list(range(6))
+
+
+def test_resume_with_another_model_config_is_refused(trained):
+    with pytest.raises(CheckpointError, match="another model config"):
+        train(trained["data"], TRAIN, {**TINY, "latent_dim": 12}, storage=trained["storage"], name="tiny")
+
+
+def test_reconstruct_and_generate_write_parseable_cifs(trained, tmp_path):
+    from crystalae.cli import main
+
+    checkpoint = trained["result"].checkpoint.path
+    out = tmp_path / "rec.csv"
+    assert main(["reconstruct", "demo:6", "--checkpoint", checkpoint, "--out", str(out)]) == 0
+    metrics = json.loads((tmp_path / "rec.metrics.json").read_text())
+    assert metrics["n"] == 6
+    gen = tmp_path / "gen"
+    assert main(["generate", "--checkpoint", checkpoint, "--sample", "3", "--out", str(gen),
+                 "--interpolate", "demo-0000-rocksalt-MnSe", "demo-0001-cscl-TlCl", "--steps", "3",
+                 "--source", "demo:6"]) == 0
+    summary = json.loads((gen / "summary.json").read_text())
+    assert summary["count"] == 6
+    cifs = sorted(gen.glob("*.cif"))
+    assert len(cifs) == summary["decoded"]
+    for cif in cifs:
+        assert len(Structure.from_file(cif)) > 0
+
+
+def test_checkpoint_weights_only_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig(grid=8, species=(8, 22, 38), n_classes=4, **TINY)
+    model = CrystalAE(config).eval()
+    save_checkpoint(tmp_path, model, VoxelConfig(grid=8), epoch=3, metrics={"val_loss": np.float32(0.5)},
+                    train_config=TRAIN.as_dict(), dataset_hash="abc")
+    torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # no pickled code inside
+    loaded = load_checkpoint(tmp_path)
+    x = torch.rand(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        a, b = model(x), loaded.model(x)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert loaded.meta["epoch"] == 3 and loaded.voxel.grid == 8 and loaded.meta["metrics"]["val_loss"] == 0.5
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not readable"):
+        load_checkpoint(tmp_path / "junk.pt")
+    config = ModelConfig(grid=8, species=(6,), n_classes=2, **TINY)
+    save_checkpoint(tmp_path / "ck", CrystalAE(config), VoxelConfig(grid=8), epoch=0, metrics={},
+                    train_config={}, dataset_hash="")
+    payload = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=True)
+    payload["model_config"]["latent_dim"] = 16  # weights no longer fit
+    torch.save(payload, tmp_path / "ck" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_paper_preset_builds():
+    config = ModelConfig(grid=32, species=(6,), n_classes=2, **PAPER_PRESET)
+    model = CrystalAE(config).eval()
+    assert model.vae.config.latent_dim == 300 and model.segmenter.gates is not None
+    with torch.no_grad():
+        out = model(torch.rand(1, 1, 32, 32, 32))
+    assert out["recon"].shape == (1, 1, 32, 32, 32) and out["species_logits"].shape == (1, 2, 32, 32, 32)
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(grid=30, depth=4)
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_cell_models_are_equivariant_to_periodic_shifts(periodic):
+    """Circular padding: shifting a periodic density by the total stride shifts the features exactly."""
+    torch.manual_seed(0)
+    config = ModelConfig(grid=16, periodic=periodic, species=(6,), n_classes=2, **{**TINY, "depth": 2})
+    encoder = CrystalAE(config).vae.encoder.eval()
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        shifted = encoder(torch.roll(x, shifts=4, dims=2))
+        expected = torch.roll(encoder(x), shifts=1, dims=2)
+    assert torch.allclose(shifted, expected, atol=1e-5) == periodic
