@@ -132,12 +132,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
-    from crystalae.checkpoint import load_checkpoint
-
     import torch
 
+    from crystalae.checkpoint import load_checkpoint
+
+    if (args.checkpoint is None) == (getattr(args, "model", None) is None):
+        raise ValueError("give exactly one of --checkpoint PATH or --model NAME[@VERSION]|ALIAS")
+    path = args.checkpoint
+    if path is None:
+        from search.registry import Registry
+
+        path = Registry(args.registry).resolve(args.model)
     device = "cuda" if torch.cuda.is_available() and not getattr(args, "cpu", False) else "cpu"
-    return load_checkpoint(args.checkpoint, device=device)
+    return load_checkpoint(path, device=device)
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -177,6 +184,77 @@ def cmd_generate(args: argparse.Namespace) -> int:
     summary = generate.write_generated(args.out, named)
     print(f"wrote {summary['decoded']} of {summary['count']} crystals to {args.out}: structural validity "
           f"{100 * summary['structural_validity']:.1f}%, composition validity {100 * summary['composition_validity']:.1f}%")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from search.config import load_sweep_config
+
+    sweep = load_sweep_config(args.config, name=args.name)  # validated before Ray starts
+    from search.sweep import run_sweep, sweep_dir
+
+    summary = run_sweep(sweep, storage=args.storage, address=args.address, resume=args.resume)
+    print(format_sweep(summary))
+    print(f"results in {sweep_dir(args.storage, sweep.name)}")
+    return 0
+
+
+def format_sweep(summary: dict[str, Any]) -> str:
+    objective = summary["objective"]
+    lines = [f"sweep {summary['name']}: {len(summary['trials'])} trials, objective {objective['metric']} ({objective['mode']})"]
+    for t in summary["trials"]:
+        value = "n/a" if t["best_value"] is None else f"{t['best_value']:.4g}"
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
+        lines.append(f"  {t['trial_id']}  {t['status']:9s} epochs {t['epochs']}  best {value}  {params}")
+    return "\n".join(lines)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from search.registry import Registry
+    from search.sweep import best_checkpoint, collect_trials, sweep_dir
+
+    registry = Registry(args.registry)
+    if args.best:
+        root = Path(args.source) if Path(args.source).is_dir() else sweep_dir(args.storage, args.source)
+        summary = collect_trials(root)
+        trial, checkpoint = best_checkpoint(summary, args.metric, args.mode)
+        path = root / checkpoint["path"]
+        source = {"sweep": summary["name"], "trial": trial["trial_id"], "epoch": checkpoint["epoch"]}
+        name = args.name or summary["name"]
+    else:
+        path = _trial_checkpoint(Path(args.source), args.storage, args.metric, args.mode)
+        source = {"given": args.source}
+        name = args.name or Path(args.source).parts[0]
+    entry = registry.promote(path, name, alias=args.alias, source=source)
+    print(f"promoted {path} as {entry['ref']}" + (f" (alias {args.alias})" if args.alias else ""))
+    return 0
+
+
+def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str | None) -> Path:
+    """RUN/TRIAL (under the sweep storage), a trial folder, or a checkpoint folder -> checkpoint folder."""
+    from search.sweep import best_checkpoint, collect_trials, sweep_dir
+
+    if (source / "checkpoint.pt").exists():
+        return source
+    candidates = [source] if source.is_dir() else [sweep_dir(storage, str(source.parent)) / "trials" / source.name]
+    for folder in candidates:
+        if folder.is_dir() and (folder.parent.parent / "sweep.json").exists():
+            summary = collect_trials(folder.parent.parent)
+            summary["trials"] = [t for t in summary["trials"] if t["trial_id"] == folder.name]
+            return folder.parent.parent / best_checkpoint(summary, metric, mode)[1]["path"]
+    raise ValueError(f"{source}: not a checkpoint folder, a trial folder or RUN/TRIAL under {storage}")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from search.registry import Registry
+
+    entries = Registry(args.registry).entries()
+    if not entries:
+        print(f"no models in {args.registry} yet (promote one with `crystalae promote`)")
+    for e in entries:
+        shown = {k: round(v, 4) for k, v in e["metrics"].items() if k.startswith("val_") and isinstance(v, float)}
+        aliases = f" [{', '.join(e['aliases'])}]" if e["aliases"] else ""
+        print(f"{e['ref']}{aliases}  epoch {e['epoch']}  {shown}")
     return 0
 
 
@@ -229,14 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("reconstruct", help="encode and decode a source with a trained model and score it")
     rc.add_argument("source")
-    rc.add_argument("--checkpoint", required=True, type=Path)
+    rc.add_argument("--checkpoint", type=Path)
+    rc.add_argument("--model", help="registry model: NAME, NAME@VERSION or an alias")
+    rc.add_argument("--registry", default="runs/registry")
     rc.add_argument("--out", required=True, type=Path)
     rc.add_argument("--limit", type=int)
     rc.add_argument("--cpu", action="store_true", help="stay on CPU even when a GPU is present")
     rc.set_defaults(func=cmd_reconstruct)
 
     gen = sub.add_parser("generate", help="sample, interpolate or alter crystals with a trained model")
-    gen.add_argument("--checkpoint", required=True, type=Path)
+    gen.add_argument("--checkpoint", type=Path)
+    gen.add_argument("--model", help="registry model: NAME, NAME@VERSION or an alias such as champion")
+    gen.add_argument("--registry", default="runs/registry")
     gen.add_argument("--out", type=Path, default=Path("runs/generated"))
     gen.add_argument("--sample", type=int, default=0, metavar="N", help="N crystals from the prior")
     gen.add_argument("--interpolate", nargs=2, metavar=("ID_A", "ID_B"))
@@ -248,6 +330,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--cpu", action="store_true")
     gen.set_defaults(func=cmd_generate)
+
+    sw = sub.add_parser("sweep", help="hyperparameter search with Ray Tune + Optuna")
+    sw.add_argument("config", type=Path, help="sweep YAML (see search/configs/demo.yaml)")
+    sw.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: a local Ray)")
+    sw.add_argument("--name", help="override the sweep name")
+    sw.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped")
+    sw.add_argument("--storage", default="runs/sweeps", help="results folder (shared storage on a cluster)")
+    sw.set_defaults(func=cmd_sweep)
+
+    pr = sub.add_parser("promote", help="copy a checkpoint into the model registry")
+    pr.add_argument("source", help="RUN/TRIAL, a trial or checkpoint folder, or with --best a sweep name/folder")
+    pr.add_argument("--best", action="store_true", help="pick the best checkpoint of the whole sweep")
+    pr.add_argument("--metric", help="metric to rank by (default: the sweep objective)")
+    pr.add_argument("--mode", choices=("min", "max"))
+    pr.add_argument("--name", help="registry name (default: the sweep name)")
+    pr.add_argument("--alias", help="alias to move to the new version, e.g. champion")
+    pr.add_argument("--storage", default="runs/sweeps")
+    pr.add_argument("--registry", default="runs/registry")
+    pr.set_defaults(func=cmd_promote)
+
+    md = sub.add_parser("models", help="list registry models, versions and aliases")
+    md.add_argument("--registry", default="runs/registry")
+    md.set_defaults(func=cmd_models)
     return parser
 
 

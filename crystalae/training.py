@@ -171,6 +171,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: data-parallel epochs over the `train` shard, rank 0 validates and checkpoints."""
     import ray.train
     import ray.train.torch
+    import ray.util
+
     from crystalae.shards import read_table
 
     cfg = TrainConfig.from_dict(loop_config["train"])
@@ -200,7 +202,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         started = time.perf_counter()
         batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False)
         train_terms = run_epoch(model, batches, cfg, scale, lut, device, optimizer)
-        metrics: dict[str, Any] = {"epoch": epoch, "epoch_seconds": time.perf_counter() - started}
+        metrics: dict[str, Any] = {"epoch": epoch, "epoch_seconds": time.perf_counter() - started,
+                                   "node_ip": ray.util.get_node_ip_address()}
         metrics.update({f"train_{k}": v for k, v in train_terms.items()})
         if rank != 0:
             ray.train.report(metrics)
@@ -222,7 +225,7 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     """Ray results keep numbers; the confusion matrix etc. stay in the checkpoint's metrics."""
     out = {}
     for k, v in metrics.items():
-        if isinstance(v, (int, float)) or v is None:
+        if isinstance(v, (int, float, str)) or v is None:
             out[k] = float("nan") if v is None else v
     return out
 
@@ -248,9 +251,10 @@ def build_configs(data: str | Path, model_overrides: dict[str, Any], preset: str
 
 def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: dict[str, Any] | None = None,
           storage: str | Path = "runs/train", name: str = "crystalae", preset: str | None = None,
-          callbacks: list | None = None):
+          callbacks: list | None = None, score: tuple[str, str] = ("val_loss", "min")):
     """Train with Ray Train's TorchTrainer; rerunning the same storage/name resumes from the latest
-    checkpoint. Returns the Ray `Result` (its `checkpoint` is the newest, `best_checkpoints` ranked)."""
+    checkpoint. `score` (metric, mode) ranks the kept checkpoints. Returns the Ray `Result` (its
+    `checkpoint` is the newest, `best_checkpoints` ranked)."""
     import ray
     import ray.train
     from ray.data.expressions import col
@@ -279,8 +283,8 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage), callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
-                                                         checkpoint_score_attribute="val_loss",
-                                                         checkpoint_score_order="min"),
+                                                         checkpoint_score_attribute=score[0],
+                                                         checkpoint_score_order=score[1]),
             failure_config=ray.train.FailureConfig(max_failures=1)),
     )
     return trainer.fit()

@@ -1,0 +1,212 @@
+"""Ray Tune + Optuna sweep: each trial is a Tune function that runs a Ray Train TorchTrainer.
+
+Layout of a sweep folder (`<storage>/<name>/`):
+    sweep.json          the validated config
+    optuna.db           the Optuna study (open with `optuna-dashboard sqlite:///optuna.db`)
+    datasets/<key>/     voxelized shards, one per distinct voxel config (shared by trials with one sigma)
+    trials/<trial_id>/  the trial's Ray Train run: params.json, checkpoint_*/ (weights + metric history)
+    tune/               Ray Tune experiment state (what `--resume` restores)
+    summary.json        trial table written when the sweep ends (status, params, best metrics)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from crystalae.io import write_json
+from crystalae.shards import PrepareOptions, prepare_dataset
+from search.config import MODEL_PARAMS, TRAIN_PARAMS, VOXEL_PARAMS, SweepConfig
+
+FAIL_ONCE_ENV = "CRYSTALAE_FAIL_ONCE_DIR"  # fault injection for tests: each trial raises once
+
+
+def sweep_dir(storage: str | Path, name: str) -> Path:
+    return Path(storage).resolve() / name
+
+
+def dataset_for(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: Path) -> Path:
+    """Prepared shards for this voxel config, cached by its hash; a file lock makes trials share."""
+    from filelock import FileLock
+
+    voxel = sweep.voxel_config(voxel_overrides)
+    options = PrepareOptions(val_fraction=sweep.data.get("val_fraction", 0.2),
+                             test_fraction=sweep.data.get("test_fraction", 0.0))
+    key = hashlib.sha256(json.dumps({"source": sweep.data["source"], "voxel": voxel.as_dict(),
+                                     "options": [options.val_fraction, options.test_fraction]},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    folder = root / "datasets" / key
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "manifest.json").exists():
+            prepare_dataset(sweep.data["source"], folder, voxel, options, workers=1)
+    return folder
+
+
+def trial_settings(sweep: SweepConfig, params: dict[str, Any]):
+    """Split a Tune sample into voxel overrides, model overrides and the TrainConfig."""
+    from crystalae.training import TrainConfig
+
+    voxel = {k: v for k, v in params.items() if k in VOXEL_PARAMS}
+    model = {**sweep.model, **{k: v for k, v in params.items() if k in MODEL_PARAMS}}
+    train = TrainConfig.from_dict({**sweep.train, **{k: v for k, v in params.items() if k in TRAIN_PARAMS},
+                                   "epochs": sweep.epochs, "workers": sweep.workers_per_trial,
+                                   "threads": sweep.cpus_per_worker, "use_gpu": sweep.gpus_per_worker > 0})
+    return voxel, model, train
+
+
+def run_trial(params: dict[str, Any], sweep_dict: dict[str, Any], root: str) -> None:
+    """Tune function trainable: prepare (or reuse) shards, then TorchTrainer.fit() with metrics to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from crystalae.training import train
+
+    sweep = SweepConfig.from_dict(sweep_dict)
+    root_path = Path(root)
+    trial_id = tune.get_context().get_trial_id()
+    voxel, model, train_cfg = trial_settings(sweep, params)
+    write_json(root_path / "trials" / trial_id / "params.json", params)
+    _maybe_fail_once(trial_id)
+    data = dataset_for(sweep, voxel, root_path)
+    result = train(data, train_cfg, model, storage=root_path / "trials", name=trial_id,
+                   callbacks=[TuneReportCallback()], score=(sweep.objective_metric, sweep.objective_mode))
+    if result.error is not None:
+        raise result.error
+
+
+def _maybe_fail_once(trial_id: str) -> None:
+    folder = os.environ.get(FAIL_ONCE_ENV)
+    if folder:
+        marker = Path(folder) / trial_id
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            raise RuntimeError(f"injected failure for trial {trial_id} (set by {FAIL_ONCE_ENV})")
+
+
+def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: str | None = None,
+              resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) a sweep; returns the summary that is also written to summary.json."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    root = sweep_dir(storage, sweep.name)
+    root.mkdir(parents=True, exist_ok=True)
+    sweep_dict = sweep.as_dict()
+    previous = root / "sweep.json"
+    if previous.exists() and json.loads(previous.read_text()) != sweep_dict:
+        raise ValueError(f"{root} holds a sweep with another config; use another --name")
+    if previous.exists() and not resume and (root / "tune").exists():
+        raise ValueError(f"sweep {sweep.name} already exists at {root}; pass --resume to continue it")
+    sweep_dict["data"]["source"] = _absolute_source(sweep.data["source"])
+    write_json(previous, sweep.as_dict())
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            per_trial = sweep.workers_per_trial * sweep.cpus_per_worker
+            # Logical CPUs must cover trial drivers, Train workers and Ray Data tasks, or Ray Data hangs.
+            ray.init(num_cpus=max(4, sweep.max_concurrent * (per_trial + 2) + 2), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False,
+                     runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == FAIL_ONCE_ENV}})
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep_dict=sweep_dict, root=str(root)),
+                                    {"cpu": 0.01})
+    if resume and tune.Tuner.can_restore(str(root / "tune")):
+        tuner = tune.Tuner.restore(str(root / "tune"), trainable=trainable, resume_errored=True)
+    else:
+        sampler = (optuna.samplers.TPESampler(seed=sweep.seed) if sweep.algorithm == "tpe"
+                   else optuna.samplers.RandomSampler(seed=sweep.seed))
+        searcher = OptunaSearch(sampler=sampler, study_name=sweep.name,
+                                storage=optuna.storages.RDBStorage(f"sqlite:///{root / 'optuna.db'}"))
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
+                                   grace_period=sweep.grace_period)
+                     if sweep.scheduler == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            param_space={p.name: p.to_tune() for p in sweep.search_space},
+            tune_config=tune.TuneConfig(metric=sweep.objective_metric, mode=sweep.objective_mode,
+                                        search_alg=searcher, scheduler=scheduler, num_samples=sweep.trials,
+                                        max_concurrent_trials=sweep.max_concurrent,
+                                        time_budget_s=sweep.time_budget_s),
+            run_config=tune.RunConfig(name="tune", storage_path=str(root),
+                                      failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
+        )
+    grid = tuner.fit()
+    statuses = {}
+    for result in grid:
+        match = _TRIAL_ID.search(Path(result.path).name) if result.path else None
+        trial_id = (result.metrics or {}).get("trial_id") or (match.group(1) if match else None)
+        if trial_id:
+            statuses[str(trial_id)] = "error" if result.error else "finished"
+    summary = collect_trials(root, statuses)
+    write_json(root / "summary.json", summary)
+    return summary
+
+
+_TRIAL_ID = re.compile(r"^run_trial_([0-9a-f]+(?:_\d+)?)_")
+
+
+def _absolute_source(source: str) -> str:
+    return source if str(source).startswith("demo") or "://" in str(source) else str(Path(source).resolve())
+
+
+def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> dict[str, Any]:
+    """Read every trial of a sweep from disk (works while it runs, and with Ray down).
+
+    A trial's status comes from summary.json once the sweep has ended; before that it is "running".
+    """
+    root = Path(root)
+    sweep = json.loads((root / "sweep.json").read_text()) if (root / "sweep.json").exists() else {}
+    if statuses is None and (root / "summary.json").exists():
+        statuses = {t["trial_id"]: t["status"] for t in json.loads((root / "summary.json").read_text())["trials"]}
+    metric, mode = sweep.get("objective_metric", "val_loss"), sweep.get("objective_mode", "min")
+    trials = []
+    for folder in sorted(p for p in (root / "trials").glob("*") if p.is_dir()) if (root / "trials").exists() else []:
+        checkpoints = []
+        for config_file in sorted(folder.glob("checkpoint_*/config.json")):
+            config = json.loads(config_file.read_text())
+            checkpoints.append({"path": str(config_file.parent.relative_to(root)), "epoch": config["epoch"],
+                                "metrics": config["metrics"], "history": config.get("history", [])})
+        checkpoints.sort(key=lambda c: c["epoch"])
+        history = checkpoints[-1]["history"] if checkpoints else []
+        for c in checkpoints:
+            del c["history"]
+        best = _best(checkpoints, metric, mode)
+        trials.append({
+            "trial_id": folder.name,
+            "params": json.loads((folder / "params.json").read_text()) if (folder / "params.json").exists() else {},
+            "status": (statuses or {}).get(folder.name, "running" if statuses is None else "stopped"),
+            "epochs": len(history), "history": history, "checkpoints": checkpoints,
+            "best_value": best["metrics"].get(metric) if best else None,
+            "best_checkpoint": best["path"] if best else None,
+        })
+    return {"name": sweep.get("name", root.name), "objective": {"metric": metric, "mode": mode},
+            "trials": trials}
+
+
+def _best(checkpoints: list[dict], metric: str, mode: str) -> dict | None:
+    scored = [c for c in checkpoints if isinstance(c["metrics"].get(metric), (int, float))]
+    if not scored:
+        return None
+    return (min if mode == "min" else max)(scored, key=lambda c: c["metrics"][metric])
+
+
+def best_checkpoint(summary: dict[str, Any], metric: str | None = None, mode: str | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trial, checkpoint) scoring best on `metric` over every kept checkpoint of every trial."""
+    metric = metric or summary["objective"]["metric"]
+    mode = mode or summary["objective"]["mode"]
+    pairs = [(t, c) for t in summary["trials"] for c in t["checkpoints"]
+             if isinstance(c["metrics"].get(metric), (int, float))]
+    if not pairs:
+        raise ValueError(f"no checkpoint of sweep {summary['name']} has metric {metric!r}")
+    return (min if mode == "min" else max)(pairs, key=lambda p: p[1]["metrics"][metric])
