@@ -184,13 +184,22 @@ def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> 
         trials.append({
             "trial_id": folder.name,
             "params": json.loads((folder / "params.json").read_text()) if (folder / "params.json").exists() else {},
-            "status": (statuses or {}).get(folder.name, "running" if statuses is None else "stopped"),
+            "status": _status(statuses, folder.name, len(history), sweep.get("epochs")),
             "epochs": len(history), "history": history, "checkpoints": checkpoints,
             "best_value": best["metrics"].get(metric) if best else None,
             "best_checkpoint": best["path"] if best else None,
         })
     return {"name": sweep.get("name", root.name), "objective": {"metric": metric, "mode": mode},
             "trials": trials}
+
+
+def _status(statuses: dict[str, str] | None, trial_id: str, epochs: int, budget: int | None) -> str:
+    if statuses is None:
+        return "running"  # the sweep has not ended (or its driver was killed)
+    status = statuses.get(trial_id, "unknown")
+    if status == "finished" and budget is not None and epochs < budget:
+        return "early-stopped"  # ASHA ended it before the epoch budget
+    return status
 
 
 def _best(checkpoints: list[dict], metric: str, mode: str) -> dict | None:

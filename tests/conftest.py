@@ -41,3 +41,46 @@ def demo_set():
     from crystalae.demo import demo_structures
 
     return demo_structures(24)
+
+
+TINY_SWEEP = """
+name: tiny
+data: {source: demo:36, grid: 8, val_fraction: 0.25}
+search_space:
+  latent_dim: {type: categorical, values: [4, 8]}
+  sigma: {type: categorical, values: [0.5, 0.6]}
+  lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
+budget: {trials: 3, epochs: 2}
+max_concurrent: 2
+search: {grace_period: 1, seed: 0}
+train: {batch_size: 8, eval_limit: 4}
+model: {depth: 1, base_width: 4, max_width: 8, seg_depth: 1, seg_width: 4, residual: false}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory):
+    """A tiny real sweep (3 trials, 8^3 grid) plus a registry whose best checkpoint is `champion`.
+
+    Returns {"storage", "root" (the sweep folder), "registry", "config" (its YAML path), "summary"}.
+    """
+    import ray
+
+    from search.config import load_sweep_config
+    from search.registry import Registry
+    from search.sweep import best_checkpoint, run_sweep, sweep_dir
+
+    base = tmp_path_factory.mktemp("sweep")
+    config = base / "tiny.yaml"
+    config.write_text(TINY_SWEEP)
+    storage = base / "sweeps"
+    try:
+        summary = run_sweep(load_sweep_config(config), storage=storage)
+    finally:
+        ray.shutdown()
+    root = sweep_dir(storage, "tiny")
+    trial, checkpoint = best_checkpoint(summary)
+    registry = Registry(base / "registry")
+    registry.promote(root / checkpoint["path"], "tiny", alias="champion",
+                     source={"sweep": "tiny", "trial": trial["trial_id"]})
+    return {"storage": storage, "root": root, "registry": base / "registry", "config": config, "summary": summary}
