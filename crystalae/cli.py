@@ -6,7 +6,6 @@ This is the one module that composes the science core with `search` and `dashboa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import typing
 from dataclasses import fields
@@ -81,17 +80,36 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the built-in demo data: prepare shards, then the no-learning round trip."""
+    """The main job on the built-in demo data: round trip, sweep, promote the best, generate."""
+    import search
+    from crystalae.generate import sample, write_generated
+    from crystalae.checkpoint import load_checkpoint
     from crystalae.roundtrip import roundtrip
-    from crystalae.shards import PrepareOptions, prepare_dataset
+    from search.config import load_sweep_config
+    from search.registry import Registry
+    from search.sweep import best_checkpoint, run_sweep, sweep_dir
 
     out = Path(args.out)
-    config = VoxelConfig(grid=args.grid)
-    manifest = prepare_dataset(f"demo:{args.count}", out / "data", config, PrepareOptions(shard_size=64),
-                               workers=args.workers)
-    print(f"dataset: {manifest['counts']['rows']} rows in {len(manifest['shards'])} shards at {out / 'data'}")
-    metrics = roundtrip(f"demo:{args.count}", out / "roundtrip.csv", config, workers=args.workers)
-    print("round trip (no learning): " + format_metrics(metrics))
+    config = load_sweep_config(Path(search.__file__).parent / "configs" / "demo.yaml")
+    print("1/4 round trip crystal -> density -> crystal on the demo set (no learning)")
+    metrics = roundtrip(config.data["source"], out / "roundtrip.csv", config.voxel_config(), workers=args.workers)
+    print("    " + format_metrics(metrics))
+    print(f"2/4 sweep {config.name}: {config.trials} trials x {config.epochs} epochs (Ray Tune + Optuna + ASHA)")
+    storage = out / "sweeps"
+    root = sweep_dir(storage, config.name)
+    summary = run_sweep(config, storage=storage, resume=(root / "sweep.json").exists())
+    print(format_sweep(summary))
+    trial, checkpoint = best_checkpoint(summary)
+    registry = Registry(out / "registry")
+    entry = registry.promote(root / checkpoint["path"], config.name, alias="champion",
+                             source={"sweep": config.name, "trial": trial["trial_id"], "epoch": checkpoint["epoch"]})
+    print(f"3/4 promoted trial {trial['trial_id']} epoch {checkpoint['epoch']} as {entry['ref']} (alias champion)")
+    loaded = load_checkpoint(registry.resolve("champion"))
+    generated = write_generated(out / "generated", [(f"sample-{i:02d}", s) for i, s in enumerate(sample(loaded, 8))])
+    print(f"4/4 generated {generated['decoded']} of {generated['count']} crystals into {out / 'generated'}: "
+          f"structural validity {100 * generated['structural_validity']:.0f}%, "
+          f"composition validity {100 * generated['composition_validity']:.0f}%")
+    print(f"\nlook at the results: .venv/bin/crystalae dashboard --storage {storage} --registry {out / 'registry'}")
     return 0
 
 
@@ -258,6 +276,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Start the Streamlit app; it reads sweeps and the registry from disk (no Ray needed)."""
+    import subprocess
+
+    from dashboard.launch import launch_command
+
+    command = launch_command(str(args.storage), str(args.registry), port=args.port, host=args.host)
+    print(f"dashboard on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    return subprocess.call(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crystalae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -287,8 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the main job on the built-in demo data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--count", type=int, default=300)
-    demo.add_argument("--grid", type=int, default=32)
     demo.add_argument("--workers", type=int)
     demo.set_defaults(func=cmd_demo)
 
@@ -353,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     md = sub.add_parser("models", help="list registry models, versions and aliases")
     md.add_argument("--registry", default="runs/registry")
     md.set_defaults(func=cmd_models)
+
+    db = sub.add_parser("dashboard", help="Streamlit app over sweeps and the registry")
+    db.add_argument("--storage", default="runs/sweeps")
+    db.add_argument("--registry", default="runs/registry")
+    db.add_argument("--port", type=int, default=8501)
+    db.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    db.set_defaults(func=cmd_dashboard)
     return parser
 
 

@@ -11,8 +11,23 @@ BoxMode = Literal["unit_cell", "lattice"]
 Reduction = Literal["niggli", "lll", "none"]
 
 
+class StrictConfig:
+    """`as_dict` / strict `from_dict` for the frozen config dataclasses (unknown keys raise)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Strict: unknown keys raise, so a typo never silently falls back to a default."""
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class VoxelConfig:
+class VoxelConfig(StrictConfig):
     """How a crystal becomes a density grid.
 
     `cell` grids the unit cell in fractional coordinates (periodic, lattice kept alongside): the
@@ -53,16 +68,6 @@ class VoxelConfig:
         if problems:
             raise ValueError("invalid VoxelConfig: " + "; ".join(problems))
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VoxelConfig":
-        """Strict: unknown keys raise, so a typo never silently falls back to a default."""
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown VoxelConfig keys: {sorted(unknown)}")
-        return cls(**data)
 
 
 def _hint(name: str) -> Any:

@@ -6,16 +6,18 @@ Shapes: densities are (B, 1, N, N, N); the latent is (B, latent_dim); species lo
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crystalae.config import StrictConfig
+
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(StrictConfig):
     """Architecture of the VAE + segmenter pair; saved in every checkpoint."""
 
     grid: int = 32
@@ -51,13 +53,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
         data = dict(data)
         if "species" in data:
-            data["species"] = tuple(int(z) for z in data["species"])
-        return cls(**data)
+            data["species"] = tuple(int(z) for z in data["species"])  # JSON gives a list
+        return super().from_dict(data)
 
 
 PAPER_PRESET = {  # Hoffmann et al.: 5 conv layers 16 -> 256 channels, dense layer, latent 300, trilinear up

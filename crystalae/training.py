@@ -7,13 +7,11 @@ The same `run_epoch` serves the Ray worker loop and the plain single-process loo
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from crystalae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from crystalae.config import VoxelConfig
+from crystalae.config import StrictConfig, VoxelConfig
 from crystalae.inference import (class_lookup, decode_latents, density_scale, lattice_targets,
                                  model_config_for, structures_from_outputs)
 from crystalae.metrics import compare, summarize
@@ -30,7 +28,7 @@ from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(StrictConfig):
     """Optimisation and loss weights; model architecture lives in ModelConfig."""
 
     epochs: int = 20
@@ -48,16 +46,6 @@ class TrainConfig:
     seed: int = 0
     keep_checkpoints: int = 2  # best k by validation loss
     eval_limit: int = 64  # validation crystals decoded end to end per epoch (StructureMatcher is slow)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
-        return cls(**data)
 
 
 def loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig,

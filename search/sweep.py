@@ -100,13 +100,14 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
     root = sweep_dir(storage, sweep.name)
     root.mkdir(parents=True, exist_ok=True)
     sweep_dict = sweep.as_dict()
+    sweep_dict["data"]["source"] = _absolute_source(sweep.data["source"])  # trials run elsewhere
+    sweep_dict = json.loads(json.dumps(sweep_dict))  # the form sweep.json holds (lists, not tuples)
     previous = root / "sweep.json"
     if previous.exists() and json.loads(previous.read_text()) != sweep_dict:
         raise ValueError(f"{root} holds a sweep with another config; use another --name")
     if previous.exists() and not resume and (root / "tune").exists():
         raise ValueError(f"sweep {sweep.name} already exists at {root}; pass --resume to continue it")
-    sweep_dict["data"]["source"] = _absolute_source(sweep.data["source"])
-    write_json(previous, sweep.as_dict())
+    write_json(previous, sweep_dict)
 
     if not ray.is_initialized():
         if address:

@@ -1,0 +1,208 @@
+"""Sweeps, resume, retries and the registry, on tiny real sweeps (8^3 grid, tiny models)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from search.config import SweepConfigError, load_sweep_config
+from search.registry import Registry, RegistryError
+from search.sweep import collect_trials
+
+from conftest import TINY_SWEEP
+
+
+def test_tiny_sweep_writes_results(tiny_sweep):
+    summary = tiny_sweep["summary"]
+    assert len(summary["trials"]) == 3
+    root = tiny_sweep["root"]
+    assert json.loads((root / "summary.json").read_text())["trials"]
+    for trial in summary["trials"]:
+        assert trial["status"] in ("finished", "early-stopped")
+        assert trial["best_checkpoint"] and (root / trial["best_checkpoint"] / "checkpoint.pt").exists()
+        assert trial["history"][0]["epoch"] == 0 and "val_loss" in trial["history"][0]
+        assert set(trial["params"]) == {"latent_dim", "sigma", "lr"}
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'optuna.db'}")
+    assert len(study.trials) == 3
+    sigmas = {t["params"]["sigma"] for t in summary["trials"]}
+    assert len(list((root / "datasets").glob("*/manifest.json"))) == len(sigmas)  # one dataset per sigma
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("name: tiny\nbogus: 1\n", "unknown keys \\['bogus'\\]"),
+    ("lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}", "low \\(0.1\\) must be below high"),
+    ("budget: {trials: 3, epochs: 2}", "unknown keys in budget"),
+])
+def test_bad_yaml_fails_before_ray_starts(tmp_path, edit, message):
+    import ray
+
+    replacement = {"lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}": "lr: {type: loguniform, low: 0.1, high: 1.0e-2}",
+                   "budget: {trials: 3, epochs: 2}": "budget: {trials: 3, epochs: 2, hours: 1}"}
+    text = TINY_SWEEP.replace("name: tiny\n", edit) if edit.startswith("name") else TINY_SWEEP.replace(edit, replacement[edit])
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SweepConfigError, match=message):
+        load_sweep_config(path)
+    result = subprocess.run([sys.executable, "-m", "crystalae", "sweep", str(path), "--storage", str(tmp_path / "s")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "bad.yaml" in result.stderr
+    assert not ray.is_initialized() and not (tmp_path / "s").exists()
+
+
+def test_promote_alias_and_generate_from_alias(tiny_sweep, tmp_path):
+    from crystalae.cli import main
+
+    registry = Registry(tiny_sweep["registry"])
+    assert registry.resolve("champion") == registry.resolve("tiny@1") == registry.resolve("tiny")
+    entry = registry.entries()[0]
+    assert entry["aliases"] == ["champion"] and len(entry["sha256"]) == 64 and entry["source"]["trial"]
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", "champion", "--registry", str(tiny_sweep["registry"]),
+                 "--sample", "2", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["count"] == 2
+    reg2 = tmp_path / "reg2"
+    assert main(["promote", str(tiny_sweep["root"]), "--best", "--registry", str(reg2), "--alias", "champion"]) == 0
+    trial = tiny_sweep["summary"]["trials"][0]["trial_id"]
+    assert main(["promote", f"tiny/{trial}", "--storage", str(tiny_sweep["storage"]), "--registry", str(reg2),
+                 "--name", "tiny", "--alias", "champion"]) == 0
+    assert Registry(reg2).aliases() == {"champion": "tiny@2"} and Registry(reg2).versions("tiny") == [1, 2]
+    with pytest.raises(RegistryError, match="no version"):
+        Registry(reg2).resolve("tiny@7")
+    with pytest.raises(SweepConfigError, match="invalid model name"):
+        Registry(reg2).promote(registry.resolve("champion"), "../evil")
+
+
+def test_concurrent_promotes_get_distinct_versions(tiny_sweep, tmp_path):
+    source = Registry(tiny_sweep["registry"]).resolve("champion")
+    registry = Registry(tmp_path / "reg")
+    errors = []
+
+    def promote():
+        try:
+            registry.promote(source, "many", alias="latest")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert registry.versions("many") == [1, 2, 3, 4, 5, 6]
+    assert registry.aliases()["latest"].startswith("many@")
+    assert not [p for p in (tmp_path / "reg" / "many").iterdir() if p.name.startswith(".")]
+
+
+def _sweep_yaml(tmp_path: Path, name: str, trials: int, epochs: int) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(TINY_SWEEP.replace("name: tiny", f"name: {name}")
+                    .replace("budget: {trials: 3, epochs: 2}", f"budget: {{trials: {trials}, epochs: {epochs}}}")
+                    .replace("search: {grace_period: 1, seed: 0}", f"search: {{grace_period: {epochs}, seed: 0}}"))
+    return path
+
+
+def test_a_trial_that_raises_once_is_retried(tmp_path, monkeypatch):
+    markers = tmp_path / "markers"
+    monkeypatch.setenv("CRYSTALAE_FAIL_ONCE_DIR", str(markers))
+    config = _sweep_yaml(tmp_path, "retry", trials=2, epochs=1)
+    result = subprocess.run([sys.executable, "-m", "crystalae", "sweep", str(config), "--storage", str(tmp_path / "s")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = collect_trials(tmp_path / "s" / "retry")
+    assert len(list(markers.iterdir())) == 2  # both trials failed once
+    assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]
+
+
+def test_killed_driver_resumes_without_losing_finished_trials(tmp_path):
+    config = _sweep_yaml(tmp_path, "resume", trials=3, epochs=2)
+    storage = tmp_path / "s"
+    command = [sys.executable, "-m", "crystalae", "sweep", str(config), "--storage", str(storage)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    root = storage / "resume"
+    deadline = time.time() + 400
+    finished: dict = {}
+    while time.time() < deadline and not finished:
+        time.sleep(2)
+        if (root / "sweep.json").exists():
+            finished = {t["trial_id"]: [c["path"] for c in t["checkpoints"]]
+                        for t in collect_trials(root)["trials"] if t["epochs"] == 2}
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert finished, "no trial finished before the deadline"
+    assert not (root / "summary.json").exists()
+    time.sleep(3)
+    result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = collect_trials(root)
+    assert len(summary["trials"]) == 3
+    by_id = {t["trial_id"]: t for t in summary["trials"]}
+    for trial_id, paths in finished.items():
+        assert by_id[trial_id]["status"] in ("finished", "early-stopped")
+        assert by_id[trial_id]["epochs"] == 2
+        # not retrained: a rerun would have written new (timestamped) checkpoints and dropped these
+        assert {c["path"] for c in by_id[trial_id]["checkpoints"]} == set(paths)
+    assert all(t["status"] != "error" for t in summary["trials"])
+
+
+def test_cluster_yaml_passes_ray_schema():
+    import yaml
+    from ray.autoscaler._private.util import validate_config
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster.yaml").read_text())
+    validate_config(config)
+    assert any("crystalae" in " ".join(config.get(k, [])) for k in ("setup_commands", "file_mounts") if isinstance(config.get(k), list))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_ray_under(temp_dir: Path) -> None:
+    """Stop only this test's Ray processes (`ray stop` would also stop other Ray users here)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp_dir) in part for part in proc.info["cmdline"] or []):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+@pytest.mark.slow
+def test_sweep_on_a_two_node_local_cluster_uses_both_nodes(tmp_path):
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    temp_dir = tmp_path / "ray"
+    port = _free_port()
+    limits = ["--num-cpus=3", "--memory=2000000000", "--object-store-memory=200000000"]
+    try:
+        subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.2",
+                        "--include-dashboard=false", f"--temp-dir={temp_dir}", *limits],
+                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([ray_bin, "start", f"--address=127.0.0.2:{port}", "--node-ip-address=127.0.0.3", *limits],
+                       env=env, check=True, capture_output=True, timeout=120)
+        # 2-CPU Train workers on 3-CPU nodes: two concurrent trials cannot share a node
+        config = _sweep_yaml(tmp_path, "cluster", trials=2, epochs=1)
+        config.write_text(config.read_text() + "resources: {workers_per_trial: 1, cpus_per_worker: 2}\n")
+        result = subprocess.run([sys.executable, "-m", "crystalae", "sweep", str(config), "--storage",
+                                 str(tmp_path / "s"), "--address", f"127.0.0.2:{port}"],
+                                env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+    finally:
+        _stop_ray_under(temp_dir)
+    summary = collect_trials(tmp_path / "s" / "cluster")
+    nodes = {h["node_ip"] for t in summary["trials"] for h in t["history"]}
+    assert nodes == {"127.0.0.2", "127.0.0.3"}
