@@ -48,6 +48,9 @@ def decode(
         min_height = 0.5 * float(gaussian_norm(atom_sigmas(np.array([1]), config))[0])
     if not np.isfinite(values).all():
         raise DecodeError("density contains NaN or inf")
+    volume = abs(np.linalg.det(density.lattice)) if np.isfinite(density.lattice).all() else 0.0
+    if volume < 1e-3:  # e.g. a predicted lattice whose angles cannot close a cell
+        raise DecodeError(f"degenerate lattice (volume {volume:.3g} Å^3)")
 
     step = density.step
     periodic = density.periodic

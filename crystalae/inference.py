@@ -40,9 +40,12 @@ def lattice_targets(lattice_rows: torch.Tensor) -> torch.Tensor:
 
 
 def lattice_from_params(params: np.ndarray) -> np.ndarray:
-    a, b, c = np.clip(params[:3] * LENGTH_SCALE, 1.0, None)
-    alpha, beta, gamma = np.clip(params[3:] * ANGLE_SCALE, 30.0, 150.0)
-    return Lattice.from_parameters(a, b, c, alpha, beta, gamma).matrix
+    """Normalised (a, b, c, alpha, beta, gamma) -> lattice rows; angles that cannot close a cell give
+    a degenerate (NaN or flat) matrix, which `decode` rejects with a DecodeError."""
+    a, b, c = np.clip(np.nan_to_num(params[:3]) * LENGTH_SCALE, 1.0, None)
+    alpha, beta, gamma = np.clip(np.nan_to_num(params[3:]) * ANGLE_SCALE, 30.0, 150.0)
+    with np.errstate(invalid="ignore"):
+        return Lattice.from_parameters(a, b, c, alpha, beta, gamma).matrix
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from pymatgen.core import Element, Lattice, Structure
+from pymatgen.core import Element, Structure
 
 from crystalae.config import VoxelConfig
 
@@ -316,6 +316,3 @@ def dense_reference_density(structure: Structure, config: VoxelConfig) -> np.nda
             values += z * gaussian_norm(s) * np.exp(-0.5 * (r**2).sum(axis=1) / s**2)
     return values.reshape(n, n, n)
 
-
-def lattice_from_params(a, b, c, alpha, beta, gamma) -> np.ndarray:
-    return Lattice.from_parameters(a, b, c, alpha, beta, gamma).matrix
