@@ -1,0 +1,111 @@
+"""Sweeps: trial table with filters, learning curves, parallel coordinates, parameter importance."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import data, views
+
+st.set_page_config(page_title="Sweeps · crystalae", page_icon="💎", layout="wide")
+paths = data.app_paths()
+views.sidebar(paths)
+st.title("Sweeps")
+
+sweeps = data.find_sweeps(str(paths.storage))
+if not sweeps:
+    where = "does not exist yet" if not paths.storage.is_dir() else "holds no sweep (no folder with sweep.json)"
+    st.info(f"The sweep storage `{paths.storage}` {where}. Start a sweep with "
+            "`crystalae sweep search/configs/demo.yaml`, or pass `--storage` to the dashboard.")
+    st.stop()
+
+labels = {data.sweep_label(paths.storage, r): r for r in sweeps}
+root = labels[st.selectbox("Sweep", list(labels), key="sweep")]
+try:
+    summary = data.load_summary(root)
+except (OSError, ValueError) as exc:
+    st.error(f"Could not read sweep `{root}`: {exc}")
+    st.stop()
+
+objectives = data.objective_metrics(summary)
+trials = summary["trials"]
+st.caption(f"`{root}` · objective: {' / '.join(objectives)} ({summary['objective']['mode']})")
+if not trials:
+    st.info("This sweep has no trials on disk yet: it may still be preparing data. Refresh in a moment.")
+    st.stop()
+
+counts = {s: sum(t["status"] == s for t in trials) for s in ("finished", "early-stopped", "running", "error")}
+best = [t for t in trials if t["best_value"] is not None]
+pick = min if summary["objective"]["mode"] == "min" else max
+best_trial = pick(best, key=lambda t: t["best_value"]) if best else None
+cols = st.columns(5)
+cols[0].metric("Trials", len(trials))
+for col, (status, n) in zip(cols[1:], counts.items()):
+    col.metric(status.capitalize(), n)
+if counts["running"]:
+    st.info(f"{counts['running']} trial(s) are still running (or the sweep driver stopped before writing "
+            "summary.json). Tables refresh every few seconds; use *Refresh data* in the sidebar.")
+if counts["error"]:
+    failed = ", ".join(t["trial_id"] for t in trials if t["status"] == "error")
+    st.warning(f"Failed trials: {failed}. Their metrics stop at the last epoch they reported; see the Ray "
+               f"Tune logs under `{root}/tune` for the error.")
+empty = [t["trial_id"] for t in trials if not t["checkpoints"]]
+if empty:
+    st.info(f"No checkpoint yet for trial(s) {', '.join(empty)}: they have not finished an epoch.")
+if best_trial:
+    st.success(f"Best trial: **{best_trial['trial_id']}** with {objectives[0]} = {best_trial['best_value']:.4g}")
+
+st.header("Trials")
+frame = data.trial_frame(summary)
+left, right = st.columns([1, 2])
+statuses = sorted(frame["status"].unique())
+chosen = left.multiselect("Status", statuses, default=statuses, key="status_filter")
+text = right.text_input("Filter", placeholder="trial id, status or parameter value", key="text_filter")
+shown = frame[frame["status"].isin(chosen)]
+if text and not shown.empty:
+    haystack = shown.apply(lambda row: " ".join(map(str, row.tolist())).lower(), axis=1)
+    shown = shown[haystack.str.contains(text.lower(), regex=False)]
+st.dataframe(shown, hide_index=True, key="trial_table")
+st.caption(f"{len(shown)} of {len(frame)} trials. Click a column header to sort.")
+
+st.header("Learning curves")
+metrics = data.history_metrics(summary)
+if not metrics:
+    st.info("No epoch has been reported yet.")
+else:
+    left, right = st.columns([1, 2])
+    default = metrics.index(objectives[0]) if objectives[0] in metrics else 0
+    metric = left.selectbox("Metric", metrics, index=default, key="curve_metric")
+    ids = right.multiselect("Trials", list(frame["trial_id"]), default=list(shown["trial_id"]), key="curve_trials")
+    st.plotly_chart(views.learning_curves(summary, metric, ids), key="curves")
+
+st.header("Search space vs objective")
+params = sorted({k for t in trials for k in t["params"]})
+objective_col = f"best {' / '.join(objectives)}"
+scored = frame[frame[objective_col].notna()] if objective_col in frame else frame.iloc[0:0]
+if not params:
+    st.info("The trials recorded no search parameters (params.json missing).")
+elif scored.empty:
+    st.info("No trial has reported the objective yet.")
+else:
+    st.plotly_chart(views.parallel_coordinates(scored, params, objective_col), key="parcoords")
+
+st.subheader("Parameter importance (Optuna)")
+importances, note = data.param_importance(root, summary["name"])
+if importances is None:
+    st.info(note)
+else:
+    st.plotly_chart(views.importance_bars(importances), key="importance")
+    st.caption(note)
+
+st.subheader("Pareto front")
+if len(objectives) < 2:
+    st.info("Single-objective sweep: there is no Pareto front to show.")
+else:
+    modes = summary["objective"]["mode"]
+    modes = list(modes) if isinstance(modes, (list, tuple)) else [modes] * len(objectives)
+    last = frame.assign(**{m: [t["history"][-1].get(m) if t["history"] else None for t in trials]
+                           for m in objectives})
+    points = last.dropna(subset=objectives[:2])
+    if points.empty:
+        st.info("No trial has reported both objectives yet.")
+    else:
+        st.plotly_chart(views.pareto_front(points, objectives, modes), key="pareto")

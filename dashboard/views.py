@@ -1,0 +1,184 @@
+"""Plotly figures and small Streamlit widgets shared by the pages (no file access here)."""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.colors import qualitative
+
+from dashboard import data
+
+PALETTE = qualitative.Dark24
+
+
+def learning_curves(summary: dict[str, Any], metric: str, trial_ids: list[str]) -> go.Figure:
+    """One line per trial of `metric` over epochs."""
+    fig = go.Figure()
+    for t in summary["trials"]:
+        if t["trial_id"] not in trial_ids:
+            continue
+        points = [(h.get("epoch"), h.get(metric)) for h in t["history"] if h.get(metric) is not None]
+        if points:
+            x, y = zip(*points)
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"{t['trial_id']} ({t['status']})"))
+    fig.update_layout(xaxis_title="epoch", xaxis_dtick=1, yaxis_title=metric, height=380, margin={"t": 30, "b": 40},
+                      legend_title_text="trial")
+    return fig
+
+
+def parallel_coordinates(frame: pd.DataFrame, params: list[str], objective: str) -> go.Figure:
+    """Search parameters vs the objective; categorical (text) params get one tick per value."""
+    dims = []
+    for name in [*params, objective]:
+        column = frame[name]
+        if pd.api.types.is_numeric_dtype(column):
+            dims.append({"label": name, "values": column.astype(float)})
+        else:
+            codes, labels = pd.factorize(column.astype(str))
+            dims.append({"label": name, "values": codes, "tickvals": list(range(len(labels))),
+                         "ticktext": list(labels)})
+    line = {"color": frame[objective].astype(float), "colorscale": "Viridis", "showscale": True,
+            "colorbar": {"title": objective}}
+    fig = go.Figure(go.Parcoords(dimensions=dims, line=line))
+    fig.update_layout(height=380, margin={"l": 60, "r": 60, "t": 50, "b": 30})
+    return fig
+
+
+def importance_bars(importances: dict[str, float]) -> go.Figure:
+    names = list(importances)[::-1]  # most important on top
+    fig = go.Figure(go.Bar(x=[importances[n] for n in names], y=names, orientation="h"))
+    fig.update_layout(xaxis_title="importance", height=60 + 40 * len(names), margin={"t": 20, "b": 40})
+    return fig
+
+
+def per_element_bars(accuracy: dict[str, dict[str, float]]) -> go.Figure:
+    """Grouped bars: per-element species accuracy of each model (keys: model label)."""
+    fig = go.Figure()
+    for label, values in accuracy.items():
+        fig.add_trace(go.Bar(x=list(values), y=list(values.values()), name=label))
+    fig.update_layout(barmode="group", yaxis_title="accuracy", yaxis_range=[0, 1], height=360,
+                      margin={"t": 30, "b": 40}, legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def confusion_heatmap(matrix: list[list[float]], symbols: list[str], title: str) -> go.Figure:
+    """Row-normalised confusion (true rows, predicted columns); classes never seen nor predicted are dropped."""
+    m = np.asarray(matrix, dtype=float)
+    keep = np.flatnonzero((m.sum(0) + m.sum(1)) > 0)
+    m = m[np.ix_(keep, keep)]
+    names = [symbols[i] for i in keep]
+    rows = m.sum(1, keepdims=True)
+    share = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+    fig = go.Figure(go.Heatmap(z=share, x=names, y=names, colorscale="Blues", zmin=0, zmax=1,
+                               customdata=m, hovertemplate="true %{y}, predicted %{x}: %{customdata:.0f} voxels"
+                                                           "<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed",
+                      height=420, margin={"t": 50, "b": 40})
+    return fig
+
+
+def density_slice(values: np.ndarray, k: int, title: str, zmax: float | None = None) -> go.Figure:
+    """Heatmap of the grid plane z = k (e/Å^3)."""
+    fig = go.Figure(go.Heatmap(z=values[:, :, k].T, colorscale="Viridis", zmin=0, zmax=zmax,
+                               colorbar={"title": "e/Å³"}))
+    fig.update_layout(title=title, xaxis_title="i", yaxis_title="j", height=340, margin={"t": 40, "b": 30},
+                      yaxis_scaleanchor="x")
+    return fig
+
+
+def isosurface(values: np.ndarray, level: float, title: str) -> go.Figure:
+    """Isosurface of the density at `level` e/Å^3, in voxel-index coordinates."""
+    n = values.shape[0]
+    i, j, k = np.mgrid[0:n, 0:n, 0:n]
+    fig = go.Figure(go.Isosurface(x=i.ravel(), y=j.ravel(), z=k.ravel(), value=values.ravel(),
+                                  isomin=level, isomax=float(max(values.max(), level)), surface_count=2,
+                                  caps={"x_show": False, "y_show": False, "z_show": False},
+                                  colorscale="Viridis", showscale=False, opacity=0.6))
+    fig.update_layout(title=title, height=360, margin={"l": 0, "r": 0, "t": 40, "b": 0},
+                      scene={"xaxis_title": "i", "yaxis_title": "j", "zaxis_title": "k", "aspectmode": "cube"})
+    return fig
+
+
+def element_color(symbol: str) -> str:
+    """A stable colour per element (same element, same colour on every page)."""
+    return PALETTE[int(hashlib.md5(symbol.encode()).hexdigest(), 16) % len(PALETTE)]
+
+
+def structure_view(structure, title: str) -> go.Figure:
+    """Atoms as spheres coloured by element (sized by atomic radius) inside the unit-cell edges."""
+    from pymatgen.core import Element
+
+    fig = go.Figure()
+    if structure is None or len(structure) == 0:
+        fig.add_annotation(text="no atoms decoded", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    else:
+        lattice = structure.lattice.matrix
+        corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)]) @ lattice
+        x, y, z = [], [], []
+        for p in range(8):
+            for q in range(p + 1, 8):
+                if (p ^ q).bit_count() == 1:  # corners differing in one fractional axis share an edge
+                    for axis, values in zip((x, y, z), zip(corners[p], corners[q])):
+                        axis.extend([*values, None])
+        fig.add_trace(go.Scatter3d(x=x, y=y, z=z, mode="lines", line={"color": "#888", "width": 2},
+                                   hoverinfo="skip", showlegend=False))
+        coords = structure.cart_coords
+        symbols = np.array([site.specie.symbol for site in structure])
+        for symbol in sorted(set(symbols)):
+            mask = symbols == symbol
+            radius = float(Element(symbol).atomic_radius or 1.0)  # Å
+            marker = {"size": 8 + 8 * radius, "color": element_color(symbol), "line": {"color": "#333", "width": 1}}
+            fig.add_trace(go.Scatter3d(x=coords[mask, 0], y=coords[mask, 1], z=coords[mask, 2], mode="markers",
+                                       name=symbol, marker=marker))
+        title = f"{title}: {structure.composition.reduced_formula}"
+    fig.update_layout(title=title, height=360, margin={"l": 0, "r": 0, "t": 40, "b": 0},
+                      scene={"aspectmode": "data", "xaxis_title": "x (Å)", "yaxis_title": "y (Å)",
+                             "zaxis_title": "z (Å)"},
+                      legend={"orientation": "h"})
+    return fig
+
+
+def model_picker(choices: list[data.ModelChoice], label: str, key: str, multi: bool = False,
+                 default_count: int = 1) -> list[data.ModelChoice]:
+    """A selectbox (or multiselect) over model choices; returns the picked ones."""
+    labels = [c.label for c in choices]
+    if multi:
+        default = [c.label for c in data.distinct(choices, default_count)]
+        picked = st.multiselect(label, labels, default=default, key=key)
+    else:
+        picked = [st.selectbox(label, labels, key=key)]
+    return [c for c in choices if c.label in picked]
+
+
+def badges(flags: dict[str, bool]) -> str:
+    """Markdown: each flag as green ✓ or red ✗ text (plain glyphs: emoji fonts are often missing)."""
+    names = {name: name.removesuffix("_valid").replace("_", " ") for name in flags}
+    return " · ".join(f":{'green' if ok else 'red'}[{'✓' if ok else '✗'} {names[name]}]" for name, ok in flags.items())
+
+
+def pareto_front(points: pd.DataFrame, metrics: list[str], modes: list[str]) -> go.Figure:
+    """Scatter of two objectives per trial with the non-dominated trials highlighted."""
+    a, b = metrics[:2]
+    sign = np.array([1 if m == "min" else -1 for m in modes[:2]])
+    values = points[[a, b]].to_numpy(dtype=float) * sign  # lower is better on both axes now
+    front = [not any((values[j] <= values[i]).all() and (values[j] < values[i]).any() for j in range(len(values)))
+             for i in range(len(values))]
+    fig = go.Figure()
+    for on_front, name in ((False, "dominated"), (True, "Pareto front")):
+        rows = points[np.array(front) == on_front]
+        fig.add_trace(go.Scatter(x=rows[a], y=rows[b], mode="markers", name=name, text=rows["trial_id"],
+                                 marker={"size": 11 if on_front else 8}))
+    fig.update_layout(xaxis_title=a, yaxis_title=b, height=380)
+    return fig
+
+
+def sidebar(paths: data.Paths) -> None:
+    """Where the data comes from, and a refresh button (sweep tables are cached for a few seconds)."""
+    with st.sidebar:
+        st.caption(f"Sweeps: `{paths.storage}`  \nRegistry: `{paths.registry}`")
+        if st.button("Refresh data", help="Re-read sweeps, checkpoints and registry from disk"):
+            st.cache_data.clear()  # tables only; loaded models (cache_resource) stay, checkpoints are immutable

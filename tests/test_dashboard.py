@@ -1,0 +1,220 @@
+"""Dashboard pages under streamlit.testing.v1.AppTest, against a real tiny sweep and its registry.
+
+Paths reach the app through CRYSTALAE_STORAGE / CRYSTALAE_REGISTRY. Streamlit caches live for the
+whole process, so every test that changes files works on its own copy (a fresh path, fresh keys).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+pytest.importorskip("plotly")
+from streamlit.testing.v1 import AppTest
+
+from dashboard.data import app_paths
+from dashboard.launch import launch_command
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "dashboard"
+PAGES = {"home": DASHBOARD / "app.py", **{p.stem.split("_", 1)[1].lower(): p
+                                          for p in sorted((DASHBOARD / "pages").glob("[0-9]_*.py"))}}
+TIMEOUT = 120  # seconds per script run: the first model load imports torch, slow on a small CPU
+
+
+def open_page(name: str, monkeypatch, storage: Path, registry: Path) -> AppTest:
+    monkeypatch.setenv("CRYSTALAE_STORAGE", str(storage))
+    monkeypatch.setenv("CRYSTALAE_REGISTRY", str(registry))
+    return AppTest.from_file(str(PAGES[name]), default_timeout=TIMEOUT).run()
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def messages(at: AppTest) -> str:
+    return " ".join(e.value for e in [*at.info, *at.warning])
+
+
+def charts(at: AppTest) -> int:
+    return len(at.get("plotly_chart"))
+
+
+def copy_sweep(tiny_sweep, dest: Path) -> Path:
+    """The tiny sweep copied to `dest/sweeps/tiny` (Ray's tune/ state is not needed by the dashboard)."""
+    target = dest / "sweeps" / "tiny"
+    shutil.copytree(tiny_sweep["root"], target, ignore=shutil.ignore_patterns("tune", "*.lock"))
+    return target
+
+
+# ---- launch and paths -----------------------------------------------------------------------------
+
+def test_launch_command_runs_app_with_paths(tmp_path):
+    argv = launch_command(str(tmp_path / "s"), str(tmp_path / "r"), port=8765)
+    assert argv[1:4] == ["-m", "streamlit", "run"]
+    assert Path(argv[4]) == DASHBOARD / "app.py" and Path(argv[4]).is_absolute()
+    assert argv[argv.index("--server.address") + 1] == "127.0.0.1"
+    assert argv[argv.index("--server.port") + 1] == "8765"
+    assert argv[argv.index("--server.headless") + 1] == "true"
+    tail = argv[argv.index("--") + 1:]
+    assert tail == ["--storage", str((tmp_path / "s").resolve()), "--registry", str((tmp_path / "r").resolve())]
+
+
+def test_app_paths_argv_then_env_then_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("CRYSTALAE_STORAGE", str(tmp_path / "env_s"))
+    monkeypatch.delenv("CRYSTALAE_REGISTRY", raising=False)
+    paths = app_paths(["--storage", str(tmp_path / "arg_s")])
+    assert paths.storage == tmp_path / "arg_s"
+    assert paths.registry == Path("runs/registry").resolve()
+    assert app_paths(["-q", "tests"]).storage == tmp_path / "env_s"  # pytest's own argv is ignored
+
+
+# ---- pages on the real sweep --------------------------------------------------------------------
+
+def test_home_lists_sweep_and_registry(tiny_sweep, monkeypatch):
+    at = open_page("home", monkeypatch, tiny_sweep["storage"], tiny_sweep["registry"])
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert list(table["sweep"]) == ["tiny"] and table["trials"][0] == 3
+    assert "champion" in " ".join(m.value for m in at.markdown)
+
+
+def test_sweeps_page_table_curves_and_filters(tiny_sweep, monkeypatch):
+    at = open_page("sweeps", monkeypatch, tiny_sweep["storage"], tiny_sweep["registry"])
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert len(table) == 3
+    assert {"trial_id", "status", "epochs", "best val_loss", "latent_dim", "sigma", "lr"} <= set(table.columns)
+    assert charts(at) >= 2  # learning curves + parallel coordinates (+ importance when Optuna can)
+    assert "Single-objective sweep" in messages(at)  # the Pareto section explains why it is empty
+
+    first = table["trial_id"][0]
+    at.text_input(key="text_filter").input(first).run()
+    assert list(at.dataframe[0].value["trial_id"]) == [first]
+    at.text_input(key="text_filter").input("").run()
+    at.multiselect(key="status_filter").set_value([]).run()
+    assert len(at.dataframe[0].value) == 0
+    at.selectbox(key="curve_metric").set_value("val_density_mse").run()
+    assert_clean(at)
+
+
+def test_compare_page_metrics_confusion_and_reconstruction(tiny_sweep, monkeypatch):
+    at = open_page("compare", monkeypatch, tiny_sweep["storage"], tiny_sweep["registry"])
+    assert_clean(at)
+    assert len(at.multiselect(key="compare_models").value) == 2
+    metrics = at.dataframe[0].value
+    assert len(metrics) == 2 and {"val_density_mse", "val_match_rate", "val_rms"} <= set(metrics.columns)
+    assert not at.warning, [w.value for w in at.warning]
+    # per-element bars, 2 confusions, original atoms, then per model 2 slices + atoms + 2 isosurfaces
+    assert charts(at) >= 3 + 1 + 2 * 5
+    assert any("RMS" in m.value and "match" in m.value for m in at.markdown)
+    at.slider(key="compare_slice").set_value(0).run()
+    at.toggle(key="compare_iso").set_value(False).run()
+    assert_clean(at)
+
+
+def test_generate_page_samples_interpolates_and_alters(tiny_sweep, monkeypatch, tmp_path):
+    at = open_page("generate", monkeypatch, tiny_sweep["storage"], tiny_sweep["registry"])
+    assert_clean(at)
+    assert "champion" in at.selectbox(key="generate_model").value
+    assert not at.get("download_button")
+
+    at.number_input(key="sample_count").set_value(3).run()
+    at.button(key="sample_go").click().run()
+    assert_clean(at)
+    decoded = [b for b in at.get("download_button")]
+    failed = [w for w in at.warning if "no atoms" in w.value]
+    assert len(decoded) + len(failed) == 3 and decoded
+    assert any("structural" in m.value and "composition" in m.value for m in at.markdown)
+
+    at.button(key="interp_go").click().run()
+    assert_clean(at)
+    assert charts(at) == 5  # default 5 steps, one view each
+    at.button(key="alter_go").click().run()
+    assert_clean(at)
+    assert charts(at) == 3 and at.header[0].value.endswith("altered with scale 0.5")
+
+    at.text_input(key="source").input(str(tmp_path / "missing.csv")).run()
+    assert_clean(at)
+    assert "Cannot read source" in messages(at)
+
+
+def test_registry_page_lists_and_promotes(tiny_sweep, monkeypatch, tmp_path):
+    registry = tmp_path / "registry"
+    shutil.copytree(tiny_sweep["registry"], registry)
+    at = open_page("registry", monkeypatch, tiny_sweep["storage"], registry)
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert list(table["ref"]) == ["tiny@1"] and table["aliases"][0] == "champion"
+    assert at.button(key="promote_go").disabled  # nothing happens before the confirmation
+
+    at.text_input(key="promote_alias").input("candidate").run()
+    at.checkbox(key="promote_confirm").check().run()
+    at.button(key="promote_go").click().run()
+    assert_clean(at)
+    assert "tiny@2" in at.success[0].value
+    assert list(at.dataframe[0].value["ref"]) == ["tiny@1", "tiny@2"]
+    assert json.loads((registry / "aliases.json").read_text())["candidate"] == "tiny@2"
+    assert at.checkbox(key="promote_confirm").value is False
+
+
+# ---- empty and broken states ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_empty_storage_and_registry(page, monkeypatch, tmp_path):
+    (tmp_path / "sweeps").mkdir()
+    at = open_page(page, monkeypatch, tmp_path / "sweeps", tmp_path / "no-registry")
+    assert_clean(at)
+    assert at.info, f"{page}: no empty-state message"
+
+
+def test_sweep_without_checkpoints(tiny_sweep, monkeypatch, tmp_path):
+    """A sweep that has just started: sweep.json and a trial folder, no epoch, no summary, no study."""
+    root = tmp_path / "sweeps" / "starting"
+    trial = root / "trials" / "a1b2c3d4"
+    trial.mkdir(parents=True)
+    shutil.copy(tiny_sweep["root"] / "sweep.json", root / "sweep.json")
+    shutil.copy(next(tiny_sweep["root"].glob("trials/*/params.json")), trial / "params.json")
+    for page in PAGES:
+        at = open_page(page, monkeypatch, tmp_path / "sweeps", tmp_path / "no-registry")
+        assert_clean(at)
+        assert at.info, f"{page}: no message for a sweep without checkpoints"
+    at = open_page("sweeps", monkeypatch, tmp_path / "sweeps", tmp_path / "no-registry")
+    text = messages(at)
+    assert "still running" in text and "No checkpoint yet" in text and "No Optuna study" in text
+
+
+def test_failed_trial_and_deleted_checkpoints(tiny_sweep, monkeypatch, tmp_path):
+    """One trial marked failed, another's weights deleted, and a registry version whose weights are gone."""
+    root = copy_sweep(tiny_sweep, tmp_path)
+    summary = json.loads((root / "summary.json").read_text())
+    failed, broken = summary["trials"][0]["trial_id"], summary["trials"][1]["trial_id"]
+    summary["trials"][0]["status"] = "error"
+    (root / "summary.json").write_text(json.dumps(summary))
+    for weights in (root / "trials" / broken).glob("checkpoint_*/checkpoint.pt"):
+        weights.unlink()
+    registry = tmp_path / "registry"
+    shutil.copytree(tiny_sweep["registry"], registry)
+    (registry / "tiny" / "v1" / "checkpoint.pt").unlink()
+    storage = tmp_path / "sweeps"
+
+    at = open_page("sweeps", monkeypatch, storage, registry)
+    assert_clean(at)
+    assert f"Failed trials: {failed}" in messages(at)
+
+    at = open_page("registry", monkeypatch, storage, registry)
+    assert_clean(at)
+    assert "Checkpoint file missing for tiny@1" in messages(at)
+
+    at = open_page("generate", monkeypatch, storage, registry)  # the registry model comes first
+    assert_clean(at)
+    assert "Cannot load tiny@1" in messages(at)
+
+    at = open_page("compare", monkeypatch, storage, registry)
+    picked = [label for label in at.multiselect(key="compare_models").options if broken in label]
+    at.multiselect(key="compare_models").set_value(["tiny@1 [champion] (registry)", *picked]).run()
+    assert_clean(at)
+    assert "missing" in messages(at) and "Pick two or more" not in messages(at)
