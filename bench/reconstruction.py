@@ -21,6 +21,7 @@ from crystalae.config import VoxelConfig
 from crystalae.generate import sample, validity
 from crystalae.shards import PrepareOptions, prepare_dataset, read_table
 from crystalae.training import TrainConfig, best_checkpoint_path, evaluate, train
+from report import report  # bench/report.py (scripts run from bench/)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,11 +73,7 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - started, 1), "train_seconds": round(train_seconds, 1),
         "device": str(device),
     }
-    for key, value in figures.items():
-        if key != "model_config":
-            print(f"{key:30s} {value}")
-    if args.out:
-        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    report(figures, args.out, hide=("model_config",))
 
 
 if __name__ == "__main__":

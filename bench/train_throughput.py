@@ -9,7 +9,6 @@ epochs after the first (warm-up), and the overhead is 1 - ray / plain.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 import warnings
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from crystalae.config import VoxelConfig
+from report import report  # bench/report.py (scripts run from bench/)
 from crystalae.inference import class_lookup, density_scale
 from crystalae.models import CrystalAE
 from crystalae.shards import PrepareOptions, prepare_dataset, read_table
@@ -74,10 +74,7 @@ def main() -> None:
                "plain_samples_per_s": round(plain_rate, 2), "ray_train_samples_per_s": round(ray_rate, 2),
                "ray_overhead": round(1 - ray_rate / plain_rate, 3),
                "ray_wall_seconds_incl_startup": round(ray_wall, 1)}
-    for key, value in figures.items():
-        print(f"{key:32s} {value}")
-    if args.out:
-        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    report(figures, args.out)
 
 
 if __name__ == "__main__":

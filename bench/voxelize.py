@@ -8,7 +8,6 @@ core and on all cores, the decoder on one core, and voxelize + decode on all cor
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from crystalae.config import VoxelConfig
+from report import report  # bench/report.py (scripts run from bench/)
 from crystalae.decode import decode
 from crystalae.parallel import default_workers
 from crystalae.sources import list_entries, load_structure, reduce_cell
@@ -90,10 +90,7 @@ def main() -> None:
         "decode_1core_per_s": round(decode_1, 1),
         f"voxelize_and_decode_{workers}cores_per_s": round(roundtrip_n, 1),
     }
-    for key, value in figures.items():
-        print(f"{key:32s} {value}")
-    if args.out:
-        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    report(figures, args.out)
 
 
 if __name__ == "__main__":

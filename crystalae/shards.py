@@ -212,13 +212,13 @@ def shard_paths(folder: str | Path) -> list[Path]:
 
 def read_table(folder: str | Path, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
     """All rows of a dataset (optionally one split) as one Arrow table."""
-    tables = [pq.read_table(p, columns=columns) for p in shard_paths(folder)]
-    table = pa.concat_tables(tables)
+    needed = None if columns is None else list(dict.fromkeys([*columns, *(["split"] if split else [])]))
+    table = pa.concat_tables([pq.read_table(p, columns=needed) for p in shard_paths(folder)])
     if split is not None:
         import pyarrow.compute as pc
 
         table = table.filter(pc.equal(table.column("split"), split))
-    return table
+    return table if columns is None else table.select(columns)
 
 
 def config_of(folder: str | Path) -> VoxelConfig:

@@ -85,3 +85,9 @@ def test_killed_prepare_resumes_to_identical_shards(tmp_path, dataset):
     for name, digest in _shard_hashes(out).items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
     assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_read_table_filters_a_split_without_its_column(dataset):
+    counts = read_manifest(dataset)["counts"]["splits"]
+    train = read_table(dataset, split="train", columns=["density"])
+    assert train.column_names == ["density"] and train.num_rows == counts["train"]

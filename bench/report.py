@@ -1,0 +1,14 @@
+"""Print a benchmark's measured figures and optionally save them as JSON (shared by the bench scripts)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def report(figures: dict[str, Any], out: Path | None, hide: tuple[str, ...] = ()) -> None:
+    for key, value in figures.items():
+        if key not in hide:
+            print(f"{key:32s} {value}")
+    if out:
+        out.write_text(json.dumps(figures, indent=2) + "\n")
