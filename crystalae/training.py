@@ -46,6 +46,9 @@ class TrainConfig(StrictConfig):
     seed: int = 0
     keep_checkpoints: int = 2  # best k by validation loss
     eval_limit: int = 64  # validation crystals decoded end to end per epoch (StructureMatcher is slow)
+    # Keep the decoded training shards in Ray's object store after the first read: without it every
+    # epoch re-runs the Parquet read and tensor conversion. Turn off when the set exceeds memory.
+    cache_dataset: bool = True
 
 
 def loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig,
@@ -260,6 +263,8 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
                  configure_logging=False)
     train_ds = (ray.data.read_parquet([str(p) for p in shard_paths(data)], columns=["density", "labels", "lattice", "split"])
                 .filter(expr=col("split") == "train").select_columns(["density", "labels", "lattice"]))
+    if cfg.cache_dataset:
+        train_ds = train_ds.materialize()
     loop_config = {"train": cfg.as_dict(), "voxel": voxel.as_dict(), "model": model_cfg.as_dict(),
                    "data": str(Path(data).resolve()), "dataset_hash": manifest["dataset_hash"]}
     trainer = TorchTrainer(
