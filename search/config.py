@@ -167,6 +167,16 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
         bad = set(raw.get(section) or {}) - allowed
         if bad:
             fail(f"unknown keys in {section}: {sorted(bad)} (see {cls.__name__})")
+    grid = VoxelConfig.from_dict({k: v for k, v in data.items() if k not in ("source", "val_fraction", "test_fraction")}).grid
+    for p in space:  # a depth the grid cannot halve that often would only fail inside a trial
+        if p.name in ("depth", "seg_depth"):
+            deepest = int(max(p.values) if p.type == "categorical" else p.high)
+            if grid % 2**deepest:
+                fail(f"search_space.{p.name}: depth {deepest} needs the grid ({grid}) divisible by {2**deepest}")
+    for name in ("depth", "seg_depth"):
+        fixed = (raw.get("model") or {}).get(name)
+        if isinstance(fixed, int) and grid % 2**fixed:
+            fail(f"model.{name}: depth {fixed} needs the grid ({grid}) divisible by {2**fixed}")
     config = SweepConfig(name=raw["name"], data=data, search_space=tuple(space),
                          train=dict(raw.get("train") or {}), model=dict(raw.get("model") or {}),
                          max_concurrent=int(raw.get("max_concurrent", 2)), **flat)

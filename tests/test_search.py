@@ -213,3 +213,11 @@ def test_sweep_on_a_two_node_local_cluster_uses_both_nodes(tmp_path):
     summary = collect_trials(tmp_path / "s" / "cluster")
     nodes = {h["node_ip"] for t in summary["trials"] for h in t["history"]}
     assert nodes == {"127.0.0.2", "127.0.0.3"}
+
+
+def test_depth_the_grid_cannot_support_is_refused(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text(TINY_SWEEP.replace("sigma: {type: categorical, values: [0.5, 0.6]}",
+                                       "depth: {type: int, low: 1, high: 4}"))
+    with pytest.raises(SweepConfigError, match="depth 4 needs the grid \\(8\\) divisible by 16"):
+        load_sweep_config(path)
