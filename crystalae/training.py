@@ -183,6 +183,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(payload["optimizer"])
         start_epoch = payload["epoch"] + 1
         history = list(payload.get("history") or [])
+        if start_epoch >= cfg.epochs:
+            # Finished before a restart (e.g. a resumed sweep): report the final metrics again so
+            # the caller (Tune) sees its objective, and train no further.
+            ray.train.report(_scalars(payload["metrics"]))
+            return
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     rank = ray.train.get_context().get_world_rank()

@@ -88,14 +88,42 @@ def _maybe_fail_once(trial_id: str) -> None:
             raise RuntimeError(f"injected failure for trial {trial_id} (set by {FAIL_ONCE_ENV})")
 
 
+def _persistent_searcher(sweep: SweepConfig, root: Path):
+    """OptunaSearch whose study lives in `optuna.db`, tolerant of a study that is ahead of Tune.
+
+    After the driver is killed, Tune restores its state from its last save, which can predate the
+    SQLite study: a trial Optuna already closed is then reported again. Those late updates are dropped
+    (the study keeps the first, complete record) instead of failing the resumed sweep.
+    """
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PersistentOptunaSearch(OptunaSearch):
+        def on_trial_result(self, trial_id, result):
+            try:
+                super().on_trial_result(trial_id, result)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            try:
+                super().on_trial_complete(trial_id, result, error)
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
+                if "finished" not in str(exc) and "COMPLETE" not in str(exc):
+                    raise
+
+    sampler = (optuna.samplers.TPESampler(seed=sweep.seed) if sweep.algorithm == "tpe"
+               else optuna.samplers.RandomSampler(seed=sweep.seed))
+    return PersistentOptunaSearch(sampler=sampler, study_name=sweep.name,
+                                  storage=optuna.storages.RDBStorage(f"sqlite:///{root / 'optuna.db'}"))
+
+
 def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: str | None = None,
               resume: bool = False) -> dict[str, Any]:
     """Run (or resume) a sweep; returns the summary that is also written to summary.json."""
-    import optuna
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     root = sweep_dir(storage, sweep.name)
     root.mkdir(parents=True, exist_ok=True)
@@ -124,10 +152,7 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
     if resume and tune.Tuner.can_restore(str(root / "tune")):
         tuner = tune.Tuner.restore(str(root / "tune"), trainable=trainable, resume_errored=True)
     else:
-        sampler = (optuna.samplers.TPESampler(seed=sweep.seed) if sweep.algorithm == "tpe"
-                   else optuna.samplers.RandomSampler(seed=sweep.seed))
-        searcher = OptunaSearch(sampler=sampler, study_name=sweep.name,
-                                storage=optuna.storages.RDBStorage(f"sqlite:///{root / 'optuna.db'}"))
+        searcher = _persistent_searcher(sweep, root)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
                                    grace_period=sweep.grace_period)
                      if sweep.scheduler == "asha" else FIFOScheduler())

@@ -121,6 +121,23 @@ def test_a_trial_that_raises_once_is_retried(tmp_path, monkeypatch):
     assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]
 
 
+def _committed_final_checkpoints(root: Path, last_epoch: int) -> dict[str, set[str]]:
+    """Trials whose last epoch Ray Train has committed (its snapshot lists it): trial -> checkpoint paths.
+
+    A checkpoint folder can exist on disk before Ray records it; only recorded ones count as finished.
+    """
+    finished = {}
+    for snapshot in (root / "trials").glob("*/checkpoint_manager_snapshot.json") if (root / "trials").exists() else []:
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (OSError, ValueError, KeyError):
+            continue  # being rewritten
+        if any(r["metrics"].get("epoch") == last_epoch for r in results):
+            trial = snapshot.parent.name
+            finished[trial] = {f"trials/{trial}/{r['checkpoint_dir_name']}" for r in results}
+    return finished
+
+
 def test_killed_driver_resumes_without_losing_finished_trials(tmp_path):
     config = _sweep_yaml(tmp_path, "resume", trials=3, epochs=2)
     storage = tmp_path / "s"
@@ -131,9 +148,7 @@ def test_killed_driver_resumes_without_losing_finished_trials(tmp_path):
     finished: dict = {}
     while time.time() < deadline and not finished:
         time.sleep(2)
-        if (root / "sweep.json").exists():
-            finished = {t["trial_id"]: [c["path"] for c in t["checkpoints"]]
-                        for t in collect_trials(root)["trials"] if t["epochs"] == 2}
+        finished = _committed_final_checkpoints(root, last_epoch=1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert finished, "no trial finished before the deadline"
@@ -148,7 +163,7 @@ def test_killed_driver_resumes_without_losing_finished_trials(tmp_path):
         assert by_id[trial_id]["status"] in ("finished", "early-stopped")
         assert by_id[trial_id]["epochs"] == 2
         # not retrained: a rerun would have written new (timestamped) checkpoints and dropped these
-        assert {c["path"] for c in by_id[trial_id]["checkpoints"]} == set(paths)
+        assert {c["path"] for c in by_id[trial_id]["checkpoints"]} == paths
     assert all(t["status"] != "error" for t in summary["trials"])
 
 
