@@ -87,7 +87,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from crystalae.roundtrip import roundtrip
     from search.config import load_sweep_config
     from search.registry import Registry
-    from search.sweep import best_checkpoint, run_sweep, sweep_dir
+    from search.sweep import promote_best, run_sweep, sweep_dir
 
     out = Path(args.out)
     config = load_sweep_config(Path(search.__file__).parent / "configs" / "demo.yaml")
@@ -99,11 +99,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = sweep_dir(storage, config.name)
     summary = run_sweep(config, storage=storage, resume=(root / "sweep.json").exists())
     print(format_sweep(summary))
-    trial, checkpoint = best_checkpoint(summary)
     registry = Registry(out / "registry")
-    entry = registry.promote(root / checkpoint["path"], config.name, alias="champion",
-                             source={"sweep": config.name, "trial": trial["trial_id"], "epoch": checkpoint["epoch"]})
-    print(f"3/4 promoted trial {trial['trial_id']} epoch {checkpoint['epoch']} as {entry['ref']} (alias champion)")
+    entry = promote_best(root, registry, alias="champion")
+    print(f"3/4 promoted trial {entry['source']['trial']} epoch {entry['epoch']} as {entry['ref']} (alias champion)")
     loaded = load_checkpoint(registry.resolve("champion"))
     generated = write_generated(out / "generated", [(f"sample-{i:02d}", s) for i, s in enumerate(sample(loaded, 8))])
     print(f"4/4 generated {generated['decoded']} of {generated['count']} crystals into {out / 'generated'}: "
@@ -229,22 +227,17 @@ def format_sweep(summary: dict[str, Any]) -> str:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from search.registry import Registry
-    from search.sweep import best_checkpoint, collect_trials, sweep_dir
+    from search.sweep import promote_best, sweep_dir
 
     registry = Registry(args.registry)
     if args.best:
         root = Path(args.source) if Path(args.source).is_dir() else sweep_dir(args.storage, args.source)
-        summary = collect_trials(root)
-        trial, checkpoint = best_checkpoint(summary, args.metric, args.mode)
-        path = root / checkpoint["path"]
-        source = {"sweep": summary["name"], "trial": trial["trial_id"], "epoch": checkpoint["epoch"]}
-        name = args.name or summary["name"]
+        entry = promote_best(root, registry, args.name, args.alias, args.metric, args.mode)
     else:
         path = _trial_checkpoint(Path(args.source), args.storage, args.metric, args.mode)
-        source = {"given": args.source}
-        name = args.name or Path(args.source).parts[0]
-    entry = registry.promote(path, name, alias=args.alias, source=source)
-    print(f"promoted {path} as {entry['ref']}" + (f" (alias {args.alias})" if args.alias else ""))
+        entry = registry.promote(path, args.name or Path(args.source).parts[0], alias=args.alias,
+                                 source={"given": args.source})
+    print(f"promoted {entry['source']['checkpoint']} as {entry['ref']}" + (f" (alias {args.alias})" if args.alias else ""))
     return 0
 
 

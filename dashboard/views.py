@@ -182,3 +182,15 @@ def sidebar(paths: data.Paths) -> None:
         st.caption(f"Sweeps: `{paths.storage}`  \nRegistry: `{paths.registry}`")
         if st.button("Refresh data", help="Re-read sweeps, checkpoints and registry from disk"):
             st.cache_data.clear()  # tables only; loaded models (cache_resource) stay, checkpoints are immutable
+
+
+def available_models(paths: data.Paths, empty_message: str) -> list[data.ModelChoice]:
+    """Registry models and trial checkpoints to pick from; warns about unreadable ones and stops
+    the page with `empty_message` when there is none."""
+    choices, problems = data.model_choices(paths)
+    for problem in problems:
+        st.warning(problem)
+    if not choices:
+        st.info(empty_message)
+        st.stop()
+    return choices

@@ -89,8 +89,7 @@ class SweepConfig:
     max_failures: int = 2
 
     def voxel_config(self, sigma_overrides: dict[str, Any] | None = None) -> VoxelConfig:
-        values = {k: v for k, v in self.data.items() if k not in ("source", "val_fraction", "test_fraction")}
-        return VoxelConfig.from_dict({**values, **(sigma_overrides or {})})
+        return VoxelConfig.from_dict({**_voxel_values(self.data), **(sigma_overrides or {})})
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -154,7 +153,7 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
     if "source" not in data:
         fail("data.source is required (a structure source such as demo:160 or a CSV path)")
     try:
-        VoxelConfig.from_dict({k: v for k, v in data.items() if k not in ("source", "val_fraction", "test_fraction")})
+        grid = VoxelConfig.from_dict(_voxel_values(data)).grid
     except (TypeError, ValueError) as exc:
         fail(f"data: {exc}")
 
@@ -167,7 +166,6 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
         bad = set(raw.get(section) or {}) - allowed
         if bad:
             fail(f"unknown keys in {section}: {sorted(bad)} (see {cls.__name__})")
-    grid = VoxelConfig.from_dict({k: v for k, v in data.items() if k not in ("source", "val_fraction", "test_fraction")}).grid
     for p in space:  # a depth the grid cannot halve that often would only fail inside a trial
         if p.name in ("depth", "seg_depth"):
             deepest = int(max(p.values) if p.type == "categorical" else p.high)
@@ -190,6 +188,11 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
         if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
             fail(f"{key} must be a positive integer, got {getattr(config, key)!r}")
     return config
+
+
+def _voxel_values(data: dict[str, Any]) -> dict[str, Any]:
+    """The VoxelConfig fields of a `data` section (the rest names the source and the split)."""
+    return {k: v for k, v in data.items() if k not in ("source", "val_fraction", "test_fraction")}
 
 
 def _param(pname: str, spec: Any, fail) -> Param:

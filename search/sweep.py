@@ -245,3 +245,13 @@ def best_checkpoint(summary: dict[str, Any], metric: str | None = None, mode: st
     if not pairs:
         raise ValueError(f"no checkpoint of sweep {summary['name']} has metric {metric!r}")
     return (min if mode == "min" else max)(pairs, key=lambda p: p[1]["metrics"][metric])
+
+
+def promote_best(root: str | Path, registry, name: str | None = None, alias: str | None = None,
+                 metric: str | None = None, mode: str | None = None) -> dict[str, Any]:
+    """Promote the sweep's best kept checkpoint into `registry` (a search.registry.Registry)."""
+    root = Path(root)
+    summary = collect_trials(root)
+    trial, checkpoint = best_checkpoint(summary, metric, mode)
+    return registry.promote(root / checkpoint["path"], name or summary["name"], alias=alias,
+                            source={"sweep": summary["name"], "trial": trial["trial_id"], "epoch": checkpoint["epoch"]})

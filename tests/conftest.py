@@ -68,7 +68,7 @@ def tiny_sweep(tmp_path_factory):
 
     from search.config import load_sweep_config
     from search.registry import Registry
-    from search.sweep import best_checkpoint, run_sweep, sweep_dir
+    from search.sweep import promote_best, run_sweep, sweep_dir
 
     base = tmp_path_factory.mktemp("sweep")
     config = base / "tiny.yaml"
@@ -79,8 +79,5 @@ def tiny_sweep(tmp_path_factory):
     finally:
         ray.shutdown()
     root = sweep_dir(storage, "tiny")
-    trial, checkpoint = best_checkpoint(summary)
-    registry = Registry(base / "registry")
-    registry.promote(root / checkpoint["path"], "tiny", alias="champion",
-                     source={"sweep": "tiny", "trial": trial["trial_id"]})
+    promote_best(root, Registry(base / "registry"), alias="champion")
     return {"storage": storage, "root": root, "registry": base / "registry", "config": config, "summary": summary}

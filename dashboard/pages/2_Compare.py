@@ -14,13 +14,8 @@ paths = data.app_paths()
 views.sidebar(paths)
 st.title("Compare models")
 
-choices, problems = data.model_choices(paths)
-for problem in problems:
-    st.warning(problem)
-if not choices:
-    st.info("No model to compare yet: no trial has written a checkpoint under "
-            f"`{paths.storage}` and the registry `{paths.registry}` is empty.")
-    st.stop()
+choices = views.available_models(paths, "No model to compare yet: no trial has written a checkpoint "
+                                  f"under `{paths.storage}` and the registry `{paths.registry}` is empty.")
 
 picked = views.model_picker(choices, "Models (trial best checkpoints and registry versions)", "compare_models",
                             multi=True, default_count=2)

@@ -15,13 +15,9 @@ paths = data.app_paths()
 views.sidebar(paths)
 st.title("Generate crystals")
 
-choices, problems = data.model_choices(paths)
-for problem in problems:
-    st.warning(problem)
-if not choices:
-    st.info(f"No model yet: the registry `{paths.registry}` is empty and no trial under `{paths.storage}` "
-            "has a checkpoint. Run a sweep and promote its best checkpoint first.")
-    st.stop()
+choices = views.available_models(paths, f"No model yet: the registry `{paths.registry}` is empty and no "
+                                  f"trial under `{paths.storage}` has a checkpoint. Run a sweep and promote its "
+                                  "best checkpoint first.")
 
 choice = views.model_picker(choices, "Model (registry alias / name@version, or a trial's best checkpoint)",
                             "generate_model")[0]
