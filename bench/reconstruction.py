@@ -1,79 +1,137 @@
-"""Train on our own split of a shared dataset, evaluate on the held-back part, write the figures.
+"""Learned reconstruction on our own split of a shared dataset: train (resumable), score on held-out
+crystals, sample from the prior, optionally export the model as a shipped reference checkpoint.
 
-    python bench/reconstruction.py --dataset ../shared/datasets/perov_5/val.csv --grid 16 --epochs 10
+    python bench/reconstruction.py --recipe pretrained/perov_5/recipe.yaml --export pretrained/perov_5
+    python bench/reconstruction.py --recipe bench/recipes/perov_5-segmenter.yaml --out bench/results/x.json
 
-Splits come from a hash of material_id (80/10/10 train/val/test), so they are stable across runs.
-Reported on the test split: StructureMatcher match rate and RMS (stol 0.5, ltol 0.3, angle_tol 10),
-voxel species accuracy, atom-count rate, density MSE; and validity of samples from the prior.
+A recipe YAML holds `dataset` (a folder of ../shared/datasets), `files` (its CSVs, read as one source),
+`voxel` (VoxelConfig fields), `split` (val/test fractions: a hash of material_id, stable across runs),
+`train` (TrainConfig), `model` (ModelConfig overrides) and `samples` (prior samples to check).
+Rerunning the same recipe resumes training from its last checkpoint. Reported on the test split:
+StructureMatcher match rate and RMS (stol 0.5, ltol 0.3, angle_tol 10), per-atom species accuracy,
+atom-count rate, and CDVAE validity of prior samples; plus the wall time to every validation match rate.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
-
-from crystalae.checkpoint import load_checkpoint, read_checkpoint
-from crystalae.config import VoxelConfig
-from crystalae.generate import sample, validity
-from crystalae.shards import PrepareOptions, prepare_dataset, read_table
-from crystalae.training import TrainConfig, best_checkpoint_path, evaluate, train
-from report import report  # bench/report.py (scripts run from bench/)
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from report import report  # noqa: E402  (bench/report.py)
+
+from crystalae.checkpoint import export_checkpoint, load_checkpoint, read_checkpoint  # noqa: E402
+from crystalae.config import VoxelConfig  # noqa: E402
+from crystalae.generate import sample, validity  # noqa: E402
+from crystalae.shards import PrepareOptions, prepare_dataset, read_manifest, read_table  # noqa: E402
+from crystalae.training import TrainConfig, best_checkpoint_path, evaluate, train  # noqa: E402
+
+RECIPE_KEYS = {"dataset", "files", "voxel", "split", "train", "model", "samples"}
+
+
+def load_recipe(path: Path) -> dict:
+    recipe = yaml.safe_load(path.read_text()) or {}
+    unknown = set(recipe) - RECIPE_KEYS
+    if unknown:
+        raise SystemExit(f"{path}: unknown recipe keys {sorted(unknown)} (allowed: {sorted(RECIPE_KEYS)})")
+    return recipe
+
+
+def relative(path: Path | str) -> str:
+    """Paths recorded relative to the repository (or its parent, for ../shared)."""
+    path = Path(path).resolve()
+    for base, prefix in ((ROOT, ""), (ROOT.parent, "../")):
+        try:
+            return prefix + str(path.relative_to(base))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default=str(ROOT.parent / "shared/datasets/perov_5/val.csv"))
-    parser.add_argument("--grid", type=int, default=16)
-    parser.add_argument("--sigma", type=float, default=0.5)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recipe", type=Path, required=True)
+    parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared/datasets")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench", help="shards and training runs")
     parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--model", type=json.loads, default={}, help='ModelConfig overrides as JSON')
-    parser.add_argument("--samples", type=int, default=100)
-    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--export", type=Path, help="write the trained model here as a reference checkpoint")
+    parser.add_argument("--out", type=Path, help="JSON of the figures (default: bench/results/<recipe>.json)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
-    name = f"{Path(args.dataset).parent.name}-g{args.grid}"
-    data = args.work / name / "data"
+    recipe = load_recipe(args.recipe)
+    name = args.recipe.stem if args.recipe.stem != "recipe" else args.recipe.parent.name
+    sources = [str(args.datasets / recipe["dataset"] / f) for f in recipe.get("files", ["val.csv", "extra.csv"])]
+    voxel = VoxelConfig.from_dict(recipe.get("voxel") or {})
+    split = recipe.get("split") or {}
+    options = PrepareOptions(val_fraction=split.get("val_fraction", 0.1), test_fraction=split.get("test_fraction", 0.1))
+    data_key = hashlib.sha256(json.dumps([recipe["dataset"], voxel.as_dict(), split], sort_keys=True).encode()).hexdigest()[:10]
+    data = args.work / f"{recipe['dataset']}-{data_key}"
     started = time.perf_counter()
-    prepare_dataset(args.dataset, data, VoxelConfig(grid=args.grid, sigma=args.sigma),
-                    PrepareOptions(val_fraction=0.1, test_fraction=0.1))
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, workers=args.workers,
-                      threads=args.threads, use_gpu=args.gpu, eval_limit=64)
-    result = train(data, cfg, args.model, storage=args.work / name / "runs", name="bench")
-    train_seconds = time.perf_counter() - started
+    prepare_dataset(sources, data, voxel, options)
+    prepare_seconds = time.perf_counter() - started
+    cfg = TrainConfig.from_dict({**(recipe.get("train") or {}), **({"use_gpu": True} if args.gpu else {})})
+    result = train(data, cfg, recipe.get("model") or {}, storage=args.work / "runs", name=name)
+    if result.error:
+        raise SystemExit(f"training failed: {result.error}")
     best = best_checkpoint_path(result)
+    payload = read_checkpoint(best)
+    history = payload.get("history") or []
     device = torch.device("cuda" if args.gpu and torch.cuda.is_available() else "cpu")
     loaded = load_checkpoint(best, device=device)
     test = read_table(data, split="test")
     metrics = evaluate(loaded.model, test, loaded.voxel, TrainConfig(**{**cfg.as_dict(), "eval_limit": test.num_rows}), device)
-    generated = sample(loaded, args.samples, seed=0)
-    valid = [validity(s) for s in generated]
+    count = int(recipe.get("samples", 200))
+    valid = [validity(s) for s in sample(loaded, count, seed=0)]
+    train_seconds = sum(h.get("epoch_seconds", 0) + h.get("eval_seconds", 0) for h in history)
     figures = {
-        "dataset": args.dataset, "grid": args.grid, "sigma": args.sigma, "epochs": args.epochs,
+        "recipe": relative(args.recipe), "dataset": [relative(s) for s in sources],
+        "dataset_hash": read_manifest(data)["dataset_hash"], "species_from": loaded.model_config.species_from,
+        "grid": voxel.grid, "sigma": voxel.sigma, "epochs_trained": payload["epoch"] + 1, "seed": cfg.seed,
         "train_rows": read_table(data, split="train", columns=["split"]).num_rows, "test_rows": test.num_rows,
-        "model_config": loaded.model_config.as_dict(), "parameters": sum(p.numel() for p in loaded.model.parameters()),
-        "best_checkpoint_epoch": read_checkpoint(best)["epoch"],
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "test_match_rate": metrics["match_rate"], "test_rms": metrics["rms"],
         "test_species_accuracy": metrics["species_accuracy"], "test_atom_count_rate": metrics["atom_count_rate"],
-        "test_density_mse": metrics["density_mse"],
-        "sample_structural_validity": sum(v["structural_valid"] for v in valid) / len(valid),
-        "sample_composition_validity": sum(v["composition_valid"] for v in valid) / len(valid),
-        "wall_seconds": round(time.perf_counter() - started, 1), "train_seconds": round(train_seconds, 1),
-        "device": str(device),
+        "test_score": metrics["score"], "test_density_mse": metrics["density_mse"],
+        "test_per_element_accuracy": metrics["per_element_accuracy"],
+        "prior_samples": count,
+        "sample_structural_validity": sum(v["structural_valid"] for v in valid) / max(count, 1),
+        "sample_composition_validity": sum(v["composition_valid"] for v in valid) / max(count, 1),
+        # training time as recorded per epoch by the run (all resumed pieces together), and the
+        # validation curve against it: when each validation match rate was first reached
+        "train_seconds": round(train_seconds, 1), "prepare_seconds": round(prepare_seconds, 1),
+        "time_to_val_match": time_to_match(history), "device": str(device),
+        "history": [{k: h.get(k) for k in ("epoch", "epoch_seconds", "lr", "train_loss", "val_loss", "val_match_rate",
+                                          "val_species_accuracy", "val_atom_count_rate", "val_score")} for h in history],
     }
-    report(figures, args.out, hide=("model_config",))
+    out = args.out or ROOT / "bench/results" / f"reconstruction_{name}.json"
+    report(figures, out, hide=("history", "test_per_element_accuracy"))
+    if args.export:
+        export_checkpoint(best, args.export)
+        shutil.copyfile(args.recipe, args.export / "recipe.yaml") if args.recipe.resolve() != (args.export / "recipe.yaml").resolve() else None
+        command = f"python bench/reconstruction.py --recipe {relative(args.recipe)} --export {relative(args.export)}"
+        (args.export / "RESULTS.json").write_text(json.dumps({"command": command, **figures}, indent=2) + "\n")
+        print(f"exported {best} -> {args.export}")
+
+
+def time_to_match(history: list[dict]) -> dict[str, float]:
+    """Cumulative training seconds at which the validation match rate first reached 50/75/90/95%."""
+    reached, elapsed = {}, 0.0
+    for h in history:
+        elapsed += h.get("epoch_seconds", 0) + h.get("eval_seconds", 0)
+        for level in (0.5, 0.75, 0.9, 0.95):
+            if f"{level:.0%}" not in reached and (h.get("val_match_rate") or 0) >= level:
+                reached[f"{level:.0%}"] = round(elapsed, 1)
+    return reached
 
 
 if __name__ == "__main__":

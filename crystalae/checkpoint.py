@@ -43,9 +43,7 @@ def save_checkpoint(folder: str | Path, model: CrystalAE, voxel: VoxelConfig, *,
         "train_config": train_config, "metrics": _plain(metrics), "dataset_hash": dataset_hash,
         "history": _plain({"h": history or []})["h"],
     }
-    atomic_write(folder / FILENAME, lambda tmp: torch.save(payload, tmp))
-    write_json(folder / "config.json", {k: v for k, v in payload.items() if k not in ("model", "optimizer")})
-    return folder
+    return _write(folder, payload)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -61,6 +59,21 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a crystalae checkpoint (format {FORMAT} expected)")
     return payload
+
+
+def _write(folder: Path, payload: dict[str, Any]) -> Path:
+    atomic_write(folder / FILENAME, lambda tmp: torch.save(payload, tmp))
+    write_json(folder / "config.json", {k: v for k, v in payload.items() if k not in ("model", "optimizer")})
+    return folder
+
+
+def export_checkpoint(source: str | Path, folder: str | Path) -> Path:
+    """Copy a checkpoint without its optimizer state (a shipped model: about a third of the size)."""
+    payload = read_checkpoint(source)
+    payload["optimizer"] = None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return _write(folder, payload)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

@@ -49,7 +49,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     options = PrepareOptions(shard_size=args.shard_size, val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction, limit=args.limit)
-    manifest = prepare_dataset(args.source, args.out, voxel_config_from_args(args), options,
+    manifest = prepare_dataset(args.source[0] if len(args.source) == 1 else args.source, args.out, voxel_config_from_args(args), options,
                                workers=args.workers, overwrite=args.overwrite)
     counts = manifest["counts"]
     print(f"wrote {counts['rows']} rows from {counts['crystals']} of {counts['entries']} structures "
@@ -91,24 +91,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     config = load_sweep_config(Path(search.__file__).parent / "configs" / "demo.yaml")
-    print("1/4 round trip crystal -> density -> crystal on the demo set (no learning)")
+    print("1/5 round trip crystal -> density -> crystal on the demo set (no learning)")
     metrics = roundtrip(config.data["source"], out / "roundtrip.csv", config.voxel_config(), workers=args.workers)
     print("    " + format_metrics(metrics))
-    print(f"2/4 sweep {config.name}: {config.trials} trials x {config.epochs} epochs (Ray Tune + Optuna + ASHA)")
+    print(f"2/5 sweep {config.name}: {config.trials} trials x {config.epochs} epochs (Ray Tune + Optuna + ASHA)")
     storage = out / "sweeps"
     root = sweep_dir(storage, config.name)
     summary = run_sweep(config, storage=storage, resume=(root / "sweep.json").exists())
     print(format_sweep(summary))
     registry = Registry(out / "registry")
     entry = promote_best(root, registry, alias="champion")
-    print(f"3/4 promoted trial {entry['source']['trial']} epoch {entry['epoch']} as {entry['ref']} (alias champion)")
+    print(f"3/5 promoted trial {entry['source']['trial']} epoch {entry['epoch']} as {entry['ref']} (alias champion)")
     loaded = load_checkpoint(registry.resolve("champion"))
     generated = write_generated(out / "generated", [(f"sample-{i:02d}", s) for i, s in enumerate(sample(loaded, 8))])
-    print(f"4/4 generated {generated['decoded']} of {generated['count']} crystals into {out / 'generated'}: "
+    print(f"4/5 generated {generated['decoded']} of {generated['count']} crystals into {out / 'generated'}: "
           f"structural validity {100 * generated['structural_validity']:.0f}%, "
           f"composition validity {100 * generated['composition_validity']:.0f}%")
+    _sample_pretrained(out / "pretrained_samples")
     print(f"\nlook at the results: .venv/bin/crystalae dashboard --storage {storage} --registry {out / 'registry'}")
     return 0
+
+
+def _sample_pretrained(out: Path, count: int = 8) -> None:
+    """The demo's last step: a few crystals from the shipped perov_5 model, with their validity."""
+    from crystalae.checkpoint import load_checkpoint
+    from crystalae.generate import sample, write_generated
+    from crystalae.pretrained import PRETRAINED
+
+    folder = PRETRAINED / "perov_5"
+    if not (folder / "checkpoint.pt").exists():
+        print(f"(no shipped model at {folder}: skipped sampling from it)")
+        return
+    named = [(f"perov-{i:02d}", s) for i, s in enumerate(sample(load_checkpoint(folder), count))]
+    summary = write_generated(out, named)
+    formulas = ", ".join(s.composition.reduced_formula for _, s in named if s is not None)
+    print(f"5/5 sampled {count} crystals from the shipped perov_5 model into {out}: {formulas}; "
+          f"structural validity {100 * summary['structural_validity']:.0f}%, "
+          f"composition validity {100 * summary['composition_validity']:.0f}%")
 
 
 def load_train_yaml(path: Path | None) -> dict[str, Any]:
@@ -235,7 +254,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
         entry = promote_best(root, registry, args.name, args.alias, args.metric, args.mode)
     else:
         path = _trial_checkpoint(Path(args.source), args.storage, args.metric, args.mode)
-        entry = registry.promote(path, args.name or Path(args.source).parts[0], alias=args.alias,
+        # a checkpoint folder is named after itself (pretrained/perov_5 -> perov_5), RUN/TRIAL after its run
+        default = path.name if path == Path(args.source) else Path(args.source).parts[0]
+        entry = registry.promote(path, args.name or default, alias=args.alias,
                                  source={"given": args.source})
     print(f"promoted {entry['source']['checkpoint']} as {entry['ref']}" + (f" (alias {args.alias})" if args.alias else ""))
     return 0
@@ -257,8 +278,13 @@ def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str 
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from crystalae.pretrained import pretrained_models
     from search.registry import Registry
 
+    for m in pretrained_models():
+        shown = {k: round(v, 4) for k, v in m["test"].items() if k in ("match_rate", "rms", "species_accuracy")}
+        print(f"pretrained {m['name']}: --checkpoint {m['path']}  test {shown}  "
+              f"(import: crystalae promote {m['path']} --name {m['name']})")
     entries = Registry(args.registry).entries()
     if not entries:
         print(f"no models in {args.registry} yet (promote one with `crystalae promote`)")
@@ -286,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="voxelize a structure source into Parquet shards")
-    prep.add_argument("source", help="CDVAE-style CSV, folder of CIF/POSCAR/JSON, one file, or demo[:N]")
+    prep.add_argument("source", nargs="+", help="CDVAE-style CSV, folder of CIF/POSCAR/JSON, one file, or "
+                      "demo[:N]; several are read as one dataset")
     prep.add_argument("--out", required=True, type=Path)
     prep.add_argument("--shard-size", type=int, default=256)
     prep.add_argument("--val-fraction", type=float, default=0.1)

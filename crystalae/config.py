@@ -46,6 +46,9 @@ class VoxelConfig(StrictConfig):
     cutoff_sigmas: float = 5.0  # Gaussians are summed out to this many sigma (exp(-12.5) ~ 4e-6)
     reduce: Reduction = "niggli"  # cell reduction applied before voxelizing
     seed: int = 0  # rotations are drawn from (seed, material_id, rotation index)
+    # Crystals with more atoms are rejected (with the reason): bounds decode memory, and the stored
+    # per-atom table (`sites`: fractional position + Z, zero-padded) has this fixed length.
+    max_atoms: int = 64
 
     def __post_init__(self) -> None:
         problems = []
@@ -59,6 +62,8 @@ class VoxelConfig(StrictConfig):
             problems.append(f"rotations must be >= 0, got {self.rotations}")
         if not self.label_radius > 0:
             problems.append(f"label_radius must be > 0 Å, got {self.label_radius}")
+        if not 1 <= self.max_atoms <= 4096:
+            problems.append(f"max_atoms must be in 1..4096, got {self.max_atoms}")
         if self.cutoff_sigmas < 2:
             problems.append(f"cutoff_sigmas must be >= 2, got {self.cutoff_sigmas}")
         for f in fields(self):

@@ -31,12 +31,16 @@ def decode(
     composition: Composition | str | None = None,
     iterations: int = 8,
     min_height: float | None = None,
+    elements: tuple[int, ...] | None = None,
+    max_peaks: int | None = None,
 ) -> Structure:
     """Read a crystal back from a density grid.
 
     species: "labels" takes each atom's Z from `density.labels` at its peak voxel; "composition"
-    assigns the known `composition` to peaks by fitted peak weight; "density" rounds the fitted weight.
+    assigns the known `composition` to peaks by fitted peak weight; "density" rounds the fitted weight
+    to the nearest atomic number among `elements` (default: all).
     min_height: electrons / Å^3 a peak must exceed (default: half the peak of a hydrogen atom).
+    max_peaks: keep only this many highest peaks (bounds time and memory on a noisy learned density).
     """
     config = density.config
     values = np.asarray(density.values)
@@ -55,12 +59,16 @@ def decode(
     step = density.step
     periodic = density.periodic
     centres = _local_maxima(values, periodic, min_height)
+    if max_peaks is not None and len(centres) > max_peaks:
+        heights = values[tuple(centres.T)]
+        centres = centres[np.sort(np.argsort(-heights, kind="stable")[:max_peaks])]
     if species == "labels":
         z = density.labels[tuple(centres.T)].astype(int)
         centres, z = centres[z > 0], z[z > 0]
     if len(centres) == 0:
         raise DecodeError(f"no density peak above {min_height:.3g} e/Å^3")
 
+    candidates = _ALL_Z if elements is None else np.array(sorted(elements), dtype=int)
     images = _image_translations(density.lattice, step, config) if periodic else np.zeros((1, 3))
     pos, weight = _fit_peaks(values, centres, np.zeros((len(centres), 27)), periodic)
     keep = _distinct(pos, weight, step, density.lattice if periodic else None)
@@ -70,7 +78,7 @@ def decode(
 
     for _ in range(iterations):
         if species != "labels":
-            z = _weight_to_z(weight, config)
+            z = _weight_to_z(weight, config, candidates)
         sigmas = atom_sigmas(z, config)
         centres = np.rint(pos).astype(int)
         others = _neighbour_density(pos, z, sigmas, centres, step, images, config.cutoff_sigmas)
@@ -86,7 +94,7 @@ def decode(
         unique = _unique_lattice_atoms(cart, frac, z, density.lattice, config)
         frac, weight, z = frac[unique], weight[unique], z[unique]
     if species == "density":
-        numbers = _weight_to_z(weight, config)
+        numbers = _weight_to_z(weight, config, candidates)
     elif species == "composition":
         numbers = _assign_composition(Composition(composition), weight, config)
         frac, numbers = frac[numbers > 0], numbers[numbers > 0]
@@ -190,11 +198,11 @@ def _distinct(pos, weight, step, lattice) -> np.ndarray:
     return np.array(sorted(keep), dtype=int)
 
 
-def _weight_to_z(height: np.ndarray, config) -> np.ndarray:
-    """Atomic number whose modelled peak height is closest (log scale) to each fitted height."""
-    model = _ALL_Z * gaussian_norm(atom_sigmas(_ALL_Z, config))
+def _weight_to_z(height: np.ndarray, config, candidates: np.ndarray = _ALL_Z) -> np.ndarray:
+    """Atomic number (of `candidates`) whose modelled peak height is closest (log scale) to each fitted height."""
+    model = candidates * gaussian_norm(atom_sigmas(candidates, config))
     err = np.abs(np.log(np.maximum(height, 1e-12))[:, None] - np.log(model)[None, :])
-    return _ALL_Z[np.argmin(err, axis=1)]
+    return candidates[np.argmin(err, axis=1)]
 
 
 def _assign_composition(composition: Composition, height: np.ndarray, config) -> np.ndarray:

@@ -79,14 +79,14 @@ def decode_to_structures(loaded: LoadedModel, z: torch.Tensor, densities: list |
         if densities is None:
             raise ValueError("this model uses the box representation, which carries no lattice: "
                              "it can reconstruct but not generate crystals; train on the cell representation")
-        return structures_from_outputs(loaded.voxel, outputs, np.stack([d.lattice for d in densities]),
+        return structures_from_outputs(loaded.model, loaded.voxel, outputs, np.stack([d.lattice for d in densities]),
                                        np.stack([d.origin for d in densities]))
-    return structures_from_outputs(loaded.voxel, outputs)
+    return structures_from_outputs(loaded.model, loaded.voxel, outputs)
 
 
 def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit: int | None = None,
                 batch_size: int = 32) -> dict[str, Any]:
-    """Encode -> decode -> segment -> atoms for every structure; same outputs as `roundtrip`."""
+    """Encode -> decode -> atoms -> species for every structure; same outputs as `roundtrip`."""
     from crystalae.roundtrip import write_results
 
     started = time.perf_counter()

@@ -50,26 +50,58 @@ def lattice_from_params(params: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def decode_latents(model: CrystalAE, voxel: VoxelConfig, z: torch.Tensor) -> dict[str, np.ndarray]:
-    """Latents -> physical densities (B, N, N, N), atomic-number labels and lattice parameters."""
+    """Latents -> physical densities (B, N, N, N), lattice parameters, the latents themselves and,
+    for segmenter models, atomic-number label grids."""
     recon = model.vae.decode(z)
-    logits = model.segmenter(recon)
-    species = np.array((0,) + tuple(model.config.species))
-    out = {"density": recon[:, 0].float().cpu().numpy() / density_scale(voxel),
-           "labels": species[logits.argmax(1).cpu().numpy()].astype(np.uint8)}
+    out = {"density": recon[:, 0].float().cpu().numpy() / density_scale(voxel), "latent": z.float().cpu().numpy()}
+    if model.segmenter is not None:
+        species = np.array((0,) + tuple(model.config.species))
+        out["labels"] = species[model.segmenter(recon).argmax(1).cpu().numpy()].astype(np.uint8)
     if model.vae.lattice is not None:
         out["lattice_params"] = model.vae.lattice_params(z).float().cpu().numpy()
     return out
 
 
-def to_structure(voxel: VoxelConfig, density: np.ndarray, labels: np.ndarray,
-                 lattice: np.ndarray, origin: np.ndarray | None = None) -> Structure:
-    """A decoded grid -> crystal (raises DecodeError when no atom can be read)."""
+def to_structure(model: CrystalAE, voxel: VoxelConfig, density: np.ndarray, labels: np.ndarray | None,
+                 latent: np.ndarray, lattice: np.ndarray, origin: np.ndarray | None = None) -> Structure:
+    """One decoded grid -> crystal, species as the model's `species_from` says (DecodeError if no atom)."""
     grid = Density(np.maximum(density, 0).astype(np.float32), labels, lattice,
                    np.zeros(3) if origin is None else origin, voxel)
-    return decode(grid, species="labels")
+    mode = model.config.species_from
+    # A learned density has small ripples: a peak must reach half that of the lightest element the
+    # model knows, and a noisy grid cannot flood the decoder with peaks.
+    lightest = min(model.config.species)
+    limits = {"min_height": 0.5 * lightest * float(gaussian_norm(atom_sigmas(np.array([lightest]), voxel))[0]),
+              "max_peaks": 2 * voxel.max_atoms}
+    if mode == "segmenter":
+        return decode(grid, species="labels", **limits)
+    structure = decode(grid, species="density", elements=model.config.species, **limits)
+    if mode == "density":
+        return structure
+    return assign_sites(model, latent, structure)
 
 
-def structures_from_outputs(voxel: VoxelConfig, outputs: dict[str, np.ndarray],
+@torch.no_grad()
+def site_classes(model: CrystalAE, latent: np.ndarray, frac: np.ndarray) -> np.ndarray:
+    """Site-head class (0 = no atom, k = species[k - 1]) of each fractional position."""
+    device = next(model.parameters()).device
+    z = torch.as_tensor(latent, dtype=torch.float32, device=device)[None]
+    f = torch.as_tensor(np.mod(frac, 1.0), dtype=torch.float32, device=device)[None]
+    features = model.vae.decode_features(z)[1] if model.config.site_features else None
+    return model.site_head(z, f, features)[..., :-1].argmax(-1)[0].cpu().numpy()
+
+
+def assign_sites(model: CrystalAE, latent: np.ndarray, structure: Structure) -> Structure:
+    """Species of the decoded atoms from the site head; atoms it calls empty are dropped."""
+    classes = site_classes(model, latent, structure.frac_coords)
+    keep = classes > 0
+    if not keep.any():
+        raise DecodeError("the site head assigned no species to any density peak")
+    species = [int(model.config.species[c - 1]) for c in classes[keep]]
+    return Structure(structure.lattice, species, structure.frac_coords[keep])
+
+
+def structures_from_outputs(model: CrystalAE, voxel: VoxelConfig, outputs: dict[str, np.ndarray],
                             lattices: np.ndarray | None = None, origins: np.ndarray | None = None
                             ) -> list[Structure | None]:
     """One crystal per decoded grid; lattice from the head (cell) or given (box). None = failed."""
@@ -81,8 +113,9 @@ def structures_from_outputs(voxel: VoxelConfig, outputs: dict[str, np.ndarray],
             lattice = lattice_from_params(outputs["lattice_params"][i])
         else:
             raise DecodeError("box models need the input lattice to place atoms")
+        labels = outputs["labels"][i] if "labels" in outputs else None
         try:
-            result.append(to_structure(voxel, outputs["density"][i], outputs["labels"][i], lattice,
+            result.append(to_structure(model, voxel, outputs["density"][i], labels, outputs["latent"][i], lattice,
                                        None if origins is None else origins[i]))
         except DecodeError:
             result.append(None)
@@ -91,6 +124,8 @@ def structures_from_outputs(voxel: VoxelConfig, outputs: dict[str, np.ndarray],
 
 def model_config_for(voxel: VoxelConfig, species: tuple[int, ...], **overrides) -> ModelConfig:
     """ModelConfig matching a dataset: grid, periodicity, classes and lattice head follow the data."""
+    if voxel.representation != "cell":
+        overrides.setdefault("species_from", "segmenter")  # the site head reads fractional positions
     return ModelConfig(**{**overrides, "grid": voxel.grid, "periodic": voxel.representation == "cell",
                           "species": tuple(species), "n_classes": len(species) + 1,
                           "lattice_head": voxel.representation == "cell"})

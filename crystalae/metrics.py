@@ -48,3 +48,31 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "composition_accuracy": sum(r["composition_ok"] for r in records) / n,
         "atom_count_accuracy": sum(r["count_ok"] for r in records) / n,
     }
+
+
+def reconstruction_score(match_rate: float | None, species_accuracy: float | None,
+                         atom_count_rate: float | None) -> float:
+    """One number to rank models across sigma, grid and architecture: the match rate, with species and
+    atom-count accuracy as tie-breakers worth at most 0.001 together, so one more match out of up to
+    1,000 crystals always ranks higher (missing values count as 0)."""
+    return float((match_rate or 0.0) + 0.0005 * ((species_accuracy or 0.0) + (atom_count_rate or 0.0)))
+
+
+def site_confusion(predicted: Structure | None, true: Structure, species: tuple[int, ...],
+                   tolerance: float = 0.5) -> np.ndarray:
+    """(len(species) + 1)^2 counts of true atom species (rows) against the species of the decoded atom
+    within `tolerance` Å of it (columns; column 0 = no decoded atom there). Positions are compared in
+    fractional coordinates of the true lattice, so a slightly wrong predicted lattice is not penalised."""
+    index = {z: k + 1 for k, z in enumerate(species)}
+    counts = np.zeros((len(species) + 1, len(species) + 1), dtype=np.int64)
+    rows = [index.get(site.specie.Z, 0) for site in true]
+    if predicted is None or len(predicted) == 0:
+        np.add.at(counts, (rows, 0), 1)
+        return counts
+    d = true.frac_coords[:, None, :] - predicted.frac_coords[None, :, :]
+    d -= np.round(d)
+    dist = np.linalg.norm(d @ true.lattice.matrix, axis=-1)  # (true, predicted)
+    nearest = dist.argmin(axis=1)
+    for row, j, ok in zip(rows, nearest, dist[np.arange(len(true)), nearest] < tolerance):
+        counts[row, index.get(predicted[int(j)].specie.Z, 0) if ok else 0] += 1
+    return counts

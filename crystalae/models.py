@@ -1,13 +1,16 @@
-"""Networks: `DensityVAE` (3-D conv VAE with a lattice head) and `Segmenter` (3-D U-Net).
+"""Networks: `DensityVAE` (3-D conv VAE with a lattice head), and the two learned ways to give atoms
+their species: `Segmenter` (3-D U-Net on the reconstructed density, the paper's) and `SiteHead` (an
+MLP from the latent and an atom's fractional position).
 
-Shapes: densities are (B, 1, N, N, N); the latent is (B, latent_dim); species logits are
-(B, n_classes, N, N, N). Convolutions pad circularly for the periodic `cell` grid, with zeros for `box`.
+Shapes: densities are (B, 1, N, N, N); the latent is (B, latent_dim); segmenter logits are
+(B, n_classes, N, N, N), site logits (B, A, n_classes) for A query positions. Convolutions pad
+circularly for the periodic `cell` grid, with zeros for `box`.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,13 @@ class ModelConfig(StrictConfig):
     n_classes: int = 2  # background + elements in `species`
     species: tuple[int, ...] = (6,)  # atomic number of class i + 1
     lattice_head: bool = True  # predict (a, b, c, alpha, beta, gamma) from the latent
+    # How decoded atoms get their species: "site" = SiteHead(latent, position); "segmenter" = U-Net on
+    # the reconstructed density (the paper); "density" = fitted peak weight, restricted to `species`.
+    species_from: Literal["site", "segmenter", "density"] = "site"
+    site_width: int = 256  # hidden width of the site head
+    fourier_order: int = 4  # periodic features sin/cos(2 pi k f), k = 1..order, per fractional axis
+    # the site head also reads the decoder's last feature map at the atom (periodic trilinear sample)
+    site_features: bool = True
 
     def __post_init__(self) -> None:
         if self.grid % (2**self.depth) != 0:
@@ -42,7 +52,11 @@ class ModelConfig(StrictConfig):
             raise ValueError(f"grid {self.grid} must be divisible by 2**seg_depth = {2**self.seg_depth}")
         if self.n_classes != len(self.species) + 1:
             raise ValueError(f"n_classes {self.n_classes} must be len(species) + 1 = {len(self.species) + 1}")
-        for name in ("latent_dim", "depth", "base_width", "seg_depth", "seg_width"):
+        if self.species_from not in ("site", "segmenter", "density"):
+            raise ValueError(f"species_from must be site, segmenter or density, got {self.species_from!r}")
+        if self.species_from == "site" and not self.periodic:
+            raise ValueError("species_from='site' reads fractional positions: it needs the periodic cell grid")
+        for name in ("latent_dim", "depth", "base_width", "seg_depth", "seg_width", "site_width", "fourier_order"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -61,7 +75,7 @@ class ModelConfig(StrictConfig):
 
 PAPER_PRESET = {  # Hoffmann et al.: 5 conv layers 16 -> 256 channels, dense layer, latent 300, trilinear up
     "latent_dim": 300, "depth": 5, "base_width": 16, "max_width": 256, "norm": False, "residual": False,
-    "attention": True,
+    "attention": True, "species_from": "segmenter",
 }
 
 
@@ -120,11 +134,15 @@ class DensityVAE(nn.Module):
         return mu, logvar.clamp(-30, 20)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode_features(z)[0]  # (B, 1, N, N, N)
+
+    def decode_features(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(density (B, 1, N, N, N), last decoder features (B, widths[0], N, N, N))."""
         widths = _widths(self.config)
         h = self.from_latent(z).view(len(z), widths[-1], self.bottom, self.bottom, self.bottom)
         for block in self.decoder:
             h = block(F.interpolate(h, scale_factor=2, mode="trilinear", align_corners=False))
-        return self.out(h)  # (B, 1, N, N, N)
+        return self.out(h), h
 
     def lattice_params(self, z: torch.Tensor) -> torch.Tensor:
         """(B, 6) normalised lattice: lengths / 10 Å, angles / 90 degrees."""
@@ -135,7 +153,8 @@ class DensityVAE(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
-        out = {"recon": self.decode(z), "mu": mu, "logvar": logvar}
+        recon, features = self.decode_features(z)
+        out = {"recon": recon, "mu": mu, "logvar": logvar, "z": z, "features": features}
         if self.lattice is not None:
             out["lattice"] = self.lattice(z)
         return out
@@ -185,17 +204,75 @@ class Segmenter(nn.Module):
         return self.head(x)
 
 
+def periodic_features(frac: torch.Tensor, order: int) -> torch.Tensor:
+    """(..., 3) fractional coordinates -> (..., 6 * order) sin/cos features, periodic in each axis."""
+    k = torch.arange(1, order + 1, dtype=frac.dtype, device=frac.device)
+    angle = 2 * torch.pi * frac[..., None] * k
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1).flatten(-2)
+
+
+def sample_periodic(grid: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+    """Trilinear, periodic sample of a (B, C, N, N, N) grid (voxel i at fraction i / N) at fractional
+    positions (B, A, 3) -> (B, A, C)."""
+    b, c, n = grid.shape[:3]
+    p = torch.remainder(frac, 1.0) * n
+    low = torch.floor(p)
+    w = p - low
+    low = low.long()
+    flat = grid.reshape(b, c, n**3)
+    out = torch.zeros(b, frac.shape[1], c, dtype=grid.dtype, device=grid.device)
+    for corner in range(8):
+        bits = [(corner >> k) & 1 for k in range(3)]
+        idx = [(low[..., k] + bits[k]) % n for k in range(3)]
+        weight = torch.ones_like(w[..., 0])
+        for k in range(3):
+            weight = weight * (w[..., k] if bits[k] else 1 - w[..., k])
+        index = ((idx[0] * n + idx[1]) * n + idx[2])[:, None, :].expand(-1, c, -1)
+        out = out + torch.gather(flat, 2, index).transpose(1, 2) * weight[..., None]
+    return out
+
+
+class SiteHead(nn.Module):
+    """Species logits (class 0 = no atom here) of query positions, from the latent of their crystal
+    and, with `site_features`, the decoder's features sampled at each position. A last output regresses
+    Z / 10, which trains the features to carry the atomic number as one smooth quantity."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.order = config.fourier_order
+        width = config.site_width
+        extra = _widths(config)[0] if config.site_features else 0
+        self.net = nn.Sequential(nn.Linear(config.latent_dim + 6 * self.order + extra, width), nn.SiLU(),
+                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, config.n_classes + 1))
+
+    def forward(self, z: torch.Tensor, frac: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, latent_dim), frac (B, A, 3), features (B, C, N, N, N) -> (B, A, n_classes + 1):
+        class logits, then the Z / 10 estimate."""
+        parts = [z[:, None, :].expand(-1, frac.shape[1], -1), periodic_features(frac, self.order)]
+        if features is not None:
+            parts.append(sample_periodic(features, frac))
+        return self.net(torch.cat(parts, dim=-1))
+
+
 class CrystalAE(nn.Module):
-    """The pair trained together: VAE for the density, U-Net for species on its reconstruction."""
+    """What is trained together: the VAE for the density and lattice, plus the species reader its
+    config names (`segmenter`, `site_head`, or nothing when species come from peak weights)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.vae = DensityVAE(config)
-        self.segmenter = Segmenter(config)
+        self.segmenter = Segmenter(config) if config.species_from == "segmenter" else None
+        self.site_head = SiteHead(config) if config.species_from == "site" else None
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, sites: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`sites` (B, A, 3) fractional query positions for the site head (teacher forcing)."""
         out = self.vae(x)
-        # The segmenter learns from the VAE's output, as at generation time; it does not steer the VAE.
-        out["species_logits"] = self.segmenter(out["recon"].detach())
+        if self.segmenter is not None:
+            # The segmenter learns from the VAE's output, as at generation time; it does not steer the VAE.
+            out["species_logits"] = self.segmenter(out["recon"].detach())
+        if self.site_head is not None and sites is not None:
+            features = out["features"] if self.config.site_features else None
+            head = self.site_head(out["z"], sites, features)
+            out["site_logits"], out["site_z"] = head[..., :-1], head[..., -1]
         return out

@@ -29,7 +29,7 @@ from crystalae.parallel import default_workers, map_chunks
 from crystalae.sources import Entry, StructureError, list_entries, load_structure, reduce_cell
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
-FORMAT = "crystalae-shards/1"
+FORMAT = "crystalae-shards/2"  # 2: per-atom `sites` column
 
 
 class DatasetError(ValueError):
@@ -52,7 +52,7 @@ def split_of(material_id: str, val_fraction: float, test_fraction: float) -> str
     return "val" if u < test_fraction + val_fraction else "train"
 
 
-def schema(grid: int) -> pa.Schema:
+def schema(grid: int, max_atoms: int) -> pa.Schema:
     shape = (grid, grid, grid)
     return pa.schema([
         ("material_id", pa.string()),
@@ -65,7 +65,16 @@ def schema(grid: int) -> pa.Schema:
         ("origin", pa.list_(pa.float64(), 3)),
         ("density", pa.fixed_shape_tensor(pa.float32(), shape)),
         ("labels", pa.fixed_shape_tensor(pa.uint8(), shape)),
+        ("sites", pa.fixed_shape_tensor(pa.float32(), (max_atoms, 4))),
     ])
+
+
+def site_table(structure, max_atoms: int) -> np.ndarray:
+    """(max_atoms, 4) float32: fractional position in [0, 1) and Z per atom; rows past the atoms are 0."""
+    table = np.zeros((max_atoms, 4), dtype=np.float32)
+    table[: len(structure), :3] = np.mod(structure.frac_coords, 1.0)
+    table[: len(structure), 3] = [site.specie.Z for site in structure]
+    return table
 
 
 def voxelize_chunk(task: tuple[list[tuple[int, Entry]], dict, PrepareOptions]) -> tuple[pa.Table, list[dict]]:
@@ -74,11 +83,13 @@ def voxelize_chunk(task: tuple[list[tuple[int, Entry]], dict, PrepareOptions]) -
 
     indexed, config_dict, options = task
     config = VoxelConfig.from_dict(config_dict)
-    rows: dict[str, list] = {name: [] for name in schema(config.grid).names}
-    densities, labels, rejects = [], [], []
+    rows: dict[str, list] = {name: [] for name in schema(config.grid, config.max_atoms).names}
+    densities, labels, sites, rejects = [], [], [], []
     for index, entry in indexed:
         try:
             structure = reduce_cell(load_structure(entry), config.reduce)
+            if len(structure) > config.max_atoms:
+                raise StructureError(f"{len(structure)} atoms, more than max_atoms={config.max_atoms}")
             count = max(1, config.rotations) if config.representation == "box" else 1
             grids = [voxelize(structure, config, rotation_matrix(config, entry.material_id, r)) for r in range(count)]
         except (StructureError, VoxelizeError) as exc:
@@ -100,15 +111,17 @@ def voxelize_chunk(task: tuple[list[tuple[int, Entry]], dict, PrepareOptions]) -
             rows["origin"].append(d.origin.tolist())
             densities.append(d.values)
             labels.append(d.labels)
+            sites.append(site_table(structure, config.max_atoms))
     if not densities:
-        return schema(config.grid).empty_table(), rejects
+        return schema(config.grid, config.max_atoms).empty_table(), rejects
     rows["density"] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack(densities))
     rows["labels"] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack(labels))
-    return pa.Table.from_pydict(rows, schema=schema(config.grid)), rejects
+    rows["sites"] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack(sites))
+    return pa.Table.from_pydict(rows, schema=schema(config.grid, config.max_atoms)), rejects
 
 
 def prepare_dataset(
-    source: str | Path,
+    source: str | Path | list,
     out: str | Path,
     config: VoxelConfig = VoxelConfig(),
     options: PrepareOptions = PrepareOptions(),
@@ -122,7 +135,8 @@ def prepare_dataset(
     """
     out = Path(out)
     entries = list_entries(source, limit=options.limit)
-    plan = {"format": FORMAT, "source": str(source), "entries": len(entries),
+    plan = {"format": FORMAT, "source": [str(p) for p in source] if isinstance(source, (list, tuple)) else str(source),
+            "entries": len(entries),
             "config": config.as_dict(), "options": asdict(options)}
     _claim_folder(out, plan, overwrite)
     shard_dir = out / "shards"

@@ -36,10 +36,15 @@ class Entry:
     duplicate_of: int | None = None  # position of the first entry with this id
 
 
-def list_entries(source: str | Path, limit: int | None = None) -> list[Entry]:
-    """All entries of a source, in a stable order. `demo` or `demo:N` is the built-in set."""
+def list_entries(source: str | Path | list | tuple, limit: int | None = None) -> list[Entry]:
+    """All entries of a source, in a stable order. `demo` or `demo:N` is the built-in set; a list of
+    sources is read in turn, as one (ids must then be unique across them)."""
     text = str(source)
-    if text == "demo" or text.startswith("demo:"):
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise SourceError("no source given")
+        entries = [e for part in source for e in list_entries(part)]
+    elif text == "demo" or text.startswith("demo:"):
         from crystalae.demo import demo_structures
 
         count = int(text.split(":", 1)[1]) if ":" in text else 300

@@ -8,10 +8,12 @@ The same `run_epoch` serves the Ray worker loop and the plain single-process loo
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,12 @@ from crystalae.checkpoint import CheckpointError, read_checkpoint, save_checkpoi
 from crystalae.config import StrictConfig, VoxelConfig
 from crystalae.inference import (class_lookup, decode_latents, density_scale, lattice_targets,
                                  model_config_for, structures_from_outputs)
-from crystalae.metrics import compare, summarize
+from crystalae.metrics import compare, reconstruction_score, site_confusion, summarize
 from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
+from crystalae.voxelize import voxelize_arrays
+
+SCORE = ("val_score", "max")  # the default objective: comparable across sigma, grid and architecture
+BATCH_COLUMNS = ("density", "labels", "lattice", "sites")
 
 
 @dataclass(frozen=True)
@@ -36,35 +42,146 @@ class TrainConfig(StrictConfig):
     lr: float = 1e-3
     weight_decay: float = 1e-5
     beta: float = 1e-3  # KL weight (KL is averaged over latent dims, reconstruction over voxels)
-    seg_weight: float = 1.0  # lambda: species cross-entropy on the reconstructed density
+    seg_weight: float = 1.0  # lambda: species cross-entropy (segmenter voxels or site-head atoms)
     lattice_weight: float = 1.0
     background_weight: float = 0.1  # class weight of empty voxels in the cross-entropy
     workers: int = 1  # Ray Train workers (data parallel)
     use_gpu: bool = False
     amp: bool = True  # mixed precision (bf16) when on GPU; ignored on CPU
-    threads: int = 1  # torch threads per worker (Ray sets OMP threads to 1)
+    threads: int = 0  # torch threads (= CPUs Ray reserves) per worker; 0: the machine's cores / workers
     seed: int = 0
-    keep_checkpoints: int = 2  # best k by validation loss
+    keep_checkpoints: int = 2  # best k by the score metric
     eval_limit: int = 64  # validation crystals decoded end to end per epoch (StructureMatcher is slow)
+    schedule: str = "cosine"  # learning rate: "cosine" (linear warm-up, cosine decay to min_lr) or "constant"
+    warmup_epochs: float = 0.5
+    min_lr: float = 1e-5
+    # Augmentation of training batches (cell grids): a random whole-voxel periodic shift, which is
+    # exact, and, with probability `substitute`, each element replaced by a dataset element sharing an
+    # oxidation state, re-voxelized, so species are read from peak heights, not recalled from combinations.
+    shift: bool = True
+    substitute: float = 0.5
+    negatives: int = 8  # random empty positions per crystal that teach the site head "no atom here"
+    # Site-head targets spread over elements of nearby Z (Gaussian, this many Z units; 0 = one-hot), so
+    # rare elements learn from their neighbours; plus a Z regression term of this weight.
+    species_smoothing: float = 1.5
+    z_weight: float = 1.0
     # Keep the decoded training shards in Ray's object store after the first read: without it every
     # epoch re-runs the Parquet read and tensor conversion. Turn off when the set exceeds memory.
     cache_dataset: bool = True
 
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be > 0, got {getattr(self, name)}" for name in ("epochs", "batch_size", "lr", "workers")
+                    if not getattr(self, name) > 0]
+        if self.schedule not in ("cosine", "constant"):
+            problems.append(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if not 0 <= self.substitute <= 1:
+            problems.append(f"substitute must be a probability in [0, 1], got {self.substitute}")
+        if self.threads < 0 or self.negatives < 0 or self.warmup_epochs < 0:
+            problems.append("threads, negatives and warmup_epochs must be >= 0")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    def resolved(self) -> "TrainConfig":
+        """`threads` 0 made concrete: this machine's cores shared among the workers."""
+        if self.threads:
+            return self
+        return replace(self, threads=max(1, (os.cpu_count() or 1) // self.workers))
+
+
+def lr_factor(cfg: TrainConfig, progress: float) -> float:
+    """Multiplier of `lr` at `progress` epochs into training (linear warm-up, then cosine)."""
+    if cfg.schedule == "constant":
+        return 1.0
+    if progress < cfg.warmup_epochs:
+        return max(progress / cfg.warmup_epochs, 0.01)
+    span = max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+    t = min((progress - cfg.warmup_epochs) / span, 1.0)
+    floor = min(cfg.min_lr / cfg.lr, 1.0)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@lru_cache(maxsize=8)
+def substitutes(species: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
+    """For each element, the dataset elements sharing a common oxidation state (itself included)."""
+    from pymatgen.core import Element
+
+    states = {z: set(Element.from_Z(z).common_oxidation_states) for z in species}
+    return {z: tuple(w for w in species if w == z or states[z] & states[w]) for z in species}
+
+
+def augment(batch: dict[str, torch.Tensor], cfg: TrainConfig, voxel: VoxelConfig, species: tuple[int, ...],
+            rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Element substitution (re-voxelized) and exact periodic shifts of a training batch (cell grids)."""
+    if voxel.representation != "cell" or "sites" not in batch:
+        return batch
+    batch = dict(batch)
+    sites = batch["sites"].clone()
+    choices = substitutes(species)
+    if cfg.substitute > 0 and any(len(c) > 1 for c in choices.values()):
+        density, labels = batch["density"].clone(), batch["labels"].clone()
+        for i in np.nonzero(rng.random(len(sites)) < cfg.substitute)[0]:
+            z = sites[i, :, 3].numpy().astype(int)
+            n = int((z > 0).sum())
+            mapping = {e: int(rng.choice(choices.get(e, (e,)))) for e in set(z[:n].tolist())}
+            new_z = np.array([mapping[e] for e in z[:n]])
+            grid = voxelize_arrays(batch["lattice"][i].numpy().reshape(3, 3), sites[i, :n, :3].double().numpy(),
+                                   new_z, voxel)
+            density[i], labels[i] = torch.from_numpy(grid.values), torch.from_numpy(grid.labels)
+            sites[i, :n, 3] = torch.from_numpy(new_z).float()
+        batch["density"], batch["labels"] = density, labels
+    if cfg.shift:
+        n = voxel.grid
+        density, labels = batch["density"].clone(), batch["labels"].clone()
+        for i, s in enumerate(rng.integers(0, n, size=(len(sites), 3))):
+            shift = tuple(int(v) for v in s)
+            density[i] = torch.roll(density[i], shift, dims=(0, 1, 2))
+            labels[i] = torch.roll(labels[i], shift, dims=(0, 1, 2))
+            sites[i, :, :3] = torch.remainder(sites[i, :, :3] + torch.tensor(s, dtype=sites.dtype) / n, 1.0)
+        batch["density"], batch["labels"] = density, labels
+    batch["sites"] = sites
+    return batch
+
+
+def site_targets(sites: torch.Tensor, lattice: torch.Tensor, lut: torch.Tensor, negatives: int,
+                 generator: torch.Generator | None = None, min_distance: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query positions (B, A + negatives, 3) and their classes: each atom's species, and random
+    positions at least `min_distance` Å from every atom as class 0 (others ignored, -100)."""
+    frac, z = sites[..., :3].float(), sites[..., 3].long()
+    classes = torch.where(z > 0, lut.to(z.device)[z], torch.full_like(z, -100))
+    if negatives == 0:
+        return frac, classes
+    rand = torch.rand(len(frac), negatives, 3, generator=generator).to(frac.device)
+    d = rand[:, :, None, :] - frac[:, None, :, :]
+    d = d - torch.round(d)
+    cart = torch.einsum("bnak,bkj->bnaj", d, lattice.reshape(-1, 3, 3).float().to(frac.device))
+    dist = cart.norm(dim=-1).masked_fill((z == 0)[:, None, :], float("inf")).min(dim=2).values
+    empty = torch.where(dist > min_distance, 0, -100)
+    return torch.cat([frac, rand], dim=1), torch.cat([classes, empty], dim=1)
+
 
 def loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig,
                scale: float, lut: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Reconstruction MSE + beta * KL + lambda * CE(segmenter(recon)) + lattice MSE."""
+    """Reconstruction MSE + beta * KL + lambda * species CE + lattice MSE. The species CE is the
+    segmenter's per voxel (on the reconstruction) or the site head's per atom (teacher-forced at the
+    true positions, plus empty positions); species read from peak weights add no term."""
     x = batch["density"].unsqueeze(1).float() * scale  # (B, 1, N, N, N)
-    target = lut.to(x.device)[batch["labels"].long()]  # (B, N, N, N) class indices
-    out = model(x)
+    queries = None
+    if model_config(model).species_from == "site":
+        queries, site_classes = site_targets(batch["sites"], batch["lattice"], lut, cfg.negatives)
+    out = model(x, queries)
     recon = F.mse_loss(out["recon"].float(), x)
     kl = -0.5 * torch.mean(1 + out["logvar"] - out["mu"] ** 2 - out["logvar"].exp())
-    n_classes = out["species_logits"].shape[1]
-    weights = torch.ones(n_classes, device=x.device)
-    weights[0] = cfg.background_weight
-    seg = F.cross_entropy(out["species_logits"].float(), target, weight=weights)
-    terms = {"recon": recon, "kl": kl, "seg": seg}
-    total = recon + cfg.beta * kl + cfg.seg_weight * seg
+    terms = {"recon": recon, "kl": kl}
+    if "species_logits" in out:
+        target = lut.to(x.device)[batch["labels"].long()]  # (B, N, N, N) class indices
+        weights = torch.ones(out["species_logits"].shape[1], device=x.device)
+        weights[0] = cfg.background_weight
+        terms["seg"] = F.cross_entropy(out["species_logits"].float(), target, weight=weights)
+    if "site_logits" in out:
+        terms["seg"] = site_loss(out["site_logits"].float(), out["site_z"].float(), site_classes,
+                                 model_config(model).species, cfg)
+    total = recon + cfg.beta * kl + cfg.seg_weight * terms.get("seg", torch.zeros((), device=x.device))
     if "lattice" in out:
         terms["lattice"] = F.mse_loss(out["lattice"].float(), lattice_targets(batch["lattice"]).to(x.device))
         total = total + cfg.lattice_weight * terms["lattice"]
@@ -72,14 +189,47 @@ def loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Trai
     return terms
 
 
+def model_config(model: torch.nn.Module) -> ModelConfig:
+    """The ModelConfig of a model, also through a DistributedDataParallel wrapper."""
+    return (model.module if hasattr(model, "module") else model).config
+
+
+def site_loss(logits: torch.Tensor, z_estimate: torch.Tensor, classes: torch.Tensor, species: tuple[int, ...],
+              cfg: TrainConfig) -> torch.Tensor:
+    """Cross-entropy against Z-smoothed targets (empty positions stay one-hot) + z_weight * MSE(Z / 10)."""
+    valid = classes != -100
+    target_class = classes.clamp(min=0)
+    z_of = torch.tensor((0.0,) + tuple(float(z) for z in species), device=logits.device)
+    if cfg.species_smoothing > 0:
+        z_true = z_of[target_class]
+        soft = torch.exp(-0.5 * ((z_of - z_true[..., None]) / cfg.species_smoothing) ** 2)
+        soft[..., 0] = 0.0
+        soft = torch.where((target_class == 0)[..., None], F.one_hot(target_class, logits.shape[-1]).float(), soft)
+        soft = soft / soft.sum(-1, keepdim=True)
+    else:
+        soft = F.one_hot(target_class, logits.shape[-1]).float()
+    loss = -(soft * F.log_softmax(logits, dim=-1)).sum(-1)[valid].mean()
+    atoms = target_class > 0
+    if cfg.z_weight > 0 and atoms.any():
+        loss = loss + cfg.z_weight * ((z_estimate - z_of[target_class] / 10.0) ** 2)[atoms].mean()
+    return loss
+
+
 def run_epoch(model, batches: Iterable[dict], cfg: TrainConfig, scale: float, lut: torch.Tensor,
-              device: torch.device, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
-    """One pass; trains when given an optimizer. Returns sample-weighted mean of each loss term."""
+              device: torch.device, optimizer: torch.optim.Optimizer | None = None,
+              prepare: Callable[[dict], dict] | None = None,
+              schedule: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One pass; trains when given an optimizer. `prepare` transforms each CPU batch (augmentation),
+    `schedule(step)` sets the learning rate before each step. Returns sample-weighted mean loss terms."""
     model.train(optimizer is not None)
     use_amp = cfg.amp and device.type == "cuda"
     sums: dict[str, float] = {}
     count = 0
-    for batch in batches:
+    for step, batch in enumerate(batches):
+        if prepare is not None:
+            batch = prepare(batch)
+        if schedule is not None:
+            schedule(step)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.set_grad_enabled(optimizer is not None), \
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -95,63 +245,56 @@ def run_epoch(model, batches: Iterable[dict], cfg: TrainConfig, scale: float, lu
     return {k: v / max(count, 1) for k, v in sums.items()} | {"samples": count}
 
 
-def table_batches(table, batch_size: int, columns=("density", "labels", "lattice")):
+def table_batches(table, batch_size: int, columns=BATCH_COLUMNS):
     """Torch batches from an Arrow table (the plain, non-Ray data path)."""
-    arrays = {c: _column_numpy(table, c) for c in columns}
+    arrays = {c: _column_numpy(table, c) for c in columns if c in table.column_names}
     for start in range(0, table.num_rows, batch_size):
         yield {c: torch.from_numpy(a[start : start + batch_size]) for c, a in arrays.items()}
 
 
 def _column_numpy(table, name: str) -> np.ndarray:
     column = table.column(name).combine_chunks()
-    if name in ("density", "labels"):
+    if name in ("density", "labels", "sites"):
         return column.to_numpy_ndarray()
     return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float64)
 
 
 @torch.no_grad()
 def evaluate(model: CrystalAE, table, voxel: VoxelConfig, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    """Validation metrics: density MSE, voxel species accuracy on occupied voxels, per-element
-    confusion, and end to end (encode -> decode -> segment -> atoms) match rate, RMS, atom counts."""
+    """End to end on the first `eval_limit` crystals (encode -> decode -> atoms -> species): match
+    rate, RMS, atom-count rate, per-atom species accuracy and confusion, density MSE, and the score."""
     from pymatgen.core import Structure
 
     model.eval()
     scale, species = density_scale(voxel), (0,) + tuple(model.config.species)
-    lut = class_lookup(model.config.species)
-    n_classes = len(species)
-    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    mse_sum, rows, records = 0.0, 0, []
-    limit = min(table.num_rows, cfg.eval_limit)
-    for start in range(0, table.num_rows, cfg.batch_size):
-        part = table.slice(start, cfg.batch_size)
-        batch = next(table_batches(part, cfg.batch_size))
+    confusion = np.zeros((len(species), len(species)), dtype=np.int64)
+    mse_sum, records = 0.0, []
+    table = table.slice(0, min(table.num_rows, cfg.eval_limit))
+    for batch_index, batch in enumerate(table_batches(table, cfg.batch_size)):
+        part = table.slice(batch_index * cfg.batch_size, cfg.batch_size)
         x = batch["density"].unsqueeze(1).to(device) * scale
         mu, _ = model.vae.encode(x)
-        recon = model.vae.decode(mu)
+        outputs = decode_latents(model, voxel, mu)
+        recon = torch.from_numpy(outputs["density"]).to(x.device)[:, None] * scale
         mse_sum += float(F.mse_loss(recon, x, reduction="sum")) / x[0].numel()
-        rows += len(x)
-        pred = model.segmenter(recon).argmax(1).cpu().numpy()
-        true = lut[batch["labels"].long()].numpy()
-        occupied = true > 0
-        np.add.at(confusion, (true[occupied], pred[occupied]), 1)
-        if start < limit:
-            take = min(len(x), limit - start)
-            outputs = decode_latents(model, voxel, mu[:take])
-            lattices = None if model.vae.lattice is not None else batch["lattice"][:take].numpy()
-            origins = None if lattices is None else _column_numpy(part, "origin")[:take]
-            predicted = structures_from_outputs(voxel, outputs, lattices, origins)
-            for i, p in enumerate(predicted):
-                records.append(compare(p, Structure.from_str(part.column("cif")[i].as_py(), fmt="cif")))
-    occupied_total = confusion.sum()
+        lattices = None if model.vae.lattice is not None else batch["lattice"].numpy()
+        origins = None if lattices is None else _column_numpy(part, "origin")
+        for i, p in enumerate(structures_from_outputs(model, voxel, outputs, lattices, origins)):
+            true = Structure.from_str(part.column("cif")[i].as_py(), fmt="cif")
+            records.append(compare(p, true))
+            confusion += site_confusion(p, true, tuple(model.config.species))
+    atoms = confusion.sum()
     per_element = {int(species[k]): float(confusion[k, k] / confusion[k].sum())
-                   for k in range(1, n_classes) if confusion[k].sum() > 0}
+                   for k in range(1, len(species)) if confusion[k].sum() > 0}
     summary = summarize(records)
+    species_accuracy = float(np.trace(confusion) / atoms) if atoms else None
     return {
-        "density_mse": mse_sum / max(rows, 1),
-        "species_accuracy": float(np.trace(confusion) / occupied_total) if occupied_total else None,
+        "density_mse": mse_sum / max(table.num_rows, 1),
+        "species_accuracy": species_accuracy,
         "atom_count_rate": summary["atom_count_accuracy"],
         "match_rate": summary["match_rate"],
         "rms": summary["mean_rms"],
+        "score": reconstruction_score(summary["match_rate"], species_accuracy, summary["atom_count_accuracy"]),
         "per_element_accuracy": per_element,
         "confusion": confusion.tolist(),
         "confusion_species": list(species),
@@ -194,12 +337,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_table = read_table(loop_config["data"], split="val") if rank == 0 else None
     scale, lut = density_scale(voxel), class_lookup(model_cfg.species)
     shard = ray.train.get_dataset_shard("train")
+    steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / cfg.workers / cfg.batch_size))
+    rng = np.random.default_rng([cfg.seed, rank, start_epoch])
+
+    def prepare(batch: dict) -> dict:
+        return augment(batch, cfg, voxel, model_cfg.species, rng)
+
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
+
+        def schedule(step: int, epoch: int = epoch) -> None:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg, epoch + step / steps_per_epoch)
+
         batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False)
-        train_terms = run_epoch(model, batches, cfg, scale, lut, device, optimizer)
+        train_terms = run_epoch(model, batches, cfg, scale, lut, device, optimizer, prepare, schedule)
         metrics: dict[str, Any] = {"epoch": epoch, "epoch_seconds": time.perf_counter() - started,
-                                   "node_ip": ray.util.get_node_ip_address()}
+                                   "lr": optimizer.param_groups[0]["lr"], "node_ip": ray.util.get_node_ip_address()}
         metrics.update({f"train_{k}": v for k, v in train_terms.items()})
         if rank != 0:
             ray.train.report(metrics)
@@ -210,6 +364,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics.update({f"val_{k}": v for k, v in evaluate(core, val_table, voxel, cfg, device).items()})
         else:
             metrics["val_loss"] = metrics["train_loss"]
+            metrics["val_score"] = 0.0
+        metrics["eval_seconds"] = time.perf_counter() - started - metrics["epoch_seconds"]
         history.append(_scalars(metrics))
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(folder, core, voxel, epoch=epoch, metrics=metrics, train_config=cfg.as_dict(),
@@ -247,7 +403,7 @@ def build_configs(data: str | Path, model_overrides: dict[str, Any], preset: str
 
 def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: dict[str, Any] | None = None,
           storage: str | Path = "runs/train", name: str = "crystalae", preset: str | None = None,
-          callbacks: list | None = None, score: tuple[str, str] = ("val_loss", "min")):
+          callbacks: list | None = None, score: tuple[str, str] = SCORE):
     """Train with Ray Train's TorchTrainer; rerunning the same storage/name resumes from the latest
     checkpoint. `score` (metric, mode) ranks the kept checkpoints. Returns the Ray `Result` (its
     `checkpoint` is the newest, `best_checkpoints` ranked)."""
@@ -259,6 +415,7 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
     from crystalae.shards import read_manifest, shard_paths
 
     manifest = read_manifest(data)
+    cfg = cfg.resolved()
     voxel, model_cfg = build_configs(data, model_overrides or {}, preset)
     storage = Path(storage).resolve() if "://" not in str(storage) else storage
     _check_resume(Path(storage) / name if "://" not in str(storage) else None, model_cfg, voxel)
@@ -266,12 +423,13 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
         # Logical CPUs must cover the driver, every worker and Ray Data's tasks, or startup hangs.
         ray.init(num_cpus=max(4, cfg.workers * cfg.threads + 2), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    train_ds = (ray.data.read_parquet([str(p) for p in shard_paths(data)], columns=["density", "labels", "lattice", "split"])
-                .filter(expr=col("split") == "train").select_columns(["density", "labels", "lattice"]))
+    train_ds = (ray.data.read_parquet([str(p) for p in shard_paths(data)], columns=[*BATCH_COLUMNS, "split"])
+                .filter(expr=col("split") == "train").select_columns(list(BATCH_COLUMNS)))
     if cfg.cache_dataset:
         train_ds = train_ds.materialize()
     loop_config = {"train": cfg.as_dict(), "voxel": voxel.as_dict(), "model": model_cfg.as_dict(),
-                   "data": str(Path(data).resolve()), "dataset_hash": manifest["dataset_hash"]}
+                   "data": str(Path(data).resolve()), "dataset_hash": manifest["dataset_hash"],
+                 "train_rows": manifest["counts"]["splits"].get("train", 0)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -302,7 +460,7 @@ def _check_resume(run_dir: Path | None, model_cfg: ModelConfig, voxel: VoxelConf
                                       f"(saved vs requested: {diff}); use another --name")
 
 
-def best_checkpoint_path(result, metric: str = "val_loss", mode: str = "min") -> str | None:
+def best_checkpoint_path(result, metric: str = SCORE[0], mode: str = SCORE[1]) -> str | None:
     ranked = [(m.get(metric), c) for c, m in (result.best_checkpoints or []) if m.get(metric) is not None
               and not (isinstance(m.get(metric), float) and math.isnan(m.get(metric)))]
     if not ranked:

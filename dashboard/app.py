@@ -16,7 +16,7 @@ paths = data.app_paths()
 views.sidebar(paths)
 
 st.title("crystalae dashboard")
-st.write("Voxel-density VAE + U-Net segmenter for crystal structures: sweep results, model comparison, "
+st.write("Voxel-density VAE with a learned species reader for crystal structures: sweep results, model comparison, "
          "generation and the model registry. Pick a page in the sidebar.")
 
 st.header("Sweeps")

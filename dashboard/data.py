@@ -33,7 +33,8 @@ REGISTRY_ENV = "CRYSTALAE_REGISTRY"
 DEFAULT_STORAGE = "runs/sweeps"
 DEFAULT_REGISTRY = "runs/registry"
 LIVE_TTL = 10  # seconds: sweep folders change while trials run
-RECON_METRICS = ["val_density_mse", "val_match_rate", "val_rms", "val_atom_count_rate", "val_species_accuracy"]
+RECON_METRICS = ["val_score", "val_match_rate", "val_rms", "val_atom_count_rate", "val_species_accuracy",
+                 "val_density_mse"]
 MISSING_ERRORS = (CheckpointError, RegistryError, OSError, ValueError)  # what a vanished file can raise
 
 
@@ -228,7 +229,15 @@ def per_element_accuracy(metrics: dict[str, Any]) -> dict[str, float]:
 def element_symbol(z: int) -> str:
     from pymatgen.core import Element
 
-    return "bg" if z == 0 else Element.from_Z(z).symbol
+    return "none" if z == 0 else Element.from_Z(z).symbol
+
+
+SPECIES_PATHS = {"site": "site head", "segmenter": "segmenter (paper)", "density": "peak weight"}
+
+
+def species_path(info: dict[str, Any]) -> str:
+    """How a checkpoint's model assigns species, in words (older checkpoints used the segmenter)."""
+    return SPECIES_PATHS.get((info.get("model_config") or {}).get("species_from", "segmenter"), "?")
 
 
 # ---- datasets -------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def confusion_heatmap(matrix: list[list[float]], symbols: list[str], title: str)
     rows = m.sum(1, keepdims=True)
     share = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
     fig = go.Figure(go.Heatmap(z=share, x=names, y=names, colorscale="Blues", zmin=0, zmax=1,
-                               customdata=m, hovertemplate="true %{y}, predicted %{x}: %{customdata:.0f} voxels"
+                               customdata=m, hovertemplate="true %{y}, predicted %{x}: %{customdata:.0f} atoms"
                                                            "<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed",
                       height=420, margin={"t": 50, "b": 40})

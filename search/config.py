@@ -7,7 +7,7 @@
       sigma: {type: uniform, low: 0.4, high: 0.8}
       depth: {type: int, low: 1, high: 2}
       lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
-    objective: {metric: val_loss, mode: min}
+    objective: {metric: val_score, mode: max}   # default: match rate + species/count tie-breakers
     budget: {trials: 4, epochs: 3, time_budget_s: 900}
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     max_concurrent: 2
@@ -71,8 +71,9 @@ class SweepConfig:
     name: str
     data: dict[str, Any]
     search_space: tuple[Param, ...]
-    objective_metric: str = "val_loss"
-    objective_mode: str = "min"
+    # val_score (match rate, species and atom-count tie-breakers) compares trials of any sigma; val_loss does not
+    objective_metric: str = "val_score"
+    objective_mode: str = "max"
     trials: int = 4
     epochs: int = 3
     time_budget_s: float | None = None

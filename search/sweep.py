@@ -194,7 +194,7 @@ def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> 
     sweep = json.loads((root / "sweep.json").read_text()) if (root / "sweep.json").exists() else {}
     if statuses is None and (root / "summary.json").exists():
         statuses = {t["trial_id"]: t["status"] for t in json.loads((root / "summary.json").read_text())["trials"]}
-    metric, mode = sweep.get("objective_metric", "val_loss"), sweep.get("objective_mode", "min")
+    metric, mode = sweep.get("objective_metric", "val_score"), sweep.get("objective_mode", "max")
     trials = []
     for folder in sorted(p for p in (root / "trials").glob("*") if p.is_dir()) if (root / "trials").exists() else []:
         checkpoints = []

@@ -62,7 +62,8 @@ def test_resume_with_another_model_config_is_refused(trained):
 def test_reconstruct_and_generate_write_parseable_cifs(trained, tmp_path):
     from crystalae.cli import main
 
-    checkpoint = trained["result"].checkpoint.path
+    # the newest kept checkpoint (the resume test above may have replaced the fixture's own)
+    checkpoint = str(sorted((trained["storage"] / "tiny").glob("checkpoint_*"))[-1])
     out = tmp_path / "rec.csv"
     assert main(["reconstruct", "demo:6", "--checkpoint", checkpoint, "--out", str(out)]) == 0
     metrics = json.loads((tmp_path / "rec.metrics.json").read_text())

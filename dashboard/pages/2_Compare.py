@@ -36,6 +36,7 @@ if not models:
 
 st.header("Validation metrics")
 table = pd.DataFrame([{"model": c.label, "epoch": infos[c.label].get("epoch"),
+                       "species from": data.species_path(infos[c.label]),
                        **{m: infos[c.label]["metrics"].get(m) for m in ["val_loss", *data.RECON_METRICS]}}
                       for c in models])
 st.dataframe(table, hide_index=True, key="metric_table")
@@ -44,9 +45,11 @@ st.caption("Reconstruction metrics on the validation split, as recorded in each 
 accuracy = {c.label: data.per_element_accuracy(infos[c.label]["metrics"]) for c in models}
 if any(accuracy.values()):
     st.subheader("Per-element species accuracy")
+    st.caption("Share of each element's atoms whose decoded atom (within 0.5 Å) got the right species, "
+               "read the way each model's `species_from` says.")
     st.plotly_chart(views.per_element_bars({k: v for k, v in accuracy.items() if v}), key="per_element")
 
-st.subheader("Species confusion (voxels, row-normalised)")
+st.subheader("Species confusion (atoms, row-normalised; column 'none' = no atom decoded there)")
 columns = st.columns(min(len(models), 3))
 for i, c in enumerate(models):
     metrics = infos[c.label]["metrics"]

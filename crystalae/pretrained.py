@@ -1,0 +1,20 @@
+"""Shipped reference models: `pretrained/<name>/` beside the package in the repository, each a normal
+checkpoint folder plus the recipe that trained it (`recipe.yaml`) and its measured figures (`RESULTS.json`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
+
+
+def pretrained_models(root: Path = PRETRAINED) -> list[dict[str, Any]]:
+    """Name, folder and recorded test figures of every shipped model (empty outside a checkout)."""
+    models = []
+    for file in sorted(root.glob("*/checkpoint.pt")):
+        results = file.parent / "RESULTS.json"
+        figures = json.loads(results.read_text()) if results.exists() else {}
+        models.append({"name": file.parent.name, "path": file.parent,
+                       "test": {k[5:]: v for k, v in figures.items() if k.startswith("test_") and isinstance(v, float)}})
+    return models
