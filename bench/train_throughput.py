@@ -1,31 +1,35 @@
 """Ray Train loop vs a plain single-process torch loop: same model, same data, same threads, one run.
 
-    python bench/train_throughput.py [--source demo:256] [--grid 32] [--epochs 3] [--threads 2]
+    python bench/train_throughput.py --source ../shared/datasets/perov_5/val.csv --grid 16 --threads 2
 
-Both run `crystalae.training.run_epoch`; the Ray side reads the Parquet shards through Ray Data
-(`get_dataset_shard(...).iter_torch_batches`) on one TorchTrainer worker. Samples/s are taken from
-epochs after the first (warm-up), and the overhead is 1 - ray / plain.
+Both run `crystalae.training.run_epoch` with the same augmentation (element substitution, shifts);
+the Ray side reads the Parquet shards through Ray Data (`get_dataset_shard(...).iter_torch_batches`)
+on one TorchTrainer worker. Samples/s are taken from epochs after the first (warm-up), and the
+overhead is 1 - ray / plain.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from crystalae.config import VoxelConfig
-from report import report  # bench/report.py (scripts run from bench/)
+sys.path.insert(0, str(Path(__file__).parent))
+from report import report  # noqa: E402  (bench/report.py)
+
+from crystalae.config import VoxelConfig  # noqa: E402
 from crystalae.inference import class_lookup, density_scale
 from crystalae.models import CrystalAE
 from crystalae.shards import PrepareOptions, prepare_dataset, read_table
-from crystalae.training import TrainConfig, build_configs, run_epoch, table_batches, train
-from crystalae.checkpoint import read_checkpoint
+from crystalae.training import TrainConfig, augment, build_configs, run_epoch, table_batches, train  # noqa: E402
+from crystalae.checkpoint import read_checkpoint  # noqa: E402
 
-MODEL = {"depth": 3, "base_width": 16, "max_width": 64, "latent_dim": 64, "seg_depth": 2, "seg_width": 8,
-         "residual": False}
+MODEL = {"depth": 3, "base_width": 16, "latent_dim": 128, "residual": False}  # the perov_5 reference model
 
 
 def plain_rates(data: Path, cfg: TrainConfig) -> list[float]:
@@ -34,23 +38,25 @@ def plain_rates(data: Path, cfg: TrainConfig) -> list[float]:
     voxel, model_cfg = build_configs(data, MODEL)
     model = CrystalAE(model_cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    table = read_table(data, split="train", columns=["density", "labels", "lattice"])
+    table = read_table(data, split="train", columns=["density", "labels", "lattice", "sites"])
+    rng = np.random.default_rng(cfg.seed)
     rates = []
     for _ in range(cfg.epochs):
         start = time.perf_counter()
         terms = run_epoch(model, table_batches(table, cfg.batch_size), cfg, density_scale(voxel),
-                          class_lookup(model_cfg.species), torch.device("cpu"), optimizer)
+                          class_lookup(model_cfg.species), torch.device("cpu"), optimizer,
+                          lambda batch: augment(batch, cfg, voxel, model_cfg.species, rng))
         rates.append(terms["samples"] / (time.perf_counter() - start))
     return rates
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default="demo:256")
-    parser.add_argument("--grid", type=int, default=32)
+    parser.add_argument("--source", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/perov_5/val.csv"))
+    parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -64,12 +70,13 @@ def main() -> None:
         started = time.perf_counter()
         result = train(data, cfg, MODEL, storage=Path(tmp) / "runs", name="bench")
         ray_wall = time.perf_counter() - started
-        history = read_checkpoint(result.checkpoint.path)["history"]
+        newest = sorted((Path(tmp) / "runs" / "bench").glob("checkpoint_*"))[-1]
+        history = read_checkpoint(newest)["history"]
         ray_rates = [h["train_samples"] / h["epoch_seconds"] for h in history]
 
     plain_rate = sum(plain[1:]) / len(plain[1:])
     ray_rate = sum(ray_rates[1:]) / len(ray_rates[1:])
-    figures = {"source": args.source, "grid": args.grid, "threads": args.threads, "epochs": args.epochs,
+    figures = {"source": Path(args.source).name if "/" in args.source else args.source, "grid": args.grid, "threads": args.threads, "epochs": args.epochs,
                "train_samples_per_epoch": history[-1]["train_samples"],
                "plain_samples_per_s": round(plain_rate, 2), "ray_train_samples_per_s": round(ray_rate, 2),
                "ray_overhead": round(1 - ray_rate / plain_rate, 3),

@@ -148,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec = load_train_yaml(args.config)
     train_values = dict(spec.get("train") or {})
-    for key in ("epochs", "workers", "batch_size", "lr"):
+    for key in ("epochs", "workers", "batch_size", "lr", "threads"):
         if getattr(args, key) is not None:
             train_values[key] = getattr(args, key)
     if args.gpu:
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int)
     demo.set_defaults(func=cmd_demo)
 
-    tr = sub.add_parser("train", help="train the VAE + segmenter with Ray Train")
+    tr = sub.add_parser("train", help="train the VAE and its species reader with Ray Train")
     tr.add_argument("--data", required=True, type=Path, help="dataset folder from `data prepare`")
     tr.add_argument("--config", type=Path, help="YAML with `train:` / `model:` sections and `preset:`")
     tr.add_argument("--preset", choices=("paper",), help="paper: Hoffmann et al. architecture")
@@ -348,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--batch-size", type=int)
     tr.add_argument("--lr", type=float)
+    tr.add_argument("--threads", type=int, help="torch threads (= CPUs reserved) per worker; default: cores / workers")
     tr.add_argument("--storage", default="runs/train", help="results folder or pyarrow URI (s3://...)")
     tr.add_argument("--name", default="crystalae", help="run name; rerunning the same name resumes it")
     tr.set_defaults(func=cmd_train)

@@ -44,6 +44,9 @@ class TrainConfig(StrictConfig):
     beta: float = 1e-3  # KL weight (KL is averaged over latent dims, reconstruction over voxels)
     seg_weight: float = 1.0  # lambda: species cross-entropy (segmenter voxels or site-head atoms)
     lattice_weight: float = 1.0
+    # Divide the reconstruction MSE by the batch's mean squared density, so its weight against the KL,
+    # species and lattice terms does not depend on the elements (carbon peaks are ~10x lower than Pb's).
+    recon_normalize: bool = True
     background_weight: float = 0.1  # class weight of empty voxels in the cross-entropy
     workers: int = 1  # Ray Train workers (data parallel)
     use_gpu: bool = False
@@ -171,6 +174,8 @@ def loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Trai
         queries, site_classes = site_targets(batch["sites"], batch["lattice"], lut, cfg.negatives)
     out = model(x, queries)
     recon = F.mse_loss(out["recon"].float(), x)
+    if cfg.recon_normalize:
+        recon = recon / x.pow(2).mean().clamp(min=1e-8)
     kl = -0.5 * torch.mean(1 + out["logvar"] - out["mu"] ** 2 - out["logvar"].exp())
     terms = {"recon": recon, "kl": kl}
     if "species_logits" in out:
