@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--registry", default="runs/registry")
     pr.set_defaults(func=cmd_promote)
 
-    md = sub.add_parser("models", help="list registry models, versions and aliases")
+    md = sub.add_parser("models", help="list shipped reference models and registry models, versions and aliases")
     md.add_argument("--registry", default="runs/registry")
     md.set_defaults(func=cmd_models)
 

@@ -97,12 +97,14 @@ def decode(
         numbers = _weight_to_z(weight, config, candidates)
     elif species == "composition":
         numbers = _assign_composition(Composition(composition), weight, config)
-        frac, numbers = frac[numbers > 0], numbers[numbers > 0]
+        frac, weight, numbers = frac[numbers > 0], weight[numbers > 0], numbers[numbers > 0]
     else:
         numbers = z
     if len(numbers) == 0:
         raise DecodeError("no atom left after removing copies cut by the box faces")
-    return Structure(density.lattice, [Element.from_Z(int(n)) for n in numbers], np.mod(frac, 1.0))
+    # the fitted peak height (e/Å^3) rides along, so a species reader can weigh it against its own guess
+    return Structure(density.lattice, [Element.from_Z(int(n)) for n in numbers], np.mod(frac, 1.0),
+                     site_properties={"peak_height": [float(w) for w in weight]})
 
 
 def _unique_lattice_atoms(cart, frac, z, lattice, config) -> np.ndarray:

@@ -1,0 +1,68 @@
+"""The shipped reference models: loadable on a fresh clone, small, and still reconstructing held-out
+crystals (our test split of the shared data) at about the rate their RESULTS.json records."""
+import json
+import warnings
+
+import pytest
+
+from crystalae.pretrained import PRETRAINED, pretrained_models
+from crystalae.shards import split_of
+
+from conftest import shared_csv
+
+# A regression guard on 40 held-out crystals: well below the recorded full-test-split figure, so that
+# sampling noise does not fail it, but far above what an untrained or broken model scores (0%).
+FLOOR = {"perov_5": 0.5, "carbon_24": 0.05}
+
+
+def _held_out(name: str, count: int):
+    from crystalae.sources import list_entries, load_structure
+
+    entries = [e for e in list_entries(shared_csv(name)) if split_of(e.material_id, 0.1, 0.1) == "test"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [(e.material_id, load_structure(e)) for e in entries[:count]]
+
+
+@pytest.mark.parametrize("name", sorted(FLOOR))
+def test_shipped_model_reconstructs_held_out_crystals(name, tmp_path):
+    from crystalae.checkpoint import load_checkpoint
+    from crystalae.generate import reconstruct
+
+    folder = PRETRAINED / name
+    if not (folder / "checkpoint.pt").exists():
+        pytest.skip(f"{folder} not shipped in this checkout")
+    assert (folder / "checkpoint.pt").stat().st_size < 25 * 2**20
+    recorded = json.loads((folder / "RESULTS.json").read_text())
+    assert recorded["command"].startswith("python bench/reconstruction.py --recipe pretrained/")
+    loaded = load_checkpoint(folder)
+    crystals = _held_out(name, 40)
+    source = tmp_path / "held_out"
+    source.mkdir()
+    for mid, structure in crystals:
+        structure.to(filename=str(source / f"{mid}.cif"))
+    metrics = reconstruct(loaded, source, tmp_path / "rec.csv")
+    assert metrics["n"] == len(crystals)
+    assert metrics["match_rate"] >= FLOOR[name], metrics
+
+
+def test_models_command_lists_shipped_models(capsys):
+    from crystalae.cli import main
+
+    if not pretrained_models():
+        pytest.skip("no shipped models in this checkout")
+    assert main(["models", "--registry", "/nonexistent-registry"]) == 0
+    out = capsys.readouterr().out
+    for m in pretrained_models():
+        assert f"pretrained {m['name']}" in out
+
+
+def test_demo_ends_by_sampling_the_shipped_perov_model(tmp_path, capsys):
+    from crystalae.cli import _sample_pretrained
+
+    if not (PRETRAINED / "perov_5" / "checkpoint.pt").exists():
+        pytest.skip("no shipped perov_5 model in this checkout")
+    _sample_pretrained(tmp_path, count=4)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["count"] == 4 and 0 <= summary["structural_validity"] <= 1
+    assert "5/5 sampled 4 crystals from the shipped perov_5 model" in capsys.readouterr().out
