@@ -70,7 +70,7 @@ def main() -> None:
         started = time.perf_counter()
         result = train(data, cfg, MODEL, storage=Path(tmp) / "runs", name="bench")
         ray_wall = time.perf_counter() - started
-        newest = sorted((Path(tmp) / "runs" / "bench").glob("checkpoint_*"))[-1]
+        newest = sorted(p for p in (Path(tmp) / "runs" / "bench").glob("checkpoint_*") if p.is_dir())[-1]
         history = read_checkpoint(newest)["history"]
         ray_rates = [h["train_samples"] / h["epoch_seconds"] for h in history]
 

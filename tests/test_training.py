@@ -63,7 +63,7 @@ def test_reconstruct_and_generate_write_parseable_cifs(trained, tmp_path):
     from crystalae.cli import main
 
     # the newest kept checkpoint (the resume test above may have replaced the fixture's own)
-    checkpoint = str(sorted((trained["storage"] / "tiny").glob("checkpoint_*"))[-1])
+    checkpoint = str(sorted(p for p in (trained["storage"] / "tiny").glob("checkpoint_*") if p.is_dir())[-1])
     out = tmp_path / "rec.csv"
     assert main(["reconstruct", "demo:6", "--checkpoint", checkpoint, "--out", str(out)]) == 0
     metrics = json.loads((tmp_path / "rec.metrics.json").read_text())
@@ -127,7 +127,8 @@ def test_paper_preset_builds():
 def test_cell_models_are_equivariant_to_periodic_shifts(periodic):
     """Circular padding: shifting a periodic density by the total stride shifts the features exactly."""
     torch.manual_seed(0)
-    config = ModelConfig(grid=16, periodic=periodic, species=(6,), n_classes=2, **{**TINY, "depth": 2})
+    config = ModelConfig(grid=16, periodic=periodic, species=(6,), n_classes=2,
+                         species_from="site" if periodic else "segmenter", **{**TINY, "depth": 2})
     encoder = CrystalAE(config).vae.encoder.eval()
     x = torch.rand(1, 1, 16, 16, 16)
     with torch.no_grad():
