@@ -252,6 +252,8 @@ def run_epoch(model, batches: Iterable[dict], cfg: TrainConfig, scale: float, lu
 
 def table_batches(table, batch_size: int, columns=BATCH_COLUMNS):
     """Torch batches from an Arrow table (the plain, non-Ray data path)."""
+    if table.num_rows == 0:  # e.g. eval_limit 0: nothing to stack
+        return
     arrays = {c: _column_numpy(table, c) for c in columns if c in table.column_names}
     for start in range(0, table.num_rows, batch_size):
         yield {c: torch.from_numpy(a[start : start + batch_size]) for c, a in arrays.items()}
