@@ -32,6 +32,7 @@ from report import report  # noqa: E402  (bench/report.py)
 from crystalae.checkpoint import export_checkpoint, load_checkpoint, read_checkpoint  # noqa: E402
 from crystalae.config import VoxelConfig  # noqa: E402
 from crystalae.generate import sample, validity  # noqa: E402
+from crystalae.io import write_json  # noqa: E402
 from crystalae.shards import PrepareOptions, prepare_dataset, read_manifest, read_table  # noqa: E402
 from crystalae.training import TrainConfig, best_checkpoint_path, evaluate, train  # noqa: E402
 
@@ -117,9 +118,10 @@ def main() -> None:
     report(figures, out, hide=("history", "test_per_element_accuracy"))
     if args.export:
         export_checkpoint(best, args.export)
-        shutil.copyfile(args.recipe, args.export / "recipe.yaml") if args.recipe.resolve() != (args.export / "recipe.yaml").resolve() else None
+        if args.recipe.resolve() != (args.export / "recipe.yaml").resolve():
+            shutil.copyfile(args.recipe, args.export / "recipe.yaml")
         command = f"python bench/reconstruction.py --recipe {relative(args.recipe)} --export {relative(args.export)}"
-        (args.export / "RESULTS.json").write_text(json.dumps({"command": command, **figures}, indent=2) + "\n")
+        write_json(args.export / "RESULTS.json", {"command": command, **figures})  # atomic: temp file + rename
         print(f"exported {best} -> {args.export}")
 
 
