@@ -2,6 +2,7 @@
 with `torch.load(..., weights_only=True)`, and `config.json` beside it for people and the dashboard."""
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from crystalae.models import CrystalAE, ModelConfig
 
 FORMAT = "crystalae-checkpoint/1"
 FILENAME = "checkpoint.pt"
+_REQUIRED = ("model", "model_config", "voxel_config", "epoch", "metrics", "train_config", "dataset_hash")
 
 
 class CheckpointError(ValueError):
@@ -54,23 +56,39 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist (expected a folder with {FILENAME} or the file)")
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():  # not a class or function reference: just damaged
+            raise CheckpointError(f"checkpoint {file} is not readable: truncated, damaged or not a PyTorch file") from None
+        # PyTorch's own message suggests unsafe loading; crystalae never unpickles code, so we do not
+        raise CheckpointError(f"checkpoint {file} holds objects other than tensors and plain data, "
+                              "so it cannot be loaded safely; it was not written by crystalae") from None
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {file} is not readable: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {file} is not readable ({type(exc).__name__}): "
+                              "truncated, damaged or not a PyTorch file") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a crystalae checkpoint (format {FORMAT} expected)")
+    missing = [k for k in _REQUIRED if k not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {file} is incomplete: missing {missing}")
     return payload
 
 
 def _write(folder: Path, payload: dict[str, Any]) -> Path:
     atomic_write(folder / FILENAME, lambda tmp: torch.save(payload, tmp))
-    write_json(folder / "config.json", {k: v for k, v in payload.items() if k not in ("model", "optimizer")})
+    described = {k: v for k, v in payload.items() if k not in ("model", "optimizer", "latent_prior")}
+    if payload.get("latent_prior") is not None:  # tensors: say what it is, not its numbers
+        described["latent_prior"] = {k: v for k, v in payload["latent_prior"].items() if not torch.is_tensor(v)}
+    write_json(folder / "config.json", described)
     return folder
 
 
-def export_checkpoint(source: str | Path, folder: str | Path) -> Path:
-    """Copy a checkpoint without its optimizer state (a shipped model: about a third of the size)."""
+def export_checkpoint(source: str | Path, folder: str | Path, latent_prior: dict[str, Any] | None = None) -> Path:
+    """Copy a checkpoint without its optimizer state (a shipped model: about a third of the size),
+    optionally adding a fitted latent prior (see `crystalae.prior`)."""
     payload = read_checkpoint(source)
     payload["optimizer"] = None
+    if latent_prior is not None:
+        payload["latent_prior"] = latent_prior
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return _write(folder, payload)
@@ -79,14 +97,39 @@ def export_checkpoint(source: str | Path, folder: str | Path) -> Path:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the model from the checkpoint alone; strict, so mismatched weights fail loudly."""
     payload = read_checkpoint(path)
-    model = CrystalAE(ModelConfig.from_dict(payload["model_config"]))
+    try:
+        config = ModelConfig.from_dict(payload["model_config"])
+        voxel = VoxelConfig.from_dict(payload["voxel_config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: invalid configuration: {exc}") from None
+    _check_weights_fit(path, config, payload["model"])
+    model = CrystalAE(config)
     try:
         model.load_state_dict(payload["model"], strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path}: weights do not fit its model config: {exc}") from None
     model.to(device).eval()
-    meta = {k: payload.get(k) for k in ("epoch", "metrics", "train_config", "dataset_hash", "history")}
-    return LoadedModel(model, VoxelConfig.from_dict(payload["voxel_config"]), meta)
+    meta = {k: payload.get(k) for k in ("epoch", "metrics", "train_config", "dataset_hash", "history", "latent_prior")}
+    prior = meta["latent_prior"]
+    if prior is not None and not (isinstance(prior, dict) and all(torch.is_tensor(prior.get(k)) for k in ("mean", "scale_tril"))
+                                  and prior["mean"].shape == (config.latent_dim,)
+                                  and prior["scale_tril"].shape == (config.latent_dim, config.latent_dim)):
+        raise CheckpointError(f"checkpoint {path}: latent_prior does not fit latent_dim {config.latent_dim}")
+    return LoadedModel(model, voxel, meta)
+
+
+def _check_weights_fit(path: str | Path, config: ModelConfig, weights: Any) -> None:
+    """Build the model on the meta device (no memory) and compare shapes with the stored weights, so a
+    crafted config can never make us allocate more than the file itself holds."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"checkpoint {path}: `model` is not a mapping of tensors")
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in CrystalAE(config).state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in weights.items()}
+    if shapes != stored:
+        wrong = sorted(set(shapes) ^ set(stored)) or sorted(k for k in shapes if shapes[k] != stored[k])
+        raise CheckpointError(f"checkpoint {path}: weights do not fit its model config "
+                              f"({len(wrong)} tensors differ, e.g. {wrong[:3]})")
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -34,9 +34,7 @@ def _add_voxel_options(parser: argparse.ArgumentParser) -> None:
 def voxel_config_from_args(args: argparse.Namespace) -> VoxelConfig:
     values: dict[str, Any] = {}
     if args.voxel_config is not None:
-        import yaml
-
-        values.update(yaml.safe_load(args.voxel_config.read_text()) or {})
+        values.update(read_yaml_mapping(args.voxel_config, "--voxel-config"))
     for f in fields(VoxelConfig):
         given = getattr(args, f.name)
         if given is not None:
@@ -44,23 +42,57 @@ def voxel_config_from_args(args: argparse.Namespace) -> VoxelConfig:
     return VoxelConfig.from_dict(values)
 
 
+def read_yaml_mapping(path: Path, option: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; any problem is one error naming the option and the file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{option} {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{option} {path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{option} {path}: expected a mapping of key: value, found a {type(data).__name__}")
+    return data
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from crystalae.shards import PrepareOptions, prepare_dataset
+    from crystalae.shards import DatasetError, PrepareOptions, prepare_dataset
 
     options = PrepareOptions(shard_size=args.shard_size, val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction, limit=args.limit)
-    manifest = prepare_dataset(args.source[0] if len(args.source) == 1 else args.source, args.out, voxel_config_from_args(args), options,
-                               workers=args.workers, overwrite=args.overwrite)
+    config = voxel_config_from_args(args)  # every option is checked before the folder is touched
+    source = args.source[0] if len(args.source) == 1 else args.source
+    manifest = prepare_dataset(source, args.out, config, options, workers=args.workers, overwrite=args.overwrite)
     counts = manifest["counts"]
+    rejects = Path(args.out) / "rejects.csv"
+    skipped = f", {counts['skipped']} skipped by --limit" if counts.get("skipped") else ""
     print(f"wrote {counts['rows']} rows from {counts['crystals']} of {counts['entries']} structures "
           f"into {len(manifest['shards'])} shards under {args.out} (splits {counts['splits']}); "
-          f"{counts['rejected']} rejected" + (f", reasons in {Path(args.out) / 'rejects.csv'}" if counts["rejected"] else ""))
+          f"{counts['rejected']} rejected{skipped}" + (f", reasons in {rejects}" if counts["rejected"] else ""))
+    if counts["entries"] and not counts["rows"]:
+        raise DatasetError(f"{args.out}: every one of the {counts['entries']} structures was rejected "
+                           f"(reasons in {rejects}); nothing to train on")
     return 0
+
+
+def check_output_file(path: Path, option: str = "--out") -> Path:
+    """Refuse an output that cannot be written before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name such as {path / 'out.csv'}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{option} {path}: {path.parent} is a file, not a folder")
+    return path
 
 
 def cmd_roundtrip(args: argparse.Namespace) -> int:
     from crystalae.roundtrip import metrics_path, roundtrip
 
+    check_output_file(args.out)
     metrics = roundtrip(args.source, args.out, voxel_config_from_args(args), species=args.species,
                         workers=args.workers, limit=args.limit)
     print(format_metrics(metrics))
@@ -86,7 +118,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from crystalae.checkpoint import load_checkpoint
     from crystalae.roundtrip import roundtrip
     from search.config import load_sweep_config
-    from search.registry import Registry
+    from crystalae.registry import Registry
     from search.sweep import promote_best, run_sweep, sweep_dir
 
     out = Path(args.out)
@@ -103,7 +135,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     entry = promote_best(root, registry, alias="champion")
     print(f"3/5 promoted trial {entry['source']['trial']} epoch {entry['epoch']} as {entry['ref']} (alias champion)")
     loaded = load_checkpoint(registry.resolve("champion"))
-    generated = write_generated(out / "generated", [(f"sample-{i:02d}", s) for i, s in enumerate(sample(loaded, 8))])
+    generated = write_generated(out / "generated", [(f"sample-{i:02d}", s) for i, s in enumerate(sample(loaded, 8))],
+                                overwrite=True)  # the demo's own folder: a rerun replaces it
     print(f"4/5 generated {generated['decoded']} of {generated['count']} crystals into {out / 'generated'}: "
           f"structural validity {100 * generated['structural_validity']:.0f}%, "
           f"composition validity {100 * generated['composition_validity']:.0f}%")
@@ -123,7 +156,7 @@ def _sample_pretrained(out: Path, count: int = 8) -> None:
         print(f"(no shipped model at {folder}: skipped sampling from it)")
         return
     named = [(f"perov-{i:02d}", s) for i, s in enumerate(sample(load_checkpoint(folder), count))]
-    summary = write_generated(out, named)
+    summary = write_generated(out, named, overwrite=True)
     formulas = ", ".join(s.composition.reduced_formula for _, s in named if s is not None)
     print(f"5/5 sampled {count} crystals from the shipped perov_5 model into {out}: {formulas}; "
           f"structural validity {100 * summary['structural_validity']:.0f}%, "
@@ -134,9 +167,7 @@ def load_train_yaml(path: Path | None) -> dict[str, Any]:
     """YAML with optional sections `train` (TrainConfig), `model` (ModelConfig fields), `preset`."""
     if path is None:
         return {}
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = read_yaml_mapping(path, "--config")
     unknown = set(data) - {"train", "model", "preset"}
     if unknown:
         raise ValueError(f"{path}: unknown sections {sorted(unknown)} (allowed: train, model, preset)")
@@ -175,7 +206,7 @@ def _load_model(args: argparse.Namespace):
         raise ValueError("give exactly one of --checkpoint PATH or --model NAME[@VERSION]|ALIAS")
     path = args.checkpoint
     if path is None:
-        from search.registry import Registry
+        from crystalae.registry import Registry
 
         path = Registry(args.registry).resolve(args.model)
     device = "cuda" if torch.cuda.is_available() and not getattr(args, "cpu", False) else "cpu"
@@ -186,6 +217,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from crystalae.generate import reconstruct
     from crystalae.roundtrip import metrics_path
 
+    check_output_file(args.out)
     metrics = reconstruct(_load_model(args), args.source, args.out, limit=args.limit)
     print(format_metrics(metrics))
     print(f"wrote {args.out} and {metrics_path(Path(args.out))}")
@@ -195,10 +227,12 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from crystalae import generate
 
+    generate.check_generate_folder(args.out, args.overwrite)
     loaded = _load_model(args)
     named: list = []
     if args.sample:
-        named += [(f"sample-{i:04d}", s) for i, s in enumerate(generate.sample(loaded, args.sample, args.seed))]
+        named += [(f"sample-{i:04d}", s) for i, s in enumerate(generate.sample(loaded, args.sample, args.seed,
+                                                                                 args.prior, args.temperature))]
     if args.interpolate or args.alter:
         if args.source is None:
             raise ValueError("--interpolate and --alter need --source (where the ids are)")
@@ -216,9 +250,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
             named += [(f"alter-{k:02d}", s) for k, s in enumerate(variants)]
     if not named:
         raise ValueError("nothing to generate: give --sample N, --interpolate ID_A ID_B or --alter ID")
-    summary = generate.write_generated(args.out, named)
+    summary = generate.write_generated(args.out, named, overwrite=args.overwrite)
     print(f"wrote {summary['decoded']} of {summary['count']} crystals to {args.out}: structural validity "
           f"{100 * summary['structural_validity']:.1f}%, composition validity {100 * summary['composition_validity']:.1f}%")
+    return 0
+
+
+def cmd_fit_prior(args: argparse.Namespace) -> int:
+    from crystalae.prior import with_latent_prior
+
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"--out {args.out}: write the new checkpoint to another folder (checkpoints are immutable)")
+    info = with_latent_prior(args.checkpoint, args.data, args.out, args.split)
+    print(f"fitted a latent prior on {info['count']} {args.split} crystals of {args.data} "
+          f"(|mean| {info['mean_norm']:.3g}, typical std {info['mean_std']:.3g}); wrote {args.out}")
     return 0
 
 
@@ -245,7 +290,7 @@ def format_sweep(summary: dict[str, Any]) -> str:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from search.registry import Registry
+    from crystalae.registry import Registry
     from search.sweep import promote_best, sweep_dir
 
     registry = Registry(args.registry)
@@ -253,33 +298,41 @@ def cmd_promote(args: argparse.Namespace) -> int:
         root = Path(args.source) if Path(args.source).is_dir() else sweep_dir(args.storage, args.source)
         entry = promote_best(root, registry, args.name, args.alias, args.metric, args.mode)
     else:
-        path = _trial_checkpoint(Path(args.source), args.storage, args.metric, args.mode)
-        # a checkpoint folder is named after itself (pretrained/perov_5 -> perov_5), RUN/TRIAL after its run
-        default = path.name if path == Path(args.source) else Path(args.source).parts[0]
-        entry = registry.promote(path, args.name or default, alias=args.alias,
-                                 source={"given": args.source})
+        path, default = _trial_checkpoint(Path(args.source), args.storage, args.metric, args.mode)
+        if args.name is None and default is None:
+            raise ValueError(f"{args.source}: cannot derive a model name from this path; give --name NAME")
+        entry = registry.promote(path, args.name or default, alias=args.alias, source={"given": args.source})
     print(f"promoted {entry['source']['checkpoint']} as {entry['ref']}" + (f" (alias {args.alias})" if args.alias else ""))
     return 0
 
 
-def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str | None) -> Path:
-    """RUN/TRIAL (under the sweep storage), a trial folder, or a checkpoint folder -> checkpoint folder."""
+def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str | None) -> tuple[Path, str | None]:
+    """RUN/TRIAL (under the sweep storage), a trial folder, or a checkpoint folder -> (checkpoint
+    folder, default model name): a checkpoint folder is named after itself (pretrained/perov_5 ->
+    perov_5), a trial after its sweep."""
+    from crystalae.config import NAME
     from search.sweep import best_checkpoint, collect_trials, sweep_dir
 
+    def named(name: str) -> str | None:
+        return name if NAME.match(name) and not name.endswith(".json") else None
+
     if (source / "checkpoint.pt").exists():
-        return source
+        folder = source.resolve()
+        # a Ray checkpoint_00003 folder is better named after its run (two levels up)
+        return source, named(folder.parent.parent.name if folder.name.startswith("checkpoint_") else folder.name)
     candidates = [source] if source.is_dir() else [sweep_dir(storage, str(source.parent)) / "trials" / source.name]
     for folder in candidates:
-        if folder.is_dir() and (folder.parent.parent / "sweep.json").exists():
-            summary = collect_trials(folder.parent.parent)
+        root = folder.parent.parent
+        if folder.is_dir() and (root / "sweep.json").exists():
+            summary = collect_trials(root)
             summary["trials"] = [t for t in summary["trials"] if t["trial_id"] == folder.name]
-            return folder.parent.parent / best_checkpoint(summary, metric, mode)[1]["path"]
+            return root / best_checkpoint(summary, metric, mode)[1]["path"], named(summary["name"])
     raise ValueError(f"{source}: not a checkpoint folder, a trial folder or RUN/TRIAL under {storage}")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from crystalae.pretrained import pretrained_models
-    from search.registry import Registry
+    from crystalae.registry import Registry
 
     for m in pretrained_models():
         shown = {k: round(v, 4) for k, v in m["test"].items() if k in ("match_rate", "rms", "species_accuracy")}
@@ -296,18 +349,62 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    """Start the Streamlit app; it reads sweeps and the registry from disk (no Ray needed)."""
-    import subprocess
+    """Start the Streamlit app; it reads sweeps and the registry from disk (no Ray needed).
+
+    The process becomes Streamlit (exec), so a SIGTERM or Ctrl-C reaches the server itself and
+    nothing is left serving behind us.
+    """
+    import os
 
     from dashboard.launch import launch_command
 
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"crystalae: warning: --host {args.host} serves the dashboard beyond this machine; anyone who "
+              "can reach it can browse your results and promote models (there is no login)", file=sys.stderr)
     command = launch_command(str(args.storage), str(args.registry), port=args.port, host=args.host)
-    print(f"dashboard on http://{args.host}:{args.port} (Ctrl-C to stop)")
-    return subprocess.call(command)
+    print(f"dashboard on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    sys.stderr.flush()
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), like every other crystalae error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def count(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {low}..{high}, got {value}" if high is not None
+                                             else f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def number(low: float, high: float):
+    """argparse type: a finite number in [low, high]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not low <= value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crystalae", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="crystalae", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
@@ -319,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--val-fraction", type=float, default=0.1)
     prep.add_argument("--test-fraction", type=float, default=0.1)
     prep.add_argument("--limit", type=int)
-    prep.add_argument("--workers", type=int, help="processes (default: all cores)")
+    prep.add_argument("--workers", type=count(1, 1024), help="processes (default: all cores)")
     prep.add_argument("--overwrite", action="store_true", help="replace a dataset built with other settings")
     _add_voxel_options(prep)
     prep.set_defaults(func=cmd_data_prepare)
@@ -329,14 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--out", required=True, type=Path, help="CSV of material_id,cif")
     rt.add_argument("--species", choices=("labels", "composition", "density"), default="labels",
                     help="where decoded atoms get their element from")
-    rt.add_argument("--limit", type=int)
-    rt.add_argument("--workers", type=int)
+    rt.add_argument("--limit", type=count(1))
+    rt.add_argument("--workers", type=count(1, 1024))
     _add_voxel_options(rt)
     rt.set_defaults(func=cmd_roundtrip)
 
     demo = sub.add_parser("demo", help="run the main job on the built-in demo data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--workers", type=int)
+    demo.add_argument("--workers", type=count(1, 1024))
     demo.set_defaults(func=cmd_demo)
 
     tr = sub.add_parser("train", help="train the VAE and its species reader with Ray Train")
@@ -359,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--model", help="registry model: NAME, NAME@VERSION or an alias")
     rc.add_argument("--registry", default="runs/registry")
     rc.add_argument("--out", required=True, type=Path)
-    rc.add_argument("--limit", type=int)
+    rc.add_argument("--limit", type=count(1))
     rc.add_argument("--cpu", action="store_true", help="stay on CPU even when a GPU is present")
     rc.set_defaults(func=cmd_reconstruct)
 
@@ -368,16 +465,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="registry model: NAME, NAME@VERSION or an alias such as champion")
     gen.add_argument("--registry", default="runs/registry")
     gen.add_argument("--out", type=Path, default=Path("runs/generated"))
-    gen.add_argument("--sample", type=int, default=0, metavar="N", help="N crystals from the prior")
+    gen.add_argument("--sample", type=count(0, 100_000), default=0, metavar="N", help="N crystals from the prior")
     gen.add_argument("--interpolate", nargs=2, metavar=("ID_A", "ID_B"))
-    gen.add_argument("--steps", type=int, default=5)
+    gen.add_argument("--steps", type=count(2, 1000), default=5)
     gen.add_argument("--alter", metavar="ID")
-    gen.add_argument("--scale", type=float, default=0.5, help="latent noise scale for --alter")
-    gen.add_argument("--count", type=int, default=4, help="variants for --alter")
+    gen.add_argument("--scale", type=number(0, 100), default=0.5, help="latent noise scale for --alter")
+    gen.add_argument("--count", type=count(1, 10_000), default=4, help="variants for --alter")
     gen.add_argument("--source", help="where --interpolate/--alter ids live (structure source)")
+    gen.add_argument("--prior", choices=("auto", "fitted", "normal"), default="auto",
+                     help="--sample from the checkpoint's fitted latent prior (auto: when it has one) or N(0, I)")
+    gen.add_argument("--temperature", type=number(0, 10), default=1.0, help="spread of --sample around the prior mean")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--overwrite", action="store_true", help="replace an earlier run's crystals in --out")
     gen.add_argument("--cpu", action="store_true")
     gen.set_defaults(func=cmd_generate)
+
+    fp = sub.add_parser("fit-prior", help="fit the sampling prior of a checkpoint to its training set's latents")
+    fp.add_argument("--checkpoint", required=True, type=Path)
+    fp.add_argument("--data", required=True, type=Path, help="dataset folder from `data prepare` (the model's own)")
+    fp.add_argument("--split", default="train", choices=("train", "val", "test"))
+    fp.add_argument("--out", required=True, type=Path, help="new checkpoint folder (weights copied, prior added)")
+    fp.set_defaults(func=cmd_fit_prior)
 
     sw = sub.add_parser("sweep", help="hyperparameter search with Ray Tune + Optuna")
     sw.add_argument("config", type=Path, help="sweep YAML (see search/configs/demo.yaml)")
@@ -405,19 +513,40 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("dashboard", help="Streamlit app over sweeps and the registry")
     db.add_argument("--storage", default="runs/sweeps")
     db.add_argument("--registry", default="runs/registry")
-    db.add_argument("--port", type=int, default=8501)
+    db.add_argument("--port", type=count(1, 65535), default=8501)
     db.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     db.set_defaults(func=cmd_dashboard)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the subcommand
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # our input errors subclass ValueError
-        print(f"crystalae: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("crystalae: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every error is one line; --debug shows where it came from
+        if args.debug:
+            raise
+        print(f"crystalae: error: {error_line(exc)}", file=sys.stderr)
         return 2
+
+
+def error_line(exc: BaseException) -> str:
+    """Our input errors (ValueError subclasses) speak for themselves; anything else gets its type
+    named and a pointer to --debug."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, ValueError):
+        return text
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or type(exc).__name__}"
+    if isinstance(exc, MemoryError):
+        return "out of memory: use a smaller --grid, --batch-size or fewer --workers"
+    return f"unexpected {type(exc).__name__}: {text} (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

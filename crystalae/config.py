@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import types
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -11,19 +14,128 @@ BoxMode = Literal["unit_cell", "lattice"]
 Reduction = Literal["niggli", "lll", "none"]
 
 
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_Z = 103  # highest Z with a tabulated atomic radius; labels are stored as uint8
+MAX_GRID = 128  # voxels per edge; one float32 grid of 128^3 is 8 MiB, a batch of them far more
+
+
+class ConfigError(ValueError):
+    """A configuration value has the wrong type or is out of range (the message names the field)."""
+
+
+def check_name(name: Any, what: str = "name") -> str:
+    """Names become folder names: letters, digits, '_', '-', '.' only, no path traversal."""
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+        raise ConfigError(f"invalid {what} {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
+                          "starting with a letter or digit")
+    return name
+
+
+def grid_problem(grid: int) -> str | None:
+    """Why a grid size is refused, from what one batch of such grids would cost in memory."""
+    if grid < 4:
+        return f"grid must be >= 4, got {grid}"
+    if grid > MAX_GRID:
+        gib = 16 * 5 * grid**3 / 2**30  # a batch of 16 density (float32) + label (uint8) grids
+        return (f"grid {grid} is above the limit of {MAX_GRID} voxels per edge "
+                f"(a batch of 16 such grids alone needs {gib:,.1f} GiB)")
+    return None
+
+
 class StrictConfig:
-    """`as_dict` / strict `from_dict` for the frozen config dataclasses (unknown keys raise)."""
+    """Frozen config dataclasses that check themselves: field types (from the annotations), then the
+    ranges in `problems()`; `as_dict` / strict `from_dict` (unknown keys raise)."""
+
+    def __post_init__(self) -> None:
+        problems = _type_problems(self)
+        if not problems:
+            problems = [p for p in self.problems() if p]
+        if problems:
+            raise ConfigError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+
+    def problems(self) -> list[str | None]:
+        """Range and consistency problems (types are already checked)."""
+        return []
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]):
+    def from_dict(cls, data: Any):
         """Strict: unknown keys raise, so a typo never silently falls back to a default."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} must be a mapping of field: value, got {type(data).__name__}")
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown {cls.__name__} keys: {sorted(map(str, unknown))}")
         return cls(**data)
+
+
+def in_range(config: Any, name: str, low: float | None = None, high: float | None = None,
+             low_open: bool = False) -> str | None:
+    """A problem message when `config.name` is outside [low, high] ((low, high] with `low_open`)."""
+    value = getattr(config, name)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        lower = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        upper = "" if high is None else f"<= {high}"
+        return f"{name} must be {' and '.join(b for b in (lower, upper) if b)}, got {value}"
+    return None
+
+
+def _type_problems(config: Any) -> list[str]:
+    """Check (and normalise: int -> float, list -> tuple) every field against its annotation."""
+    hints = typing.get_type_hints(type(config))
+    problems = []
+    for f in fields(config):
+        ok, value = _conform(getattr(config, f.name), hints[f.name])
+        if ok:
+            object.__setattr__(config, f.name, value)
+        else:
+            problems.append(f"{f.name} must be {_describe(hints[f.name])}, got {getattr(config, f.name)!r}")
+    return problems
+
+
+def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args and type(value) in {type(a) for a in args}, value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            ok, conformed = _conform(value, option)
+            if ok:
+                return True, conformed
+        return False, value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        parts = [_conform(v, args[0]) for v in value]
+        return all(ok for ok, _ in parts), tuple(v for _, v in parts)
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and math.isfinite(value), float(value) if number else value
+    if hint is str:
+        return isinstance(value, str), value
+    return True, value  # dicts and other free-form fields are checked by their owner
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0])}s"
+    if hint is type(None):
+        return "null"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(hint, str(hint))
 
 
 @dataclass(frozen=True)
@@ -50,29 +162,17 @@ class VoxelConfig(StrictConfig):
     # per-atom table (`sites`: fractional position + Z, zero-padded) has this fixed length.
     max_atoms: int = 64
 
-    def __post_init__(self) -> None:
-        problems = []
-        if self.grid < 4:
-            problems.append(f"grid must be >= 4, got {self.grid}")
-        if not self.sigma > 0:
-            problems.append(f"sigma must be > 0 Å, got {self.sigma}")
-        if not self.box_size > 0:
-            problems.append(f"box_size must be > 0 Å, got {self.box_size}")
-        if self.rotations < 0:
-            problems.append(f"rotations must be >= 0, got {self.rotations}")
-        if not self.label_radius > 0:
-            problems.append(f"label_radius must be > 0 Å, got {self.label_radius}")
-        if not 1 <= self.max_atoms <= 4096:
-            problems.append(f"max_atoms must be in 1..4096, got {self.max_atoms}")
-        if self.cutoff_sigmas < 2:
-            problems.append(f"cutoff_sigmas must be >= 2, got {self.cutoff_sigmas}")
-        for f in fields(self):
-            allowed = typing.get_args(_hint(f.name))
-            if allowed and getattr(self, f.name) not in allowed:
-                problems.append(f"{f.name} must be one of {allowed}, got {getattr(self, f.name)!r}")
-        if problems:
-            raise ValueError("invalid VoxelConfig: " + "; ".join(problems))
-
+    def problems(self) -> list[str | None]:
+        return [
+            grid_problem(self.grid),
+            in_range(self, "sigma", 0, 5, low_open=True),
+            in_range(self, "box_size", 0, 200, low_open=True),
+            in_range(self, "rotations", 0, 1000),
+            in_range(self, "label_radius", 0, 5, low_open=True),
+            in_range(self, "max_atoms", 1, 1024),
+            in_range(self, "cutoff_sigmas", 2, 10),
+            in_range(self, "seed", 0),
+        ]
 
 
 def _hint(name: str) -> Any:

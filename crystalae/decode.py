@@ -166,21 +166,30 @@ def _image_translations(lattice, step, config) -> np.ndarray:
     return grid.reshape(-1, 3) @ lattice
 
 
-def _neighbour_density(pos, z, sigmas, centres, step, images, cutoff_sigmas) -> np.ndarray:
-    """(P, 27) modelled density at each peak's window from all *other* atoms and periodic images."""
+def _neighbour_density(pos, z, sigmas, centres, step, images, cutoff_sigmas, block_elements: int = 1 << 20
+                       ) -> np.ndarray:
+    """(P, 27) modelled density at each peak's window from all *other* atoms and periodic images.
+
+    Peaks are taken in blocks so the (block, P, images) distance array stays near `block_elements`:
+    memory grows linearly, not quadratically, with the number of atoms.
+    """
     window = OFFSETS @ step  # (27, 3)
     atoms = pos @ step
-    q = (centres @ step)[:, None, None, :] - atoms[None, :, None, :] - images[None, None, :, :]
-    dist = np.linalg.norm(q, axis=-1)  # (P, P, I)
-    reach = cutoff_sigmas * sigmas[None, :, None] + np.linalg.norm(window, axis=1).max()
-    near = dist < reach
     self_image = np.argmin(np.linalg.norm(images, axis=1))
-    near[np.arange(len(pos)), np.arange(len(pos)), self_image] = False
-    a, b, n = np.nonzero(near)
-    r2 = ((q[a, b, n][:, None, :] + window[None, :, :]) ** 2).sum(-1)  # (S, 27)
-    contrib = (z[b] * gaussian_norm(sigmas[b]))[:, None] * np.exp(-0.5 * r2 / sigmas[b, None] ** 2)
-    flat = (a[:, None] * 27 + np.arange(27)[None, :]).ravel()
-    return np.bincount(flat, contrib.ravel(), minlength=len(pos) * 27).reshape(len(pos), 27)
+    reach = cutoff_sigmas * sigmas[None, :, None] + np.linalg.norm(window, axis=1).max()
+    result = np.zeros((len(pos), 27))
+    block = max(1, block_elements // max(len(pos) * len(images), 1))
+    for start in range(0, len(pos), block):
+        rows = np.arange(start, min(start + block, len(pos)))
+        q = (centres[rows] @ step)[:, None, None, :] - atoms[None, :, None, :] - images[None, None, :, :]
+        near = np.linalg.norm(q, axis=-1) < reach  # (B, P, I)
+        near[np.arange(len(rows)), rows, self_image] = False
+        a, b, n = np.nonzero(near)
+        r2 = ((q[a, b, n][:, None, :] + window[None, :, :]) ** 2).sum(-1)  # (S, 27)
+        contrib = (z[b] * gaussian_norm(sigmas[b]))[:, None] * np.exp(-0.5 * r2 / sigmas[b, None] ** 2)
+        flat = (a[:, None] * 27 + np.arange(27)[None, :]).ravel()
+        result[rows] = np.bincount(flat, contrib.ravel(), minlength=len(rows) * 27).reshape(len(rows), 27)
+    return result
 
 
 def _distinct(pos, weight, step, lattice) -> np.ndarray:

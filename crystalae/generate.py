@@ -44,7 +44,9 @@ def voxelized_source(loaded: LoadedModel, source: str | Path, ids: list[str] | N
     voxel = loaded.voxel
     entries = list_entries(source, limit=limit)
     if ids is not None:
-        found = {e.material_id: e for e in entries}
+        found: dict[str, Any] = {}
+        for e in entries:  # the first, kept row of an id; later duplicates are rejected rows
+            found.setdefault(e.material_id, e)
         missing = [i for i in ids if i not in found]
         if missing:
             raise StructureError(f"ids not found in {source}: {missing}")
@@ -108,10 +110,12 @@ def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit:
     return metrics
 
 
-def sample(loaded: LoadedModel, count: int, seed: int = 0) -> list[Structure | None]:
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(count, loaded.model.config.latent_dim, generator=generator).to(_device(loaded))
-    return decode_to_structures(loaded, z)
+def sample(loaded: LoadedModel, count: int, seed: int = 0, prior: str = "auto",
+           temperature: float = 1.0) -> list[Structure | None]:
+    """`count` new crystals from the latent prior (the fitted one when the checkpoint has it)."""
+    from crystalae.prior import sample_latents
+
+    return decode_to_structures(loaded, sample_latents(loaded, count, seed, prior, temperature))
 
 
 def interpolate(loaded: LoadedModel, density_a, density_b, steps: int) -> list[Structure | None]:
@@ -128,9 +132,25 @@ def alter(loaded: LoadedModel, density, scale: float, count: int = 1, seed: int 
     return decode_to_structures(loaded, z + scale * noise)
 
 
-def write_generated(out: str | Path, named: list[tuple[str, Structure | None]]) -> dict[str, Any]:
-    """One CIF per crystal plus summary.csv and summary.json (validity rates)."""
+def check_generate_folder(out: str | Path, overwrite: bool = False) -> Path:
+    """`out` must be new or empty, unless `overwrite` (then an earlier run's files there are replaced)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the generated crystals")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} is not empty (an earlier run's crystals?); choose another folder "
+                         "or pass --overwrite to replace them")
+    return out
+
+
+def write_generated(out: str | Path, named: list[tuple[str, Structure | None]],
+                    overwrite: bool = False) -> dict[str, Any]:
+    """One CIF per crystal plus summary.csv and summary.json (validity rates), in a new or empty
+    folder; with `overwrite`, the CIFs and summaries of an earlier run there are removed first."""
+    out = check_generate_folder(out, overwrite)
+    if out.is_dir():
+        for stale in [*out.glob("*.cif"), out / "summary.csv", out / "summary.json"]:
+            stale.unlink(missing_ok=True)
     rows = []
     for name, structure in named:
         row = {"name": name, "formula": "", "n_atoms": 0, **validity(structure), "cif": ""}

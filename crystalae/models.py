@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crystalae.config import StrictConfig
+from crystalae.config import MAX_Z, StrictConfig, grid_problem, in_range
 
 
 @dataclass(frozen=True)
@@ -45,20 +45,23 @@ class ModelConfig(StrictConfig):
     # the site head also reads the decoder's last feature map at the atom (periodic trilinear sample)
     site_features: bool = True
 
-    def __post_init__(self) -> None:
+    def problems(self) -> list[str | None]:
+        bounds = {"latent_dim": 4096, "depth": 7, "base_width": 1024, "max_width": 2048, "seg_depth": 7,
+                  "seg_width": 512, "site_width": 4096, "fourier_order": 32, "n_classes": MAX_Z + 1}
+        problems = [grid_problem(self.grid), *(in_range(self, k, 1, high) for k, high in bounds.items())]
+        if any(problems):
+            return problems
         if self.grid % (2**self.depth) != 0:
-            raise ValueError(f"grid {self.grid} must be divisible by 2**depth = {2**self.depth}")
+            problems.append(f"grid {self.grid} must be divisible by 2**depth = {2**self.depth}")
         if self.grid % (2**self.seg_depth) != 0:
-            raise ValueError(f"grid {self.grid} must be divisible by 2**seg_depth = {2**self.seg_depth}")
+            problems.append(f"grid {self.grid} must be divisible by 2**seg_depth = {2**self.seg_depth}")
         if self.n_classes != len(self.species) + 1:
-            raise ValueError(f"n_classes {self.n_classes} must be len(species) + 1 = {len(self.species) + 1}")
-        if self.species_from not in ("site", "segmenter", "density"):
-            raise ValueError(f"species_from must be site, segmenter or density, got {self.species_from!r}")
+            problems.append(f"n_classes {self.n_classes} must be len(species) + 1 = {len(self.species) + 1}")
+        if not all(1 <= z <= MAX_Z for z in self.species):
+            problems.append(f"species must be atomic numbers in 1..{MAX_Z}, got {list(self.species)}")
         if self.species_from == "site" and not self.periodic:
-            raise ValueError("species_from='site' reads fractional positions: it needs the periodic cell grid")
-        for name in ("latent_dim", "depth", "base_width", "seg_depth", "seg_width", "site_width", "fourier_order"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            problems.append("species_from='site' reads fractional positions: it needs the periodic cell grid")
+        return problems
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -27,15 +27,15 @@ def roundtrip_chunk(task: tuple[list[tuple[int, Entry]], dict, str]) -> list[dic
         row: dict[str, Any] = {"index": index, "material_id": entry.material_id, "cif": "", "error": ""}
         try:
             true = reduce_cell(load_structure(entry), config.reduce)
-        except StructureError as exc:
+            density = voxelize(true, config, rotation_matrix(config, entry.material_id, 0))
+        except (StructureError, VoxelizeError) as exc:
             rows.append({**row, "error": f"input rejected: {exc}", "valid_input": False})
             continue
         predicted = None
         try:
-            density = voxelize(true, config, rotation_matrix(config, entry.material_id, 0))
             predicted = decode(density, species=species, composition=true.composition)
             row["cif"] = predicted.to(fmt="cif")
-        except (VoxelizeError, DecodeError) as exc:
+        except DecodeError as exc:
             row["error"] = str(exc)
         rows.append({**row, **compare(predicted, true), "valid_input": True})
     return rows

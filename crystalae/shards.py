@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from crystalae.config import VoxelConfig
+from crystalae.config import StrictConfig, VoxelConfig, in_range
 from crystalae.io import atomic_write, sha256_file, write_json, write_text
 from crystalae.parallel import default_workers, map_chunks
 from crystalae.sources import Entry, StructureError, list_entries, load_structure, reduce_cell
@@ -37,11 +37,21 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
-class PrepareOptions:
+class PrepareOptions(StrictConfig):
     shard_size: int = 256  # crystals per shard (box rotations multiply the rows)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     limit: int | None = None  # use only the first N entries of the source
+
+    def problems(self) -> list[str | None]:
+        return [
+            in_range(self, "shard_size", 1, 100_000),
+            in_range(self, "val_fraction", 0, 1),
+            in_range(self, "test_fraction", 0, 1),
+            None if self.val_fraction + self.test_fraction < 1 else
+            f"val_fraction + test_fraction must leave a train split (< 1), got {self.val_fraction + self.test_fraction}",
+            None if self.limit is None or self.limit >= 1 else f"limit must be >= 1, got {self.limit}",
+        ]
 
 
 def split_of(material_id: str, val_fraction: float, test_fraction: float) -> str:
@@ -97,7 +107,7 @@ def voxelize_chunk(task: tuple[list[tuple[int, Entry]], dict, PrepareOptions]) -
             continue
         except Exception as exc:  # one odd input must never cost the rest of the dataset
             rejects.append({"index": index, "material_id": entry.material_id,
-                            "reason": f"unexpected {type(exc).__name__}: {exc}"})
+                            "reason": f"unexpected {type(exc).__name__}" + (f": {exc}" if str(exc) else "")})
             continue
         cif = str(CifWriter(structure))
         for r, d in enumerate(grids):
@@ -134,10 +144,13 @@ def prepare_dataset(
     unless `overwrite`.
     """
     out = Path(out)
-    entries = list_entries(source, limit=options.limit)
+    check_shard_memory(config, options)
+    entries = list_entries(source)
+    listed = len(entries)
+    entries = entries[: options.limit]  # None keeps all
     plan = {"format": FORMAT, "source": [str(p) for p in source] if isinstance(source, (list, tuple)) else str(source),
-            "entries": len(entries),
-            "config": config.as_dict(), "options": asdict(options)}
+            "entries": len(entries), "skipped": listed - len(entries),
+            "config": config.as_dict(), "options": options.as_dict()}
     _claim_folder(out, plan, overwrite)
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -156,6 +169,19 @@ def prepare_dataset(
         write_json(path.with_suffix(".json"), {"file": path.name, "rows": table.num_rows,
                                                "sha256": sha256_file(path), "rejects": rejects})
     return _finish(out, plan, [_shard_record(shard_dir, k) for k in range(len(chunks))])
+
+
+MAX_SHARD_BYTES = 2 * 2**30  # a shard is built in memory before it is written
+
+
+def check_shard_memory(config: VoxelConfig, options: PrepareOptions) -> None:
+    """Refuse settings whose shards would not fit in memory, naming the options that set the size."""
+    rows = options.shard_size * (max(1, config.rotations) if config.representation == "box" else 1)
+    size = rows * config.grid**3 * 5  # float32 density + uint8 labels per voxel
+    if size > MAX_SHARD_BYTES:
+        raise DatasetError(f"one shard would hold {rows} grids of {config.grid}^3 voxels ({size / 2**30:.1f} GiB "
+                           f"in memory, limit {MAX_SHARD_BYTES / 2**30:.0f} GiB): lower --shard-size"
+                           + (", --rotations" if config.representation == "box" else "") + " or --grid")
 
 
 def _claim_folder(out: Path, plan: dict, overwrite: bool) -> None:
@@ -193,7 +219,7 @@ def _finish(out: Path, plan: dict, records: list[dict]) -> dict[str, Any]:
     shards = [{"file": f"shards/{rec['file']}", "rows": rec["rows"], "sha256": rec["sha256"]} for rec in records]
     manifest = {
         **plan,
-        "counts": {"entries": plan["entries"], "rejected": len(rejects),
+        "counts": {"entries": plan["entries"], "skipped": plan["skipped"], "rejected": len(rejects),
                    "crystals": plan["entries"] - len(rejects),
                    "rows": sum(rec["rows"] for rec in records), "splits": splits},
         "shards": shards,

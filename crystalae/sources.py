@@ -5,6 +5,7 @@ later, in `load_structure`, with a reason that lands in the rejects table instea
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class Entry:
     text: str = ""
     structure: Structure | None = None
     duplicate_of: int | None = None  # position of the first entry with this id
+    error: str | None = None  # why the raw input could not even be read (it is rejected with this reason)
 
 
 def list_entries(source: str | Path | list | tuple, limit: int | None = None) -> list[Entry]:
@@ -67,7 +69,10 @@ def list_entries(source: str | Path | list | tuple, limit: int | None = None) ->
 def _csv_entries(path: Path) -> list[Entry]:
     import pandas as pd
 
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise SourceError(f"{path}: not a readable CSV ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if "cif" not in frame.columns:
         raise SourceError(f"{path}: CSV needs a 'cif' column, found {list(frame.columns)}")
     ids = frame["material_id"] if "material_id" in frame.columns else frame.index.astype(str)
@@ -91,7 +96,13 @@ def _file_entry(path: Path) -> Entry:
     fmt = _format_of(path)
     if fmt is None:
         raise SourceError(f"{path}: unknown structure format (use .cif, .json, .vasp or POSCAR)")
-    return Entry(path.stem if fmt != "poscar" or path.suffix else path.name, fmt, path.read_text())
+    name = path.stem if fmt != "poscar" or path.suffix else path.name
+    try:
+        return Entry(name, fmt, path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:  # binary or latin-1: this file is rejected, the others still load
+        return Entry(name, fmt, error=f"{path.name} is not UTF-8 text (byte {exc.start}: {exc.reason})")
+    except OSError as exc:
+        return Entry(name, fmt, error=f"{path.name} cannot be read ({exc.strerror or type(exc).__name__})")
 
 
 def _mark_duplicates(entries: list[Entry]) -> list[Entry]:
@@ -99,7 +110,7 @@ def _mark_duplicates(entries: list[Entry]) -> list[Entry]:
     marked = []
     for i, e in enumerate(entries):
         if e.material_id in first:
-            e = Entry(e.material_id, e.fmt, e.text, e.structure, duplicate_of=first[e.material_id])
+            e = dataclasses.replace(e, duplicate_of=first[e.material_id])
         else:
             first[e.material_id] = i
         marked.append(e)
@@ -108,6 +119,8 @@ def _mark_duplicates(entries: list[Entry]) -> list[Entry]:
 
 def load_structure(entry: Entry) -> Structure:
     """Parse and check one entry; raises StructureError with the reason."""
+    if entry.error is not None:
+        raise StructureError(entry.error)
     if entry.duplicate_of is not None:
         raise StructureError(f"duplicate material_id (first at entry {entry.duplicate_of})")
     if entry.structure is not None:

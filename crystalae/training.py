@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from crystalae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from crystalae.config import StrictConfig, VoxelConfig
+from crystalae.config import StrictConfig, VoxelConfig, in_range
 from crystalae.inference import (class_lookup, decode_latents, density_scale, lattice_targets,
                                  model_config_for, structures_from_outputs)
 from crystalae.metrics import compare, reconstruction_score, site_confusion, summarize
@@ -31,6 +31,12 @@ from crystalae.voxelize import voxelize_arrays
 
 SCORE = ("val_score", "max")  # the default objective: comparable across sigma, grid and architecture
 BATCH_COLUMNS = ("density", "labels", "lattice", "sites")
+# Metrics every epoch reports (a sweep objective must be one of them); lattice terms need the cell grid.
+REPORTED_METRICS = (
+    "val_score", "val_match_rate", "val_rms", "val_species_accuracy", "val_atom_count_rate",
+    "val_density_mse", *(f"{split}_{term}" for split in ("val", "train") for term in ("loss", "recon", "kl", "seg", "lattice")),
+    "epoch_seconds", "eval_seconds",
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ class TrainConfig(StrictConfig):
     seed: int = 0
     keep_checkpoints: int = 2  # best k by the score metric
     eval_limit: int = 64  # validation crystals decoded end to end per epoch (StructureMatcher is slow)
-    schedule: str = "cosine"  # learning rate: "cosine" (linear warm-up, cosine decay to min_lr) or "constant"
+    schedule: Literal["cosine", "constant"] = "cosine"  # learning rate: "cosine" (linear warm-up, cosine decay to min_lr) or "constant"
     warmup_epochs: float = 0.5
     min_lr: float = 1e-5
     # Augmentation of training batches (cell grids): a random whole-voxel periodic shift, which is
@@ -72,17 +78,18 @@ class TrainConfig(StrictConfig):
     # epoch re-runs the Parquet read and tensor conversion. Turn off when the set exceeds memory.
     cache_dataset: bool = True
 
-    def __post_init__(self) -> None:
-        problems = [f"{name} must be > 0, got {getattr(self, name)}" for name in ("epochs", "batch_size", "lr", "workers")
-                    if not getattr(self, name) > 0]
-        if self.schedule not in ("cosine", "constant"):
-            problems.append(f"schedule must be cosine or constant, got {self.schedule!r}")
-        if not 0 <= self.substitute <= 1:
-            problems.append(f"substitute must be a probability in [0, 1], got {self.substitute}")
-        if self.threads < 0 or self.negatives < 0 or self.warmup_epochs < 0:
-            problems.append("threads, negatives and warmup_epochs must be >= 0")
-        if problems:
-            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+    def problems(self) -> list[str | None]:
+        positive = {"epochs": 100_000, "batch_size": 4096, "workers": 1024, "keep_checkpoints": 1000}
+        non_negative = {"weight_decay": 1.0, "beta": None, "seg_weight": None, "lattice_weight": None,
+                        "background_weight": None, "threads": 1024, "seed": None, "eval_limit": 100_000,
+                        "warmup_epochs": None, "min_lr": None, "negatives": 1024, "species_smoothing": 100.0,
+                        "z_weight": None}
+        return [
+            *(in_range(self, k, 1, high) for k, high in positive.items()),
+            *(in_range(self, k, 0, high) for k, high in non_negative.items()),
+            in_range(self, "lr", 0, 10, low_open=True),
+            in_range(self, "substitute", 0, 1),
+        ]
 
     def resolved(self) -> "TrainConfig":
         """`threads` 0 made concrete: this machine's cores shared among the workers."""

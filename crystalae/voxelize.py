@@ -14,9 +14,7 @@ from functools import lru_cache
 import numpy as np
 from pymatgen.core import Element, Structure
 
-from crystalae.config import VoxelConfig
-
-MAX_Z = 103  # highest Z with a tabulated atomic radius; labels are stored as uint8
+from crystalae.config import MAX_Z, VoxelConfig
 
 
 class VoxelizeError(ValueError):
@@ -126,6 +124,8 @@ def voxelize_arrays(
     """Array form of `voxelize`: lattice rows (3, 3), fractional coords (A, 3), Z (A,)."""
     if len(numbers) == 0:
         raise VoxelizeError("structure has no atoms")
+    if len(numbers) > config.max_atoms:  # decoding it would cost memory quadratic in the atoms
+        raise VoxelizeError(f"{len(numbers)} atoms, more than max_atoms={config.max_atoms}")
     if numbers.max() > MAX_Z or numbers.min() < 1:
         raise VoxelizeError(f"atomic numbers must be in 1..{MAX_Z}, got {sorted(set(numbers))}")
     sigmas = atom_sigmas(numbers, config)

@@ -25,7 +25,7 @@ from crystalae.checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
-from search.registry import Registry, RegistryError
+from crystalae.registry import Registry, RegistryError
 from search.sweep import collect_trials
 
 STORAGE_ENV = "CRYSTALAE_STORAGE"

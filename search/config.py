@@ -18,16 +18,16 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from crystalae.config import VoxelConfig
+from crystalae.config import ConfigError, StrictConfig, VoxelConfig, check_name, in_range
+from crystalae.inference import model_config_for
 from crystalae.models import ModelConfig
-from crystalae.training import TrainConfig
+from crystalae.shards import PrepareOptions
+from crystalae.training import REPORTED_METRICS, TrainConfig
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DISTRIBUTIONS = {"categorical", "uniform", "loguniform", "int"}
 VOXEL_PARAMS = {"sigma", "element_sigma", "label_radius"}
 MODEL_PARAMS = {f.name for f in fields(ModelConfig)} - {"grid", "periodic", "species", "n_classes", "lattice_head"}
@@ -38,14 +38,6 @@ class SweepConfigError(ValueError):
     """The sweep YAML is invalid (the message names the key and the reason)."""
 
 
-def check_name(name: str, what: str = "name") -> str:
-    """Names become folder names: letters, digits, '_', '-', '.' only, no path traversal."""
-    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
-        raise SweepConfigError(f"invalid {what} {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
-                               "starting with a letter or digit")
-    return name
-
-
 @dataclass(frozen=True)
 class Param:
     name: str
@@ -53,6 +45,12 @@ class Param:
     values: tuple = ()
     low: float | None = None
     high: float | None = None
+
+    def extremes(self) -> tuple:
+        """The values a trial can be given at the edges of this distribution."""
+        if self.type == "categorical":
+            return self.values
+        return (int(self.low), int(self.high)) if self.type == "int" else (self.low, self.high)
 
     def to_tune(self):
         from ray import tune
@@ -67,7 +65,7 @@ class Param:
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(StrictConfig):
     name: str
     data: dict[str, Any]
     search_space: tuple[Param, ...]
@@ -88,6 +86,23 @@ class SweepConfig:
     train: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     max_failures: int = 2
+
+    def problems(self) -> list[str | None]:
+        limits = {"trials": 100_000, "epochs": 100_000, "workers_per_trial": 1024, "cpus_per_worker": 1024,
+                  "max_concurrent": 1024, "grace_period": self.epochs}
+        return [
+            *(in_range(self, key, 1, high) for key, high in limits.items()),
+            in_range(self, "gpus_per_worker", 0, 64),
+            in_range(self, "max_failures", 0, 1000),
+            in_range(self, "seed", 0),
+            None if self.time_budget_s is None or self.time_budget_s > 0 else
+            f"time_budget_s must be > 0 (or left out), got {self.time_budget_s}",
+            None if self.objective_metric in REPORTED_METRICS else
+            f"objective metric {self.objective_metric!r} is not reported by training (choose from {list(REPORTED_METRICS)})",
+            None if self.objective_mode in ("min", "max") else f"objective mode must be min or max, got {self.objective_mode!r}",
+            None if self.algorithm in ("tpe", "random") else f"search algorithm must be tpe or random, got {self.algorithm!r}",
+            None if self.scheduler in ("asha", "fifo") else f"search scheduler must be asha or fifo, got {self.scheduler!r}",
+        ]
 
     def voxel_config(self, sigma_overrides: dict[str, Any] | None = None) -> VoxelConfig:
         return VoxelConfig.from_dict({**_voxel_values(self.data), **(sigma_overrides or {})})
@@ -117,78 +132,102 @@ def load_sweep_config(path: str | Path, name: str | None = None) -> SweepConfig:
     import yaml
 
     path = Path(path)
-    if not path.exists():
-        raise SweepConfigError(f"sweep config {path} does not exist")
+    if not path.is_file():
+        raise SweepConfigError(f"sweep config {path} does not exist or is not a file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise SweepConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8)") from None
     except yaml.YAMLError as exc:
-        raise SweepConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise SweepConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise SweepConfigError(f"{path}: top level must be a mapping of sections, found a {type(raw).__name__}")
     if name is not None:
         raw["name"] = name
     return parse_sweep_config(raw, str(path))
 
 
 def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> SweepConfig:
+    """Validate every section against the typed configs a trial will build, before Ray starts."""
     def fail(message: str):
         raise SweepConfigError(f"{where}: {message}")
 
     if not isinstance(raw, dict):
-        fail("top level must be a mapping")
+        fail(f"top level must be a mapping of sections, found a {type(raw).__name__}")
     unknown = set(raw) - set(_SECTIONS)
     if unknown:
-        fail(f"unknown keys {sorted(unknown)} (allowed: {sorted(_SECTIONS)})")
+        fail(f"unknown keys {sorted(map(str, unknown))} (allowed: {sorted(_SECTIONS)})")
     flat: dict[str, Any] = {}
     for section, keys in _SECTIONS.items():
-        if keys is None or section not in raw:
+        if section not in raw or section in ("name", "max_concurrent"):
             continue
-        value = raw[section] or {}
+        value = raw[section] if raw[section] is not None else {}
         if not isinstance(value, dict):
-            fail(f"{section} must be a mapping")
-        bad = set(value) - keys
+            fail(f"{section} must be a mapping, got {value!r}")
+        bad = set(value) - keys if keys is not None else set()
         if bad:
-            fail(f"unknown keys in {section}: {sorted(bad)} (allowed: {sorted(keys)})")
-        flat.update({("objective_" + k if section == "objective" else k): v for k, v in value.items()})
-
-    check_name(raw.get("name", ""), "sweep name") if "name" in raw else fail("missing `name`")
-    data = dict(raw.get("data") or {})
-    if "source" not in data:
-        fail("data.source is required (a structure source such as demo:160 or a CSV path)")
+            fail(f"unknown keys in {section}: {sorted(map(str, bad))} (allowed: {sorted(keys)})")
+        if keys is not None:
+            flat.update({("objective_" + k if section == "objective" else k): v for k, v in value.items()})
+    if "name" not in raw:
+        fail("missing `name`")
     try:
-        grid = VoxelConfig.from_dict(_voxel_values(data)).grid
-    except (TypeError, ValueError) as exc:
-        fail(f"data: {exc}")
+        check_name(raw["name"], "sweep name")
+    except ConfigError as exc:
+        fail(str(exc))
 
-    space = []
-    for pname, spec in (raw.get("search_space") or {}).items():
-        space.append(_param(pname, spec, fail))
-    if not space:
-        fail("search_space is empty")
+    data = dict(raw.get("data") or {})
+    _check_source(data.get("source"), fail)
+    fixed_train, fixed_model = dict(raw.get("train") or {}), dict(raw.get("model") or {})
     for section, allowed, cls in (("train", TRAIN_PARAMS, TrainConfig), ("model", MODEL_PARAMS, ModelConfig)):
         bad = set(raw.get(section) or {}) - allowed
         if bad:
-            fail(f"unknown keys in {section}: {sorted(bad)} (see {cls.__name__})")
-    for p in space:  # a depth the grid cannot halve that often would only fail inside a trial
-        if p.name in ("depth", "seg_depth"):
-            deepest = int(max(p.values) if p.type == "categorical" else p.high)
-            if grid % 2**deepest:
-                fail(f"search_space.{p.name}: depth {deepest} needs the grid ({grid}) divisible by {2**deepest}")
-    for name in ("depth", "seg_depth"):
-        fixed = (raw.get("model") or {}).get(name)
-        if isinstance(fixed, int) and grid % 2**fixed:
-            fail(f"model.{name}: depth {fixed} needs the grid ({grid}) divisible by {2**fixed}")
-    config = SweepConfig(name=raw["name"], data=data, search_space=tuple(space),
-                         train=dict(raw.get("train") or {}), model=dict(raw.get("model") or {}),
-                         max_concurrent=int(raw.get("max_concurrent", 2)), **flat)
-    if config.objective_mode not in ("min", "max"):
-        fail(f"objective.mode must be min or max, got {config.objective_mode!r}")
-    if config.algorithm not in ("tpe", "random"):
-        fail(f"search.algorithm must be tpe or random, got {config.algorithm!r}")
-    if config.scheduler not in ("asha", "fifo"):
-        fail(f"search.scheduler must be asha or fifo, got {config.scheduler!r}")
-    for key in ("trials", "epochs", "workers_per_trial", "cpus_per_worker", "max_concurrent", "grace_period"):
-        if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
-            fail(f"{key} must be a positive integer, got {getattr(config, key)!r}")
+            fail(f"unknown keys in {section}: {sorted(map(str, bad))} (see {cls.__name__})")
+    space = tuple(_param(pname, spec, fail) for pname, spec in (raw.get("search_space") or {}).items())
+    if not space:
+        fail("search_space is empty")
+    try:
+        config = SweepConfig(name=raw["name"], data=data, search_space=space, train=fixed_train,
+                             model=fixed_model, max_concurrent=raw.get("max_concurrent", 2), **flat)
+    except ConfigError as exc:
+        fail(str(exc))
+    try:
+        PrepareOptions(val_fraction=data.get("val_fraction", 0.2), test_fraction=data.get("test_fraction", 0.0))
+    except ConfigError as exc:
+        fail(f"data: {exc}")
+    # every extreme of the search space must make valid configs, or a trial would fail hours later
+    for value_of in [{}] + [{p.name: v} for p in space for v in p.extremes()]:
+        where_value = f"search_space.{next(iter(value_of))}={next(iter(value_of.values()))!r}: " if value_of else ""
+        try:
+            trial_configs(config, value_of)
+        except ConfigError as exc:
+            fail(f"{where_value or 'data/model/train: '}{exc}")
     return config
+
+
+def trial_configs(sweep: SweepConfig, params: dict[str, Any]) -> tuple[VoxelConfig, ModelConfig, TrainConfig]:
+    """The configs one trial builds from the sweep and its sampled `params` (species are the data's
+    and are not known here, so a placeholder stands in)."""
+    voxel = sweep.voxel_config({k: v for k, v in params.items() if k in VOXEL_PARAMS})
+    model = model_config_for(voxel, (6,), **{**sweep.model, **{k: v for k, v in params.items() if k in MODEL_PARAMS}})
+    train = TrainConfig.from_dict({**sweep.train, **{k: v for k, v in params.items() if k in TRAIN_PARAMS},
+                                   "epochs": sweep.epochs, "workers": sweep.workers_per_trial,
+                                   "threads": sweep.cpus_per_worker, "use_gpu": sweep.gpus_per_worker > 0})
+    return voxel, model, train
+
+
+def _check_source(source: Any, fail) -> None:
+    """`demo[:N]`, a URI, or a local path that exists (relative paths resolve from the current folder)."""
+    if source is None:
+        fail("data.source is required (a structure source such as demo:160 or a CSV path)")
+    if not isinstance(source, str) or not source:
+        fail(f"data.source must be a path or demo[:N], got {source!r}")
+    if source.startswith("demo"):
+        count = source.partition(":")[2]
+        if source != "demo" and not (source.startswith("demo:") and count.isdigit() and 1 <= int(count) <= 1_000_000):
+            fail(f"data.source {source!r}: use demo or demo:N with N in 1..1000000")
+    elif "://" not in source and not Path(source).exists():
+        fail(f"data.source {source} does not exist")
 
 
 def _voxel_values(data: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +239,7 @@ def _param(pname: str, spec: Any, fail) -> Param:
     if pname not in VOXEL_PARAMS | MODEL_PARAMS | TRAIN_PARAMS:
         fail(f"search_space.{pname}: not a tunable field (voxel: {sorted(VOXEL_PARAMS)}; "
              f"model: {sorted(MODEL_PARAMS)}; train: {sorted(TRAIN_PARAMS)})")
-    if not isinstance(spec, dict) or spec.get("type") not in DISTRIBUTIONS:
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or spec["type"] not in DISTRIBUTIONS:
         fail(f"search_space.{pname}: needs `type` in {sorted(DISTRIBUTIONS)}")
     kind = spec["type"]
     extra = set(spec) - ({"type", "values"} if kind == "categorical" else {"type", "low", "high"})

@@ -19,7 +19,7 @@ from typing import Any
 
 from crystalae.io import write_json
 from crystalae.shards import PrepareOptions, prepare_dataset
-from search.config import MODEL_PARAMS, TRAIN_PARAMS, VOXEL_PARAMS, SweepConfig
+from search.config import MODEL_PARAMS, VOXEL_PARAMS, SweepConfig, trial_configs
 
 FAIL_ONCE_ENV = "CRYSTALAE_FAIL_ONCE_DIR"  # fault injection for tests: each trial raises once
 
@@ -48,14 +48,9 @@ def dataset_for(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: Path)
 
 def trial_settings(sweep: SweepConfig, params: dict[str, Any]):
     """Split a Tune sample into voxel overrides, model overrides and the TrainConfig."""
-    from crystalae.training import TrainConfig
-
     voxel = {k: v for k, v in params.items() if k in VOXEL_PARAMS}
     model = {**sweep.model, **{k: v for k, v in params.items() if k in MODEL_PARAMS}}
-    train = TrainConfig.from_dict({**sweep.train, **{k: v for k, v in params.items() if k in TRAIN_PARAMS},
-                                   "epochs": sweep.epochs, "workers": sweep.workers_per_trial,
-                                   "threads": sweep.cpus_per_worker, "use_gpu": sweep.gpus_per_worker > 0})
-    return voxel, model, train
+    return voxel, model, trial_configs(sweep, params)[2]
 
 
 def run_trial(params: dict[str, Any], sweep_dict: dict[str, Any], root: str) -> None:
@@ -249,7 +244,7 @@ def best_checkpoint(summary: dict[str, Any], metric: str | None = None, mode: st
 
 def promote_best(root: str | Path, registry, name: str | None = None, alias: str | None = None,
                  metric: str | None = None, mode: str | None = None) -> dict[str, Any]:
-    """Promote the sweep's best kept checkpoint into `registry` (a search.registry.Registry)."""
+    """Promote the sweep's best kept checkpoint into `registry` (a crystalae.registry.Registry)."""
     root = Path(root)
     summary = collect_trials(root)
     trial, checkpoint = best_checkpoint(summary, metric, mode)

@@ -67,7 +67,7 @@ def tiny_sweep(tmp_path_factory):
     import ray
 
     from search.config import load_sweep_config
-    from search.registry import Registry
+    from crystalae.registry import Registry
     from search.sweep import promote_best, run_sweep, sweep_dir
 
     base = tmp_path_factory.mktemp("sweep")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from search.config import SweepConfigError, load_sweep_config
-from search.registry import Registry, RegistryError
+from crystalae.registry import Registry, RegistryError
 from search.sweep import collect_trials
 
 from conftest import TINY_SWEEP
@@ -75,7 +75,7 @@ def test_promote_alias_and_generate_from_alias(tiny_sweep, tmp_path):
     assert Registry(reg2).aliases() == {"champion": "tiny@2"} and Registry(reg2).versions("tiny") == [1, 2]
     with pytest.raises(RegistryError, match="no version"):
         Registry(reg2).resolve("tiny@7")
-    with pytest.raises(SweepConfigError, match="invalid model name"):
+    with pytest.raises(RegistryError, match="invalid model name"):
         Registry(reg2).promote(registry.resolve("champion"), "../evil")
 
 
@@ -234,5 +234,5 @@ def test_depth_the_grid_cannot_support_is_refused(tmp_path):
     path = tmp_path / "deep.yaml"
     path.write_text(TINY_SWEEP.replace("sigma: {type: categorical, values: [0.5, 0.6]}",
                                        "depth: {type: int, low: 1, high: 4}"))
-    with pytest.raises(SweepConfigError, match="depth 4 needs the grid \\(8\\) divisible by 16"):
+    with pytest.raises(SweepConfigError, match="depth=4: .*grid 8 must be divisible by 2\\*\\*depth = 16"):
         load_sweep_config(path)

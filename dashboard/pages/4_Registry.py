@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data, views
-from search.registry import Registry
+from crystalae.registry import Registry
 
 st.set_page_config(page_title="Registry · crystalae", page_icon="💎", layout="wide")
 if "promote_message" not in st.session_state:

@@ -4,27 +4,43 @@
     <root>/aliases.json                                           {"champion": "demo@3", ...}
 
 A version folder is assembled in a temp folder and renamed into place; version numbers and aliases
-change under a file lock, so concurrent promotes never collide or corrupt the registry.
+change under a file lock, so concurrent promotes never collide or corrupt the registry. A promote is
+all or nothing: if its alias cannot be written, the new version is removed again.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from crystalae.checkpoint import FILENAME, read_checkpoint
+from crystalae.config import ConfigError, check_name
 from crystalae.io import sha256_file, write_json
-from search.config import check_name
 
 DEFAULT_ROOT = Path("runs/registry")
+ALIASES = "aliases.json"
+_RESERVED_SUFFIXES = (".json", ".lock", ".tmp")  # the registry's own files live beside the model folders
 
 
 class RegistryError(ValueError):
-    """Unknown model, version or alias, or an invalid name."""
+    """Unknown model, version or alias, an invalid name, or a damaged registry file."""
+
+
+def check_model_name(name: Any, what: str = "model name") -> str:
+    """A registry name: a safe folder name that cannot collide with the registry's own files."""
+    try:
+        check_name(name, what)
+    except ConfigError as exc:
+        raise RegistryError(str(exc)) from None
+    if name.lower().endswith(_RESERVED_SUFFIXES):
+        raise RegistryError(f"invalid {what} {name!r}: names ending in {', '.join(_RESERVED_SUFFIXES)} "
+                            "are reserved for the registry's own files")
+    return name
 
 
 class Registry:
@@ -40,12 +56,13 @@ class Registry:
     def promote(self, checkpoint: str | Path, name: str, alias: str | None = None,
                 source: dict[str, Any] | None = None) -> dict[str, Any]:
         """Copy `checkpoint` into a new version of `name` (and point `alias` at it)."""
-        check_name(name, "model name")
+        check_model_name(name)
         if alias is not None:
-            check_name(alias, "alias")
+            check_model_name(alias, "alias")
         payload = read_checkpoint(checkpoint)  # validates before anything is copied
         folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
         with self._lock():
+            aliases = self.aliases() if alias is not None else {}  # a damaged alias file stops us here
             version = 1 + max(self.versions(name), default=0)
             target = self.root / name / f"v{version}"
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +86,11 @@ class Registry:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             if alias is not None:
-                self._set_alias_locked(alias, manifest["ref"])
+                try:
+                    write_json(self.root / ALIASES, {**aliases, alias: manifest["ref"]})
+                except BaseException:
+                    shutil.rmtree(target, ignore_errors=True)
+                    raise
         return manifest
 
     def versions(self, name: str) -> list[int]:
@@ -80,27 +101,41 @@ class Registry:
                       if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit())
 
     def aliases(self) -> dict[str, str]:
-        path = self.root / "aliases.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        """alias -> NAME@VERSION; a damaged aliases.json raises RegistryError naming the file."""
+        path = self.root / ALIASES
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"{path} is damaged ({type(exc).__name__}); fix or delete it "
+                                "(it only holds aliases: the model versions are intact)") from None
+        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+            raise RegistryError(f"{path} is damaged: expected a mapping of alias to NAME@VERSION; fix or delete it")
+        return data
 
     def set_alias(self, alias: str, ref: str) -> None:
-        check_name(alias, "alias")
+        check_model_name(alias, "alias")
         with self._lock():
             self.resolve(ref)
-            self._set_alias_locked(alias, ref)
-
-    def _set_alias_locked(self, alias: str, ref: str) -> None:
-        aliases = self.aliases()
-        aliases[alias] = ref
-        write_json(self.root / "aliases.json", aliases)
+            write_json(self.root / ALIASES, {**self.aliases(), alias: ref})
 
     def resolve(self, ref: str) -> Path:
-        """`alias`, `name@version` or `name` (latest version) -> the version folder."""
-        aliases = self.aliases()
+        """`alias`, `name@version` or `name` (latest version) -> the version folder.
+
+        `name@version` and `name` still resolve when aliases.json is damaged; only aliases need it.
+        """
+        try:
+            aliases = self.aliases()
+        except RegistryError as damaged:
+            if "@" in ref or self.versions(ref.partition("@")[0]):
+                aliases = {}
+            else:
+                raise RegistryError(f"cannot resolve {ref!r}: {damaged}") from None
         if ref in aliases:
             ref = aliases[ref]
         name, _, version = ref.partition("@")
-        check_name(name, "model name")
+        check_model_name(name)
         versions = self.versions(name)
         if not versions:
             raise RegistryError(f"no model or alias {ref!r} in registry {self.root}")
@@ -113,15 +148,31 @@ class Registry:
         return self.root / name / f"v{number}"
 
     def entries(self) -> list[dict[str, Any]]:
-        """Every version's manifest, with the aliases pointing at it."""
-        by_ref: dict[str, list[str]] = {}
-        for alias, ref in self.aliases().items():
-            by_ref.setdefault(ref, []).append(alias)
-        result = []
+        """Every complete version's manifest, with the aliases pointing at it.
+
+        A damaged version (no readable manifest) or alias file is skipped with a warning on stderr,
+        so one bad file never hides the rest of the registry.
+        """
+        result: list[dict[str, Any]] = []
         if not self.root.exists():
             return result
+        try:
+            aliases = self.aliases()
+        except RegistryError as exc:
+            print(f"crystalae: warning: {exc}; listing models without aliases", file=sys.stderr)
+            aliases = {}
+        by_ref: dict[str, list[str]] = {}
+        for alias, ref in aliases.items():
+            by_ref.setdefault(ref, []).append(alias)
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for version in self.versions(folder.name):
-                manifest = json.loads((folder / f"v{version}" / "manifest.json").read_text())
-                result.append({**manifest, "aliases": sorted(by_ref.get(manifest["ref"], []))})
+                path = folder / f"v{version}" / "manifest.json"
+                try:
+                    manifest = json.loads(path.read_text(encoding="utf-8"))
+                    ref = manifest["ref"]
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                    print(f"crystalae: warning: skipped {path.parent}: no readable manifest.json "
+                          f"({type(exc).__name__})", file=sys.stderr)
+                    continue
+                result.append({**manifest, "aliases": sorted(by_ref.get(ref, []))})
         return result

@@ -1,0 +1,80 @@
+"""The fitted latent prior: fit on a prepared dataset, stored in the checkpoint, used by sampling."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from crystalae.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    from crystalae.checkpoint import save_checkpoint
+    from crystalae.config import VoxelConfig
+    from crystalae.models import CrystalAE, ModelConfig
+    from crystalae.shards import PrepareOptions, prepare_dataset
+
+    base = tmp_path_factory.mktemp("prior")
+    voxel = VoxelConfig(grid=8)
+    prepare_dataset("demo:24", base / "data", voxel, PrepareOptions(val_fraction=0.2, test_fraction=0.0), workers=1)
+    torch.manual_seed(0)
+    model = CrystalAE(ModelConfig(grid=8, latent_dim=6, depth=1, base_width=4, max_width=8, seg_depth=1,
+                                  seg_width=4, residual=False, site_width=8))
+    save_checkpoint(base / "model", model, voxel, epoch=0, metrics={}, train_config={}, dataset_hash="x")
+    return base / "model", base / "data"
+
+
+def test_fitted_prior_matches_the_training_latents_and_travels_in_the_checkpoint(model_and_data, tmp_path):
+    from crystalae.checkpoint import export_checkpoint, load_checkpoint
+    from crystalae.inference import density_scale
+    from crystalae.prior import fit_latent_prior, sample_latents
+    from crystalae.shards import read_table
+    from crystalae.training import table_batches
+
+    folder, data = model_and_data
+    loaded = load_checkpoint(folder)
+    prior = fit_latent_prior(loaded, data)
+    train = read_table(data, split="train", columns=["density"])
+    assert prior["count"] == train.num_rows and prior["mean"].shape == (6,)
+    assert torch.equal(prior["scale_tril"], torch.tril(prior["scale_tril"]))
+    # the mean is the mean of the posterior means, computed independently here
+    codes = torch.cat([loaded.model.vae.encode(b["density"].unsqueeze(1) * density_scale(loaded.voxel))[0]
+                       for b in table_batches(train, 7, columns=("density",))])
+    torch.testing.assert_close(prior["mean"], codes.mean(0).float(), atol=1e-4, rtol=1e-4)
+
+    export_checkpoint(folder, tmp_path / "with_prior", latent_prior=prior)
+    reloaded = load_checkpoint(tmp_path / "with_prior")
+    z = sample_latents(reloaded, 4000, seed=1)
+    torch.testing.assert_close(z.mean(0), prior["mean"], atol=0.1 * float(prior["scale_tril"].abs().max()) + 1e-3,
+                               rtol=0)
+    cov = prior["scale_tril"] @ prior["scale_tril"].T
+    torch.testing.assert_close(torch.cov(z.T), cov, atol=0.15 * float(cov.abs().max()), rtol=0)
+    normal = sample_latents(reloaded, 4000, seed=1, prior="normal")
+    assert abs(float(normal.std()) - 1.0) < 0.05
+    described = json.loads((tmp_path / "with_prior" / "config.json").read_text())
+    assert described["latent_prior"] == {"count": prior["count"], "split": "train"}
+    with pytest.raises(ValueError, match="no fitted latent prior"):
+        sample_latents(load_checkpoint(folder), 2, prior="fitted")
+
+
+def test_a_prior_of_the_wrong_size_is_refused(model_and_data, tmp_path):
+    from crystalae.checkpoint import CheckpointError, export_checkpoint, load_checkpoint
+
+    folder, _ = model_and_data
+    export_checkpoint(folder, tmp_path / "bad", latent_prior={"mean": torch.zeros(3), "scale_tril": torch.eye(3)})
+    with pytest.raises(CheckpointError, match="latent_prior does not fit latent_dim 6"):
+        load_checkpoint(tmp_path / "bad")
+
+
+def test_fit_prior_command_writes_a_new_checkpoint_that_generate_uses(model_and_data, tmp_path, capsys):
+    folder, data = model_and_data
+    assert main(["fit-prior", "--checkpoint", str(folder), "--data", str(data), "--out", str(folder)]) == 2
+    assert "another folder" in capsys.readouterr().err
+    out = tmp_path / "fitted"
+    assert main(["fit-prior", "--checkpoint", str(folder), "--data", str(data), "--out", str(out)]) == 0
+    assert "fitted a latent prior" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(out), "--sample", "2", "--prior", "fitted", "--out",
+                 str(tmp_path / "gen"), "--cpu"]) == 0
+    assert json.loads((tmp_path / "gen" / "summary.json").read_text())["count"] == 2

@@ -1,0 +1,409 @@
+"""Regression tests for the hostile-input probe (issue 10): every bad option or file gives one error line
+naming the input and the reason (exit 2, no traceback), nothing is lost silently, memory stays bounded.
+The numbers in the test names are the probe's case numbers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from crystalae.cli import main
+
+GOOD_CIF = """data_NaCl
+_cell_length_a 4.0
+_cell_length_b 4.0
+_cell_length_c 4.0
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_symmetry_space_group_name_H-M 'P 1'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+Na1 Na 0 0 0
+Cl1 Cl 0.5 0.5 0.5
+"""
+
+
+def fails(capsys, argv: list[str], *needles: str) -> str:
+    """Run the CLI in-process; it must exit 2 with one error line containing every needle."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if not line.startswith("crystalae: warning")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def fails_to_parse(capsys, argv: list[str], *needles: str) -> None:
+    """argparse-level refusals: also exit 2 with one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained 8^3 model saved as a normal checkpoint folder (no training needed to test I/O)."""
+    import torch
+
+    from crystalae.checkpoint import save_checkpoint
+    from crystalae.config import VoxelConfig
+    from crystalae.models import CrystalAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = CrystalAE(ModelConfig(grid=8, latent_dim=4, depth=1, base_width=4, max_width=8, seg_depth=1,
+                                  seg_width=4, residual=False, species=(11, 17), n_classes=3, site_width=8))
+    folder = tmp_path_factory.mktemp("ckpt") / "tinymodel"
+    save_checkpoint(folder, model, VoxelConfig(grid=8), epoch=0, metrics={"val_score": 0.0},
+                    train_config={}, dataset_hash="test")
+    return folder
+
+
+# --- silent data loss -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("--shard-size", "-1", "shard_size"), ("--shard-size", "0", "shard_size"),  # 1
+    ("--limit", "-1", "limit"), ("--val-fraction", "2", "val_fraction"),  # 2
+    ("--sigma", "inf", "sigma"), ("--cutoff-sigmas", "nan", "cutoff_sigmas"), ("--label-radius", "inf", "label_radius"),
+    ("--grid", "1000", "grid 1000 is above the limit of 128"), ("--grid", "100000", "limit of 128"),  # 9
+])
+def test_1_2_9_bad_prepare_options_are_refused_before_anything_is_written(tmp_path, capsys, option, value, needle):
+    out = tmp_path / "ds"
+    fails(capsys, ["data", "prepare", "demo:4", "--out", str(out), option, value], needle)
+    assert not out.exists()
+    # the folder is not blocked: the same command with good options then works
+    assert main(["data", "prepare", "demo:4", "--out", str(out), "--grid", "8", "--workers", "1"]) == 0
+
+
+def test_9_shards_that_would_not_fit_in_memory_are_refused(tmp_path, capsys):
+    out = tmp_path / "ds"
+    fails(capsys, ["data", "prepare", "demo:4", "--out", str(out), "--representation", "box", "--rotations", "1000",
+                   "--grid", "64"], "GiB", "--shard-size", "--rotations")
+    assert not out.exists()
+
+
+def test_2_a_run_that_rejects_every_row_is_an_error_not_exit_0(tmp_path, capsys):
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"bad{i}.cif").write_text("data_x\n_cell_length_a 1\n")
+    fails(capsys, ["data", "prepare", str(folder), "--out", str(tmp_path / "ds"), "--grid", "8", "--workers", "1"],
+          "every one of the 3 structures was rejected", "rejects.csv")
+
+
+def test_2_limit_skips_are_counted_in_the_summary_line(tmp_path, capsys):
+    assert main(["data", "prepare", "demo:6", "--out", str(tmp_path / "ds"), "--grid", "8", "--limit", "4",
+                 "--workers", "1"]) == 0
+    line = capsys.readouterr().out
+    assert "from 4 of 4 structures" in line and "2 skipped by --limit" in line
+
+
+def test_3_one_unreadable_file_in_a_folder_is_rejected_with_its_name_and_the_rest_is_written(tmp_path, capsys):
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    (folder / "good.cif").write_text(GOOD_CIF)
+    (folder / "binary.cif").write_bytes(bytes(range(256)) * 4)
+    (folder / "latin.cif").write_bytes(GOOD_CIF.replace("NaCl", "NaCl\xe9").encode("latin-1"))
+    out = tmp_path / "ds"
+    assert main(["data", "prepare", str(folder), "--out", str(out), "--grid", "8", "--workers", "1"]) == 0
+    assert "wrote 1 rows from 1 of 3 structures" in capsys.readouterr().out
+    rejects = pd.read_csv(out / "rejects.csv")
+    assert sorted(rejects["material_id"]) == ["binary", "latin"]
+    assert all("not UTF-8" in reason for reason in rejects["reason"])
+    assert rejects["reason"].str.contains("binary.cif").any()
+
+
+# --- registry ---------------------------------------------------------------------------------------
+
+def test_4_names_cannot_collide_with_the_registry_files(tmp_path, capsys, tiny_checkpoint):
+    registry = tmp_path / "reg"
+    for name in ("aliases.json", "x.lock", "../evil"):
+        fails(capsys, ["promote", str(tiny_checkpoint), "--name", name, "--registry", str(registry)], "invalid model name")
+    assert main(["promote", str(tiny_checkpoint), "--registry", str(registry), "--alias", "best"]) == 0
+    assert main(["models", "--registry", str(registry)]) == 0
+    assert "tinymodel@1 [best]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xfe garbage", b"[1, 2]", b'{"champion": 3}'])
+def test_5_6_a_damaged_alias_file_is_named_and_breaks_nothing_else(tmp_path, capsys, tiny_checkpoint, garbage):
+    from crystalae.registry import Registry, RegistryError
+
+    registry = Registry(tmp_path / "reg")
+    registry.promote(tiny_checkpoint, "m", alias="champion")
+    (registry.root / "aliases.json").write_bytes(garbage)
+    assert registry.resolve("m@1").name == "v1" and registry.resolve("m").name == "v1"  # plain refs still work
+    with pytest.raises(RegistryError, match="aliases.json"):
+        registry.resolve("champion")
+    assert main(["models", "--registry", str(registry.root)]) == 0
+    captured = capsys.readouterr()
+    assert "m@1" in captured.out and "aliases.json" in captured.err
+    # 6: a promote that cannot set its alias creates nothing
+    fails(capsys, ["promote", str(tiny_checkpoint), "--name", "m", "--alias", "new", "--registry", str(registry.root)],
+          "aliases.json")
+    assert registry.versions("m") == [1]
+
+
+def test_7_a_version_without_manifest_is_skipped_with_a_warning(tmp_path, capsys, tiny_checkpoint):
+    from crystalae.registry import Registry
+
+    registry = Registry(tmp_path / "reg")
+    registry.promote(tiny_checkpoint, "a")
+    registry.promote(tiny_checkpoint, "b")
+    (registry.root / "a" / "v1" / "manifest.json").unlink()
+    assert main(["models", "--registry", str(registry.root)]) == 0
+    captured = capsys.readouterr()
+    assert "b@1" in captured.out and "a@1" not in captured.out
+    assert "skipped" in captured.err and "a/v1" in captured.err
+
+
+def test_8_promote_by_absolute_path_derives_the_name_from_the_folder(tmp_path, capsys, tiny_checkpoint):
+    registry = tmp_path / "reg"
+    assert main(["promote", str(tiny_checkpoint.resolve()), "--registry", str(registry)]) == 0
+    assert "as tinymodel@1" in capsys.readouterr().out
+    odd = tmp_path / "-odd name"
+    odd.mkdir()
+    (odd / "checkpoint.pt").write_bytes((tiny_checkpoint / "checkpoint.pt").read_bytes())
+    fails(capsys, ["promote", str(odd), "--registry", str(registry)], "give --name")
+
+
+# --- memory and size bounds ---------------------------------------------------------------------------
+
+def test_9_roundtrip_refuses_a_huge_grid_up_front(tmp_path, capsys):
+    fails(capsys, ["roundtrip", "demo:2", "--out", str(tmp_path / "o.csv"), "--grid", "100000"], "grid", "128")
+
+
+def test_10_crystals_above_max_atoms_are_rejected_with_the_reason(tmp_path, capsys):
+    from pymatgen.core import Lattice, Structure
+
+    big = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]) * (10, 10, 10)
+    big.to(filename=str(tmp_path / "big.cif"))
+    out = tmp_path / "o.csv"
+    assert main(["roundtrip", str(tmp_path / "big.cif"), "--out", str(out), "--grid", "16", "--reduce", "none"]) == 0
+    details = pd.read_csv(tmp_path / "o.details.csv", keep_default_na=False)
+    assert "2000 atoms, more than max_atoms=64" in details["error"][0]
+    assert "1 inputs rejected" in capsys.readouterr().out
+
+
+def test_10_neighbour_sums_in_blocks_match_the_all_at_once_result():
+    from crystalae.decode import _image_translations, _neighbour_density
+    from crystalae.config import VoxelConfig
+
+    rng = np.random.default_rng(0)
+    lattice, config = np.eye(3) * 6.0, VoxelConfig(grid=16)
+    step = lattice / 16
+    pos = rng.uniform(0, 16, size=(30, 3))
+    z = rng.integers(1, 30, size=30)
+    sigmas = np.full(30, 0.5)
+    images = _image_translations(lattice, step, config)
+    args = (pos, z, sigmas, np.rint(pos).astype(int), step, images, 5.0)
+    whole = _neighbour_density(*args, block_elements=10**9)
+    blocked = _neighbour_density(*args, block_elements=len(pos) * len(images) * 3)  # blocks of 3 peaks
+    np.testing.assert_allclose(blocked, whole, rtol=1e-12)
+    assert whole.sum() > 0
+
+
+def test_11_crafted_checkpoints_are_refused_without_allocating(tmp_path, tiny_checkpoint):
+    import torch
+
+    from crystalae.checkpoint import CheckpointError, load_checkpoint
+
+    payload = torch.load(tiny_checkpoint / "checkpoint.pt", weights_only=True)
+    huge = dict(payload, model_config={**payload["model_config"], "base_width": 1024, "max_width": 2048,
+                                       "latent_dim": 4096, "grid": 128})
+    torch.save(huge, tmp_path / "huge.pt")
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_checkpoint(tmp_path / "huge.pt")
+    absurd = dict(payload, model_config={**payload["model_config"], "base_width": 10**9})
+    torch.save(absurd, tmp_path / "absurd.pt")
+    with pytest.raises(CheckpointError, match="base_width"):
+        load_checkpoint(tmp_path / "absurd.pt")
+    missing = {k: v for k, v in payload.items() if k != "model_config"}
+    torch.save(missing, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="missing \\['model_config'\\]"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+# --- one-line errors ------------------------------------------------------------------------------------
+
+def test_12_roundtrip_out_that_is_a_folder_is_refused_before_the_work(tmp_path, capsys):
+    fails(capsys, ["roundtrip", "demo:2", "--out", str(tmp_path)], "is a folder")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("grid: [8\n", "not valid YAML"), ("- 8\n- 9\n", "expected a mapping"), ('grid: "eight"\n', "grid must be an integer"),
+])
+def test_13_bad_voxel_config_yaml_is_one_line(tmp_path, capsys, text, needle):
+    path = tmp_path / "v.yaml"
+    path.write_text(text)
+    line = fails(capsys, ["roundtrip", "demo:2", "--out", str(tmp_path / "o.csv"), "--voxel-config", str(path)], needle)
+    assert "v.yaml" in line or "grid" in line
+
+
+def test_14_generate_counts_are_checked(tmp_path, capsys, tiny_checkpoint):
+    fails_to_parse(capsys, ["generate", "--checkpoint", str(tiny_checkpoint), "--sample", "-1"], "--sample", "-1")
+    fails_to_parse(capsys, ["generate", "--checkpoint", str(tiny_checkpoint), "--alter", "x", "--count", "0"], "--count")
+
+
+def test_15_sweep_yaml_shape_errors_name_the_file(tmp_path, capsys):
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    fails(capsys, ["sweep", str(listed), "--name", "x"], "list.yaml", "top level must be a mapping")
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    fails(capsys, ["sweep", str(binary)], "bin.yaml", "not a text file")
+
+
+SWEEP = {"name": "s", "data": {"source": "demo:20", "grid": 8},
+         "search_space": {"latent_dim": {"type": "categorical", "values": [4, 8]}},
+         "budget": {"trials": 2, "epochs": 2}, "model": {"depth": 1}}
+
+
+@pytest.mark.parametrize("section, key, value, needle", [
+    ("train", "batch_size", 0, "batch_size must be >= 1"),
+    ("model", "latent_dim", -3, "latent_dim must be >= 1"),
+    ("resources", "gpus_per_worker", -1, "gpus_per_worker must be >= 0"),
+    ("resources", "cpus_per_worker", 0, "cpus_per_worker must be >= 1"),
+    ("objective", "metric", "val_accuracy", "not reported by training"),
+    ("data", "source", None, "data.source is required"),
+    ("data", "source", "no/such/file.csv", "does not exist"),
+    ("data", "grid", 100000, "limit of 128"),
+    ("data", "val_fraction", 2, "val_fraction"),
+    ("budget", "trials", 0, "trials must be >= 1"),
+    ("budget", "epochs", "two", "epochs must be an integer, got 'two'"),
+    ("budget", "time_budget_s", -5, "time_budget_s must be > 0"),
+    ("search", "max_failures", -1, "max_failures must be >= 0"),
+    ("search", "grace_period", 9, "grace_period must be >= 1 and <= 2"),
+    ("train", "lr", -1.0, "lr must be > 0"),
+    ("search_space", "latent_dim", {"type": "int", "low": -3, "high": 4}, "search_space.latent_dim=-3"),
+    ("search_space", "sigma", {"type": "uniform", "low": 0.1, "high": 50.0}, "sigma must be > 0 and <= 5"),
+])
+def test_16_sweep_values_out_of_range_are_refused_with_key_and_file(tmp_path, section, key, value, needle):
+    import yaml
+
+    from search.config import SweepConfigError, load_sweep_config
+
+    raw = json.loads(json.dumps(SWEEP))
+    raw.setdefault(section, {})
+    if value is None:
+        raw[section].pop(key)
+    else:
+        raw[section][key] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SweepConfigError) as error:
+        load_sweep_config(path)
+    assert needle in str(error.value) and "bad.yaml" in str(error.value), str(error.value)
+    raw = json.loads(json.dumps(SWEEP))  # and the unmodified config is fine
+    path.write_text(yaml.safe_dump(raw))
+    load_sweep_config(path)
+
+
+# --- processes and outputs --------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_17_sigterm_to_crystalae_dashboard_stops_the_server(tmp_path):
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "crystalae", "dashboard", "--port", str(port),
+                                "--storage", str(tmp_path), "--registry", str(tmp_path / "reg")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 90
+        while not _listening(port):
+            assert process.poll() is None and time.time() < deadline, "dashboard did not start"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        deadline = time.time() + 10
+        while _listening(port) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _listening(port), "the Streamlit server outlived crystalae"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_18_binding_every_interface_warns(monkeypatch, capsys, tmp_path):
+    calls = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: calls.append(argv))
+    assert main(["dashboard", "--host", "0.0.0.0", "--storage", str(tmp_path)]) == 0
+    assert "beyond this machine" in capsys.readouterr().err
+    assert calls and "0.0.0.0" in calls[0]
+    main(["dashboard", "--storage", str(tmp_path)])
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_19_generate_refuses_a_used_folder_unless_overwrite(tmp_path, capsys, tiny_checkpoint):
+    out = tmp_path / "gen"
+    base = ["generate", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--cpu"]
+    assert main(base + ["--sample", "2"]) == 0
+    (out / "stale.cif").write_text("old")
+    fails(capsys, base + ["--sample", "1"], "not empty", "--overwrite")
+    assert main(base + ["--sample", "1", "--overwrite"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["count"] == 1 and not (out / "stale.cif").exists()
+    assert len(list(out.glob("*.cif"))) == summary["decoded"]
+
+
+def test_20_ids_resolve_to_the_first_kept_row_not_a_rejected_duplicate(tmp_path, tiny_checkpoint):
+    from crystalae.checkpoint import load_checkpoint
+    from crystalae.generate import voxelized_source
+
+    csv = tmp_path / "dup.csv"
+    pd.DataFrame({"material_id": ["a", "a"], "cif": [GOOD_CIF, "not a cif"]}).to_csv(csv, index=False)
+    [item] = voxelized_source(load_checkpoint(tiny_checkpoint), csv, ids=["a"])
+    assert "error" not in item and item["structure"].composition.reduced_formula == "NaCl"
+
+
+class Payload:
+    """Unpickling this would call print(): the shape of a malicious checkpoint."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_21_unsafe_checkpoints_are_refused_without_suggesting_unsafe_loading(tmp_path, capsys):
+    import torch
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    torch.save({"format": "crystalae-checkpoint/1", "model": Payload()}, folder / "checkpoint.pt")
+    line = fails(capsys, ["generate", "--checkpoint", str(folder), "--sample", "1", "--out", str(tmp_path / "g")],
+                 "cannot be loaded safely")
+    assert "weights_only" not in line and "trust" not in line
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    args = [sys.executable, "-m", "crystalae", "roundtrip", "demo:2", "--out", str(tmp_path), "--grid", "8"]
+    quiet = subprocess.run(args, capture_output=True, text=True)
+    assert quiet.returncode == 2 and len(quiet.stderr.strip().splitlines()) == 1 and "Traceback" not in quiet.stderr
+    loud = subprocess.run(args + ["--debug"], capture_output=True, text=True)
+    assert loud.returncode != 0 and "Traceback" in loud.stderr
