@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs/bench")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--update", action="store_true", help="rewrite the model with the fitted prior")
+    parser.add_argument("--temperature", type=float, default=1.0, choices=(1.0, 0.8, 0.6),
+                        help="with --update: the default sampling spread stored with the prior (one of those measured)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -78,13 +80,18 @@ def main() -> None:
     figures["structural_ratio"] = figures["fitted"]["structural_validity"] / max(figures["normal"]["structural_validity"], 1e-9)
     report(figures, ROOT / "bench/results" / f"latent_prior_{args.model.name}.json")
     if args.update:
-        export_checkpoint(args.model, args.model, latent_prior=loaded.meta["latent_prior"])
+        chosen = figures["fitted" if args.temperature == 1.0 else f"fitted_t{args.temperature}"]
+        export_checkpoint(args.model, args.model,
+                          latent_prior={**loaded.meta["latent_prior"], "temperature": args.temperature})
         results_path = args.model / "RESULTS.json"
         results = json.loads(results_path.read_text())
         results.update({
-            "sample_prior": "fitted (full-covariance Gaussian on the train split's latent means)",
-            "sample_structural_validity": figures["fitted"]["structural_validity"],
-            "sample_composition_validity": figures["fitted"]["composition_validity"],
+            "sample_prior": f"fitted (full-covariance Gaussian on the train split's latent means), "
+                            f"temperature {args.temperature}: `python bench/latent_prior.py --model "
+                            f"{args.model} --update --temperature {args.temperature}`",
+            "sample_prior_figures": {k: v for k, v in figures.items() if isinstance(v, dict)},
+            "sample_structural_validity": chosen["structural_validity"],
+            "sample_composition_validity": chosen["composition_validity"],
             "sample_structural_validity_normal_prior": figures["normal"]["structural_validity"],
             "sample_composition_validity_normal_prior": figures["normal"]["composition_validity"],
         })

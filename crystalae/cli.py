@@ -113,16 +113,18 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the built-in demo data: round trip, sweep, promote the best, generate."""
-    import search
+    from importlib.resources import as_file, files
+
     from crystalae.generate import sample, write_generated
     from crystalae.checkpoint import load_checkpoint
     from crystalae.roundtrip import roundtrip
-    from search.config import load_sweep_config
+    from crystalae.search.config import load_sweep_config
     from crystalae.registry import Registry
-    from search.sweep import promote_best, run_sweep, sweep_dir
+    from crystalae.search.sweep import promote_best, run_sweep, sweep_dir
 
     out = Path(args.out)
-    config = load_sweep_config(Path(search.__file__).parent / "configs" / "demo.yaml")
+    with as_file(files("crystalae.search") / "configs" / "demo.yaml") as demo_yaml:
+        config = load_sweep_config(demo_yaml)
     print("1/5 round trip crystal -> density -> crystal on the demo set (no learning)")
     metrics = roundtrip(config.data["source"], out / "roundtrip.csv", config.voxel_config(), workers=args.workers)
     print("    " + format_metrics(metrics))
@@ -261,17 +263,17 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
 
     if Path(args.out).resolve() == Path(args.checkpoint).resolve():
         raise ValueError(f"--out {args.out}: write the new checkpoint to another folder (checkpoints are immutable)")
-    info = with_latent_prior(args.checkpoint, args.data, args.out, args.split)
+    info = with_latent_prior(args.checkpoint, args.data, args.out, args.split, args.temperature)
     print(f"fitted a latent prior on {info['count']} {args.split} crystals of {args.data} "
           f"(|mean| {info['mean_norm']:.3g}, typical std {info['mean_std']:.3g}); wrote {args.out}")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from search.config import load_sweep_config
+    from crystalae.search.config import load_sweep_config
 
     sweep = load_sweep_config(args.config, name=args.name)  # validated before Ray starts
-    from search.sweep import run_sweep, sweep_dir
+    from crystalae.search.sweep import run_sweep, sweep_dir
 
     summary = run_sweep(sweep, storage=args.storage, address=args.address, resume=args.resume)
     print(format_sweep(summary))
@@ -291,7 +293,7 @@ def format_sweep(summary: dict[str, Any]) -> str:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from crystalae.registry import Registry
-    from search.sweep import promote_best, sweep_dir
+    from crystalae.search.sweep import promote_best, sweep_dir
 
     registry = Registry(args.registry)
     if args.best:
@@ -311,7 +313,7 @@ def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str 
     folder, default model name): a checkpoint folder is named after itself (pretrained/perov_5 ->
     perov_5), a trial after its sweep."""
     from crystalae.config import NAME
-    from search.sweep import best_checkpoint, collect_trials, sweep_dir
+    from crystalae.search.sweep import best_checkpoint, collect_trials, sweep_dir
 
     def named(name: str) -> str | None:
         return name if NAME.match(name) and not name.endswith(".json") else None
@@ -356,7 +358,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     """
     import os
 
-    from dashboard.launch import launch_command
+    from crystalae.dashboard.launch import launch_command
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"crystalae: warning: --host {args.host} serves the dashboard beyond this machine; anyone who "
@@ -474,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--source", help="where --interpolate/--alter ids live (structure source)")
     gen.add_argument("--prior", choices=("auto", "fitted", "normal"), default="auto",
                      help="--sample from the checkpoint's fitted latent prior (auto: when it has one) or N(0, I)")
-    gen.add_argument("--temperature", type=number(0, 10), default=1.0, help="spread of --sample around the prior mean")
+    gen.add_argument("--temperature", type=number(0, 10),
+                     help="spread of --sample around the prior mean (default: the one stored with the fitted prior, else 1)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--overwrite", action="store_true", help="replace an earlier run's crystals in --out")
     gen.add_argument("--cpu", action="store_true")
@@ -485,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--data", required=True, type=Path, help="dataset folder from `data prepare` (the model's own)")
     fp.add_argument("--split", default="train", choices=("train", "val", "test"))
     fp.add_argument("--out", required=True, type=Path, help="new checkpoint folder (weights copied, prior added)")
+    fp.add_argument("--temperature", type=number(0, 10), default=1.0, help="default sampling spread stored with the prior")
     fp.set_defaults(func=cmd_fit_prior)
 
     sw = sub.add_parser("sweep", help="hyperparameter search with Ray Tune + Optuna")

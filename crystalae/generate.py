@@ -111,7 +111,7 @@ def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit:
 
 
 def sample(loaded: LoadedModel, count: int, seed: int = 0, prior: str = "auto",
-           temperature: float = 1.0) -> list[Structure | None]:
+           temperature: float | None = None) -> list[Structure | None]:
     """`count` new crystals from the latent prior (the fitted one when the checkpoint has it)."""
     from crystalae.prior import sample_latents
 

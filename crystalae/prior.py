@@ -21,8 +21,9 @@ from crystalae.inference import density_scale
 
 @torch.no_grad()
 def fit_latent_prior(loaded: LoadedModel, data: str | Path, split: str = "train", batch_size: int = 64,
-                     shrinkage: float = 1e-3) -> dict[str, Any]:
-    """Mean and Cholesky factor of the posterior means of `split` in a prepared dataset.
+                     shrinkage: float = 1e-3, temperature: float = 1.0) -> dict[str, Any]:
+    """Mean and Cholesky factor of the posterior means of `split` in a prepared dataset, and the
+    default sampling spread (`temperature`) stored with them.
 
     `shrinkage` (a fraction of the mean variance, added to the diagonal) keeps the covariance positive
     definite when there are fewer crystals than latent dimensions.
@@ -44,13 +45,14 @@ def fit_latent_prior(loaded: LoadedModel, data: str | Path, split: str = "train"
     cov = torch.cov(z.T).reshape(z.shape[1], z.shape[1])
     cov += shrinkage * cov.diagonal().mean() * torch.eye(len(mean), dtype=cov.dtype)
     return {"mean": mean.float(), "scale_tril": torch.linalg.cholesky(cov).float(), "count": int(len(z)),
-            "split": split}
+            "split": split, "temperature": float(temperature)}
 
 
 def sample_latents(loaded: LoadedModel, count: int, seed: int = 0, prior: str = "auto",
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float | None = None) -> torch.Tensor:
     """(count, latent_dim) latents: from the fitted prior when the checkpoint has one ("auto"/"fitted"),
-    else from N(0, I) ("normal"). `temperature` scales the spread around the mean."""
+    else from N(0, I) ("normal"). `temperature` scales the spread around the mean; None takes the
+    one stored with the fitted prior (1 for N(0, I))."""
     if prior not in ("auto", "fitted", "normal"):
         raise ValueError(f"prior must be auto, fitted or normal, got {prior!r}")
     fitted = loaded.meta.get("latent_prior")
@@ -59,17 +61,19 @@ def sample_latents(loaded: LoadedModel, count: int, seed: int = 0, prior: str = 
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(count, loaded.model.config.latent_dim, generator=generator)
     if fitted is not None and prior != "normal":
-        z = fitted["mean"] + temperature * noise @ fitted["scale_tril"].T
+        spread = float(fitted.get("temperature", 1.0)) if temperature is None else temperature
+        z = fitted["mean"] + spread * noise @ fitted["scale_tril"].T
     else:
-        z = temperature * noise
+        z = (1.0 if temperature is None else temperature) * noise
     return z.to(next(loaded.model.parameters()).device)
 
 
-def with_latent_prior(source: str | Path, data: str | Path, out: str | Path, split: str = "train") -> dict[str, Any]:
+def with_latent_prior(source: str | Path, data: str | Path, out: str | Path, split: str = "train",
+                      temperature: float = 1.0) -> dict[str, Any]:
     """Copy checkpoint `source` to `out` (without optimizer state) with a prior fitted on `data`."""
     from crystalae.checkpoint import load_checkpoint
 
-    prior = fit_latent_prior(load_checkpoint(source), data, split)
+    prior = fit_latent_prior(load_checkpoint(source), data, split, temperature=temperature)
     export_checkpoint(source, out, latent_prior=prior)
     return {"count": prior["count"], "split": split,
             "mean_norm": float(np.linalg.norm(prior["mean"].numpy())),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import data, views
+from crystalae.dashboard import data, views
 
 st.set_page_config(page_title="crystalae", page_icon="💎", layout="wide")
 paths = data.app_paths()

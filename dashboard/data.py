@@ -26,7 +26,7 @@ from crystalae.checkpoint import (
     read_checkpoint,
 )
 from crystalae.registry import Registry, RegistryError
-from search.sweep import collect_trials
+from crystalae.search.sweep import collect_trials
 
 STORAGE_ENV = "CRYSTALAE_STORAGE"
 REGISTRY_ENV = "CRYSTALAE_REGISTRY"

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.colors import qualitative
 
-from dashboard import data
+from crystalae.dashboard import data
 
 PALETTE = qualitative.Dark24
 

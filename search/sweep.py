@@ -19,7 +19,7 @@ from typing import Any
 
 from crystalae.io import write_json
 from crystalae.shards import PrepareOptions, prepare_dataset
-from search.config import MODEL_PARAMS, VOXEL_PARAMS, SweepConfig, trial_configs
+from crystalae.search.config import MODEL_PARAMS, VOXEL_PARAMS, SweepConfig, trial_configs
 
 FAIL_ONCE_ENV = "CRYSTALAE_FAIL_ONCE_DIR"  # fault injection for tests: each trial raises once
 

@@ -66,9 +66,9 @@ def tiny_sweep(tmp_path_factory):
     """
     import ray
 
-    from search.config import load_sweep_config
+    from crystalae.search.config import load_sweep_config
     from crystalae.registry import Registry
-    from search.sweep import promote_best, run_sweep, sweep_dir
+    from crystalae.search.sweep import promote_best, run_sweep, sweep_dir
 
     base = tmp_path_factory.mktemp("sweep")
     config = base / "tiny.yaml"

@@ -15,8 +15,8 @@ pytest.importorskip("streamlit")
 pytest.importorskip("plotly")
 from streamlit.testing.v1 import AppTest
 
-from dashboard.data import app_paths
-from dashboard.launch import launch_command
+from crystalae.dashboard.data import app_paths
+from crystalae.dashboard.launch import launch_command
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "dashboard"
 PAGES = {"home": DASHBOARD / "app.py", **{p.stem.split("_", 1)[1].lower(): p

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboard.launch import launch_command
+from crystalae.dashboard.launch import launch_command
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"

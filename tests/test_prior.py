@@ -54,7 +54,13 @@ def test_fitted_prior_matches_the_training_latents_and_travels_in_the_checkpoint
     normal = sample_latents(reloaded, 4000, seed=1, prior="normal")
     assert abs(float(normal.std()) - 1.0) < 0.05
     described = json.loads((tmp_path / "with_prior" / "config.json").read_text())
-    assert described["latent_prior"] == {"count": prior["count"], "split": "train"}
+    assert described["latent_prior"] == {"count": prior["count"], "split": "train", "temperature": 1.0}
+    # a stored spread is the default; an explicit one overrides it
+    export_checkpoint(folder, tmp_path / "narrow", latent_prior={**prior, "temperature": 0.5})
+    narrow = load_checkpoint(tmp_path / "narrow")
+    torch.testing.assert_close(sample_latents(narrow, 5, seed=3),
+                               prior["mean"] + 0.5 * (sample_latents(reloaded, 5, seed=3) - prior["mean"]))
+    torch.testing.assert_close(sample_latents(narrow, 5, seed=3, temperature=1.0), sample_latents(reloaded, 5, seed=3))
     with pytest.raises(ValueError, match="no fitted latent prior"):
         sample_latents(load_checkpoint(folder), 2, prior="fitted")
 

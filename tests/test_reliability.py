@@ -298,7 +298,7 @@ SWEEP = {"name": "s", "data": {"source": "demo:20", "grid": 8},
 def test_16_sweep_values_out_of_range_are_refused_with_key_and_file(tmp_path, section, key, value, needle):
     import yaml
 
-    from search.config import SweepConfigError, load_sweep_config
+    from crystalae.search.config import SweepConfigError, load_sweep_config
 
     raw = json.loads(json.dumps(SWEEP))
     raw.setdefault(section, {})

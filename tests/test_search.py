@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from search.config import SweepConfigError, load_sweep_config
+from crystalae.search.config import SweepConfigError, load_sweep_config
 from crystalae.registry import Registry, RegistryError
-from search.sweep import collect_trials
+from crystalae.search.sweep import collect_trials
 
 from conftest import TINY_SWEEP
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import data, views
+from crystalae.dashboard import data, views
 
 st.set_page_config(page_title="Sweeps · crystalae", page_icon="💎", layout="wide")
 paths = data.app_paths()

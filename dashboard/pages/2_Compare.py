@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 from pymatgen.core import Structure
 
-from dashboard import data, views
+from crystalae.dashboard import data, views
 
 st.set_page_config(page_title="Compare · crystalae", page_icon="💎", layout="wide")
 paths = data.app_paths()

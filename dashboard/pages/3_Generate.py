@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import data, views
+from crystalae.dashboard import data, views
 
 st.set_page_config(page_title="Generate · crystalae", page_icon="💎", layout="wide")
 if "generated" not in st.session_state:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dashboard import data, views
+from crystalae.dashboard import data, views
 from crystalae.registry import Registry
 
 st.set_page_config(page_title="Registry · crystalae", page_icon="💎", layout="wide")
