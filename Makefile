@@ -21,6 +21,7 @@ demo: setup
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite
 test: setup
+	$(BIN)/ruff check crystalae search dashboard tests bench
 	$(BIN)/python -m pytest -q -x; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 bench: setup

@@ -25,8 +25,8 @@ from report import report  # noqa: E402  (bench/report.py)
 
 from crystalae.checkpoint import export_checkpoint, load_checkpoint  # noqa: E402
 from crystalae.config import VoxelConfig  # noqa: E402
+from crystalae.files import write_json  # noqa: E402
 from crystalae.generate import sample, validity  # noqa: E402
-from crystalae.io import write_json  # noqa: E402
 from crystalae.prior import fit_latent_prior  # noqa: E402
 from crystalae.shards import PrepareOptions, prepare_dataset, read_manifest  # noqa: E402
 

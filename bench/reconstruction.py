@@ -31,8 +31,8 @@ from report import report  # noqa: E402  (bench/report.py)
 
 from crystalae.checkpoint import export_checkpoint, load_checkpoint, read_checkpoint  # noqa: E402
 from crystalae.config import VoxelConfig  # noqa: E402
+from crystalae.files import write_json  # noqa: E402
 from crystalae.generate import sample, validity  # noqa: E402
-from crystalae.io import write_json  # noqa: E402
 from crystalae.shards import PrepareOptions, prepare_dataset, read_manifest, read_table  # noqa: E402
 from crystalae.training import TrainConfig, best_checkpoint_path, evaluate, train  # noqa: E402
 

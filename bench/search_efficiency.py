@@ -25,6 +25,7 @@ from crystalae.models import CrystalAE
 from crystalae.shards import PrepareOptions, config_of, prepare_dataset, read_table
 from crystalae.training import TrainConfig, dataset_species, run_epoch, table_batches
 
+
 def search_space() -> dict:
     from ray import tune
 

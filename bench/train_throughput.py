@@ -22,12 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from report import report  # noqa: E402  (bench/report.py)
 
+from crystalae.checkpoint import read_checkpoint  # noqa: E402
 from crystalae.config import VoxelConfig  # noqa: E402
 from crystalae.inference import class_lookup, density_scale
 from crystalae.models import CrystalAE
 from crystalae.shards import PrepareOptions, prepare_dataset, read_table
 from crystalae.training import TrainConfig, augment, build_configs, run_epoch, table_batches, train  # noqa: E402
-from crystalae.checkpoint import read_checkpoint  # noqa: E402
 
 MODEL = {"depth": 3, "base_width": 16, "latent_dim": 128, "residual": False}  # the perov_5 reference model
 
@@ -68,7 +68,7 @@ def main() -> None:
                           eval_limit=0)
         plain = plain_rates(data, cfg)
         started = time.perf_counter()
-        result = train(data, cfg, MODEL, storage=Path(tmp) / "runs", name="bench")
+        train(data, cfg, MODEL, storage=Path(tmp) / "runs", name="bench")
         ray_wall = time.perf_counter() - started
         newest = sorted(p for p in (Path(tmp) / "runs" / "bench").glob("checkpoint_*") if p.is_dir())[-1]
         history = read_checkpoint(newest)["history"]
@@ -76,7 +76,8 @@ def main() -> None:
 
     plain_rate = sum(plain[1:]) / len(plain[1:])
     ray_rate = sum(ray_rates[1:]) / len(ray_rates[1:])
-    figures = {"source": Path(args.source).name if "/" in args.source else args.source, "grid": args.grid, "threads": args.threads, "epochs": args.epochs,
+    figures = {"source": Path(args.source).name if "/" in args.source else args.source, "grid": args.grid,
+               "threads": args.threads, "epochs": args.epochs,
                "train_samples_per_epoch": history[-1]["train_samples"],
                "plain_samples_per_s": round(plain_rate, 2), "ray_train_samples_per_s": round(ray_rate, 2),
                "ray_overhead": round(1 - ray_rate / plain_rate, 3),

@@ -14,9 +14,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from report import report  # bench/report.py (scripts run from bench/)
 
 from crystalae.config import VoxelConfig
-from report import report  # bench/report.py (scripts run from bench/)
 from crystalae.decode import decode
 from crystalae.parallel import default_workers
 from crystalae.sources import list_entries, load_structure, reduce_cell

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from crystalae.config import VoxelConfig
-from crystalae.io import atomic_write, write_json
+from crystalae.files import atomic_write, write_json
 from crystalae.models import CrystalAE, ModelConfig
 
 FORMAT = "crystalae-checkpoint/1"

@@ -115,11 +115,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the built-in demo data: round trip, sweep, promote the best, generate."""
     from importlib.resources import as_file, files
 
-    from crystalae.generate import sample, write_generated
     from crystalae.checkpoint import load_checkpoint
+    from crystalae.generate import sample, write_generated
+    from crystalae.registry import Registry
     from crystalae.roundtrip import roundtrip
     from crystalae.search.config import load_sweep_config
-    from crystalae.registry import Registry
     from crystalae.search.sweep import promote_best, run_sweep, sweep_dir
 
     out = Path(args.out)
@@ -332,6 +332,15 @@ def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str 
     raise ValueError(f"{source}: not a checkpoint folder, a trial folder or RUN/TRIAL under {storage}")
 
 
+def cmd_alias(args: argparse.Namespace) -> int:
+    from crystalae.registry import Registry
+
+    registry = Registry(args.registry)
+    pinned = registry.set_alias(args.alias, args.ref)
+    print(f"alias {args.alias} -> {pinned} ({registry.resolve(args.alias)})")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from crystalae.pretrained import pretrained_models
     from crystalae.registry import Registry
@@ -509,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--storage", default="runs/sweeps")
     pr.add_argument("--registry", default="runs/registry")
     pr.set_defaults(func=cmd_promote)
+
+    al = sub.add_parser("alias", help="point a registry alias (e.g. champion) at an existing version")
+    al.add_argument("alias")
+    al.add_argument("ref", help="NAME@VERSION (or NAME for its latest version)")
+    al.add_argument("--registry", default="runs/registry")
+    al.set_defaults(func=cmd_alias)
 
     md = sub.add_parser("models", help="list shipped reference models and registry models, versions and aliases")
     md.add_argument("--registry", default="runs/registry")

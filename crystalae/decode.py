@@ -8,6 +8,7 @@ when the density follows the model, which is what lets thin, supercell-like carb
 from __future__ import annotations
 
 import itertools
+
 import numpy as np
 from pymatgen.core import Composition, Element, Structure
 from scipy.optimize import linear_sum_assignment

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from pymatgen.core import Element, Lattice, Structure
@@ -61,7 +61,7 @@ def _radius(symbol: str) -> float:
 _PLACEHOLDERS = ("H", "He", "Li")  # one distinct element per Wyckoff site while finding the primitive cell
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template(proto: Prototype) -> Structure:
     """Primitive cell of `proto` at a = 1 Å, site i holding placeholder element i."""
     a = 5.0  # built at a realistic size so the primitive search's 0.25 Å tolerance means what it should

@@ -17,8 +17,8 @@ import torch
 from pymatgen.core import Structure
 
 from crystalae.checkpoint import LoadedModel
+from crystalae.files import write_json, write_text
 from crystalae.inference import decode_latents, density_scale, structures_from_outputs
-from crystalae.io import write_json, write_text
 from crystalae.metrics import compare, summarize
 from crystalae.sources import StructureError, list_entries, load_structure, reduce_cell
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize

@@ -69,7 +69,7 @@ class ModelConfig(StrictConfig):
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         data = dict(data)
         if "species" in data:
             data["species"] = tuple(int(z) for z in data["species"])  # JSON gives a list

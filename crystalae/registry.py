@@ -20,7 +20,7 @@ from typing import Any
 
 from crystalae.checkpoint import FILENAME, read_checkpoint
 from crystalae.config import ConfigError, check_name
-from crystalae.io import sha256_file, write_json
+from crystalae.files import sha256_file, write_json
 
 DEFAULT_ROOT = Path("runs/registry")
 ALIASES = "aliases.json"
@@ -114,11 +114,14 @@ class Registry:
             raise RegistryError(f"{path} is damaged: expected a mapping of alias to NAME@VERSION; fix or delete it")
         return data
 
-    def set_alias(self, alias: str, ref: str) -> None:
+    def set_alias(self, alias: str, ref: str) -> str:
+        """Point `alias` at the version `ref` names (NAME is pinned to its latest version now)."""
         check_model_name(alias, "alias")
         with self._lock():
-            self.resolve(ref)
-            write_json(self.root / ALIASES, {**self.aliases(), alias: ref})
+            folder = self.resolve(ref)
+            pinned = f"{folder.parent.name}@{folder.name[1:]}"
+            write_json(self.root / ALIASES, {**self.aliases(), alias: pinned})
+        return pinned
 
     def resolve(self, ref: str) -> Path:
         """`alias`, `name@version` or `name` (latest version) -> the version folder.

@@ -9,7 +9,7 @@ from typing import Any
 
 from crystalae.config import VoxelConfig
 from crystalae.decode import DecodeError, decode
-from crystalae.io import write_json, write_text
+from crystalae.files import write_json, write_text
 from crystalae.metrics import compare, summarize
 from crystalae.parallel import default_workers, map_chunks
 from crystalae.sources import Entry, StructureError, list_entries, load_structure, reduce_cell

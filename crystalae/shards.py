@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from crystalae.config import StrictConfig, VoxelConfig, in_range
-from crystalae.io import atomic_write, sha256_file, write_json, write_text
+from crystalae.files import atomic_write, sha256_file, write_json, write_text
 from crystalae.parallel import default_workers, map_chunks
 from crystalae.sources import Entry, StructureError, list_entries, load_structure, reduce_cell
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
@@ -165,7 +165,7 @@ def prepare_dataset(
                          sizes=[len(chunks[k]) for k in todo])
     for k, (table, rejects) in zip(todo, results):
         path = shard_dir / f"shard-{k:05d}.parquet"
-        atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        atomic_write(path, lambda tmp, table=table: pq.write_table(table, tmp, compression="zstd"))
         write_json(path.with_suffix(".json"), {"file": path.name, "rows": table.num_rows,
                                                "sha256": sha256_file(path), "rejects": rejects})
     return _finish(out, plan, [_shard_record(shard_dir, k) for k in range(len(chunks))])

@@ -23,8 +23,14 @@ import torch.nn.functional as F
 
 from crystalae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from crystalae.config import StrictConfig, VoxelConfig, in_range
-from crystalae.inference import (class_lookup, decode_latents, density_scale, lattice_targets,
-                                 model_config_for, structures_from_outputs)
+from crystalae.inference import (
+    class_lookup,
+    decode_latents,
+    density_scale,
+    lattice_targets,
+    model_config_for,
+    structures_from_outputs,
+)
 from crystalae.metrics import compare, reconstruction_score, site_confusion, summarize
 from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
 from crystalae.voxelize import voxelize_arrays
@@ -61,7 +67,8 @@ class TrainConfig(StrictConfig):
     seed: int = 0
     keep_checkpoints: int = 2  # best k by the score metric
     eval_limit: int = 64  # validation crystals decoded end to end per epoch (StructureMatcher is slow)
-    schedule: Literal["cosine", "constant"] = "cosine"  # learning rate: "cosine" (linear warm-up, cosine decay to min_lr) or "constant"
+    # learning rate: "cosine" (linear warm-up, cosine decay to min_lr) or "constant"
+    schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: float = 0.5
     min_lr: float = 1e-5
     # Augmentation of training batches (cell grids): a random whole-voxel periodic shift, which is
@@ -91,7 +98,7 @@ class TrainConfig(StrictConfig):
             in_range(self, "substitute", 0, 1),
         ]
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """`threads` 0 made concrete: this machine's cores shared among the workers."""
         if self.threads:
             return self

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from pymatgen.core import Element, Structure
@@ -61,7 +61,7 @@ def voxel_offset(config: VoxelConfig) -> np.ndarray:
     return np.full(3, 0.5 * config.box_size / config.grid)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _radius_table() -> np.ndarray:
     radii = np.ones(MAX_Z + 1)
     for z in range(1, MAX_Z + 1):

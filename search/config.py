@@ -113,7 +113,7 @@ class SweepConfig(StrictConfig):
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SweepConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
         """Inverse of `as_dict` (the already-validated, flat form stored in sweep.json)."""
         space = tuple(Param(**{**p, "values": tuple(p["values"])}) for p in data["search_space"])
         return cls(**{**data, "search_space": space})
@@ -192,7 +192,7 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
     except ConfigError as exc:
         fail(str(exc))
     try:
-        PrepareOptions(val_fraction=data.get("val_fraction", 0.2), test_fraction=data.get("test_fraction", 0.0))
+        split_options(data)
     except ConfigError as exc:
         fail(f"data: {exc}")
     # every extreme of the search space must make valid configs, or a trial would fail hours later
@@ -230,9 +230,17 @@ def _check_source(source: Any, fail) -> None:
         fail(f"data.source {source} does not exist")
 
 
+SPLIT_KEYS = ("val_fraction", "test_fraction")
+
+
+def split_options(data: dict[str, Any]) -> PrepareOptions:
+    """The split of a `data` section; unset fractions take PrepareOptions' defaults, as `data prepare` does."""
+    return PrepareOptions(**{k: data[k] for k in SPLIT_KEYS if k in data})
+
+
 def _voxel_values(data: dict[str, Any]) -> dict[str, Any]:
     """The VoxelConfig fields of a `data` section (the rest names the source and the split)."""
-    return {k: v for k, v in data.items() if k not in ("source", "val_fraction", "test_fraction")}
+    return {k: v for k, v in data.items() if k not in ("source", *SPLIT_KEYS)}
 
 
 def _param(pname: str, spec: Any, fail) -> Param:

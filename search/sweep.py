@@ -17,9 +17,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from crystalae.io import write_json
-from crystalae.shards import PrepareOptions, prepare_dataset
-from crystalae.search.config import MODEL_PARAMS, VOXEL_PARAMS, SweepConfig, trial_configs
+from crystalae.files import write_json
+from crystalae.search.config import MODEL_PARAMS, VOXEL_PARAMS, SweepConfig, split_options, trial_configs
+from crystalae.shards import prepare_dataset
 
 FAIL_ONCE_ENV = "CRYSTALAE_FAIL_ONCE_DIR"  # fault injection for tests: each trial raises once
 
@@ -33,8 +33,7 @@ def dataset_for(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: Path)
     from filelock import FileLock
 
     voxel = sweep.voxel_config(voxel_overrides)
-    options = PrepareOptions(val_fraction=sweep.data.get("val_fraction", 0.2),
-                             test_fraction=sweep.data.get("test_fraction", 0.0))
+    options = split_options(sweep.data)
     key = hashlib.sha256(json.dumps({"source": sweep.data["source"], "voxel": voxel.as_dict(),
                                      "options": [options.val_fraction, options.test_fraction]},
                                     sort_keys=True).encode()).hexdigest()[:16]

@@ -66,8 +66,8 @@ def tiny_sweep(tmp_path_factory):
     """
     import ray
 
-    from crystalae.search.config import load_sweep_config
     from crystalae.registry import Registry
+    from crystalae.search.config import load_sweep_config
     from crystalae.search.sweep import promote_best, run_sweep, sweep_dir
 
     base = tmp_path_factory.mktemp("sweep")

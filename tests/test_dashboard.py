@@ -87,7 +87,8 @@ def test_sweeps_page_table_curves_and_filters(tiny_sweep, monkeypatch):
     assert_clean(at)
     table = at.dataframe[0].value
     assert len(table) == 3
-    assert {"trial_id", "status", "epochs", "best val_score", "latent_dim", "sigma", "lr"} <= set(table.columns)  # the sweep objective
+    # the sweep objective, then the params
+    assert {"trial_id", "status", "epochs", "best val_score", "latent_dim", "sigma", "lr"} <= set(table.columns)
     assert charts(at) >= 2  # learning curves + parallel coordinates (+ importance when Optuna can)
     assert "Single-objective sweep" in messages(at)  # the Pareto section explains why it is empty
 

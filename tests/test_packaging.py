@@ -38,6 +38,7 @@ def test_every_imported_distribution_is_declared():
     """Third-party imports of the package (not the tests) must be dependencies or in the extra that
     uses them, so `pip install crystalae[search,dashboard]` is complete."""
     import ast
+
     import tomllib
 
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -4,11 +4,10 @@ import json
 import warnings
 
 import pytest
+from conftest import shared_csv
 
 from crystalae.pretrained import PRETRAINED, pretrained_models
 from crystalae.shards import split_of
-
-from conftest import shared_csv
 
 # A regression guard on 40 held-out crystals: well below the recorded full-test-split figure, so that
 # sampling noise does not fail it, but far above what an untrained or broken model scores (0%).

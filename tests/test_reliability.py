@@ -161,6 +161,22 @@ def test_5_6_a_damaged_alias_file_is_named_and_breaks_nothing_else(tmp_path, cap
     assert registry.versions("m") == [1]
 
 
+def test_alias_command_pins_an_existing_version(tmp_path, capsys, tiny_checkpoint):
+    from crystalae.registry import Registry
+
+    registry = Registry(tmp_path / "reg")
+    registry.promote(tiny_checkpoint, "m")
+    registry.promote(tiny_checkpoint, "m")
+    assert main(["alias", "champion", "m", "--registry", str(registry.root)]) == 0
+    assert registry.aliases() == {"champion": "m@2"}
+    assert main(["alias", "champion", "m@1", "--registry", str(registry.root)]) == 0
+    assert registry.resolve("champion").name == "v1"
+    capsys.readouterr()
+    fails(capsys, ["alias", "champion", "m@9", "--registry", str(registry.root)], "no version")
+    fails(capsys, ["alias", "../x", "m@1", "--registry", str(registry.root)], "invalid alias")
+    assert registry.aliases() == {"champion": "m@1"}
+
+
 def test_7_a_version_without_manifest_is_skipped_with_a_warning(tmp_path, capsys, tiny_checkpoint):
     from crystalae.registry import Registry
 
@@ -203,8 +219,8 @@ def test_10_crystals_above_max_atoms_are_rejected_with_the_reason(tmp_path, caps
 
 
 def test_10_neighbour_sums_in_blocks_match_the_all_at_once_result():
-    from crystalae.decode import _image_translations, _neighbour_density
     from crystalae.config import VoxelConfig
+    from crystalae.decode import _image_translations, _neighbour_density
 
     rng = np.random.default_rng(0)
     lattice, config = np.eye(3) * 6.0, VoxelConfig(grid=16)

@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from crystalae.search.config import SweepConfigError, load_sweep_config
-from crystalae.registry import Registry, RegistryError
-from crystalae.search.sweep import collect_trials
-
 from conftest import TINY_SWEEP
+
+from crystalae.registry import Registry, RegistryError
+from crystalae.search.config import SweepConfigError, load_sweep_config
+from crystalae.search.sweep import collect_trials
 
 
 def test_tiny_sweep_writes_results(tiny_sweep):

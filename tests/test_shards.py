@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from pymatgen.core import Structure
 
 from crystalae.config import VoxelConfig
 from crystalae.decode import decode
 from crystalae.metrics import compare
 from crystalae.shards import DatasetError, PrepareOptions, prepare_dataset, read_manifest, read_table
 from crystalae.voxelize import Density
-from pymatgen.core import Structure
 
 CONFIG = VoxelConfig(grid=16)
 OPTIONS = PrepareOptions(shard_size=10)

@@ -1,4 +1,7 @@
-"""Atomic file writes and small helpers shared by every writer: a crash never leaves half a file."""
+"""Atomic file writes and small helpers shared by every writer: a crash never leaves half a file.
+
+(Named `files`, not `io`, so it never shadows or is confused with the standard library module.)
+"""
 from __future__ import annotations
 
 import hashlib
