@@ -120,7 +120,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from crystalae.registry import Registry
     from crystalae.roundtrip import roundtrip
     from crystalae.search.config import load_sweep_config
-    from crystalae.search.sweep import promote_best, run_sweep, sweep_dir
+    from crystalae.search.results import SWEEP_FILE, promote_best, sweep_dir
+    from crystalae.search.sweep import run_sweep
 
     out = Path(args.out)
     with as_file(files("crystalae.search") / "configs" / "demo.yaml") as demo_yaml:
@@ -131,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"2/5 sweep {config.name}: {config.trials} trials x {config.epochs} epochs (Ray Tune + Optuna + ASHA)")
     storage = out / "sweeps"
     root = sweep_dir(storage, config.name)
-    summary = run_sweep(config, storage=storage, resume=(root / "sweep.json").exists())
+    summary = run_sweep(config, storage=storage, resume=(root / SWEEP_FILE).exists())
     print(format_sweep(summary))
     registry = Registry(out / "registry")
     entry = promote_best(root, registry, alias="champion")
@@ -273,7 +274,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from crystalae.search.config import load_sweep_config
 
     sweep = load_sweep_config(args.config, name=args.name)  # validated before Ray starts
-    from crystalae.search.sweep import run_sweep, sweep_dir
+    from crystalae.search.results import sweep_dir
+    from crystalae.search.sweep import run_sweep
 
     summary = run_sweep(sweep, storage=args.storage, address=args.address, resume=args.resume)
     print(format_sweep(summary))
@@ -281,19 +283,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_sweep(summary: dict[str, Any]) -> str:
-    objective = summary["objective"]
-    lines = [f"sweep {summary['name']}: {len(summary['trials'])} trials, objective {objective['metric']} ({objective['mode']})"]
-    for t in summary["trials"]:
-        value = "n/a" if t["best_value"] is None else f"{t['best_value']:.4g}"
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
-        lines.append(f"  {t['trial_id']}  {t['status']:9s} epochs {t['epochs']}  best {value}  {params}")
+def format_sweep(summary) -> str:
+    """A SweepSummary as a few lines: one per trial, with its status, epochs, best value and params."""
+    objective = summary.objective
+    lines = [f"sweep {summary.name}: {len(summary.trials)} trials, objective {objective.metric} ({objective.mode})"]
+    for t in summary.trials:
+        value = "n/a" if t.best_value is None else f"{t.best_value:.4g}"
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        lines.append(f"  {t.trial_id}  {t.status:9s} epochs {t.epochs}  best {value}  {params}")
     return "\n".join(lines)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from crystalae.registry import Registry
-    from crystalae.search.sweep import promote_best, sweep_dir
+    from crystalae.search.results import promote_best, sweep_dir
 
     registry = Registry(args.registry)
     if args.best:
@@ -313,7 +316,7 @@ def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str 
     folder, default model name): a checkpoint folder is named after itself (pretrained/perov_5 ->
     perov_5), a trial after its sweep."""
     from crystalae.config import NAME
-    from crystalae.search.sweep import best_checkpoint, collect_trials, sweep_dir
+    from crystalae.search.results import TRIALS_DIR, collect_trials, is_sweep, sweep_dir
 
     def named(name: str) -> str | None:
         return name if NAME.match(name) and not name.endswith(".json") else None
@@ -322,13 +325,12 @@ def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str 
         folder = source.resolve()
         # a Ray checkpoint_00003 folder is better named after its run (two levels up)
         return source, named(folder.parent.parent.name if folder.name.startswith("checkpoint_") else folder.name)
-    candidates = [source] if source.is_dir() else [sweep_dir(storage, str(source.parent)) / "trials" / source.name]
+    candidates = [source] if source.is_dir() else [sweep_dir(storage, str(source.parent)) / TRIALS_DIR / source.name]
     for folder in candidates:
         root = folder.parent.parent
-        if folder.is_dir() and (root / "sweep.json").exists():
-            summary = collect_trials(root)
-            summary["trials"] = [t for t in summary["trials"] if t["trial_id"] == folder.name]
-            return root / best_checkpoint(summary, metric, mode)[1]["path"], named(summary["name"])
+        if folder.is_dir() and is_sweep(root):
+            summary = collect_trials(root).only(folder.name)
+            return root / summary.best_checkpoint(metric, mode)[1].path, named(summary.name)
     raise ValueError(f"{source}: not a checkpoint folder, a trial folder or RUN/TRIAL under {storage}")
 
 

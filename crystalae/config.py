@@ -19,6 +19,23 @@ MAX_Z = 103  # highest Z with a tabulated atomic radius; labels are stored as ui
 MAX_GRID = 128  # voxels per edge; one float32 grid of 128^3 is 8 MiB, a batch of them far more
 
 
+def searchable(default: Any) -> Any:
+    """A field a sweep may search over (listed in a sweep's `search_space`)."""
+    return dataclasses.field(default=default, metadata={"searchable": True})
+
+
+def set_by(default: Any, owner: str) -> Any:
+    """A field filled in by `owner` (the dataset, the sweep budget, ...), never by a user's override."""
+    return dataclasses.field(default=default, metadata={"set_by": owner})
+
+
+def field_names(cls: Any, searchable: bool | None = None, settable: bool | None = None) -> set[str]:
+    """Field names of a config class, filtered by the roles above."""
+    return {f.name for f in fields(cls)
+            if (searchable is None or bool(f.metadata.get("searchable")) == searchable)
+            and (settable is None or ("set_by" not in f.metadata) == settable)}
+
+
 class ConfigError(ValueError):
     """A configuration value has the wrong type or is out of range (the message names the field)."""
 
@@ -149,12 +166,12 @@ class VoxelConfig(StrictConfig):
     representation: Representation = "cell"
     grid: int = 32  # voxels per edge
     # Å. The paper used 1.0 in a 10 Å box; 0.5 keeps C-C bonds (1.4 Å = 2.8 sigma) as separate peaks.
-    sigma: float = 0.5
-    element_sigma: bool = False  # scale sigma by the element's atomic radius relative to carbon's
+    sigma: float = searchable(0.5)
+    element_sigma: bool = searchable(False)  # scale sigma by the element's atomic radius relative to carbon's
     box_size: float = 10.0  # Å, edge of the `box` cube
     box_mode: BoxMode = "unit_cell"  # one centred unit cell, or the repeating lattice filling the box
     rotations: int = 0  # random rotations per crystal (box only); 0 keeps the crystal unrotated
-    label_radius: float = 0.65  # Å, voxels this close to an atom carry its atomic number (paper)
+    label_radius: float = searchable(0.65)  # Å, voxels this close to an atom carry its atomic number (paper)
     cutoff_sigmas: float = 5.0  # Gaussians are summed out to this many sigma (exp(-12.5) ~ 4e-6)
     reduce: Reduction = "niggli"  # cell reduction applied before voxelizing
     seed: int = 0  # rotations are drawn from (seed, material_id, rotation index)

@@ -74,16 +74,23 @@ def encode(loaded: LoadedModel, densities: list) -> torch.Tensor:
     return loaded.model.vae.encode(x * density_scale(loaded.voxel))[0]
 
 
-def decode_to_structures(loaded: LoadedModel, z: torch.Tensor, densities: list | None = None) -> list[Structure | None]:
-    """Latents -> crystals; box models borrow lattice and origin from the input densities."""
-    outputs = decode_latents(loaded.model, loaded.voxel, z)
-    if loaded.model.vae.lattice is None:
-        if densities is None:
-            raise ValueError("this model uses the box representation, which carries no lattice: "
-                             "it can reconstruct but not generate crystals; train on the cell representation")
-        return structures_from_outputs(loaded.model, loaded.voxel, outputs, np.stack([d.lattice for d in densities]),
-                                       np.stack([d.origin for d in densities]))
-    return structures_from_outputs(loaded.model, loaded.voxel, outputs)
+def decode_to_structures(loaded: LoadedModel, z: torch.Tensor, densities: list | None = None,
+                         batch_size: int = 64) -> list[Structure | None]:
+    """Latents -> crystals; box models borrow lattice and origin from the input densities. Decoded in
+    batches, so memory does not grow with the number of latents."""
+    if loaded.model.vae.lattice is None and densities is None:
+        raise ValueError("this model uses the box representation, which carries no lattice: "
+                         "it can reconstruct but not generate crystals; train on the cell representation")
+    structures: list[Structure | None] = []
+    for start in range(0, len(z), batch_size):
+        outputs = decode_latents(loaded.model, loaded.voxel, z[start : start + batch_size])
+        if loaded.model.vae.lattice is None:
+            part = densities[start : start + batch_size]
+            structures += structures_from_outputs(loaded.model, loaded.voxel, outputs,
+                                                  np.stack([d.lattice for d in part]), np.stack([d.origin for d in part]))
+        else:
+            structures += structures_from_outputs(loaded.model, loaded.voxel, outputs)
+    return structures
 
 
 def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit: int | None = None,

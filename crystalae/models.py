@@ -16,15 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crystalae.config import MAX_Z, StrictConfig, grid_problem, in_range
+from crystalae.config import MAX_Z, StrictConfig, grid_problem, in_range, set_by
 
 
 @dataclass(frozen=True)
 class ModelConfig(StrictConfig):
     """Architecture of the VAE + segmenter pair; saved in every checkpoint."""
 
-    grid: int = 32
-    periodic: bool = True  # circular padding (cell representation)
+    # set from the dataset by `inference.model_config_for`; the rest may be overridden or searched
+    grid: int = set_by(32, "data")
+    periodic: bool = set_by(True, "data")  # circular padding (cell representation)
     latent_dim: int = 128
     depth: int = 4  # down/up stages of the VAE; grid must be divisible by 2**depth
     base_width: int = 32  # channels after the first stage, doubling per stage
@@ -34,9 +35,9 @@ class ModelConfig(StrictConfig):
     seg_depth: int = 2
     seg_width: int = 16
     attention: bool = False  # attention gates on U-Net skips, as the paper
-    n_classes: int = 2  # background + elements in `species`
-    species: tuple[int, ...] = (6,)  # atomic number of class i + 1
-    lattice_head: bool = True  # predict (a, b, c, alpha, beta, gamma) from the latent
+    n_classes: int = set_by(2, "data")  # background + elements in `species`
+    species: tuple[int, ...] = set_by((6,), "data")  # atomic number of class i + 1
+    lattice_head: bool = set_by(True, "data")  # predict (a, b, c, alpha, beta, gamma) from the latent
     # How decoded atoms get their species: "site" = SiteHead(latent, position); "segmenter" = U-Net on
     # the reconstructed density (the paper); "density" = fitted peak weight, restricted to `species`.
     species_from: Literal["site", "segmenter", "density"] = "site"

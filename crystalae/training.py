@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from crystalae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from crystalae.config import StrictConfig, VoxelConfig, in_range
+from crystalae.config import StrictConfig, VoxelConfig, in_range, set_by
 from crystalae.inference import (
     class_lookup,
     decode_latents,
@@ -49,7 +49,7 @@ REPORTED_METRICS = (
 class TrainConfig(StrictConfig):
     """Optimisation and loss weights; model architecture lives in ModelConfig."""
 
-    epochs: int = 20
+    epochs: int = set_by(20, "sweep budget")  # (in a sweep; `crystalae train` takes it directly)
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-5
@@ -60,10 +60,11 @@ class TrainConfig(StrictConfig):
     # species and lattice terms does not depend on the elements (carbon peaks are ~10x lower than Pb's).
     recon_normalize: bool = True
     background_weight: float = 0.1  # class weight of empty voxels in the cross-entropy
-    workers: int = 1  # Ray Train workers (data parallel)
-    use_gpu: bool = False
+    workers: int = set_by(1, "sweep resources")  # Ray Train workers (data parallel)
+    use_gpu: bool = set_by(False, "sweep resources")
     amp: bool = True  # mixed precision (bf16) when on GPU; ignored on CPU
-    threads: int = 0  # torch threads (= CPUs Ray reserves) per worker; 0: the machine's cores / workers
+    # torch threads (= CPUs Ray reserves) per worker; 0: the machine's cores / workers
+    threads: int = set_by(0, "sweep resources")
     seed: int = 0
     keep_checkpoints: int = 2  # best k by the score metric
     eval_limit: int = 64  # validation crystals decoded end to end per epoch (StructureMatcher is slow)

@@ -34,16 +34,14 @@ else:
         except (OSError, ValueError) as exc:
             st.warning(f"Sweep `{root}` could not be read: {exc}")
             continue
-        statuses = pd.Series([t["status"] for t in summary["trials"]], dtype=object).value_counts().to_dict()
-        scored = [t for t in summary["trials"] if t["best_value"] is not None]
-        mode = summary["objective"]["mode"]
-        best = (min if mode == "min" else max)(scored, key=lambda t: t["best_value"]) if scored else None
+        statuses = pd.Series([t.status for t in summary.trials], dtype=object).value_counts().to_dict()
+        best = summary.best_trial()  # the sweep's own rule, as `promote --best` uses
         rows.append({"sweep": data.sweep_label(paths.storage, root),
-                     "objective": f"{summary['objective']['metric']} ({mode})",
-                     "trials": len(summary["trials"]),
+                     "objective": f"{summary.objective.metric} ({summary.objective.mode})",
+                     "trials": len(summary.trials),
                      "status": ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "no trials yet",
-                     "best value": best["best_value"] if best else None,
-                     "best trial": best["trial_id"] if best else None})
+                     "best value": best.best_value if best else None,
+                     "best trial": best.trial_id if best else None})
     st.dataframe(pd.DataFrame(rows), hide_index=True)
 
 st.header("Registry")

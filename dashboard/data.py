@@ -26,7 +26,8 @@ from crystalae.checkpoint import (
     read_checkpoint,
 )
 from crystalae.registry import Registry, RegistryError
-from crystalae.search.sweep import collect_trials
+from crystalae.search import results
+from crystalae.search.results import SweepSummary
 
 STORAGE_ENV = "CRYSTALAE_STORAGE"
 REGISTRY_ENV = "CRYSTALAE_REGISTRY"
@@ -60,12 +61,8 @@ def app_paths(argv: list[str] | None = None) -> Paths:
 
 @st.cache_data(ttl=LIVE_TTL, show_spinner=False)
 def find_sweeps(storage: str) -> list[str]:
-    """Sweep folders (those holding sweep.json) at most two levels below `storage`, sorted."""
-    root = Path(storage)
-    if not root.is_dir():
-        return []
-    found = [p.parent for pattern in ("sweep.json", "*/sweep.json", "*/*/sweep.json") for p in root.glob(pattern)]
-    return sorted(str(p) for p in found)
+    """Sweep folders at most two levels below `storage`, sorted (strings, so Streamlit can hash them)."""
+    return [str(p) for p in results.find_sweeps(storage)]
 
 
 def sweep_label(storage: Path, sweep_root: str) -> str:
@@ -74,25 +71,24 @@ def sweep_label(storage: Path, sweep_root: str) -> str:
 
 
 @st.cache_data(ttl=LIVE_TTL, show_spinner="Reading sweep…")
-def load_summary(sweep_root: str) -> dict[str, Any]:
-    return collect_trials(sweep_root)
+def load_summary(sweep_root: str) -> SweepSummary:
+    return results.collect_trials(sweep_root)
 
 
-def objective_metrics(summary: dict[str, Any]) -> list[str]:
-    """The objective metric(s): a list for multi-objective sweeps, one name otherwise."""
-    metric = summary["objective"]["metric"]
-    return list(metric) if isinstance(metric, (list, tuple)) else [metric]
+def objective_metrics(summary: SweepSummary) -> list[str]:
+    """The objective metric(s) (sweeps have one objective today; the Pareto view needs two)."""
+    return [summary.objective.metric]
 
 
-def trial_frame(summary: dict[str, Any]) -> pd.DataFrame:
+def trial_frame(summary: SweepSummary) -> pd.DataFrame:
     """One row per trial: id, status, epochs, best objective, params, then the last epoch's val metrics."""
     metric = " / ".join(objective_metrics(summary))
     rows = []
-    for t in summary["trials"]:
-        last = t["history"][-1] if t["history"] else {}
-        rows.append({"trial_id": t["trial_id"], "status": t["status"], "epochs": t["epochs"],
-                     "checkpoints": len(t["checkpoints"]), f"best {metric}": t["best_value"],
-                     **{k: _scalar(v) for k, v in t["params"].items()},
+    for t in summary.trials:
+        last = t.history[-1] if t.history else {}
+        rows.append({"trial_id": t.trial_id, "status": t.status, "epochs": t.epochs,
+                     "checkpoints": len(t.checkpoints), f"best {metric}": t.best_value,
+                     **{k: _scalar(v) for k, v in t.params.items()},
                      **{f"last {k}": last.get(k) for k in ["val_loss", *RECON_METRICS]}})
     return pd.DataFrame(rows)
 
@@ -101,9 +97,9 @@ def _scalar(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
 
 
-def history_metrics(summary: dict[str, Any]) -> list[str]:
+def history_metrics(summary: SweepSummary) -> list[str]:
     """Numeric per-epoch metrics seen in any trial's history, val_* first."""
-    names = {k for t in summary["trials"] for h in t["history"] for k, v in h.items()
+    names = {k for t in summary.trials for h in t.history for k, v in h.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"}
     return sorted(names, key=lambda k: (not k.startswith("val_"), k))
 
@@ -115,7 +111,7 @@ def param_importance(sweep_root: str, study_name: str, min_trials: int = 3) -> t
 
     import optuna
 
-    db = Path(sweep_root) / "optuna.db"
+    db = results.study_path(sweep_root)
     if not db.exists():  # opening a missing sqlite file would create an empty one
         return None, f"No Optuna study at {db}."
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -179,11 +175,11 @@ def model_choices(paths: Paths) -> tuple[list[ModelChoice], list[str]]:
             problems.append(f"Sweep {root} is unreadable: {exc}")
             continue
         name = sweep_label(paths.storage, root)
-        for t in summary["trials"]:
-            if t["best_checkpoint"]:
-                epoch = next((c["epoch"] for c in t["checkpoints"] if c["path"] == t["best_checkpoint"]), "?")
-                choices.append(ModelChoice(f"{name}/{t['trial_id']} (best, epoch {epoch})",
-                                           str(Path(root) / t["best_checkpoint"]), sweep_root=root))
+        for t in summary.trials:
+            if t.best_checkpoint:
+                epoch = "?" if t.best_epoch is None else t.best_epoch
+                choices.append(ModelChoice(f"{name}/{t.trial_id} (best, epoch {epoch})",
+                                           str(Path(root) / t.best_checkpoint), sweep_root=root))
     return choices, problems
 
 
@@ -247,10 +243,10 @@ def find_dataset(storage: str, voxel_config: dict[str, Any], prefer: str | None 
     """The prepared dataset whose manifest config equals `voxel_config` (the preferred sweep first)."""
     roots = ([prefer] if prefer else []) + [r for r in find_sweeps(storage) if r != prefer]
     for root in roots:
-        for manifest in sorted(Path(root).glob("datasets/*/manifest.json")):
+        for folder in results.dataset_folders(root):
             try:
-                if json.loads(manifest.read_text()).get("config") == voxel_config:
-                    return str(manifest.parent)
+                if json.loads((folder / "manifest.json").read_text()).get("config") == voxel_config:
+                    return str(folder)
             except (OSError, ValueError):
                 continue
     return None

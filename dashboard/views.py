@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -11,20 +10,21 @@ import streamlit as st
 from plotly.colors import qualitative
 
 from crystalae.dashboard import data
+from crystalae.search.results import SweepSummary
 
 PALETTE = qualitative.Dark24
 
 
-def learning_curves(summary: dict[str, Any], metric: str, trial_ids: list[str]) -> go.Figure:
+def learning_curves(summary: SweepSummary, metric: str, trial_ids: list[str]) -> go.Figure:
     """One line per trial of `metric` over epochs."""
     fig = go.Figure()
-    for t in summary["trials"]:
-        if t["trial_id"] not in trial_ids:
+    for t in summary.trials:
+        if t.trial_id not in trial_ids:
             continue
-        points = [(h.get("epoch"), h.get(metric)) for h in t["history"] if h.get(metric) is not None]
+        points = [(h.get("epoch"), h.get(metric)) for h in t.history if h.get(metric) is not None]
         if points:
             x, y = zip(*points)
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"{t['trial_id']} ({t['status']})"))
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"{t.trial_id} ({t.status})"))
     fig.update_layout(xaxis_title="epoch", xaxis_dtick=1, yaxis_title=metric, height=380, margin={"t": 30, "b": 40},
                       legend_title_text="trial")
     return fig

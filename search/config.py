@@ -18,20 +18,21 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crystalae.config import ConfigError, StrictConfig, VoxelConfig, check_name, in_range
+from crystalae.config import ConfigError, StrictConfig, VoxelConfig, check_name, field_names, in_range
 from crystalae.inference import model_config_for
 from crystalae.models import ModelConfig
 from crystalae.shards import PrepareOptions
 from crystalae.training import REPORTED_METRICS, TrainConfig
 
 DISTRIBUTIONS = {"categorical", "uniform", "loguniform", "int"}
-VOXEL_PARAMS = {"sigma", "element_sigma", "label_radius"}
-MODEL_PARAMS = {f.name for f in fields(ModelConfig)} - {"grid", "periodic", "species", "n_classes", "lattice_head"}
-TRAIN_PARAMS = {f.name for f in fields(TrainConfig)} - {"epochs", "workers", "use_gpu", "threads"}
+# Which keys route where comes from the config classes' own field roles (see crystalae.config.set_by)
+VOXEL_PARAMS = field_names(VoxelConfig, searchable=True)
+MODEL_PARAMS = field_names(ModelConfig, settable=True)
+TRAIN_PARAMS = field_names(TrainConfig, settable=True)
 
 
 class SweepConfigError(ValueError):

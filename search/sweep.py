@@ -1,12 +1,7 @@
-"""Ray Tune + Optuna sweep: each trial is a Tune function that runs a Ray Train TorchTrainer.
+"""Ray Tune + Optuna sweep: each trial is a Tune function trainable that runs a Ray Train TorchTrainer.
 
-Layout of a sweep folder (`<storage>/<name>/`):
-    sweep.json          the validated config
-    optuna.db           the Optuna study (open with `optuna-dashboard sqlite:///optuna.db`)
-    datasets/<key>/     voxelized shards, one per distinct voxel config (shared by trials with one sigma)
-    trials/<trial_id>/  the trial's Ray Train run: params.json, checkpoint_*/ (weights + metric history)
-    tune/               Ray Tune experiment state (what `--resume` restores)
-    summary.json        trial table written when the sweep ends (status, params, best metrics)
+The sweep folder's layout and the reading of its results (trials, best checkpoint, promote) live in
+`crystalae.search.results`, which needs no Ray.
 """
 from __future__ import annotations
 
@@ -19,13 +14,22 @@ from typing import Any
 
 from crystalae.files import write_json
 from crystalae.search.config import MODEL_PARAMS, VOXEL_PARAMS, SweepConfig, split_options, trial_configs
+from crystalae.search.results import (
+    DATASETS_DIR,
+    PARAMS_FILE,
+    SUMMARY_FILE,
+    SWEEP_FILE,
+    TRIALS_DIR,
+    TUNE_DIR,
+    SweepSummary,
+    collect_trials,
+    study_path,
+    sweep_dir,
+    trial_folder,
+)
 from crystalae.shards import prepare_dataset
 
 FAIL_ONCE_ENV = "CRYSTALAE_FAIL_ONCE_DIR"  # fault injection for tests: each trial raises once
-
-
-def sweep_dir(storage: str | Path, name: str) -> Path:
-    return Path(storage).resolve() / name
 
 
 def dataset_for(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: Path) -> Path:
@@ -37,7 +41,7 @@ def dataset_for(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: Path)
     key = hashlib.sha256(json.dumps({"source": sweep.data["source"], "voxel": voxel.as_dict(),
                                      "options": [options.val_fraction, options.test_fraction]},
                                     sort_keys=True).encode()).hexdigest()[:16]
-    folder = root / "datasets" / key
+    folder = root / DATASETS_DIR / key
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if not (folder / "manifest.json").exists():
@@ -63,10 +67,10 @@ def run_trial(params: dict[str, Any], sweep_dict: dict[str, Any], root: str) -> 
     root_path = Path(root)
     trial_id = tune.get_context().get_trial_id()
     voxel, model, train_cfg = trial_settings(sweep, params)
-    write_json(root_path / "trials" / trial_id / "params.json", params)
+    write_json(trial_folder(root_path, trial_id) / PARAMS_FILE, params)
     _maybe_fail_once(trial_id)
     data = dataset_for(sweep, voxel, root_path)
-    result = train(data, train_cfg, model, storage=root_path / "trials", name=trial_id,
+    result = train(data, train_cfg, model, storage=root_path / TRIALS_DIR, name=trial_id,
                    callbacks=[TuneReportCallback()], score=(sweep.objective_metric, sweep.objective_mode))
     if result.error is not None:
         raise result.error
@@ -109,11 +113,11 @@ def _persistent_searcher(sweep: SweepConfig, root: Path):
     sampler = (optuna.samplers.TPESampler(seed=sweep.seed) if sweep.algorithm == "tpe"
                else optuna.samplers.RandomSampler(seed=sweep.seed))
     return PersistentOptunaSearch(sampler=sampler, study_name=sweep.name,
-                                  storage=optuna.storages.RDBStorage(f"sqlite:///{root / 'optuna.db'}"))
+                                  storage=optuna.storages.RDBStorage(f"sqlite:///{study_path(root)}"))
 
 
 def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: str | None = None,
-              resume: bool = False) -> dict[str, Any]:
+              resume: bool = False) -> SweepSummary:
     """Run (or resume) a sweep; returns the summary that is also written to summary.json."""
     import ray
     from ray import tune
@@ -124,10 +128,10 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
     sweep_dict = sweep.as_dict()
     sweep_dict["data"]["source"] = _absolute_source(sweep.data["source"])  # trials run elsewhere
     sweep_dict = json.loads(json.dumps(sweep_dict))  # the form sweep.json holds (lists, not tuples)
-    previous = root / "sweep.json"
+    previous = root / SWEEP_FILE
     if previous.exists() and json.loads(previous.read_text()) != sweep_dict:
         raise ValueError(f"{root} holds a sweep with another config; use another --name")
-    if previous.exists() and not resume and (root / "tune").exists():
+    if previous.exists() and not resume and (root / TUNE_DIR).exists():
         raise ValueError(f"sweep {sweep.name} already exists at {root}; pass --resume to continue it")
     write_json(previous, sweep_dict)
 
@@ -143,8 +147,8 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep_dict=sweep_dict, root=str(root)),
                                     {"cpu": 0.01})
-    if resume and tune.Tuner.can_restore(str(root / "tune")):
-        tuner = tune.Tuner.restore(str(root / "tune"), trainable=trainable, resume_errored=True)
+    if resume and tune.Tuner.can_restore(str(root / TUNE_DIR)):
+        tuner = tune.Tuner.restore(str(root / TUNE_DIR), trainable=trainable, resume_errored=True)
     else:
         searcher = _persistent_searcher(sweep, root)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
@@ -157,7 +161,7 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
                                         search_alg=searcher, scheduler=scheduler, num_samples=sweep.trials,
                                         max_concurrent_trials=sweep.max_concurrent,
                                         time_budget_s=sweep.time_budget_s),
-            run_config=tune.RunConfig(name="tune", storage_path=str(root),
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(root),
                                       failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
         )
     grid = tuner.fit()
@@ -168,7 +172,7 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
         if trial_id:
             statuses[str(trial_id)] = "error" if result.error else "finished"
     summary = collect_trials(root, statuses)
-    write_json(root / "summary.json", summary)
+    write_json(root / SUMMARY_FILE, summary.as_dict())
     return summary
 
 
@@ -177,75 +181,3 @@ _TRIAL_ID = re.compile(r"^run_trial_([0-9a-f]+(?:_\d+)?)_")
 
 def _absolute_source(source: str) -> str:
     return source if str(source).startswith("demo") or "://" in str(source) else str(Path(source).resolve())
-
-
-def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> dict[str, Any]:
-    """Read every trial of a sweep from disk (works while it runs, and with Ray down).
-
-    A trial's status comes from summary.json once the sweep has ended; before that it is "running".
-    """
-    root = Path(root)
-    sweep = json.loads((root / "sweep.json").read_text()) if (root / "sweep.json").exists() else {}
-    if statuses is None and (root / "summary.json").exists():
-        statuses = {t["trial_id"]: t["status"] for t in json.loads((root / "summary.json").read_text())["trials"]}
-    metric, mode = sweep.get("objective_metric", "val_score"), sweep.get("objective_mode", "max")
-    trials = []
-    for folder in sorted(p for p in (root / "trials").glob("*") if p.is_dir()) if (root / "trials").exists() else []:
-        checkpoints = []
-        for config_file in sorted(folder.glob("checkpoint_*/config.json")):
-            config = json.loads(config_file.read_text())
-            checkpoints.append({"path": str(config_file.parent.relative_to(root)), "epoch": config["epoch"],
-                                "metrics": config["metrics"], "history": config.get("history", [])})
-        checkpoints.sort(key=lambda c: c["epoch"])
-        history = checkpoints[-1]["history"] if checkpoints else []
-        for c in checkpoints:
-            del c["history"]
-        best = _best(checkpoints, metric, mode)
-        trials.append({
-            "trial_id": folder.name,
-            "params": json.loads((folder / "params.json").read_text()) if (folder / "params.json").exists() else {},
-            "status": _status(statuses, folder.name, len(history), sweep.get("epochs")),
-            "epochs": len(history), "history": history, "checkpoints": checkpoints,
-            "best_value": best["metrics"].get(metric) if best else None,
-            "best_checkpoint": best["path"] if best else None,
-        })
-    return {"name": sweep.get("name", root.name), "objective": {"metric": metric, "mode": mode},
-            "trials": trials}
-
-
-def _status(statuses: dict[str, str] | None, trial_id: str, epochs: int, budget: int | None) -> str:
-    if statuses is None:
-        return "running"  # the sweep has not ended (or its driver was killed)
-    status = statuses.get(trial_id, "unknown")
-    if status == "finished" and budget is not None and epochs < budget:
-        return "early-stopped"  # ASHA ended it before the epoch budget
-    return status
-
-
-def _best(checkpoints: list[dict], metric: str, mode: str) -> dict | None:
-    scored = [c for c in checkpoints if isinstance(c["metrics"].get(metric), (int, float))]
-    if not scored:
-        return None
-    return (min if mode == "min" else max)(scored, key=lambda c: c["metrics"][metric])
-
-
-def best_checkpoint(summary: dict[str, Any], metric: str | None = None, mode: str | None = None
-                    ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trial, checkpoint) scoring best on `metric` over every kept checkpoint of every trial."""
-    metric = metric or summary["objective"]["metric"]
-    mode = mode or summary["objective"]["mode"]
-    pairs = [(t, c) for t in summary["trials"] for c in t["checkpoints"]
-             if isinstance(c["metrics"].get(metric), (int, float))]
-    if not pairs:
-        raise ValueError(f"no checkpoint of sweep {summary['name']} has metric {metric!r}")
-    return (min if mode == "min" else max)(pairs, key=lambda p: p[1]["metrics"][metric])
-
-
-def promote_best(root: str | Path, registry, name: str | None = None, alias: str | None = None,
-                 metric: str | None = None, mode: str | None = None) -> dict[str, Any]:
-    """Promote the sweep's best kept checkpoint into `registry` (a crystalae.registry.Registry)."""
-    root = Path(root)
-    summary = collect_trials(root)
-    trial, checkpoint = best_checkpoint(summary, metric, mode)
-    return registry.promote(root / checkpoint["path"], name or summary["name"], alias=alias,
-                            source={"sweep": summary["name"], "trial": trial["trial_id"], "epoch": checkpoint["epoch"]})

@@ -68,7 +68,8 @@ def tiny_sweep(tmp_path_factory):
 
     from crystalae.registry import Registry
     from crystalae.search.config import load_sweep_config
-    from crystalae.search.sweep import promote_best, run_sweep, sweep_dir
+    from crystalae.search.results import promote_best, sweep_dir
+    from crystalae.search.sweep import run_sweep
 
     base = tmp_path_factory.mktemp("sweep")
     config = base / "tiny.yaml"

@@ -13,24 +13,27 @@ from conftest import TINY_SWEEP
 
 from crystalae.registry import Registry, RegistryError
 from crystalae.search.config import SweepConfigError, load_sweep_config
-from crystalae.search.sweep import collect_trials
+from crystalae.search.results import collect_trials
 
 
 def test_tiny_sweep_writes_results(tiny_sweep):
     summary = tiny_sweep["summary"]
-    assert len(summary["trials"]) == 3
+    assert len(summary.trials) == 3
     root = tiny_sweep["root"]
     assert json.loads((root / "summary.json").read_text())["trials"]
-    for trial in summary["trials"]:
-        assert trial["status"] in ("finished", "early-stopped")
-        assert trial["best_checkpoint"] and (root / trial["best_checkpoint"] / "checkpoint.pt").exists()
-        assert trial["history"][0]["epoch"] == 0 and "val_loss" in trial["history"][0]
-        assert set(trial["params"]) == {"latent_dim", "sigma", "lr"}
+    for trial in summary.trials:
+        assert trial.status in ("finished", "early-stopped")
+        assert trial.best_checkpoint and (root / trial.best_checkpoint / "checkpoint.pt").exists()
+        assert trial.history[0]["epoch"] == 0 and "val_loss" in trial.history[0]
+        assert set(trial.params) == {"latent_dim", "sigma", "lr"}
     import optuna
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'optuna.db'}")
     assert len(study.trials) == 3
-    sigmas = {t["params"]["sigma"] for t in summary["trials"]}
+    # one rule for "best": the dashboard's best trial holds the checkpoint `promote --best` picks
+    best, (_, checkpoint) = summary.best_trial(), summary.best_checkpoint()
+    assert best.best_value == checkpoint.metrics[summary.objective.metric]
+    sigmas = {t.params["sigma"] for t in summary.trials}
     assert len(list((root / "datasets").glob("*/manifest.json"))) == len(sigmas)  # one dataset per sigma
 
 
@@ -68,7 +71,7 @@ def test_promote_alias_and_generate_from_alias(tiny_sweep, tmp_path):
     assert json.loads((out / "summary.json").read_text())["count"] == 2
     reg2 = tmp_path / "reg2"
     assert main(["promote", str(tiny_sweep["root"]), "--best", "--registry", str(reg2), "--alias", "champion"]) == 0
-    trial = tiny_sweep["summary"]["trials"][0]["trial_id"]
+    trial = tiny_sweep["summary"].trials[0].trial_id
     assert main(["promote", f"tiny/{trial}", "--storage", str(tiny_sweep["storage"]), "--registry", str(reg2),
                  "--name", "tiny", "--alias", "champion"]) == 0
     assert Registry(reg2).aliases() == {"champion": "tiny@2"} and Registry(reg2).versions("tiny") == [1, 2]
@@ -117,7 +120,7 @@ def test_a_trial_that_raises_once_is_retried(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = collect_trials(tmp_path / "s" / "retry")
     assert len(list(markers.iterdir())) == 2  # both trials failed once
-    assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]
+    assert [t.status for t in summary.trials] == ["finished", "finished"]
 
 
 def _committed_final_checkpoints(root: Path, last_epoch: int) -> dict[str, set[str]]:
@@ -156,14 +159,14 @@ def test_killed_driver_resumes_without_losing_finished_trials(tmp_path):
     result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = collect_trials(root)
-    assert len(summary["trials"]) == 3
-    by_id = {t["trial_id"]: t for t in summary["trials"]}
+    assert len(summary.trials) == 3
+    by_id = {t.trial_id: t for t in summary.trials}
     for trial_id, paths in finished.items():
-        assert by_id[trial_id]["status"] in ("finished", "early-stopped")
-        assert by_id[trial_id]["epochs"] == 2
+        assert by_id[trial_id].status in ("finished", "early-stopped")
+        assert by_id[trial_id].epochs == 2
         # not retrained: a rerun would have written new (timestamped) checkpoints and dropped these
-        assert {c["path"] for c in by_id[trial_id]["checkpoints"]} == paths
-    assert all(t["status"] != "error" for t in summary["trials"])
+        assert {c.path for c in by_id[trial_id].checkpoints} == paths
+    assert all(t.status != "error" for t in summary.trials)
 
 
 def test_cluster_yaml_passes_ray_schema():
@@ -225,7 +228,7 @@ def test_sweep_on_a_two_node_local_cluster_uses_both_nodes(tmp_path):
 
         shutil.rmtree(temp_dir, ignore_errors=True)
     summary = collect_trials(tmp_path / "s" / "cluster")
-    nodes = {h["node_ip"] for t in summary["trials"] for h in t["history"]}
+    nodes = {h["node_ip"] for t in summary.trials for h in t.history}
     assert nodes == {"127.0.0.2", "127.0.0.3"}
 
 
@@ -235,3 +238,29 @@ def test_depth_the_grid_cannot_support_is_refused(tmp_path):
                                        "depth: {type: int, low: 1, high: 4}"))
     with pytest.raises(SweepConfigError, match="depth=4: .*grid 8 must be divisible by 2\\*\\*depth = 16"):
         load_sweep_config(path)
+
+
+def test_reading_results_needs_no_ray():
+    code = ("import sys, crystalae.search.results, crystalae.registry, crystalae.dashboard.launch; "
+            "heavy = [m for m in ('ray', 'optuna', 'streamlit') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fields_marked_set_by_data_are_set_by_the_data():
+    """The sweep routes keys by field role; the fields a sweep may not set must be the ones
+    `model_config_for` takes from the dataset (whatever an override says)."""
+    from dataclasses import fields
+
+    from crystalae.config import VoxelConfig
+    from crystalae.inference import model_config_for
+    from crystalae.models import ModelConfig
+    from crystalae.search.config import MODEL_PARAMS
+
+    data_fields = {f.name for f in fields(ModelConfig) if f.metadata.get("set_by") == "data"}
+    assert data_fields == {"grid", "periodic", "species", "n_classes", "lattice_head"}
+    assert not data_fields & MODEL_PARAMS
+    voxel = VoxelConfig(grid=8)
+    base = model_config_for(voxel, (8, 22), depth=1, seg_depth=1)
+    wrong = {"grid": 16, "periodic": False, "n_classes": 2, "lattice_head": False}  # species is the argument
+    assert model_config_for(voxel, (8, 22), depth=1, seg_depth=1, **wrong) == base

@@ -26,16 +26,14 @@ except (OSError, ValueError) as exc:
     st.stop()
 
 objectives = data.objective_metrics(summary)
-trials = summary["trials"]
-st.caption(f"`{root}` · objective: {' / '.join(objectives)} ({summary['objective']['mode']})")
+trials = summary.trials
+st.caption(f"`{root}` · objective: {' / '.join(objectives)} ({summary.objective.mode})")
 if not trials:
     st.info("This sweep has no trials on disk yet: it may still be preparing data. Refresh in a moment.")
     st.stop()
 
-counts = {s: sum(t["status"] == s for t in trials) for s in ("finished", "early-stopped", "running", "error")}
-best = [t for t in trials if t["best_value"] is not None]
-pick = min if summary["objective"]["mode"] == "min" else max
-best_trial = pick(best, key=lambda t: t["best_value"]) if best else None
+counts = {s: sum(t.status == s for t in trials) for s in ("finished", "early-stopped", "running", "error")}
+best_trial = summary.best_trial()  # the sweep's own rule, as `promote --best` uses
 cols = st.columns(5)
 cols[0].metric("Trials", len(trials))
 for col, (status, n) in zip(cols[1:], counts.items()):
@@ -44,14 +42,14 @@ if counts["running"]:
     st.info(f"{counts['running']} trial(s) are still running (or the sweep driver stopped before writing "
             "summary.json). Tables refresh every few seconds; use *Refresh data* in the sidebar.")
 if counts["error"]:
-    failed = ", ".join(t["trial_id"] for t in trials if t["status"] == "error")
+    failed = ", ".join(t.trial_id for t in trials if t.status == "error")
     st.warning(f"Failed trials: {failed}. Their metrics stop at the last epoch they reported; see the Ray "
                f"Tune logs under `{root}/tune` for the error.")
-empty = [t["trial_id"] for t in trials if not t["checkpoints"]]
+empty = [t.trial_id for t in trials if not t.checkpoints]
 if empty:
     st.info(f"No checkpoint yet for trial(s) {', '.join(empty)}: they have not finished an epoch.")
 if best_trial:
-    st.success(f"Best trial: **{best_trial['trial_id']}** with {objectives[0]} = {best_trial['best_value']:.4g}")
+    st.success(f"Best trial: **{best_trial.trial_id}** with {objectives[0]} = {best_trial.best_value:.4g}")
 
 st.header("Trials")
 frame = data.trial_frame(summary)
@@ -78,7 +76,7 @@ else:
     st.plotly_chart(views.learning_curves(summary, metric, ids), key="curves")
 
 st.header("Search space vs objective")
-params = sorted({k for t in trials for k in t["params"]})
+params = sorted({k for t in trials for k in t.params})
 objective_col = f"best {' / '.join(objectives)}"
 scored = frame[frame[objective_col].notna()] if objective_col in frame else frame.iloc[0:0]
 if not params:
@@ -89,7 +87,7 @@ else:
     st.plotly_chart(views.parallel_coordinates(scored, params, objective_col), key="parcoords")
 
 st.subheader("Parameter importance (Optuna)")
-importances, note = data.param_importance(root, summary["name"])
+importances, note = data.param_importance(root, summary.name)
 if importances is None:
     st.info(note)
 else:
@@ -100,9 +98,8 @@ st.subheader("Pareto front")
 if len(objectives) < 2:
     st.info("Single-objective sweep: there is no Pareto front to show.")
 else:
-    modes = summary["objective"]["mode"]
-    modes = list(modes) if isinstance(modes, (list, tuple)) else [modes] * len(objectives)
-    last = frame.assign(**{m: [t["history"][-1].get(m) if t["history"] else None for t in trials]
+    modes = [summary.objective.mode] * len(objectives)
+    last = frame.assign(**{m: [t.history[-1].get(m) if t.history else None for t in trials]
                            for m in objectives})
     points = last.dropna(subset=objectives[:2])
     if points.empty:

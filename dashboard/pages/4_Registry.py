@@ -61,16 +61,16 @@ labels = {data.sweep_label(paths.storage, r): r for r in sweeps}
 sweep_label = st.selectbox("Sweep", list(labels), key="promote_sweep")
 root = labels[sweep_label]
 summary = data.load_summary(root)
-candidates = {f"{t['trial_id']} ({t['status']}, best {t['best_value']:.4g})": t
-              for t in summary["trials"] if t["best_checkpoint"]}
+candidates = {f"{t.trial_id} ({t.status}, best {t.best_value:.4g})": t
+              for t in summary.trials if t.best_checkpoint}
 if not candidates:
     st.info("No trial of this sweep has a checkpoint yet (running, or every trial failed before an epoch).")
     st.stop()
 trial = candidates[st.selectbox("Trial", list(candidates), key="promote_trial")]
 left, right = st.columns(2)
-name = left.text_input("Model name", value=summary["name"], key="promote_name")
+name = left.text_input("Model name", value=summary.name, key="promote_name")
 alias = right.text_input("Alias (optional)", placeholder="e.g. champion", key="promote_alias").strip() or None
-checkpoint = Path(root) / trial["best_checkpoint"]
+checkpoint = Path(root) / trial.best_checkpoint
 st.caption(f"Checkpoint: `{checkpoint}`")
 
 
@@ -78,7 +78,7 @@ def promote() -> None:
     """Button callback: runs before the rerun, so it may reset the confirmation checkbox."""
     try:
         manifest = Registry(paths.registry).promote(checkpoint, name, alias=alias,
-                                                    source={"sweep": summary["name"], "trial": trial["trial_id"]})
+                                                    source={"sweep": summary.name, "trial": trial.trial_id})
     except (ValueError, OSError) as exc:  # bad name/alias (SweepConfigError), CheckpointError
         st.session_state.promote_message = ("error", f"Promotion failed: {exc}")
         return
