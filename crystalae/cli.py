@@ -34,29 +34,14 @@ def _add_voxel_options(parser: argparse.ArgumentParser) -> None:
 def voxel_config_from_args(args: argparse.Namespace) -> VoxelConfig:
     values: dict[str, Any] = {}
     if args.voxel_config is not None:
+        from crystalae.files import read_yaml_mapping
+
         values.update(read_yaml_mapping(args.voxel_config, "--voxel-config"))
     for f in fields(VoxelConfig):
         given = getattr(args, f.name)
         if given is not None:
             values[f.name] = given
     return VoxelConfig.from_dict(values)
-
-
-def read_yaml_mapping(path: Path, option: str) -> dict[str, Any]:
-    """A YAML file that must hold a mapping; any problem is one error naming the option and the file."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{option} {path}: cannot read it ({type(exc).__name__}: {exc})") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{option} {path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{option} {path}: expected a mapping of key: value, found a {type(data).__name__}")
-    return data
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -166,21 +151,10 @@ def _sample_pretrained(out: Path, count: int = 8) -> None:
           f"composition validity {100 * summary['composition_validity']:.0f}%")
 
 
-def load_train_yaml(path: Path | None) -> dict[str, Any]:
-    """YAML with optional sections `train` (TrainConfig), `model` (ModelConfig fields), `preset`."""
-    if path is None:
-        return {}
-    data = read_yaml_mapping(path, "--config")
-    unknown = set(data) - {"train", "model", "preset"}
-    if unknown:
-        raise ValueError(f"{path}: unknown sections {sorted(unknown)} (allowed: train, model, preset)")
-    return data
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from crystalae.training import TrainConfig, best_checkpoint_path, train
+    from crystalae.training import TrainConfig, best_checkpoint_path, read_train_spec, train
 
-    spec = load_train_yaml(args.config)
+    spec = read_train_spec(args.config)
     train_values = dict(spec.get("train") or {})
     for key in ("epochs", "workers", "batch_size", "lr", "threads"):
         if getattr(args, key) is not None:

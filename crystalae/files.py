@@ -49,3 +49,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_yaml_mapping(path: Path, option: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; any problem is one error naming the option and the file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{option} {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{option} {path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{option} {path}: expected a mapping of key: value, found a {type(data).__name__}")
+    return data

@@ -106,6 +106,26 @@ class TrainConfig(StrictConfig):
         return replace(self, threads=max(1, (os.cpu_count() or 1) // self.workers))
 
 
+TRAIN_SPEC_SECTIONS = ("train", "model", "preset")
+
+
+def read_train_spec(path: str | Path | None) -> dict[str, Any]:
+    """A `crystalae train --config` YAML: optional sections `train` (TrainConfig fields), `model`
+    (ModelConfig overrides) and `preset`; unknown sections are an error naming the file."""
+    if path is None:
+        return {}
+    from crystalae.files import read_yaml_mapping
+
+    data = read_yaml_mapping(path, "--config")
+    unknown = set(data) - set(TRAIN_SPEC_SECTIONS)
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {sorted(map(str, unknown))} (allowed: {', '.join(TRAIN_SPEC_SECTIONS)})")
+    for section in ("train", "model"):
+        if not isinstance(data.get(section) or {}, dict):
+            raise ValueError(f"{path}: `{section}` must be a mapping of field: value")
+    return data
+
+
 def lr_factor(cfg: TrainConfig, progress: float) -> float:
     """Multiplier of `lr` at `progress` epochs into training (linear warm-up, then cosine)."""
     if cfg.schedule == "constant":

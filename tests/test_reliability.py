@@ -273,6 +273,16 @@ def test_13_bad_voxel_config_yaml_is_one_line(tmp_path, capsys, text, needle):
     assert "v.yaml" in line or "grid" in line
 
 
+@pytest.mark.parametrize("text, needle", [
+    ("- 1\n", "expected a mapping"), ("optim: {lr: 1}\n", "unknown sections ['optim']"),
+    ("train: [1]\n", "`train` must be a mapping"),
+])
+def test_13_bad_train_config_yaml_is_one_line(tmp_path, capsys, text, needle):
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    fails(capsys, ["train", "--data", str(tmp_path), "--config", str(path)], needle, "t.yaml")
+
+
 def test_14_generate_counts_are_checked(tmp_path, capsys, tiny_checkpoint):
     fails_to_parse(capsys, ["generate", "--checkpoint", str(tiny_checkpoint), "--sample", "-1"], "--sample", "-1")
     fails_to_parse(capsys, ["generate", "--checkpoint", str(tiny_checkpoint), "--alter", "x", "--count", "0"], "--count")
