@@ -84,13 +84,17 @@ def decode_to_structures(loaded: LoadedModel, z: torch.Tensor, densities: list |
     structures: list[Structure | None] = []
     for start in range(0, len(z), batch_size):
         outputs = decode_latents(loaded.model, loaded.voxel, z[start : start + batch_size])
-        if loaded.model.vae.lattice is None:
-            part = densities[start : start + batch_size]
-            structures += structures_from_outputs(loaded.model, loaded.voxel, outputs,
-                                                  np.stack([d.lattice for d in part]), np.stack([d.origin for d in part]))
-        else:
-            structures += structures_from_outputs(loaded.model, loaded.voxel, outputs)
+        structures += outputs_to_structures(loaded, outputs, None if densities is None else densities[start : start + batch_size])
     return structures
+
+
+def outputs_to_structures(loaded: LoadedModel, outputs: dict[str, Any], densities: list | None = None
+                          ) -> list[Structure | None]:
+    """Decoder outputs (`decode_latents`) -> crystals; box models take lattice and origin from `densities`."""
+    if loaded.model.vae.lattice is not None:
+        return structures_from_outputs(loaded.model, loaded.voxel, outputs)
+    return structures_from_outputs(loaded.model, loaded.voxel, outputs, np.stack([d.lattice for d in densities]),
+                                   np.stack([d.origin for d in densities]))
 
 
 def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit: int | None = None,

@@ -261,5 +261,14 @@ def read_table(folder: str | Path, split: str | None = None, columns: list[str] 
     return table if columns is None else table.select(columns)
 
 
+def column_numpy(table: pa.Table, name: str) -> np.ndarray:
+    """One column as a numpy array: tensor columns (density, labels, sites) keep their shape, list
+    columns (lattice, origin) become float64 rows."""
+    column = table.column(name).combine_chunks()
+    if name in ("density", "labels", "sites"):
+        return column.to_numpy_ndarray()
+    return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float64)
+
+
 def config_of(folder: str | Path) -> VoxelConfig:
     return VoxelConfig.from_dict(read_manifest(folder)["config"])

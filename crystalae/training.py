@@ -33,6 +33,7 @@ from crystalae.inference import (
 )
 from crystalae.metrics import compare, reconstruction_score, site_confusion, summarize
 from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
+from crystalae.shards import column_numpy
 from crystalae.voxelize import voxelize_arrays
 
 SCORE = ("val_score", "max")  # the default objective: comparable across sigma, grid and architecture
@@ -289,16 +290,9 @@ def table_batches(table, batch_size: int, columns=BATCH_COLUMNS):
     """Torch batches from an Arrow table (the plain, non-Ray data path)."""
     if table.num_rows == 0:  # e.g. eval_limit 0: nothing to stack
         return
-    arrays = {c: _column_numpy(table, c) for c in columns if c in table.column_names}
+    arrays = {c: column_numpy(table, c) for c in columns if c in table.column_names}
     for start in range(0, table.num_rows, batch_size):
         yield {c: torch.from_numpy(a[start : start + batch_size]) for c, a in arrays.items()}
-
-
-def _column_numpy(table, name: str) -> np.ndarray:
-    column = table.column(name).combine_chunks()
-    if name in ("density", "labels", "sites"):
-        return column.to_numpy_ndarray()
-    return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float64)
 
 
 @torch.no_grad()
@@ -320,7 +314,7 @@ def evaluate(model: CrystalAE, table, voxel: VoxelConfig, cfg: TrainConfig, devi
         recon = torch.from_numpy(outputs["density"]).to(x.device)[:, None] * scale
         mse_sum += float(F.mse_loss(recon, x, reduction="sum")) / x[0].numel()
         lattices = None if model.vae.lattice is not None else batch["lattice"].numpy()
-        origins = None if lattices is None else _column_numpy(part, "origin")
+        origins = None if lattices is None else column_numpy(part, "origin")
         for i, p in enumerate(structures_from_outputs(model, voxel, outputs, lattices, origins)):
             true = Structure.from_str(part.column("cif")[i].as_py(), fmt="cif")
             records.append(compare(p, true))

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -266,7 +265,7 @@ def validation_item(dataset: str, material_id: str) -> dict[str, Any] | None:
     """The stored row of one validation crystal: cif, density, labels, lattice, origin (rotation 0)."""
     import pyarrow.compute as pc
 
-    from crystalae.shards import read_table
+    from crystalae.shards import column_numpy, read_table
 
     table = read_table(dataset, split="val")
     table = table.filter(pc.and_(pc.equal(table.column("material_id"), material_id),
@@ -274,10 +273,8 @@ def validation_item(dataset: str, material_id: str) -> dict[str, Any] | None:
     if table.num_rows == 0:
         return None
     return {"material_id": material_id, "cif": table.column("cif")[0].as_py(),
-            "density": table.column("density").combine_chunks().to_numpy_ndarray()[0],
-            "labels": table.column("labels").combine_chunks().to_numpy_ndarray()[0],
-            "lattice": np.asarray(table.column("lattice")[0].as_py()).reshape(3, 3),
-            "origin": np.asarray(table.column("origin")[0].as_py())}
+            "density": column_numpy(table, "density")[0], "labels": column_numpy(table, "labels")[0],
+            "lattice": column_numpy(table, "lattice")[0].reshape(3, 3), "origin": column_numpy(table, "origin")[0]}
 
 
 @st.cache_data(show_spinner="Reconstructing…", max_entries=64)
@@ -285,7 +282,7 @@ def reconstruction(checkpoint: str, dataset: str, material_id: str) -> dict[str,
     """Encode -> decode one stored validation crystal: input/output grids, decoded CIF and match/RMS."""
     from pymatgen.core import Structure
 
-    from crystalae.generate import decode_to_structures, encode
+    from crystalae.generate import encode, outputs_to_structures
     from crystalae.inference import decode_latents
     from crystalae.metrics import compare
     from crystalae.voxelize import Density
@@ -296,8 +293,8 @@ def reconstruction(checkpoint: str, dataset: str, material_id: str) -> dict[str,
         raise CheckpointError(f"{material_id} is not in the validation split of {dataset}")
     density = Density(item["density"], item["labels"], item["lattice"], item["origin"], loaded.voxel)
     z = encode(loaded, [density])
-    outputs = decode_latents(loaded.model, loaded.voxel, z)
-    predicted = decode_to_structures(loaded, z, [density])[0]
+    outputs = decode_latents(loaded.model, loaded.voxel, z)  # decoded once: grid for the view, atoms below
+    predicted = outputs_to_structures(loaded, outputs, [density])[0]
     true = Structure.from_str(item["cif"], fmt="cif")
     return {"input": item["density"], "output": outputs["density"][0], "true_cif": item["cif"],
             "cif": predicted.to(fmt="cif") if predicted is not None else None, **compare(predicted, true)}
