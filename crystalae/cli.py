@@ -135,12 +135,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _sample_pretrained(out: Path, count: int = 8) -> None:
     """The demo's last step: a few crystals from the shipped perov_5 model, with their validity."""
-    from crystalae.checkpoint import load_checkpoint
+    from crystalae.checkpoint import FILENAME, load_checkpoint
     from crystalae.generate import sample, write_generated
     from crystalae.pretrained import PRETRAINED
 
     folder = PRETRAINED / "perov_5"
-    if not (folder / "checkpoint.pt").exists():
+    if not (folder / FILENAME).exists():
         print(f"(no shipped model at {folder}: skipped sampling from it)")
         return
     named = [(f"perov-{i:02d}", s) for i, s in enumerate(sample(load_checkpoint(folder), count))]
@@ -289,13 +289,14 @@ def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str 
     """RUN/TRIAL (under the sweep storage), a trial folder, or a checkpoint folder -> (checkpoint
     folder, default model name): a checkpoint folder is named after itself (pretrained/perov_5 ->
     perov_5), a trial after its sweep."""
+    from crystalae.checkpoint import FILENAME
     from crystalae.config import NAME
     from crystalae.search.results import TRIALS_DIR, collect_trials, is_sweep, sweep_dir
 
     def named(name: str) -> str | None:
         return name if NAME.match(name) and not name.endswith(".json") else None
 
-    if (source / "checkpoint.pt").exists():
+    if (source / FILENAME).exists():
         folder = source.resolve()
         # a Ray checkpoint_00003 folder is better named after its run (two levels up)
         return source, named(folder.parent.parent.name if folder.name.startswith("checkpoint_") else folder.name)

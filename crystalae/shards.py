@@ -30,6 +30,7 @@ from crystalae.sources import Entry, StructureError, list_entries, load_structur
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
 FORMAT = "crystalae-shards/2"  # 2: per-atom `sites` column
+MANIFEST = "manifest.json"  # written last: a dataset folder is finished iff it holds this
 
 
 class DatasetError(ValueError):
@@ -194,7 +195,7 @@ def _claim_folder(out: Path, plan: dict, overwrite: bool) -> None:
             raise DatasetError(f"{out} holds a dataset built with other settings "
                                f"(see {plan_path}); choose another --out or pass --overwrite")
         shutil.rmtree(out / "shards", ignore_errors=True)
-        for name in ("manifest.json", "rejects.csv", "prepare.json"):
+        for name in (MANIFEST, "rejects.csv", "prepare.json"):
             (out / name).unlink(missing_ok=True)
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise DatasetError(f"{out} is not empty and holds no crystalae dataset; choose another --out")
@@ -230,12 +231,12 @@ def _finish(out: Path, plan: dict, records: list[dict]) -> dict[str, Any]:
     writer.writeheader()
     writer.writerows(sorted(rejects, key=lambda r: r["index"]))
     write_text(out / "rejects.csv", buffer.getvalue())
-    write_json(out / "manifest.json", manifest)
+    write_json(out / MANIFEST, manifest)
     return manifest
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / "manifest.json"
+    path = Path(folder) / MANIFEST
     if not path.exists():
         raise DatasetError(f"{folder} has no manifest.json: not a finished crystalae dataset "
                            "(run `crystalae data prepare` first, or rerun it to finish)")

@@ -74,14 +74,9 @@ def load_summary(sweep_root: str) -> SweepSummary:
     return results.collect_trials(sweep_root)
 
 
-def objective_metrics(summary: SweepSummary) -> list[str]:
-    """The objective metric(s) (sweeps have one objective today; the Pareto view needs two)."""
-    return [summary.objective.metric]
-
-
 def trial_frame(summary: SweepSummary) -> pd.DataFrame:
     """One row per trial: id, status, epochs, best objective, params, then the last epoch's val metrics."""
-    metric = " / ".join(objective_metrics(summary))
+    metric = summary.objective.metric
     rows = []
     for t in summary.trials:
         last = t.history[-1] if t.history else {}
@@ -242,9 +237,11 @@ def find_dataset(storage: str, voxel_config: dict[str, Any], prefer: str | None 
     """The prepared dataset whose manifest config equals `voxel_config` (the preferred sweep first)."""
     roots = ([prefer] if prefer else []) + [r for r in find_sweeps(storage) if r != prefer]
     for root in roots:
+        from crystalae.shards import read_manifest
+
         for folder in results.dataset_folders(root):
             try:
-                if json.loads((folder / "manifest.json").read_text()).get("config") == voxel_config:
+                if read_manifest(folder).get("config") == voxel_config:
                     return str(folder)
             except (OSError, ValueError):
                 continue

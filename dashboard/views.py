@@ -160,22 +160,6 @@ def badges(flags: dict[str, bool]) -> str:
     return " · ".join(f":{'green' if ok else 'red'}[{'✓' if ok else '✗'} {names[name]}]" for name, ok in flags.items())
 
 
-def pareto_front(points: pd.DataFrame, metrics: list[str], modes: list[str]) -> go.Figure:
-    """Scatter of two objectives per trial with the non-dominated trials highlighted."""
-    a, b = metrics[:2]
-    sign = np.array([1 if m == "min" else -1 for m in modes[:2]])
-    values = points[[a, b]].to_numpy(dtype=float) * sign  # lower is better on both axes now
-    front = [not any((values[j] <= values[i]).all() and (values[j] < values[i]).any() for j in range(len(values)))
-             for i in range(len(values))]
-    fig = go.Figure()
-    for on_front, name in ((False, "dominated"), (True, "Pareto front")):
-        rows = points[np.array(front) == on_front]
-        fig.add_trace(go.Scatter(x=rows[a], y=rows[b], mode="markers", name=name, text=rows["trial_id"],
-                                 marker={"size": 11 if on_front else 8}))
-    fig.update_layout(xaxis_title=a, yaxis_title=b, height=380)
-    return fig
-
-
 def sidebar(paths: data.Paths) -> None:
     """Where the data comes from, and a refresh button (sweep tables are cached for a few seconds)."""
     with st.sidebar:

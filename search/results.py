@@ -112,7 +112,9 @@ def study_path(root: str | Path) -> Path:
 
 def dataset_folders(root: str | Path) -> list[Path]:
     """Finished prepared datasets of a sweep (those with a manifest)."""
-    return sorted(p.parent for p in (Path(root) / DATASETS_DIR).glob("*/manifest.json"))
+    from crystalae.shards import MANIFEST
+
+    return sorted(p.parent for p in (Path(root) / DATASETS_DIR).glob(f"*/{MANIFEST}"))
 
 
 def sweep_config(root: str | Path) -> dict[str, Any]:

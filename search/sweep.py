@@ -27,7 +27,7 @@ from crystalae.search.results import (
     sweep_dir,
     trial_folder,
 )
-from crystalae.shards import prepare_dataset
+from crystalae.shards import MANIFEST, prepare_dataset
 
 FAIL_ONCE_ENV = "CRYSTALAE_FAIL_ONCE_DIR"  # fault injection for tests: each trial raises once
 
@@ -44,7 +44,7 @@ def dataset_for(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: Path)
     folder = root / DATASETS_DIR / key
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
-        if not (folder / "manifest.json").exists():
+        if not (folder / MANIFEST).exists():
             prepare_dataset(sweep.data["source"], folder, voxel, options, workers=1)
     return folder
 

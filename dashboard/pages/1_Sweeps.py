@@ -25,9 +25,9 @@ except (OSError, ValueError) as exc:
     st.error(f"Could not read sweep `{root}`: {exc}")
     st.stop()
 
-objectives = data.objective_metrics(summary)
+objective = summary.objective.metric
 trials = summary.trials
-st.caption(f"`{root}` · objective: {' / '.join(objectives)} ({summary.objective.mode})")
+st.caption(f"`{root}` · objective: {objective} ({summary.objective.mode})")
 if not trials:
     st.info("This sweep has no trials on disk yet: it may still be preparing data. Refresh in a moment.")
     st.stop()
@@ -49,7 +49,7 @@ empty = [t.trial_id for t in trials if not t.checkpoints]
 if empty:
     st.info(f"No checkpoint yet for trial(s) {', '.join(empty)}: they have not finished an epoch.")
 if best_trial:
-    st.success(f"Best trial: **{best_trial.trial_id}** with {objectives[0]} = {best_trial.best_value:.4g}")
+    st.success(f"Best trial: **{best_trial.trial_id}** with {objective} = {best_trial.best_value:.4g}")
 
 st.header("Trials")
 frame = data.trial_frame(summary)
@@ -70,14 +70,14 @@ if not metrics:
     st.info("No epoch has been reported yet.")
 else:
     left, right = st.columns([1, 2])
-    default = metrics.index(objectives[0]) if objectives[0] in metrics else 0
+    default = metrics.index(objective) if objective in metrics else 0
     metric = left.selectbox("Metric", metrics, index=default, key="curve_metric")
     ids = right.multiselect("Trials", list(frame["trial_id"]), default=list(shown["trial_id"]), key="curve_trials")
     st.plotly_chart(views.learning_curves(summary, metric, ids), key="curves")
 
 st.header("Search space vs objective")
 params = sorted({k for t in trials for k in t.params})
-objective_col = f"best {' / '.join(objectives)}"
+objective_col = f"best {objective}"
 scored = frame[frame[objective_col].notna()] if objective_col in frame else frame.iloc[0:0]
 if not params:
     st.info("The trials recorded no search parameters (params.json missing).")
@@ -93,16 +93,3 @@ if importances is None:
 else:
     st.plotly_chart(views.importance_bars(importances), key="importance")
     st.caption(note)
-
-st.subheader("Pareto front")
-if len(objectives) < 2:
-    st.info("Single-objective sweep: there is no Pareto front to show.")
-else:
-    modes = [summary.objective.mode] * len(objectives)
-    last = frame.assign(**{m: [t.history[-1].get(m) if t.history else None for t in trials]
-                           for m in objectives})
-    points = last.dropna(subset=objectives[:2])
-    if points.empty:
-        st.info("No trial has reported both objectives yet.")
-    else:
-        st.plotly_chart(views.pareto_front(points, objectives, modes), key="pareto")

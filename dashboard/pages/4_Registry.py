@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from crystalae.checkpoint import FILENAME
 from crystalae.dashboard import data, views
 from crystalae.registry import Registry
 
@@ -31,7 +32,7 @@ else:
                      **{m: e["metrics"].get(m) for m in ["val_loss", *data.RECON_METRICS]},
                      "created": e.get("created"), "sweep": e.get("source", {}).get("sweep"),
                      "trial": e.get("source", {}).get("trial"),
-                     "checkpoint": "ok" if (folder / "checkpoint.pt").exists() else "MISSING"})
+                     "checkpoint": "ok" if (folder / FILENAME).exists() else "MISSING"})
     frame = pd.DataFrame(rows)
     st.dataframe(frame, hide_index=True, key="registry_table")
     missing = frame.loc[frame["checkpoint"] == "MISSING", "ref"].tolist()
