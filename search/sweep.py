@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +164,12 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
                                       failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
         )
     grid = tuner.fit()
+    # A trial that failed before its first report has no trial_id in its metrics: find it by the
+    # params it wrote (each trial's sampled config), never by parsing Ray's folder names.
+    by_params = {_params_key(t.params): t.trial_id for t in collect_trials(root).trials}
     statuses = {}
     for result in grid:
-        match = _TRIAL_ID.search(Path(result.path).name) if result.path else None
-        trial_id = (result.metrics or {}).get("trial_id") or (match.group(1) if match else None)
+        trial_id = (result.metrics or {}).get("trial_id") or by_params.get(_params_key(result.config or {}))
         if trial_id:
             statuses[str(trial_id)] = "error" if result.error else "finished"
     summary = collect_trials(root, statuses)
@@ -176,7 +177,8 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
     return summary
 
 
-_TRIAL_ID = re.compile(r"^run_trial_([0-9a-f]+(?:_\d+)?)_")
+def _params_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
 
 
 def _absolute_source(source: str) -> str:

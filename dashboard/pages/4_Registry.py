@@ -86,7 +86,7 @@ def promote() -> None:
     data.registry_entries.clear()
     st.session_state.promote_confirm = False
     target = f" and moved alias `{alias}` to it" if alias else ""
-    st.session_state.promote_message = ("success", f"Promoted {trial['trial_id']} as `{manifest['ref']}`{target}.")
+    st.session_state.promote_message = ("success", f"Promoted {trial.trial_id} as `{manifest['ref']}`{target}.")
 
 
 confirmed = st.checkbox(f"I want to copy this checkpoint into the registry as a new version of `{name}`"
