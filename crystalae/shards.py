@@ -189,6 +189,7 @@ def _claim_folder(out: Path, plan: dict, overwrite: bool) -> None:
     plan_path = out / "prepare.json"
     if plan_path.exists():
         previous = json.loads(plan_path.read_text())
+        previous.setdefault("skipped", 0)  # folders prepared before the --limit count was recorded
         if previous == plan:
             return
         if not overwrite:

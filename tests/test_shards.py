@@ -64,6 +64,20 @@ def test_other_settings_are_refused(dataset):
         prepare_dataset("demo:40", dataset, VoxelConfig(grid=12), OPTIONS, workers=1)
 
 
+def test_a_folder_prepared_by_the_previous_version_is_reused(tmp_path, dataset):
+    """prepare.json files written before `skipped` was recorded still match the same settings."""
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(dataset, old)
+    plan = json.loads((old / "prepare.json").read_text())
+    del plan["skipped"]
+    (old / "prepare.json").write_text(json.dumps(plan))
+    manifest = prepare_dataset("demo:40", old, CONFIG, OPTIONS, workers=1)
+    assert manifest["dataset_hash"] == read_manifest(dataset)["dataset_hash"]
+
+
 def _shard_hashes(folder: Path) -> dict:
     return {s["file"]: s["sha256"] for s in read_manifest(folder)["shards"]}
 
