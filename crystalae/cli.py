@@ -290,11 +290,14 @@ def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str 
     folder, default model name): a checkpoint folder is named after itself (pretrained/perov_5 ->
     perov_5), a trial after its sweep."""
     from crystalae.checkpoint import FILENAME
-    from crystalae.config import NAME
+    from crystalae.registry import RegistryError, check_model_name
     from crystalae.search.results import TRIALS_DIR, collect_trials, is_sweep, sweep_dir
 
     def named(name: str) -> str | None:
-        return name if NAME.match(name) and not name.endswith(".json") else None
+        try:
+            return check_model_name(name)
+        except RegistryError:
+            return None
 
     if (source / FILENAME).exists():
         folder = source.resolve()

@@ -99,8 +99,6 @@ def voxelize_chunk(task: tuple[list[tuple[int, Entry]], dict, PrepareOptions]) -
     for index, entry in indexed:
         try:
             structure = reduce_cell(load_structure(entry), config.reduce)
-            if len(structure) > config.max_atoms:
-                raise StructureError(f"{len(structure)} atoms, more than max_atoms={config.max_atoms}")
             count = max(1, config.rotations) if config.representation == "box" else 1
             grids = [voxelize(structure, config, rotation_matrix(config, entry.material_id, r)) for r in range(count)]
         except (StructureError, VoxelizeError) as exc:

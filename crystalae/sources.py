@@ -38,18 +38,32 @@ class Entry:
     error: str | None = None  # why the raw input could not even be read (it is rejected with this reason)
 
 
+DEMO_DEFAULT, DEMO_MAX = 300, 1_000_000
+
+
+def demo_count(source: str | Path) -> int | None:
+    """How many crystals a built-in `demo` / `demo:N` source holds; None for any other source."""
+    text = str(source)
+    if text == "demo":
+        return DEMO_DEFAULT
+    if not text.startswith("demo:"):
+        return None
+    count = text.partition(":")[2]
+    if not count.isdigit() or not 1 <= int(count) <= DEMO_MAX:
+        raise SourceError(f"source {text!r}: use demo or demo:N with N in 1..{DEMO_MAX}")
+    return int(count)
+
+
 def list_entries(source: str | Path | list | tuple, limit: int | None = None) -> list[Entry]:
     """All entries of a source, in a stable order. `demo` or `demo:N` is the built-in set; a list of
     sources is read in turn, as one (ids must then be unique across them)."""
-    text = str(source)
     if isinstance(source, (list, tuple)):
         if not source:
             raise SourceError("no source given")
         entries = [e for part in source for e in list_entries(part)]
-    elif text == "demo" or text.startswith("demo:"):
+    elif (count := demo_count(source)) is not None:
         from crystalae.demo import demo_structures
 
-        count = int(text.split(":", 1)[1]) if ":" in text else 300
         entries = [Entry(mid, "structure", structure=s) for mid, s in demo_structures(count)]
     else:
         path = Path(source)

@@ -124,7 +124,7 @@ def voxelize_arrays(
     """Array form of `voxelize`: lattice rows (3, 3), fractional coords (A, 3), Z (A,)."""
     if len(numbers) == 0:
         raise VoxelizeError("structure has no atoms")
-    if len(numbers) > config.max_atoms:  # decoding it would cost memory quadratic in the atoms
+    if len(numbers) > config.max_atoms:  # the stored per-atom table and the decoder are sized by it
         raise VoxelizeError(f"{len(numbers)} atoms, more than max_atoms={config.max_atoms}")
     if numbers.max() > MAX_Z or numbers.min() < 1:
         raise VoxelizeError(f"atomic numbers must be in 1..{MAX_Z}, got {sorted(set(numbers))}")

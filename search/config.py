@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from crystalae.config import ConfigError, StrictConfig, VoxelConfig, check_name, field_names, in_range
 from crystalae.inference import model_config_for
 from crystalae.models import ModelConfig
 from crystalae.shards import PrepareOptions
+from crystalae.sources import SourceError, demo_count
 from crystalae.training import REPORTED_METRICS, TrainConfig
 
 DISTRIBUTIONS = {"categorical", "uniform", "loguniform", "int"}
@@ -72,7 +73,7 @@ class SweepConfig(StrictConfig):
     search_space: tuple[Param, ...]
     # val_score (match rate, species and atom-count tie-breakers) compares trials of any sigma; val_loss does not
     objective_metric: str = "val_score"
-    objective_mode: str = "max"
+    objective_mode: Literal["min", "max"] = "max"
     trials: int = 4
     epochs: int = 3
     time_budget_s: float | None = None
@@ -80,8 +81,8 @@ class SweepConfig(StrictConfig):
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0
     max_concurrent: int = 2
-    algorithm: str = "tpe"
-    scheduler: str = "asha"
+    algorithm: Literal["tpe", "random"] = "tpe"
+    scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = 1
     seed: int = 0
     train: dict[str, Any] = field(default_factory=dict)
@@ -100,9 +101,6 @@ class SweepConfig(StrictConfig):
             f"time_budget_s must be > 0 (or left out), got {self.time_budget_s}",
             None if self.objective_metric in REPORTED_METRICS else
             f"objective metric {self.objective_metric!r} is not reported by training (choose from {list(REPORTED_METRICS)})",
-            None if self.objective_mode in ("min", "max") else f"objective mode must be min or max, got {self.objective_mode!r}",
-            None if self.algorithm in ("tpe", "random") else f"search algorithm must be tpe or random, got {self.algorithm!r}",
-            None if self.scheduler in ("asha", "fifo") else f"search scheduler must be asha or fifo, got {self.scheduler!r}",
         ]
 
     def voxel_config(self, sigma_overrides: dict[str, Any] | None = None) -> VoxelConfig:
@@ -206,15 +204,23 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
     return config
 
 
+def trial_overrides(sweep: SweepConfig, params: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """A trial's sampled `params` routed by field role, merged with the sweep's fixed values:
+    (voxel overrides, model overrides, TrainConfig values)."""
+    voxel = {k: v for k, v in params.items() if k in VOXEL_PARAMS}
+    model = {**sweep.model, **{k: v for k, v in params.items() if k in MODEL_PARAMS}}
+    train = {**sweep.train, **{k: v for k, v in params.items() if k in TRAIN_PARAMS},
+             "epochs": sweep.epochs, "workers": sweep.workers_per_trial,
+             "threads": sweep.cpus_per_worker, "use_gpu": sweep.gpus_per_worker > 0}
+    return voxel, model, train
+
+
 def trial_configs(sweep: SweepConfig, params: dict[str, Any]) -> tuple[VoxelConfig, ModelConfig, TrainConfig]:
     """The configs one trial builds from the sweep and its sampled `params` (species are the data's
     and are not known here, so a placeholder stands in)."""
-    voxel = sweep.voxel_config({k: v for k, v in params.items() if k in VOXEL_PARAMS})
-    model = model_config_for(voxel, (6,), **{**sweep.model, **{k: v for k, v in params.items() if k in MODEL_PARAMS}})
-    train = TrainConfig.from_dict({**sweep.train, **{k: v for k, v in params.items() if k in TRAIN_PARAMS},
-                                   "epochs": sweep.epochs, "workers": sweep.workers_per_trial,
-                                   "threads": sweep.cpus_per_worker, "use_gpu": sweep.gpus_per_worker > 0})
-    return voxel, model, train
+    voxel, model, train = trial_overrides(sweep, params)
+    voxel_config = sweep.voxel_config(voxel)
+    return voxel_config, model_config_for(voxel_config, (6,), **model), TrainConfig.from_dict(train)
 
 
 def _check_source(source: Any, fail) -> None:
@@ -223,11 +229,11 @@ def _check_source(source: Any, fail) -> None:
         fail("data.source is required (a structure source such as demo:160 or a CSV path)")
     if not isinstance(source, str) or not source:
         fail(f"data.source must be a path or demo[:N], got {source!r}")
-    if source.startswith("demo"):
-        count = source.partition(":")[2]
-        if source != "demo" and not (source.startswith("demo:") and count.isdigit() and 1 <= int(count) <= 1_000_000):
-            fail(f"data.source {source!r}: use demo or demo:N with N in 1..1000000")
-    elif "://" not in source and not Path(source).exists():
+    try:
+        demo = demo_count(source) is not None
+    except SourceError as exc:
+        fail(f"data.{exc}")
+    if not demo and "://" not in source and not Path(source).exists():
         fail(f"data.source {source} does not exist")
 
 

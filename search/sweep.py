@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from crystalae.files import write_json
-from crystalae.search.config import MODEL_PARAMS, VOXEL_PARAMS, SweepConfig, split_options, trial_configs
+from crystalae.search.config import SweepConfig, split_options, trial_overrides
 from crystalae.search.results import (
     DATASETS_DIR,
     PARAMS_FILE,
@@ -27,6 +27,7 @@ from crystalae.search.results import (
     trial_folder,
 )
 from crystalae.shards import MANIFEST, prepare_dataset
+from crystalae.training import TrainConfig
 
 FAIL_ONCE_ENV = "CRYSTALAE_FAIL_ONCE_DIR"  # fault injection for tests: each trial raises once
 
@@ -50,9 +51,8 @@ def dataset_for(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: Path)
 
 def trial_settings(sweep: SweepConfig, params: dict[str, Any]):
     """Split a Tune sample into voxel overrides, model overrides and the TrainConfig."""
-    voxel = {k: v for k, v in params.items() if k in VOXEL_PARAMS}
-    model = {**sweep.model, **{k: v for k, v in params.items() if k in MODEL_PARAMS}}
-    return voxel, model, trial_configs(sweep, params)[2]
+    voxel, model, train = trial_overrides(sweep, params)
+    return voxel, model, TrainConfig.from_dict(train)
 
 
 def run_trial(params: dict[str, Any], sweep_dict: dict[str, Any], root: str) -> None:

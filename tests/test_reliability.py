@@ -310,6 +310,8 @@ SWEEP = {"name": "s", "data": {"source": "demo:20", "grid": 8},
     ("objective", "metric", "val_accuracy", "not reported by training"),
     ("data", "source", None, "data.source is required"),
     ("data", "source", "no/such/file.csv", "does not exist"),
+    ("data", "source", "demo:0", "use demo or demo:N with N in 1..1000000"),
+    ("data", "source", "demo_set.csv", "does not exist"),  # a path named demo..., not the built-in set
     ("data", "grid", 100000, "limit of 128"),
     ("data", "val_fraction", 2, "val_fraction"),
     ("budget", "trials", 0, "trials must be >= 1"),
