@@ -27,7 +27,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from report import report  # noqa: E402  (bench/report.py)
+from report import relative, report  # noqa: E402  (bench/report.py)
 
 from crystalae.checkpoint import export_checkpoint, load_checkpoint, read_checkpoint  # noqa: E402
 from crystalae.config import VoxelConfig  # noqa: E402
@@ -45,17 +45,6 @@ def load_recipe(path: Path) -> dict:
     if unknown:
         raise SystemExit(f"{path}: unknown recipe keys {sorted(unknown)} (allowed: {sorted(RECIPE_KEYS)})")
     return recipe
-
-
-def relative(path: Path | str) -> str:
-    """Paths recorded relative to the repository (or its parent, for ../shared)."""
-    path = Path(path).resolve()
-    for base, prefix in ((ROOT, ""), (ROOT.parent, "../")):
-        try:
-            return prefix + str(path.relative_to(base))
-        except ValueError:
-            continue
-    return str(path)
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def report(figures: dict[str, Any], out: Path | None, hide: tuple[str, ...] = ()) -> None:
     for key, value in figures.items():
@@ -12,3 +14,14 @@ def report(figures: dict[str, Any], out: Path | None, hide: tuple[str, ...] = ()
             print(f"{key:32s} {value}")
     if out:
         out.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def relative(path: Path | str) -> str:
+    """Paths recorded relative to the repository (or its parent, for ../shared)."""
+    path = Path(path).resolve()
+    for base, prefix in ((ROOT, ""), (ROOT.parent, "../")):
+        try:
+            return prefix + str(path.relative_to(base))
+        except ValueError:
+            continue
+    return str(path)

@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from report import report  # bench/report.py (scripts run from bench/)
+from report import relative, report  # bench/report.py (scripts run from bench/)
 
 from crystalae.config import VoxelConfig
 from crystalae.decode import decode
@@ -82,7 +82,7 @@ def main() -> None:
     roundtrip_n, _ = _rate(_decode_all, crystals, config, workers)  # wall clock: voxelize + decode
 
     figures = {
-        "dataset": args.dataset, "structures": len(crystals), "grid": args.grid, "workers": workers,
+        "dataset": relative(args.dataset), "structures": len(crystals), "grid": args.grid, "workers": workers,
         "dense_reference_per_s": round(reference, 2),
         "voxelize_1core_per_s": round(fast_1, 1), f"voxelize_{workers}cores_per_s": round(fast_n, 1),
         "speedup_1core_vs_reference": round(fast_1 / reference, 1),
