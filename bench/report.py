@@ -1,9 +1,10 @@
 """Print a benchmark's measured figures and optionally save them as JSON (shared by the bench scripts)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from crystalae.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,7 +14,7 @@ def report(figures: dict[str, Any], out: Path | None, hide: tuple[str, ...] = ()
         if key not in hide:
             print(f"{key:32s} {value}")
     if out:
-        out.write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(out, figures)  # atomic: an interrupted run never leaves half a results file
 
 
 def relative(path: Path | str) -> str:

@@ -1,129 +1,143 @@
-"""Optuna TPE + ASHA vs random search (no early stopping), same trial budget, several seeds.
+"""The default search against random search, both run by the project's own sweep code (`run_sweep`).
 
-    python bench/search_efficiency.py [--trials 16] [--epochs 8] [--seeds 0 1 2]
+    python bench/search_efficiency.py [--rows 600] [--trials 32] [--epochs 4] [--seeds 0 1 2 3 4]
+                                      [--out bench/results/search_efficiency.json]
 
-The fixed small problem: the real crystalae VAE + segmenter on 96 demo crystals at 8^3, trained
-in-process per trial (plain torch, one thread) and scored by validation loss after every epoch, run
-through the real Ray Tune + OptunaSearch + ASHAScheduler stack (one trial at a time, so the order is
-reproducible). Compute = epochs trained, summed over trials in the order they ran. For each seed we
-report the epochs each method needed to first reach random search's best value, and the ratio.
+The problem is `bench/recipes/search_efficiency.yaml`: the first --rows perov_5 crystals of
+../shared/datasets, the sweep objective val_score (match rate with species and atom-count tie-breakers),
+one trial at a time so runs are comparable. Random search is RandomSampler + FIFO (every trial trains
+every epoch); the default is whatever SweepConfig's defaults are (algorithm, scheduler, grace period).
+Compute is counted from each trial's own per-epoch history (epochs, and training + validation seconds),
+in the order the epochs finished (`SweepSummary.timeline`). Per seed it reports the compute the default
+needed to first reach random search's final best, as a fraction of random search's total compute.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import csv
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
+import yaml
 
-from crystalae.config import VoxelConfig
-from crystalae.inference import class_lookup, density_scale, model_config_for
-from crystalae.models import CrystalAE
-from crystalae.shards import PrepareOptions, config_of, prepare_dataset, read_table
-from crystalae.training import TrainConfig, dataset_species, run_epoch, table_batches
+from crystalae.search.config import SweepConfig, parse_sweep_config
+from crystalae.search.results import SweepSummary
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import ROOT, relative, report  # noqa: E402
 
-def search_space() -> dict:
-    from ray import tune
-
-    return {"lr": tune.loguniform(1e-4, 3e-2), "latent_dim": tune.choice([2, 4, 8, 16]),
-            "base_width": tune.choice([2, 4, 8]), "beta": tune.loguniform(1e-5, 1e-1),
-            "seg_weight": tune.uniform(0.1, 3.0)}
+RECIPE = ROOT / "bench/recipes/search_efficiency.yaml"
 
 
-def objective(config: dict, data: str, epochs: int) -> None:
-    from ray import tune
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    voxel = config_of(data)
-    model = CrystalAE(model_config_for(voxel, dataset_species(data), depth=1, latent_dim=config["latent_dim"],
-                                       base_width=config["base_width"], max_width=16, seg_depth=1, seg_width=4,
-                                       residual=False))
-    cfg = TrainConfig(batch_size=16, lr=config["lr"], beta=config["beta"], seg_weight=config["seg_weight"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    train, val = read_table(data, split="train"), read_table(data, split="val")
-    scale, lut = density_scale(voxel), class_lookup(model.config.species)
-    for epoch in range(epochs):
-        run_epoch(model, table_batches(train, cfg.batch_size), cfg, scale, lut, torch.device("cpu"), optimizer)
-        val_terms = run_epoch(model, table_batches(val, cfg.batch_size), cfg, scale, lut, torch.device("cpu"))
-        # a comparable objective across loss weights: reconstruction + segmentation at fixed weight 1
-        tune.report({"score": val_terms["recon"] + val_terms["seg"], "epoch": epoch + 1})
+def subset_csv(source: Path, rows: int, out: Path) -> Path:
+    """The first `rows` rows of a CDVAE-style CSV (the same crystals for every seed and method)."""
+    csv.field_size_limit(1 << 30)
+    with open(source, newline="") as src, open(out, "w", newline="") as dst:
+        reader = csv.reader(src)
+        writer = csv.writer(dst)
+        for k, row in enumerate(reader):
+            if k > rows:
+                break
+            writer.writerow(row)
+    return out
 
 
-def run(data: str, algorithm: str, seed: int, trials: int, epochs: int, storage: Path) -> list[tuple[int, float]]:
-    """[(cumulative epochs, best score so far)] after every reported epoch, in run order."""
-    import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
+def sweep_config(raw: dict, source: Path, method: str, seed: int, trials: int, epochs: int) -> SweepConfig:
+    search = {"seed": seed} if method == "default" else {"seed": seed, "algorithm": "random", "scheduler": "fifo"}
+    return parse_sweep_config({**raw, "name": f"{method}-{seed}", "data": {**raw["data"], "source": str(source)},
+                               "budget": {"trials": trials, "epochs": epochs}, "search": search}, str(RECIPE))
 
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4) if algorithm == "tpe" \
-        else optuna.samplers.RandomSampler(seed=seed)
-    scheduler = ASHAScheduler(max_t=epochs, grace_period=2, reduction_factor=2) if algorithm == "tpe" else FIFOScheduler()
-    tuner = tune.Tuner(
-        tune.with_parameters(objective, data=data, epochs=epochs),
-        param_space=search_space(),
-        tune_config=tune.TuneConfig(metric="score", mode="min", search_alg=OptunaSearch(sampler=sampler),
-                                    scheduler=scheduler, num_samples=trials, max_concurrent_trials=1),
-        run_config=tune.RunConfig(name=f"{algorithm}-{seed}", storage_path=str(storage), verbose=0),
-    )
-    grid = tuner.fit()
-    rows = []
-    for result in grid:
-        frame = result.metrics_dataframe
-        if frame is not None:
-            rows += [(float(t), float(s)) for t, s in zip(frame["timestamp"], frame["score"])]
-    rows.sort()
-    curve, best = [], float("inf")
-    for k, (_, score) in enumerate(rows):
-        best = min(best, score)
-        curve.append((k + 1, best))
+
+def best_so_far(summary: SweepSummary) -> list[tuple[int, float, float]]:
+    """[(epochs spent, seconds spent, best objective so far)] after every trained epoch."""
+    better = max if summary.objective.mode == "max" else min
+    curve, epochs, seconds, best = [], 0, 0.0, None
+    for record in summary.timeline():
+        epochs, seconds = epochs + 1, seconds + record.seconds
+        if record.value is not None:
+            best = record.value if best is None else better(best, record.value)
+        curve.append((epochs, seconds, best))
     return curve
 
 
-def epochs_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
-    return next((e for e, best in curve if best <= target + 1e-12), None)
+def compute_to_reach(curve: list[tuple[int, float, float]], target: float, mode: str) -> tuple[int, float] | None:
+    for epochs, seconds, best in curve:
+        if best is not None and (best >= target - 1e-12 if mode == "max" else best <= target + 1e-12):
+            return epochs, seconds
+    return None
+
+
+def compare(random: SweepSummary, default: SweepSummary) -> dict:
+    """One seed's row: random search's best and compute, and what the default spent to reach that best."""
+    mode = random.objective.mode
+    random_curve, default_curve = best_so_far(random), best_so_far(default)
+    target = random_curve[-1][2]
+    reached = compute_to_reach(default_curve, target, mode)
+    random_total = random_curve[-1][:2]
+    random_to_best = compute_to_reach(random_curve, target, mode)
+    return {
+        "random_best": target, "default_best": default_curve[-1][2],
+        "random_epochs": random_total[0], "random_seconds": round(random_total[1], 1),
+        "random_epochs_to_its_best": random_to_best[0],
+        "default_epochs": default_curve[-1][0], "default_seconds": round(default_curve[-1][1], 1),
+        "default_epochs_to_random_best": reached[0] if reached else None,
+        "default_seconds_to_random_best": round(reached[1], 1) if reached else None,
+        # the headline: a fraction of the compute random search spent in all
+        "epochs_fraction": reached[0] / random_total[0] if reached else None,
+        "seconds_fraction": reached[1] / random_total[1] if reached else None,
+        # stricter: against the compute random search needed to find its own best
+        "epochs_fraction_of_random_to_best": reached[0] / random_to_best[0] if reached else None,
+    }
+
+
+def median(values: list) -> float | None:
+    """Median over seeds, a seed that never reached the target counting as infinite compute."""
+    if not values:
+        return None
+    return float(np.median([np.inf if v is None else v for v in values]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rows", type=int, default=600)
+    parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from crystalae.search.sweep import run_sweep
+
+    raw = yaml.safe_load(RECIPE.read_text())
+    source = (ROOT / raw["data"]["source"]).resolve()  # relative to the repository, as elsewhere in bench/
+    defaults = SweepConfig.__dataclass_fields__
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = str(Path(tmp) / "data")
-        prepare_dataset("demo:96", data, VoxelConfig(grid=8), PrepareOptions(val_fraction=0.25, test_fraction=0.0), workers=1)
+        subset = subset_csv(source, args.rows, Path(tmp) / "subset.csv")
         for seed in args.seeds:
-            random_curve = run(data, "random", seed, args.trials, args.epochs, Path(tmp) / "runs")
-            tpe_curve = run(data, "tpe", seed, args.trials, args.epochs, Path(tmp) / "runs")
-            target = random_curve[-1][1]
-            random_epochs = epochs_to_reach(random_curve, target)
-            tpe_epochs = epochs_to_reach(tpe_curve, target)
-            rows.append({"seed": seed, "random_best": target, "random_epochs_to_best": random_epochs,
-                         "random_total_epochs": random_curve[-1][0], "tpe_asha_best": tpe_curve[-1][1],
-                         "tpe_asha_total_epochs": tpe_curve[-1][0], "tpe_asha_epochs_to_random_best": tpe_epochs,
-                         "ratio": None if tpe_epochs is None else tpe_epochs / random_epochs})
-            print(json.dumps(rows[-1]))
-    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
-    summary = {"trials": args.trials, "max_epochs": args.epochs, "seeds": args.seeds, "runs": rows,
-               "reached": f"{len(ratios)}/{len(rows)}",
-               "median_ratio": float(np.median(ratios)) if ratios else None,
-               "mean_total_epochs_ratio": float(np.mean([r["tpe_asha_total_epochs"] / r["random_total_epochs"] for r in rows]))}
-    print(f"TPE+ASHA reached random search's best in {summary['reached']} seeds; median compute ratio "
-          f"{summary['median_ratio']}; total epochs ratio {summary['mean_total_epochs_ratio']:.2f}")
-    if args.out:
-        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+            summaries = {}
+            for method in ("random", "default"):
+                config = sweep_config(raw, subset, method, seed, args.trials, args.epochs)
+                summaries[method] = run_sweep(config, storage=Path(tmp) / "sweeps")
+            rows.append({"seed": seed, **compare(summaries["random"], summaries["default"])})
+            print(rows[-1], flush=True)
+    ray.shutdown()
+    figures = {
+        "problem": relative(RECIPE), "dataset": relative(source), "rows": args.rows, "trials": args.trials,
+        "max_epochs": args.epochs, "seeds": args.seeds,
+        "default_search": {k: defaults[k].default for k in ("algorithm", "scheduler", "grace_period")},
+        "reached": f"{sum(r['epochs_fraction'] is not None for r in rows)}/{len(rows)}",
+        "median_epochs_fraction": median([r["epochs_fraction"] for r in rows]),
+        "median_seconds_fraction": median([r["seconds_fraction"] for r in rows]),
+        "median_epochs_fraction_of_random_to_best": median([r["epochs_fraction_of_random_to_best"] for r in rows]),
+        "runs": rows,
+    }
+    report(figures, args.out, hide=("runs",))
 
 
 if __name__ == "__main__":

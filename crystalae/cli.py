@@ -6,6 +6,7 @@ This is the one module that composes the science core with `search` and `dashboa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import typing
 from dataclasses import fields
@@ -248,6 +249,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from crystalae.search.config import load_sweep_config
 
     sweep = load_sweep_config(args.config, name=args.name)  # validated before Ray starts
+    if args.trials is not None:
+        sweep = dataclasses.replace(sweep, trials=args.trials)  # re-validated
     from crystalae.search.results import sweep_dir
     from crystalae.search.sweep import run_sweep
 
@@ -265,7 +268,17 @@ def format_sweep(summary) -> str:
         value = "n/a" if t.best_value is None else f"{t.best_value:.4g}"
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
         lines.append(f"  {t.trial_id}  {t.status:9s} epochs {t.epochs}  best {value}  {params}")
+    lines.append(format_budget(summary.budget()))
     return "\n".join(lines)
+
+
+def format_budget(budget) -> str:
+    """One line: the compute a sweep spent, and how much of it came before its best result."""
+    line = f"compute: {budget.epochs} epochs, {budget.trial_seconds / 60:.1f} trial-minutes"
+    if budget.epochs_to_best is not None:
+        line += (f"; best reached after {budget.epochs_to_best} epochs, "
+                 f"{budget.seconds_to_best / 60:.1f} trial-minutes")
+    return line
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -273,9 +286,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from crystalae.search.results import promote_best, sweep_dir
 
     registry = Registry(args.registry)
+    if (args.within is not None or args.prefer) and not args.best:
+        raise ValueError("--within and --prefer choose among a sweep's trials: use them with --best")
+    if args.prefer and args.within is None:
+        raise ValueError("--prefer needs --within D (how far below the best objective a trial may be)")
     if args.best:
         root = Path(args.source) if Path(args.source).is_dir() else sweep_dir(args.storage, args.source)
-        entry = promote_best(root, registry, args.name, args.alias, args.metric, args.mode)
+        entry = promote_best(root, registry, args.name, args.alias, args.metric, args.mode, args.within, args.prefer)
     else:
         path, default = _trial_checkpoint(Path(args.source), args.storage, args.metric, args.mode)
         if args.name is None and default is None:
@@ -484,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("config", type=Path, help="sweep YAML (see search/configs/demo.yaml)")
     sw.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: a local Ray)")
     sw.add_argument("--name", help="override the sweep name")
-    sw.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped")
+    sw.add_argument("--resume", action="store_true",
+                    help="continue a sweep whose driver stopped; with --trials N, extend an ended sweep to N trials")
+    sw.add_argument("--trials", type=count(1, 100_000), help="trial budget (overrides the YAML's budget.trials)")
     sw.add_argument("--storage", default="runs/sweeps", help="results folder (shared storage on a cluster)")
     sw.set_defaults(func=cmd_sweep)
 
@@ -493,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--best", action="store_true", help="pick the best checkpoint of the whole sweep")
     pr.add_argument("--metric", help="metric to rank by (default: the sweep objective)")
     pr.add_argument("--mode", choices=("min", "max"))
+    pr.add_argument("--within", type=number(0.0, 1e12), metavar="D",
+                    help="with --best: among trials within D of the best objective, take the one best on --prefer")
+    pr.add_argument("--prefer", metavar="METRIC[:MODE]",
+                    help="with --within: what to prefer (default: the sweep's second objective), e.g. parameters:min")
     pr.add_argument("--name", help="registry name (default: the sweep name)")
     pr.add_argument("--alias", help="alias to move to the new version, e.g. champion")
     pr.add_argument("--storage", default="runs/sweeps")

@@ -11,13 +11,14 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +34,7 @@ from crystalae.inference import (
 )
 from crystalae.metrics import compare, reconstruction_score, site_confusion, summarize
 from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
-from crystalae.shards import column_numpy
+from crystalae.shards import column_numpy, shard_paths
 from crystalae.voxelize import voxelize_arrays
 
 SCORE = ("val_score", "max")  # the default objective: comparable across sigma, grid and architecture
@@ -42,7 +43,7 @@ BATCH_COLUMNS = ("density", "labels", "lattice", "sites")
 REPORTED_METRICS = (
     "val_score", "val_match_rate", "val_rms", "val_species_accuracy", "val_atom_count_rate",
     "val_density_mse", *(f"{split}_{term}" for split in ("val", "train") for term in ("loss", "recon", "kl", "seg", "lattice")),
-    "epoch_seconds", "eval_seconds",
+    "epoch_seconds", "eval_seconds", "parameters",
 )
 
 
@@ -83,8 +84,8 @@ class TrainConfig(StrictConfig):
     # rare elements learn from their neighbours; plus a Z regression term of this weight.
     species_smoothing: float = 1.5
     z_weight: float = 1.0
-    # Keep the decoded training shards in Ray's object store after the first read: without it every
-    # epoch re-runs the Parquet read and tensor conversion. Turn off when the set exceeds memory.
+    # Keep each worker's decoded share of the training shards in memory after the first epoch: without
+    # it every epoch re-reads the Parquet files (one at a time). Turn off when a share exceeds memory.
     cache_dataset: bool = True
 
     def problems(self) -> list[str | None]:
@@ -286,6 +287,59 @@ def run_epoch(model, batches: Iterable[dict], cfg: TrainConfig, scale: float, lu
     return {k: v / max(count, 1) for k, v in sums.items()} | {"samples": count}
 
 
+class WorkerShare:
+    """One data-parallel worker's share of the train split, read straight from the Parquet shards.
+
+    Row i of the split (in shard order) belongs to worker i % world, and every worker keeps the same
+    number of rows, so all of them take the same number of steps (DDP all-reduces every step). Each
+    epoch visits the shard files in a seeded order and shuffles rows within them; batches carry over
+    file boundaries, so only the epoch's last batch is short. Only the worker's own rows are decoded,
+    one file at a time (all of them kept in memory when `keep` is set).
+    """
+
+    def __init__(self, data: str | Path, rank: int, world: int, batch_size: int, keep: bool, seed: int = 0):
+        self.files, self.rank, self.world = shard_paths(data), rank, world
+        self.batch_size, self.keep, self.seed = batch_size, keep, seed
+        splits = [pq.read_table(f, columns=["split"]).column("split").to_numpy(zero_copy_only=False) for f in self.files]
+        self.train_rows = [np.flatnonzero(s == "train") for s in splits]
+        self.rows = sum(len(r) for r in self.train_rows) // world
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def _file_arrays(self, k: int, start: int) -> dict[str, np.ndarray]:
+        """This worker's rows of shard file k, whose first train row has split index `start`."""
+        if k in self._cache:
+            return self._cache[k]
+        mine = self.train_rows[k][(start + np.arange(len(self.train_rows[k]))) % self.world == self.rank]
+        if not len(mine):
+            return {}
+        table = pq.read_table(self.files[k], columns=list(BATCH_COLUMNS)).take(mine)
+        arrays = {c: column_numpy(table, c) for c in BATCH_COLUMNS if c in table.column_names}
+        if self.keep:
+            self._cache[k] = arrays
+        return arrays
+
+    def batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        rng = np.random.default_rng([self.seed, self.rank, epoch])
+        starts = np.concatenate([[0], np.cumsum([len(r) for r in self.train_rows])])
+        left, pending = self.rows, None  # pending: fewer than batch_size rows carried to the next file
+        for k in rng.permutation(len(self.files)):
+            arrays = self._file_arrays(int(k), int(starts[k]))
+            if not arrays or not left:
+                continue
+            rows = len(arrays["density"])
+            order = rng.permutation(rows)[:min(left, rows)]
+            left -= len(order)
+            arrays = {c: a[order] for c, a in arrays.items()}
+            if pending is not None:
+                arrays = {c: np.concatenate([pending[c], a]) for c, a in arrays.items()}
+            full = len(arrays["density"]) // self.batch_size * self.batch_size
+            for begin in range(0, full, self.batch_size):
+                yield {c: torch.from_numpy(a[begin:begin + self.batch_size]) for c, a in arrays.items()}
+            pending = {c: a[full:] for c, a in arrays.items()}
+        if pending is not None and len(pending["density"]):
+            yield {c: torch.from_numpy(a) for c, a in pending.items()}
+
+
 def table_batches(table, batch_size: int, columns=BATCH_COLUMNS):
     """Torch batches from an Arrow table (the plain, non-Ray data path)."""
     if table.num_rows == 0:  # e.g. eval_limit 0: nothing to stack
@@ -372,8 +426,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     val_table = read_table(loop_config["data"], split="val") if rank == 0 else None
     scale, lut = density_scale(voxel), class_lookup(model_cfg.species)
-    shard = ray.train.get_dataset_shard("train")
-    steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / cfg.workers / cfg.batch_size))
+    share = WorkerShare(loop_config["data"], rank, ray.train.get_context().get_world_size(), cfg.batch_size,
+                        keep=cfg.cache_dataset, seed=cfg.seed)
+    steps_per_epoch = max(1, math.ceil(share.rows / cfg.batch_size))
     rng = np.random.default_rng([cfg.seed, rank, start_epoch])
 
     def prepare(batch: dict) -> dict:
@@ -386,8 +441,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg, epoch + step / steps_per_epoch)
 
-        batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False)
-        train_terms = run_epoch(model, batches, cfg, scale, lut, device, optimizer, prepare, schedule)
+        train_terms = run_epoch(model, share.batches(epoch), cfg, scale, lut, device, optimizer, prepare, schedule)
         metrics: dict[str, Any] = {"epoch": epoch, "epoch_seconds": time.perf_counter() - started,
                                    "lr": optimizer.param_groups[0]["lr"], "node_ip": ray.util.get_node_ip_address()}
         metrics.update({f"train_{k}": v for k, v in train_terms.items()})
@@ -402,6 +456,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics["val_loss"] = metrics["train_loss"]
             metrics["val_score"] = 0.0
         metrics["eval_seconds"] = time.perf_counter() - started - metrics["epoch_seconds"]
+        metrics["parameters"] = sum(p.numel() for p in core.parameters())  # a size objective for sweeps
+        metrics["finished_at"] = time.time()  # wall clock: orders epochs of concurrent trials (sweep budgets)
         history.append(_scalars(metrics))
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(folder, core, voxel, epoch=epoch, metrics=metrics, train_config=cfg.as_dict(),
@@ -445,10 +501,9 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
     `checkpoint` is the newest, `best_checkpoints` ranked)."""
     import ray
     import ray.train
-    from ray.data.expressions import col
     from ray.train.torch import TorchTrainer
 
-    from crystalae.shards import read_manifest, shard_paths
+    from crystalae.shards import read_manifest
 
     manifest = read_manifest(data)
     cfg = cfg.resolved()
@@ -456,20 +511,16 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
     storage = Path(storage).resolve() if "://" not in str(storage) else storage
     _check_resume(Path(storage) / name if "://" not in str(storage) else None, model_cfg, voxel)
     if not ray.is_initialized():
-        # Logical CPUs must cover the driver, every worker and Ray Data's tasks, or startup hangs.
+        # Logical CPUs must cover the driver and every worker's threads.
         ray.init(num_cpus=max(4, cfg.workers * cfg.threads + 2), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    train_ds = (ray.data.read_parquet([str(p) for p in shard_paths(data)], columns=[*BATCH_COLUMNS, "split"])
-                .filter(expr=col("split") == "train").select_columns(list(BATCH_COLUMNS)))
-    if cfg.cache_dataset:
-        train_ds = train_ds.materialize()
+    # Workers read their share of the shards themselves (WorkerShare): no Ray Data pipeline to start per run.
     loop_config = {"train": cfg.as_dict(), "voxel": voxel.as_dict(), "model": model_cfg.as_dict(),
                    "data": str(Path(data).resolve()), "dataset_hash": manifest["dataset_hash"],
                  "train_rows": manifest["counts"]["splits"].get("train", 0)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        datasets={"train": train_ds},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.threads}),
         run_config=ray.train.RunConfig(

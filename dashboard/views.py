@@ -48,6 +48,27 @@ def parallel_coordinates(frame: pd.DataFrame, params: list[str], objective: str)
     return fig
 
 
+def pareto_scatter(summary: SweepSummary) -> go.Figure:
+    """Every scored trial on the first two objectives; the Pareto front highlighted and joined.
+    Each point carries its trial id (hover, and the selection the page reads)."""
+    x_obj, y_obj = summary.objectives[:2]
+    front = {t.trial_id for t, _ in summary.pareto_front()}
+    fig = go.Figure()
+    for on_front, name, color in ((False, "dominated", "#b0b0b0"), (True, "Pareto front", PALETTE[0])):
+        points = sorted((c.metrics[x_obj.metric], c.metrics[y_obj.metric], t.trial_id)
+                        for t, c in summary.scored() if (t.trial_id in front) == on_front)
+        if points:
+            x, y, ids = zip(*points)
+            fig.add_trace(go.Scatter(x=x, y=y, customdata=ids, name=name,
+                                     mode="lines+markers" if on_front else "markers",
+                                     line={"shape": "hv", "color": color}, marker={"size": 11, "color": color},
+                                     hovertemplate="trial %{customdata}<br>" + f"{x_obj.metric}" + " %{x:.4g}<br>"
+                                     + f"{y_obj.metric}" + " %{y:.4g}<extra></extra>"))
+    fig.update_layout(xaxis_title=f"{x_obj.metric} ({x_obj.mode})", yaxis_title=f"{y_obj.metric} ({y_obj.mode})",
+                      height=400, margin={"t": 30, "b": 40})
+    return fig
+
+
 def importance_bars(importances: dict[str, float]) -> go.Figure:
     names = list(importances)[::-1]  # most important on top
     fig = go.Figure(go.Bar(x=[importances[n] for n in names], y=names, orientation="h"))

@@ -8,10 +8,11 @@
       depth: {type: int, low: 1, high: 2}
       lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
     objective: {metric: val_score, mode: max}   # default: match rate + species/count tie-breakers
+                                                # (a list of such mappings: a multi-objective sweep)
     budget: {trials: 4, epochs: 3, time_budget_s: 900}
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     max_concurrent: 2
-    search: {algorithm: tpe, scheduler: asha, grace_period: 1, seed: 0}
+    search: {algorithm: tpe, scheduler: asha, grace_period: 1, seed: 0, warm_start: runs/sweeps/old}
     train: {batch_size: 8}                        # fixed TrainConfig values
     model: {seg_depth: 1}                         # fixed ModelConfig values
 """
@@ -25,6 +26,7 @@ from typing import Any, Literal
 from crystalae.config import ConfigError, StrictConfig, VoxelConfig, check_name, field_names, in_range
 from crystalae.inference import model_config_for
 from crystalae.models import ModelConfig
+from crystalae.search.results import SWEEP_FILE, is_sweep
 from crystalae.shards import PrepareOptions
 from crystalae.sources import SourceError, demo_count
 from crystalae.training import REPORTED_METRICS, TrainConfig
@@ -54,6 +56,14 @@ class Param:
             return self.values
         return (int(self.low), int(self.high)) if self.type == "int" else (self.low, self.high)
 
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is one this distribution can produce (used to reuse earlier trials' params)."""
+        if self.type == "categorical":
+            return value in self.values
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        return self.low <= value <= self.high and (self.type != "int" or float(value).is_integer())
+
     def to_tune(self):
         from ray import tune
 
@@ -74,6 +84,10 @@ class SweepConfig(StrictConfig):
     # val_score (match rate, species and atom-count tie-breakers) compares trials of any sigma; val_loss does not
     objective_metric: str = "val_score"
     objective_mode: Literal["min", "max"] = "max"
+    # further objectives of a multi-objective sweep (e.g. parameters, min): Optuna keeps the Pareto front;
+    # ASHA and "best" use the first objective
+    secondary_metrics: tuple[str, ...] = ()
+    secondary_modes: tuple[Literal["min", "max"], ...] = ()
     trials: int = 4
     epochs: int = 3
     time_budget_s: float | None = None
@@ -88,6 +102,10 @@ class SweepConfig(StrictConfig):
     train: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     max_failures: int = 2
+    # An earlier sweep folder whose best `warm_start_trials` configurations (those inside this search
+    # space) run first, before the sampler proposes its own.
+    warm_start: str | None = None
+    warm_start_trials: int = 4
 
     def problems(self) -> list[str | None]:
         limits = {"trials": 100_000, "epochs": 100_000, "workers_per_trial": 1024, "cpus_per_worker": 1024,
@@ -97,11 +115,23 @@ class SweepConfig(StrictConfig):
             in_range(self, "gpus_per_worker", 0, 64),
             in_range(self, "max_failures", 0, 1000),
             in_range(self, "seed", 0),
+            in_range(self, "warm_start_trials", 1, 1000),
             None if self.time_budget_s is None or self.time_budget_s > 0 else
             f"time_budget_s must be > 0 (or left out), got {self.time_budget_s}",
-            None if self.objective_metric in REPORTED_METRICS else
-            f"objective metric {self.objective_metric!r} is not reported by training (choose from {list(REPORTED_METRICS)})",
+            *(None if metric in REPORTED_METRICS else
+              f"objective metric {metric!r} is not reported by training (choose from {list(REPORTED_METRICS)})"
+              for metric in self.objective_metrics()),
+            None if len(set(self.objective_metrics())) == len(self.objective_metrics()) else
+            f"objectives name a metric twice: {list(self.objective_metrics())}",
+            None if len(self.secondary_metrics) == len(self.secondary_modes) else
+            "secondary_metrics and secondary_modes must have the same length",
         ]
+
+    def objective_metrics(self) -> tuple[str, ...]:
+        return (self.objective_metric, *self.secondary_metrics)
+
+    def objective_modes(self) -> tuple[str, ...]:
+        return (self.objective_mode, *self.secondary_modes)
 
     def voxel_config(self, sigma_overrides: dict[str, Any] | None = None) -> VoxelConfig:
         return VoxelConfig.from_dict({**_voxel_values(self.data), **(sigma_overrides or {})})
@@ -123,7 +153,7 @@ _SECTIONS = {
     "objective": {"metric", "mode"},
     "budget": {"trials", "epochs", "time_budget_s"},
     "resources": {"workers_per_trial", "cpus_per_worker", "gpus_per_worker"},
-    "search": {"algorithm", "scheduler", "grace_period", "seed", "max_failures"},
+    "search": {"algorithm", "scheduler", "grace_period", "seed", "max_failures", "warm_start", "warm_start_trials"},
 }
 
 
@@ -157,6 +187,7 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
     if unknown:
         fail(f"unknown keys {sorted(map(str, unknown))} (allowed: {sorted(_SECTIONS)})")
     flat: dict[str, Any] = {}
+    raw = {**raw, "objective": _objectives(raw.get("objective"), fail, flat)} if "objective" in raw else raw
     for section, keys in _SECTIONS.items():
         if section not in raw or section in ("name", "max_concurrent"):
             continue
@@ -190,6 +221,8 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
                              model=fixed_model, max_concurrent=raw.get("max_concurrent", 2), **flat)
     except ConfigError as exc:
         fail(str(exc))
+    if config.warm_start is not None and not is_sweep(config.warm_start):
+        fail(f"search.warm_start {config.warm_start} is not a sweep folder (it has no {SWEEP_FILE})")
     try:
         split_options(data)
     except ConfigError as exc:
@@ -202,6 +235,17 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
         except ConfigError as exc:
             fail(f"{where_value or 'data/model/train: '}{exc}")
     return config
+
+
+def _objectives(value: Any, fail, flat: dict[str, Any]) -> Any:
+    """A list of objectives: the first stays the `objective` mapping, the rest become secondary ones."""
+    if not isinstance(value, list):
+        return value
+    if not value or not all(isinstance(v, dict) and set(v) == {"metric", "mode"} for v in value):
+        fail(f"objective: a list needs entries like {{metric: val_score, mode: max}}, got {value!r}")
+    flat["secondary_metrics"] = [v["metric"] for v in value[1:]]
+    flat["secondary_modes"] = [v["mode"] for v in value[1:]]
+    return value[0]
 
 
 def trial_overrides(sweep: SweepConfig, params: dict[str, Any]) -> tuple[dict, dict, dict]:

@@ -6,8 +6,10 @@ Layout of a sweep folder (`<storage>/<name>/`):
     optuna.db           the Optuna study (open with `optuna-dashboard sqlite:///optuna.db`)
     datasets/<key>/     voxelized shards, one per distinct voxel config (shared by trials with one sigma)
     trials/<trial_id>/  the trial's Ray Train run: params.json, checkpoint_*/ (weights + metric history)
-    tune/               Ray Tune experiment state (what `--resume` restores)
-    summary.json        trial table written when the sweep ends (status, params, best metrics)
+    tune/, tune-2/, …   Ray Tune experiment state, one per run of trials (`--resume` restores the
+                        newest; `--resume --trials N` on an ended sweep starts the next one)
+    summary.json        trial table written when the sweep ends (status, params, best metrics, budget)
+    ray.log             Ray's own log output while the sweep ran (the console shows one line per event)
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ TRIALS_DIR = "trials"
 DATASETS_DIR = "datasets"
 TUNE_DIR = "tune"
 PARAMS_FILE = "params.json"
+LOG_FILE = "ray.log"
 CHECKPOINT_GLOB = "checkpoint_*"  # Ray Train's checkpoint folder names
 
 
@@ -34,6 +37,19 @@ class Objective:
     def best(self, items: list, value) -> Any:
         """The item whose `value(item)` is best under this objective (None for no items)."""
         return (min if self.mode == "min" else max)(items, key=value) if items else None
+
+    def at_least_as_good(self, a: float, b: float) -> bool:
+        return a <= b if self.mode == "min" else a >= b
+
+    @classmethod
+    def parse(cls, text: str, known: list[Objective]) -> Objective:
+        """`METRIC[:MODE]`; the mode may be left out for one of the sweep's own objectives."""
+        metric, _, mode = text.partition(":")
+        if not mode:
+            mode = next((o.mode for o in known if o.metric == metric), "")
+        if mode not in ("min", "max"):
+            raise ValueError(f"{text!r}: give the mode as METRIC:min or METRIC:max")
+        return cls(metric, mode)
 
 
 @dataclass(frozen=True)
@@ -60,10 +76,67 @@ class Trial:
 
 
 @dataclass(frozen=True)
+class EpochRecord:
+    """One trained epoch of one trial, in the order the sweep spent its compute."""
+    trial_id: str
+    epoch: int
+    seconds: float  # training + validation
+    value: float | None  # the objective after this epoch
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a sweep spent: in total, and before its best trial reached its best value."""
+    trials: int
+    epochs: int
+    trial_seconds: float
+    epochs_to_best: int | None
+    seconds_to_best: float | None
+
+
+@dataclass(frozen=True)
 class SweepSummary:
     name: str
     objective: Objective
     trials: list[Trial]
+    secondary: tuple[Objective, ...] = ()  # further objectives of a multi-objective sweep
+
+    @property
+    def objectives(self) -> list[Objective]:
+        return [self.objective, *self.secondary]
+
+    def scored(self) -> list[tuple[Trial, CheckpointRecord]]:
+        """Each trial's best kept checkpoint, where it has a value for every objective."""
+        pairs = []
+        for t in self.trials:
+            record = next((c for c in t.checkpoints if c.path == t.best_checkpoint), None)
+            if record is not None and all(_number(record.metrics.get(o.metric)) for o in self.objectives):
+                pairs.append((t, record))
+        return pairs
+
+    def pareto_front(self) -> list[tuple[Trial, CheckpointRecord]]:
+        """The scored trials no other trial dominates (as good on every objective, better on one)."""
+        points = self.scored()
+
+        def dominates(a: CheckpointRecord, b: CheckpointRecord) -> bool:
+            values = [(a.metrics[o.metric], b.metrics[o.metric], o) for o in self.objectives]
+            return all(o.at_least_as_good(x, y) for x, y, o in values) and any(x != y for x, y, _ in values)
+
+        return [(t, c) for t, c in points if not any(dominates(other, c) for _, other in points)]
+
+    def pick(self, within: float, prefer: Objective | None = None) -> tuple[Trial, CheckpointRecord]:
+        """Among trials whose objective is within `within` of the best, the one best on `prefer`
+        (default: the sweep's second objective), e.g. the smallest model within 0.01 of the best score."""
+        prefer = prefer or (self.secondary[0] if self.secondary else None)
+        if prefer is None:
+            raise ValueError(f"sweep {self.name} has one objective: name the metric to prefer (METRIC:min|max)")
+        metric = self.objective.metric
+        pairs = [(t, c) for t, c in self.scored() if _number(c.metrics.get(prefer.metric))]
+        if not pairs:
+            raise ValueError(f"no checkpoint of sweep {self.name} has both {metric!r} and {prefer.metric!r}")
+        best = self.objective.best(pairs, lambda p: p[1].metrics[metric])[1].metrics[metric]
+        close = [p for p in pairs if abs(p[1].metrics[metric] - best) <= within]
+        return prefer.best(close, lambda p: p[1].metrics[prefer.metric])
 
     def best_trial(self) -> Trial | None:
         """The sweep's own rule: the trial whose best kept checkpoint scores best on the objective."""
@@ -77,12 +150,39 @@ class SweepSummary:
             raise ValueError(f"no checkpoint of sweep {self.name} has metric {objective.metric!r}")
         return objective.best(pairs, lambda p: p[1].metrics[objective.metric])
 
+    def timeline(self) -> list[EpochRecord]:
+        """Every trained epoch in the order it finished (epoch order within a trial; histories from
+        before `finished_at` was recorded fall back to trial order)."""
+        rows = []
+        for order, t in enumerate(self.trials):
+            for h in t.history:
+                value = h.get(self.objective.metric)
+                seconds = float(h.get("epoch_seconds") or 0.0) + float(h.get("eval_seconds") or 0.0)
+                key = (float(h.get("finished_at") or 0.0), order, int(h.get("epoch", 0)))
+                rows.append((key, EpochRecord(t.trial_id, int(h.get("epoch", 0)), seconds,
+                                              float(value) if _number(value) and value == value else None)))
+        return [record for _, record in sorted(rows, key=lambda r: r[0])]
+
+    def budget(self) -> Budget:
+        """Total compute, and the compute spent until the best trial's best epoch had finished."""
+        timeline = self.timeline()
+        best = self.best_trial()
+        best_epoch = best.best_epoch if best else None
+        spent_epochs, spent_seconds, at_best = 0, 0.0, None
+        for record in timeline:
+            spent_epochs, spent_seconds = spent_epochs + 1, spent_seconds + record.seconds
+            if at_best is None and best is not None and (record.trial_id, record.epoch) == (best.trial_id, best_epoch):
+                at_best = (spent_epochs, spent_seconds)
+        return Budget(trials=len(self.trials), epochs=spent_epochs, trial_seconds=round(spent_seconds, 3),
+                      epochs_to_best=at_best[0] if at_best else None,
+                      seconds_to_best=round(at_best[1], 3) if at_best else None)
+
     def only(self, trial_id: str) -> SweepSummary:
         return replace(self, trials=[t for t in self.trials if t.trial_id == trial_id])
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON form written to summary.json."""
-        return asdict(self)
+        """The JSON form written to summary.json (with the compute it spent)."""
+        return {**asdict(self), "budget": asdict(self.budget())}
 
 
 def sweep_dir(storage: str | Path, name: str) -> Path:
@@ -117,6 +217,26 @@ def dataset_folders(root: str | Path) -> list[Path]:
     return sorted(p.parent for p in (Path(root) / DATASETS_DIR).glob(f"*/{MANIFEST}"))
 
 
+def tune_dirs(root: str | Path) -> list[Path]:
+    """The sweep's Tune experiment folders, oldest first (tune, tune-2, tune-3, ...)."""
+    found = [p for p in Path(root).glob(f"{TUNE_DIR}*") if p.is_dir()
+             and (p.name == TUNE_DIR or p.name.removeprefix(TUNE_DIR + "-").isdigit())]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(TUNE_DIR + "-")) if p.name != TUNE_DIR else 1)
+
+
+def next_tune_dir(root: str | Path) -> Path:
+    count = len(tune_dirs(root))
+    return Path(root) / (TUNE_DIR if count == 0 else f"{TUNE_DIR}-{count + 1}")
+
+
+def ended_runs(root: str | Path) -> int:
+    """How many Tune experiments of this sweep ran to the end (summary.json records it)."""
+    path = Path(root) / SUMMARY_FILE
+    if not path.exists():
+        return 0
+    return int(json.loads(path.read_text()).get("tune_runs", 1))  # summaries before extensions: one run
+
+
 def sweep_config(root: str | Path) -> dict[str, Any]:
     path = Path(root) / SWEEP_FILE
     return json.loads(path.read_text()) if path.exists() else {}
@@ -130,8 +250,9 @@ def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> 
     root = Path(root)
     sweep = sweep_config(root)
     if statuses is None and (root / SUMMARY_FILE).exists():
-        statuses = {t["trial_id"]: t["status"] for t in json.loads((root / SUMMARY_FILE).read_text())["trials"]}
+        statuses = recorded_statuses(root)
     objective = Objective(sweep.get("objective_metric", "val_score"), sweep.get("objective_mode", "max"))
+    secondary = tuple(Objective(m, o) for m, o in zip(sweep.get("secondary_metrics", ()), sweep.get("secondary_modes", ())))
     trials = []
     folders = sorted(p for p in (root / TRIALS_DIR).glob("*") if p.is_dir()) if (root / TRIALS_DIR).exists() else []
     for folder in folders:
@@ -153,15 +274,34 @@ def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> 
             best_value=best.metrics.get(objective.metric) if best else None,
             best_checkpoint=best.path if best else None,
         ))
-    return SweepSummary(sweep.get("name", root.name), objective, trials)
+    return SweepSummary(sweep.get("name", root.name), objective, trials, secondary)
+
+
+def recorded_statuses(root: str | Path) -> dict[str, str]:
+    """Trial statuses from summary.json ({} before the sweep first ended)."""
+    path = Path(root) / SUMMARY_FILE
+    return {t["trial_id"]: t["status"] for t in json.loads(path.read_text())["trials"]} if path.exists() else {}
+
+
+def best_params(root: str | Path) -> list[dict[str, Any]]:
+    """The params of a sweep's scored trials, best first by its own objective."""
+    summary = collect_trials(root)
+    ranked = sorted((t for t in summary.trials if t.best_value is not None), key=lambda t: t.best_value,
+                    reverse=summary.objective.mode == "max")
+    return [t.params for t in ranked]
 
 
 def promote_best(root: str | Path, registry, name: str | None = None, alias: str | None = None,
-                 metric: str | None = None, mode: str | None = None) -> dict[str, Any]:
-    """Promote the sweep's best kept checkpoint into `registry` (a crystalae.registry.Registry)."""
+                 metric: str | None = None, mode: str | None = None, within: float | None = None,
+                 prefer: str | None = None) -> dict[str, Any]:
+    """Promote the sweep's best kept checkpoint into `registry` (a crystalae.registry.Registry); with
+    `within`, the checkpoint `SweepSummary.pick` chooses (`prefer`: METRIC[:MODE])."""
     root = Path(root)
     summary = collect_trials(root)
-    trial, checkpoint = summary.best_checkpoint(metric, mode)
+    if within is None:
+        trial, checkpoint = summary.best_checkpoint(metric, mode)
+    else:
+        trial, checkpoint = summary.pick(within, Objective.parse(prefer, summary.objectives) if prefer else None)
     return registry.promote(root / checkpoint.path, name or summary.name, alias=alias,
                             source={"sweep": summary.name, "trial": trial.trial_id, "epoch": checkpoint.epoch})
 

@@ -15,16 +15,21 @@ from crystalae.files import write_json
 from crystalae.search.config import SweepConfig, split_options, trial_overrides
 from crystalae.search.results import (
     DATASETS_DIR,
+    LOG_FILE,
     PARAMS_FILE,
     SUMMARY_FILE,
     SWEEP_FILE,
     TRIALS_DIR,
-    TUNE_DIR,
     SweepSummary,
+    best_params,
     collect_trials,
+    ended_runs,
+    next_tune_dir,
+    recorded_statuses,
     study_path,
     sweep_dir,
     trial_folder,
+    tune_dirs,
 )
 from crystalae.shards import MANIFEST, prepare_dataset
 from crystalae.training import TrainConfig
@@ -85,12 +90,13 @@ def _maybe_fail_once(trial_id: str) -> None:
             raise RuntimeError(f"injected failure for trial {trial_id} (set by {FAIL_ONCE_ENV})")
 
 
-def _persistent_searcher(sweep: SweepConfig, root: Path):
+def _persistent_searcher(sweep: SweepConfig, root: Path, points: list[dict[str, Any]] | None = None):
     """OptunaSearch whose study lives in `optuna.db`, tolerant of a study that is ahead of Tune.
 
     After the driver is killed, Tune restores its state from its last save, which can predate the
     SQLite study: a trial Optuna already closed is then reported again. Those late updates are dropped
-    (the study keeps the first, complete record) instead of failing the resumed sweep.
+    (the study keeps the first, complete record) instead of failing the resumed sweep. A later run of
+    trials on the same sweep loads the same study, so the sampler learns from every earlier trial.
     """
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -111,26 +117,52 @@ def _persistent_searcher(sweep: SweepConfig, root: Path):
 
     sampler = (optuna.samplers.TPESampler(seed=sweep.seed) if sweep.algorithm == "tpe"
                else optuna.samplers.RandomSampler(seed=sweep.seed))
-    return PersistentOptunaSearch(sampler=sampler, study_name=sweep.name,
+    # several objectives: Optuna's multi-objective TPE keeps a Pareto front (no per-epoch pruning reports)
+    several = len(sweep.objective_metrics()) > 1
+    return PersistentOptunaSearch(sampler=sampler, study_name=sweep.name, points_to_evaluate=points or None,
+                                  metric=list(sweep.objective_metrics()) if several else None,
+                                  mode=list(sweep.objective_modes()) if several else None,
                                   storage=optuna.storages.RDBStorage(f"sqlite:///{study_path(root)}"))
+
+
+def warm_start_points(sweep: SweepConfig) -> list[dict[str, Any]]:
+    """The best configurations of the sweep named by `warm_start` that this search space can produce."""
+    if sweep.warm_start is None:
+        return []
+    space = {p.name: p for p in sweep.search_space}
+    points = []
+    for params in best_params(sweep.warm_start):
+        point = {k: v for k, v in params.items() if k in space}
+        if set(point) == set(space) and all(space[k].contains(v) for k, v in point.items()) and point not in points:
+            points.append(point)
+    return points[:sweep.warm_start_trials]
 
 
 def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: str | None = None,
               resume: bool = False) -> SweepSummary:
-    """Run (or resume) a sweep; returns the summary that is also written to summary.json."""
+    """Run (or resume) a sweep; returns the summary that is also written to summary.json.
+
+    `resume` continues the newest run of trials where its driver stopped; on a sweep that has ended,
+    a larger `trials` budget than it has trials runs the difference as a new run on the same study.
+    """
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from crystalae.search.console import SweepConsole, ray_output_to
 
     root = sweep_dir(storage, sweep.name)
     root.mkdir(parents=True, exist_ok=True)
     sweep_dict = sweep.as_dict()
     sweep_dict["data"]["source"] = _absolute_source(sweep.data["source"])  # trials run elsewhere
+    if sweep.warm_start is not None:
+        sweep_dict["warm_start"] = str(Path(sweep.warm_start).resolve())
     sweep_dict = json.loads(json.dumps(sweep_dict))  # the form sweep.json holds (lists, not tuples)
     previous = root / SWEEP_FILE
-    if previous.exists() and json.loads(previous.read_text()) != sweep_dict:
+    if previous.exists() and _identity(json.loads(previous.read_text())) != _identity(sweep_dict):
         raise ValueError(f"{root} holds a sweep with another config; use another --name")
-    if previous.exists() and not resume and (root / TUNE_DIR).exists():
+    runs = tune_dirs(root)
+    if previous.exists() and not resume and runs:
         raise ValueError(f"sweep {sweep.name} already exists at {root}; pass --resume to continue it")
     write_json(previous, sweep_dict)
 
@@ -139,42 +171,61 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
             ray.init(address=address, log_to_driver=False)
         else:
             per_trial = sweep.workers_per_trial * sweep.cpus_per_worker
-            # Logical CPUs must cover trial drivers, Train workers and Ray Data tasks, or Ray Data hangs.
+            # Logical CPUs must cover trial drivers and Train workers, or trials wait for resources.
             ray.init(num_cpus=max(4, sweep.max_concurrent * (per_trial + 2) + 2), include_dashboard=False,
                      log_to_driver=False, configure_logging=False,
                      runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == FAIL_ONCE_ENV}})
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep_dict=sweep_dict, root=str(root)),
                                     {"cpu": 0.01})
-    if resume and tune.Tuner.can_restore(str(root / TUNE_DIR)):
-        tuner = tune.Tuner.restore(str(root / TUNE_DIR), trainable=trainable, resume_errored=True)
-    else:
-        searcher = _persistent_searcher(sweep, root)
+    had = len(collect_trials(root).trials) if runs else 0
+    restorable = bool(runs) and tune.Tuner.can_restore(str(runs[-1]))
+    extend = bool(runs) and ended_runs(root) >= len(runs) and sweep.trials > had
+    new_trials = sweep.trials - had if extend or (runs and not restorable) else sweep.trials
+    console = SweepConsole(sweep.objective_metric, sweep.objective_mode, new_trials, sweep.epochs)
+    tuner = None
+    if restorable and not extend:
+        tuner = tune.Tuner.restore(str(runs[-1]), trainable=trainable, resume_errored=True)
+    elif new_trials > 0:
+        # a run killed before Tune saved any state starts over in its own folder
+        experiment = next_tune_dir(root) if extend or not runs else runs[-1]
+        searcher = _persistent_searcher(sweep, root, points=None if runs else warm_start_points(sweep))
+        several = len(sweep.objective_metrics()) > 1  # the searcher holds the objectives; ASHA the first
+        primary = {"metric": sweep.objective_metric, "mode": sweep.objective_mode}
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
-                                   grace_period=sweep.grace_period)
+                                   grace_period=sweep.grace_period, **(primary if several else {}))
                      if sweep.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
             param_space={p.name: p.to_tune() for p in sweep.search_space},
-            tune_config=tune.TuneConfig(metric=sweep.objective_metric, mode=sweep.objective_mode,
-                                        search_alg=searcher, scheduler=scheduler, num_samples=sweep.trials,
+            tune_config=tune.TuneConfig(**({} if several else primary),
+                                        search_alg=searcher, scheduler=scheduler, num_samples=new_trials,
                                         max_concurrent_trials=sweep.max_concurrent,
                                         time_budget_s=sweep.time_budget_s),
-            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(root),
-                                      failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
+            run_config=tune.RunConfig(
+                name=experiment.name, storage_path=str(root), verbose=0, callbacks=[console],
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
         )
-    grid = tuner.fit()
+    with ray_output_to(root / LOG_FILE):
+        grid = tuner.fit() if tuner is not None else []
     # A trial that failed before its first report has no trial_id in its metrics: find it by the
     # params it wrote (each trial's sampled config), never by parsing Ray's folder names.
     by_params = {_params_key(t.params): t.trial_id for t in collect_trials(root).trials}
-    statuses = {}
+    statuses = recorded_statuses(root)  # earlier runs' trials keep their status
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id") or by_params.get(_params_key(result.config or {}))
         if trial_id:
             statuses[str(trial_id)] = "error" if result.error else "finished"
     summary = collect_trials(root, statuses)
-    write_json(root / SUMMARY_FILE, summary.as_dict())
+    write_json(root / SUMMARY_FILE, {**summary.as_dict(), "tune_runs": len(tune_dirs(root))})
     return summary
+
+
+def _identity(sweep_dict: dict[str, Any]) -> dict[str, Any]:
+    """What makes two sweep configs the same sweep: everything but the trial budget (which may grow).
+    Fields added since a sweep.json was written take their defaults, so older sweeps still resume."""
+    normal = json.loads(json.dumps(SweepConfig.from_dict(sweep_dict).as_dict()))
+    return {k: v for k, v in normal.items() if k != "trials"}
 
 
 def _params_key(params: dict[str, Any]) -> str:

@@ -50,6 +50,9 @@ search_space:
   latent_dim: {type: categorical, values: [4, 8]}
   sigma: {type: categorical, values: [0.5, 0.6]}
   lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
+objective:                      # two objectives: the dashboard's Pareto front and promote --within
+  - {metric: val_score, mode: max}
+  - {metric: parameters, mode: min}
 budget: {trials: 3, epochs: 2}
 max_concurrent: 2
 search: {grace_period: 1, seed: 0}

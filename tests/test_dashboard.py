@@ -89,7 +89,10 @@ def test_sweeps_page_table_curves_and_filters(tiny_sweep, monkeypatch):
     assert len(table) == 3
     # the sweep objective, then the params
     assert {"trial_id", "status", "epochs", "best val_score", "latent_dim", "sigma", "lr"} <= set(table.columns)
-    assert charts(at) >= 2  # learning curves + parallel coordinates (+ importance when Optuna can)
+    assert charts(at) >= 3  # Pareto front, learning curves, parallel coordinates (+ importance when Optuna can)
+    pareto = at.dataframe[1].value  # the front of the tiny sweep's two objectives
+    assert {"trial_id", "val_score", "parameters"} <= set(pareto.columns) and 1 <= len(pareto) <= 3
+    assert set(pareto["trial_id"]) <= set(table["trial_id"])
 
     first = table["trial_id"][0]
     at.text_input(key="text_filter").input(first).run()

@@ -117,6 +117,9 @@ def test_page_renders_in_browser(name, server, browser):
             page.get_by_role("button", name="Generate samples").click()
             page.wait_for_selector('[data-testid="stDownloadButton"]', timeout=RUN_TIMEOUT * 1000)
             wait_until_idle(page)
+        if name == "sweeps":  # the tiny sweep has two objectives: its Pareto front is drawn
+            page.locator('[data-testid="stHeading"]', has_text="Pareto front").wait_for(timeout=30_000)
+            page.locator(".js-plotly-plot .legendtext", has_text="Pareto front").first.wait_for(timeout=30_000)
         exceptions = page.locator('[data-testid="stException"]')
         assert exceptions.count() == 0, exceptions.first.inner_text()
         assert page.locator('[data-testid="stSkeleton"]').count() == 0, "page still loading"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import TINY_SWEEP
 
 from crystalae.registry import Registry, RegistryError
@@ -35,6 +36,62 @@ def test_tiny_sweep_writes_results(tiny_sweep):
     assert best.best_value == checkpoint.metrics[summary.objective.metric]
     sigmas = {t.params["sigma"] for t in summary.trials}
     assert len(list((root / "datasets").glob("*/manifest.json"))) == len(sigmas)  # one dataset per sigma
+
+
+def test_sweep_reports_its_compute_and_the_compute_before_its_best(tiny_sweep):
+    summary = tiny_sweep["summary"]
+    budget = summary.budget()
+    assert budget.trials == 3 and budget.epochs == sum(t.epochs for t in summary.trials)
+    assert budget.trial_seconds == pytest.approx(sum(h["epoch_seconds"] + h["eval_seconds"]
+                                                     for t in summary.trials for h in t.history), abs=0.01)
+    timeline = summary.timeline()
+    best = summary.best_trial()
+    at_best = next(i for i, r in enumerate(timeline) if (r.trial_id, r.epoch) == (best.trial_id, best.best_epoch))
+    assert budget.epochs_to_best == at_best + 1 <= budget.epochs
+    assert 0 < budget.seconds_to_best <= budget.trial_seconds
+    for trial in summary.trials:  # each trial's epochs appear in the order they were trained
+        assert [r.epoch for r in timeline if r.trial_id == trial.trial_id] == list(range(trial.epochs))
+    written = json.loads((tiny_sweep["root"] / "summary.json").read_text())["budget"]
+    assert written["epochs"] == budget.epochs and written["epochs_to_best"] == budget.epochs_to_best
+
+
+def test_an_ended_sweep_extends_on_its_study_and_a_new_sweep_warm_starts(tiny_sweep, tmp_path, capsys):
+    import dataclasses
+    import shutil
+
+    import optuna
+    import ray
+
+    from crystalae.search.config import parse_sweep_config
+    from crystalae.search.sweep import run_sweep
+
+    storage = tmp_path / "s"
+    root = storage / "tiny"
+    shutil.copytree(tiny_sweep["root"], root, ignore=shutil.ignore_patterns("*.lock"))
+    stored = json.loads((root / "sweep.json").read_text())
+    for key in ("warm_start", "warm_start_trials"):  # a sweep.json written before these fields existed
+        stored.pop(key)
+    (root / "sweep.json").write_text(json.dumps(stored))
+    config = load_sweep_config(tiny_sweep["config"])
+    raw = yaml.safe_load(tiny_sweep["config"].read_text())
+    warm = parse_sweep_config({**raw, "name": "warm", "budget": {"trials": 1, "epochs": 1},
+                               "search": {"warm_start": str(tiny_sweep["root"]), "warm_start_trials": 1}})
+    try:
+        extended = run_sweep(dataclasses.replace(config, trials=4), storage=storage, resume=True)
+        warmed = run_sweep(warm, storage=storage)
+    finally:
+        ray.shutdown()
+    before = {t.trial_id: t.status for t in tiny_sweep["summary"].trials}
+    after = {t.trial_id: t.status for t in extended.trials}
+    assert len(after) == 4 and {k: after[k] for k in before} == before  # earlier trials kept as they were
+    assert (root / "tune-2").is_dir() and json.loads((root / "summary.json").read_text())["tune_runs"] == 2
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'optuna.db'}")
+    assert len(study.trials) == 4  # the new trial was sampled from the same study
+    assert [t.params for t in warmed.trials] == [tiny_sweep["summary"].best_trial().params]
+    out = capsys.readouterr().out
+    assert "started: latent_dim=" in out and "| best val_score" in out and "left" in out
+    assert "╭" not in out and "Trial name" not in out  # Ray Tune's boxed tables went to ray.log
+    assert (root / "ray.log").exists()
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -105,7 +162,9 @@ def test_concurrent_promotes_get_distinct_versions(tiny_sweep, tmp_path):
 
 def _sweep_yaml(tmp_path: Path, name: str, trials: int, epochs: int) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(TINY_SWEEP.replace("name: tiny", f"name: {name}")
+    single = TINY_SWEEP[:TINY_SWEEP.index("objective:")] + "objective: {metric: val_score, mode: max}\n" + \
+        TINY_SWEEP[TINY_SWEEP.index("budget:"):]  # these sweeps cover the single-objective path
+    path.write_text(single.replace("name: tiny", f"name: {name}")
                     .replace("budget: {trials: 3, epochs: 2}", f"budget: {{trials: {trials}, epochs: {epochs}}}")
                     .replace("search: {grace_period: 1, seed: 0}", f"search: {{grace_period: {epochs}, seed: 0}}"))
     return path
@@ -215,7 +274,7 @@ def test_sweep_on_a_two_node_local_cluster_uses_both_nodes(tmp_path):
         subprocess.run([ray_bin, "start", f"--address=127.0.0.2:{port}", "--node-ip-address=127.0.0.3", *limits],
                        env=env, check=True, capture_output=True, timeout=120)
         # 3-CPU Train workers on 5-CPU nodes: two concurrent trials cannot share a node, and each node
-        # keeps 2 CPUs for trial drivers and Ray Data tasks (with fewer, Ray Data waits forever)
+        # keeps 2 CPUs for trial drivers
         config = _sweep_yaml(tmp_path, "cluster", trials=2, epochs=1)
         config.write_text(config.read_text() + "resources: {workers_per_trial: 1, cpus_per_worker: 3}\n")
         result = subprocess.run([sys.executable, "-m", "crystalae", "sweep", str(config), "--storage",
@@ -264,3 +323,42 @@ def test_fields_marked_set_by_data_are_set_by_the_data():
     base = model_config_for(voxel, (8, 22), depth=1, seg_depth=1)
     wrong = {"grid": 16, "periodic": False, "n_classes": 2, "lattice_head": False}  # species is the argument
     assert model_config_for(voxel, (8, 22), depth=1, seg_depth=1, **wrong) == base
+
+
+def _scored_summary(points: dict[str, tuple[float, float]]):
+    from crystalae.search.results import CheckpointRecord, Objective, SweepSummary, Trial
+
+    trials = []
+    for trial_id, (score, size) in points.items():
+        record = CheckpointRecord(f"trials/{trial_id}/checkpoint_000000", 0, {"val_score": score, "parameters": size})
+        trials.append(Trial(trial_id, {}, "finished", 1, [], [record], score, record.path))
+    return SweepSummary("s", Objective("val_score", "max"), trials, (Objective("parameters", "min"),))
+
+
+def test_pareto_front_and_the_within_rule():
+    from crystalae.search.results import Objective
+
+    summary = _scored_summary({"a": (0.90, 900), "b": (0.895, 300), "c": (0.80, 100), "d": (0.80, 500),
+                               "e": (0.70, 100)})
+    assert {t.trial_id for t, _ in summary.pareto_front()} == {"a", "b", "c"}  # d and e are dominated
+    assert summary.pick(0.01)[0].trial_id == "b"  # the smallest model within 1 point of the best score
+    assert summary.pick(0.0)[0].trial_id == "a"
+    assert summary.pick(0.2)[0].trial_id == "c"  # ties on size go to the first found, c before e
+    assert summary.pick(0.2, Objective("val_score", "max"))[0].trial_id == "a"
+    with pytest.raises(ValueError, match="METRIC:min"):
+        Objective.parse("epochs", summary.objectives)
+    assert Objective.parse("parameters", summary.objectives) == Objective("parameters", "min")
+
+
+def test_promote_within_takes_the_smallest_good_enough_model(tiny_sweep, tmp_path):
+    from crystalae.cli import main
+
+    summary = tiny_sweep["summary"]
+    assert [o.metric for o in summary.objectives] == ["val_score", "parameters"]
+    front = summary.pareto_front()
+    assert front and all(c.metrics["parameters"] > 0 for _, c in front)
+    assert main(["promote", str(tiny_sweep["root"]), "--best", "--within", "1", "--name", "small",
+                 "--registry", str(tmp_path / "reg")]) == 0
+    entry = next(e for e in Registry(tmp_path / "reg").entries() if e["name"] == "small")
+    assert entry["metrics"]["parameters"] == min(c.metrics["parameters"] for _, c in summary.scored())
+    assert main(["promote", str(tiny_sweep["root"]), "--within", "1", "--registry", str(tmp_path / "reg")]) == 2

@@ -10,7 +10,7 @@ from crystalae.checkpoint import CheckpointError, load_checkpoint, read_checkpoi
 from crystalae.config import VoxelConfig
 from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
 from crystalae.shards import PrepareOptions, prepare_dataset
-from crystalae.training import TrainConfig, train
+from crystalae.training import TrainConfig, WorkerShare, train
 
 TINY = {"depth": 1, "base_width": 4, "max_width": 8, "latent_dim": 8, "seg_depth": 1, "seg_width": 4,
         "residual": False}
@@ -32,6 +32,26 @@ def trained(tiny_data, tmp_path_factory):
     result = train(tiny_data, TRAIN, TINY, storage=storage, name="tiny")
     yield {"result": result, "storage": storage, "data": tiny_data}
     ray.shutdown()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("keep", [True, False])
+def test_worker_shares_are_disjoint_equal_and_take_equal_steps(tiny_data, world, keep):
+    from crystalae.shards import column_numpy, read_table
+
+    train_rows = read_table(tiny_data, split="train")
+    every = {tuple(row) for row in column_numpy(train_rows, "lattice").round(6)}
+    shares = [WorkerShare(tiny_data, rank, world, batch_size=5, keep=keep) for rank in range(world)]
+    seen, steps = [], set()
+    for share in shares:
+        epochs = [list(share.batches(epoch)) for epoch in (0, 1)]
+        rows = [[tuple(r) for b in batches for r in b["lattice"].numpy().round(6)] for batches in epochs]
+        assert sorted(rows[0]) == sorted(rows[1]) and rows[0] != rows[1]  # same rows, reshuffled
+        assert all(b["density"].shape[1:] == (8, 8, 8) for b in epochs[0])
+        steps.add(len(epochs[0]))
+        seen += rows[0]
+    assert len(steps) == 1  # data-parallel workers must step together
+    assert len(seen) == len(set(seen)) == train_rows.num_rows // world * world and set(seen) <= every
 
 
 def _latest(result) -> dict:

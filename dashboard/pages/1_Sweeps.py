@@ -1,9 +1,11 @@
 """Sweeps: trial table with filters, learning curves, parallel coordinates, parameter importance."""
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from crystalae.dashboard import data, views
+from crystalae.search.results import LOG_FILE
 
 st.set_page_config(page_title="Sweeps · crystalae", page_icon="💎", layout="wide")
 paths = data.app_paths()
@@ -44,12 +46,19 @@ if counts["running"]:
 if counts["error"]:
     failed = ", ".join(t.trial_id for t in trials if t.status == "error")
     st.warning(f"Failed trials: {failed}. Their metrics stop at the last epoch they reported; see the Ray "
-               f"Tune logs under `{root}/tune` for the error.")
+               f"log `{root}/{LOG_FILE}` for the error.")
 empty = [t.trial_id for t in trials if not t.checkpoints]
 if empty:
     st.info(f"No checkpoint yet for trial(s) {', '.join(empty)}: they have not finished an epoch.")
 if best_trial:
     st.success(f"Best trial: **{best_trial.trial_id}** with {objective} = {best_trial.best_value:.4g}")
+budget = summary.budget()
+cols = st.columns(4)
+cols[0].metric("Epochs trained", budget.epochs)
+cols[1].metric("Trial-minutes", f"{budget.trial_seconds / 60:.1f}")
+cols[2].metric("Epochs before the best", "–" if budget.epochs_to_best is None else budget.epochs_to_best)
+cols[3].metric("Trial-minutes before the best",
+               "–" if budget.seconds_to_best is None else f"{budget.seconds_to_best / 60:.1f}")
 
 st.header("Trials")
 frame = data.trial_frame(summary)
@@ -63,6 +72,25 @@ if text and not shown.empty:
     shown = shown[haystack.str.contains(text.lower(), regex=False)]
 st.dataframe(shown, hide_index=True, key="trial_table")
 st.caption(f"{len(shown)} of {len(frame)} trials. Click a column header to sort.")
+
+if summary.secondary:
+    st.header("Pareto front")
+    front = summary.pareto_front()
+    names = ", ".join(f"{o.metric} ({o.mode})" for o in summary.objectives)
+    st.caption(f"Objectives: {names}. Each trial is placed at its best kept checkpoint; select a point to see "
+               f"its trial.")
+    event = st.plotly_chart(views.pareto_scatter(summary), key="pareto", on_select="rerun", selection_mode="points")
+    picked = [p.get("customdata") for p in (event.selection.points if event else [])]
+    rows = [{"trial_id": t.trial_id, **{o.metric: c.metrics[o.metric] for o in summary.objectives},
+             "epoch": c.epoch, **t.params} for t, c in front]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="pareto_table")
+    st.caption(f"{len(front)} of {len(summary.scored())} scored trials are on the front. "
+               f"`crystalae promote {summary.name} --best --within D` promotes the trial best on "
+               f"{summary.secondary[0].metric} among those within D of the best {objective}.")
+    if picked:
+        chosen_trial = next(t for t in trials if t.trial_id == picked[0])
+        st.info(f"Selected trial **{chosen_trial.trial_id}** ({chosen_trial.status}, {chosen_trial.epochs} epochs): "
+                + ", ".join(f"{k}={v}" for k, v in chosen_trial.params.items()))
 
 st.header("Learning curves")
 metrics = data.history_metrics(summary)

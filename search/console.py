@@ -1,0 +1,102 @@
+"""A sweep's live console: one line per trial event, with the best value so far, elapsed time and an
+estimate of the time left. Ray Tune's own tables (printed to stdout) and logs go to `ray.log` in the
+sweep folder.
+
+Imported only inside `run_sweep`, so Ray stays a lazy import.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
+from typing import Any, TextIO
+
+from ray.tune import Callback
+
+RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data")
+_console: list[TextIO] = []  # the terminal while Ray's stdout goes to the log (innermost last)
+
+
+class SweepConsole(Callback):
+    """Prints `[elapsed] trial event | best so far | progress, time left` for every trial event."""
+
+    def __init__(self, metric: str, mode: str, trials: int, epochs: int):
+        # no stream is held: the callback is pickled with the sweep state
+        self.metric, self.mode, self.trials, self.epochs = metric, mode, trials, epochs
+        self.started = time.monotonic()
+        self.best: tuple[float, str] | None = None
+        self.done_epochs: dict[str, int] = {}
+        self.ended: set[str] = set()
+
+    def setup(self, **info: Any) -> None:
+        self.started = time.monotonic()  # also on a resumed sweep
+
+    def _say(self, text: str) -> None:
+        stream = _console[-1] if _console else sys.stdout
+        print(f"[{_clock(time.monotonic() - self.started)}] {text}", file=stream, flush=True)
+
+    def _status(self) -> str:
+        best = "–" if self.best is None else f"{self.best[0]:.4g} ({self.best[1]})"
+        spent = sum(self.done_epochs.values())
+        # Unfinished trials may still train to the full budget; ASHA usually stops some, so this is an upper bound.
+        left = sum(self.epochs - n for t, n in self.done_epochs.items() if t not in self.ended)
+        left += (self.trials - len(self.done_epochs)) * self.epochs
+        eta = "–" if not spent else _clock((time.monotonic() - self.started) / spent * left)
+        return f"best {self.metric} {best} | trials {len(self.ended)}/{self.trials} done | ≤{eta} left"
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.done_epochs.setdefault(trial.trial_id, 0)
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+        self._say(f"{trial.trial_id} started: {params}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
+        self.done_epochs[trial.trial_id] = int(result.get("training_iteration", 0))
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and value == value:
+            if self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0]):
+                self.best = (float(value), trial.trial_id)
+            shown = f"{value:.4g}"
+        else:
+            shown = "n/a"
+        self._say(f"{trial.trial_id} epoch {self.done_epochs[trial.trial_id]}/{self.epochs} "
+                  f"{self.metric} {shown} | {self._status()}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.ended.add(trial.trial_id)
+        epochs = self.done_epochs.get(trial.trial_id, 0)
+        how = "finished" if epochs >= self.epochs else f"stopped early after {epochs} epochs"
+        self._say(f"{trial.trial_id} {how} | {self._status()}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._say(f"{trial.trial_id} failed (Ray retries it up to max_failures; details in ray.log) | {self._status()}")
+
+
+@contextmanager
+def ray_output_to(log_file: Path):
+    """Send Ray's Python loggers and everything it prints to `log_file` (appending) while a sweep runs;
+    `SweepConsole` keeps writing to the terminal."""
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = []
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, list(logger.handlers), logger.propagate))
+        logger.handlers = [handler]
+        logger.propagate = False
+    _console.append(sys.stdout)
+    try:
+        with open(log_file, "a", encoding="utf-8") as printed, redirect_stdout(printed):
+            yield
+    finally:
+        _console.pop()
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+        handler.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60:02d}:{seconds % 60:02d}"
