@@ -4,9 +4,10 @@
                                       [--out bench/results/search_efficiency.json]
 
 The problem is `bench/recipes/search_efficiency.yaml`: the first --rows perov_5 crystals of
-../shared/datasets, the sweep objective val_score (match rate with species and atom-count tie-breakers),
-one trial at a time so runs are comparable. Random search is RandomSampler + FIFO (every trial trains
-every epoch); the default is whatever SweepConfig's defaults are (algorithm, scheduler, grace period).
+../shared/datasets, the sweep objective val_score (match rate with species and atom-count
+tie-breakers), two trials at a time (compute is counted per trial, so it does not depend on
+concurrency). Random search is RandomSampler + FIFO (every trial trains every epoch); the default is
+whatever SweepConfig's defaults are (algorithm, scheduler, grace period).
 Compute is counted from each trial's own per-epoch history (epochs, and training + validation seconds),
 in the order the epochs finished (`SweepSummary.timeline`). Per seed it reports the compute the default
 needed to first reach random search's final best, as a fraction of random search's total compute.
@@ -75,6 +76,10 @@ def compare(random: SweepSummary, default: SweepSummary) -> dict:
     mode = random.objective.mode
     random_curve, default_curve = best_so_far(random), best_so_far(default)
     target = random_curve[-1][2]
+    values = {r.value for s in (random, default) for r in s.timeline() if r.value is not None}
+    if len(values) <= 1:  # no trial learned anything the objective sees: there is nothing to compare
+        return {"random_best": target, "default_best": default_curve[-1][2], "flat_objective": True,
+                "epochs_fraction": None, "seconds_fraction": None, "epochs_fraction_of_random_to_best": None}
     reached = compute_to_reach(default_curve, target, mode)
     random_total = random_curve[-1][:2]
     random_to_best = compute_to_reach(random_curve, target, mode)
@@ -132,6 +137,7 @@ def main() -> None:
         "max_epochs": args.epochs, "seeds": args.seeds,
         "default_search": {k: defaults[k].default for k in ("algorithm", "scheduler", "grace_period")},
         "reached": f"{sum(r['epochs_fraction'] is not None for r in rows)}/{len(rows)}",
+        "flat_objective_seeds": sum(bool(r.get("flat_objective")) for r in rows),
         "median_epochs_fraction": median([r["epochs_fraction"] for r in rows]),
         "median_seconds_fraction": median([r["seconds_fraction"] for r in rows]),
         "median_epochs_fraction_of_random_to_best": median([r["epochs_fraction_of_random_to_best"] for r in rows]),

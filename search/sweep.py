@@ -172,8 +172,11 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
         else:
             per_trial = sweep.workers_per_trial * sweep.cpus_per_worker
             # Logical CPUs must cover trial drivers and Train workers, or trials wait for resources.
-            ray.init(num_cpus=max(4, sweep.max_concurrent * (per_trial + 2) + 2), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False,
+            # The dashboard (on loopback) serves the State API that Ray Train's PlacementGroupCleaner polls:
+            # without it a trial ASHA stops keeps its workers' CPUs, and its cleaner process, for the
+            # whole sweep, until the sweep hangs waiting for resources.
+            ray.init(num_cpus=max(4, sweep.max_concurrent * (per_trial + 2) + 2), include_dashboard=True,
+                     dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False,
                      runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == FAIL_ONCE_ENV}})
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep_dict=sweep_dict, root=str(root)),

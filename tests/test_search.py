@@ -79,6 +79,15 @@ def test_an_ended_sweep_extends_on_its_study_and_a_new_sweep_warm_starts(tiny_sw
     try:
         extended = run_sweep(dataclasses.replace(config, trials=4), storage=storage, resume=True)
         warmed = run_sweep(warm, storage=storage)
+        # every trial's Ray Train placement-group cleaner has ended (it needs the State API, so the
+        # dashboard, to see a controller die; without it a stopped trial kept its CPUs for good)
+        from ray.util.state import list_actors
+
+        deadline = time.time() + 30
+        while list_actors(filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")]) \
+                and time.time() < deadline:
+            time.sleep(1)
+        assert not list_actors(filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
     finally:
         ray.shutdown()
     before = {t.trial_id: t.status for t in tiny_sweep["summary"].trials}
