@@ -98,11 +98,13 @@ def compare(random: SweepSummary, default: SweepSummary) -> dict:
     }
 
 
-def median(values: list) -> float | None:
-    """Median over seeds, a seed that never reached the target counting as infinite compute."""
+def median(values: list) -> float | str | None:
+    """Median over seeds, a seed that never reached the target counting as infinite compute
+    ("not reached" when the median itself is one of those, so the JSON stays standard)."""
     if not values:
         return None
-    return float(np.median([np.inf if v is None else v for v in values]))
+    middle = float(np.median([np.inf if v is None else v for v in values]))
+    return middle if np.isfinite(middle) else "not reached"
 
 
 def main() -> None:
