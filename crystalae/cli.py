@@ -285,11 +285,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from crystalae.registry import Registry
     from crystalae.search.results import promote_best, sweep_dir
 
-    registry = Registry(args.registry)
     if (args.within is not None or args.prefer) and not args.best:
         raise ValueError("--within and --prefer choose among a sweep's trials: use them with --best")
     if args.prefer and args.within is None:
         raise ValueError("--prefer needs --within D (how far below the best objective a trial may be)")
+    registry = Registry(args.registry)
     if args.best:
         root = Path(args.source) if Path(args.source).is_dir() else sweep_dir(args.storage, args.source)
         entry = promote_best(root, registry, args.name, args.alias, args.metric, args.mode, args.within, args.prefer)

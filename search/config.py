@@ -133,6 +133,10 @@ class SweepConfig(StrictConfig):
     def objective_modes(self) -> tuple[str, ...]:
         return (self.objective_mode, *self.secondary_modes)
 
+    @property
+    def multi_objective(self) -> bool:
+        return bool(self.secondary_metrics)
+
     def voxel_config(self, sigma_overrides: dict[str, Any] | None = None) -> VoxelConfig:
         return VoxelConfig.from_dict({**_voxel_values(self.data), **(sigma_overrides or {})})
 

@@ -71,8 +71,13 @@ class Trial:
     best_checkpoint: str | None  # its path, relative to the sweep folder
 
     @property
+    def best_record(self) -> CheckpointRecord | None:
+        """The kept checkpoint at `best_checkpoint` (None before the trial has one)."""
+        return next((c for c in self.checkpoints if c.path == self.best_checkpoint), None)
+
+    @property
     def best_epoch(self) -> int | None:
-        return next((c.epoch for c in self.checkpoints if c.path == self.best_checkpoint), None)
+        return self.best_record.epoch if self.best_record else None
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ class SweepSummary:
         """Each trial's best kept checkpoint, where it has a value for every objective."""
         pairs = []
         for t in self.trials:
-            record = next((c for c in t.checkpoints if c.path == t.best_checkpoint), None)
+            record = t.best_record
             if record is not None and all(_number(record.metrics.get(o.metric)) for o in self.objectives):
                 pairs.append((t, record))
         return pairs

@@ -118,7 +118,7 @@ def _persistent_searcher(sweep: SweepConfig, root: Path, points: list[dict[str, 
     sampler = (optuna.samplers.TPESampler(seed=sweep.seed) if sweep.algorithm == "tpe"
                else optuna.samplers.RandomSampler(seed=sweep.seed))
     # several objectives: Optuna's multi-objective TPE keeps a Pareto front (no per-epoch pruning reports)
-    several = len(sweep.objective_metrics()) > 1
+    several = sweep.multi_objective
     return PersistentOptunaSearch(sampler=sampler, study_name=sweep.name, points_to_evaluate=points or None,
                                   metric=list(sweep.objective_metrics()) if several else None,
                                   mode=list(sweep.objective_modes()) if several else None,
@@ -193,7 +193,7 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
         # a run killed before Tune saved any state starts over in its own folder
         experiment = next_tune_dir(root) if extend or not runs else runs[-1]
         searcher = _persistent_searcher(sweep, root, points=None if runs else warm_start_points(sweep))
-        several = len(sweep.objective_metrics()) > 1  # the searcher holds the objectives; ASHA the first
+        several = sweep.multi_objective  # the searcher holds the objectives; ASHA the first
         primary = {"metric": sweep.objective_metric, "mode": sweep.objective_mode}
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
                                    grace_period=sweep.grace_period, **(primary if several else {}))

@@ -371,3 +371,6 @@ def test_promote_within_takes_the_smallest_good_enough_model(tiny_sweep, tmp_pat
     entry = next(e for e in Registry(tmp_path / "reg").entries() if e["name"] == "small")
     assert entry["metrics"]["parameters"] == min(c.metrics["parameters"] for _, c in summary.scored())
     assert main(["promote", str(tiny_sweep["root"]), "--within", "1", "--registry", str(tmp_path / "reg")]) == 2
+    assert main(["promote", str(tiny_sweep["root"]), "--best", "--prefer", "parameters",
+                 "--registry", str(tmp_path / "reg2")]) == 2
+    assert not (tmp_path / "reg2").exists()  # refused before the registry is touched
