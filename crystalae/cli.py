@@ -46,15 +46,17 @@ def voxel_config_from_args(args: argparse.Namespace) -> VoxelConfig:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from crystalae import storage
     from crystalae.shards import DatasetError, PrepareOptions, prepare_dataset
 
     options = PrepareOptions(shard_size=args.shard_size, val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction, limit=args.limit)
     config = voxel_config_from_args(args)  # every option is checked before the folder is touched
     source = args.source[0] if len(args.source) == 1 else args.source
-    manifest = prepare_dataset(source, args.out, config, options, workers=args.workers, overwrite=args.overwrite)
+    manifest = prepare_dataset(source, args.out, config, options, workers=args.workers, overwrite=args.overwrite,
+                               ray_address=(args.address or "auto") if args.ray else None)
     counts = manifest["counts"]
-    rejects = Path(args.out) / "rejects.csv"
+    rejects = storage.join(args.out, "rejects.csv")
     skipped = f", {counts['skipped']} skipped by --limit" if counts.get("skipped") else ""
     print(f"wrote {counts['rows']} rows from {counts['crystals']} of {counts['entries']} structures "
           f"into {len(manifest['shards'])} shards under {args.out} (splits {counts['splits']}); "
@@ -291,7 +293,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
         raise ValueError("--prefer needs --within D (how far below the best objective a trial may be)")
     registry = Registry(args.registry)
     if args.best:
-        root = Path(args.source) if Path(args.source).is_dir() else sweep_dir(args.storage, args.source)
+        given = location(args.source)
+        root = given if isinstance(given, str) or given.is_dir() else sweep_dir(args.storage, args.source)
         entry = promote_best(root, registry, args.name, args.alias, args.metric, args.mode, args.within, args.prefer)
     else:
         path, default = _trial_checkpoint(Path(args.source), args.storage, args.metric, args.mode)
@@ -383,6 +386,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def location(text: str) -> str | Path:
+    """argparse type: a local path, or an object-storage URI (s3://bucket/key, gs://...) kept as text."""
+    if "://" in text and not text.startswith("file://"):
+        return text
+    return Path(text.removeprefix("file://"))
+
+
 def count(low: int, high: int | None = None):
     """argparse type: an integer in [low, high]."""
     def parse(text: str) -> int:
@@ -419,13 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
     prep = data.add_parser("prepare", help="voxelize a structure source into Parquet shards")
     prep.add_argument("source", nargs="+", help="CDVAE-style CSV, folder of CIF/POSCAR/JSON, one file, or "
                       "demo[:N]; several are read as one dataset")
-    prep.add_argument("--out", required=True, type=Path)
+    prep.add_argument("--out", required=True, type=location, help="dataset folder or object-storage URI (s3://...)")
     prep.add_argument("--shard-size", type=int, default=256)
     prep.add_argument("--val-fraction", type=float, default=0.1)
     prep.add_argument("--test-fraction", type=float, default=0.1)
     prep.add_argument("--limit", type=int)
     prep.add_argument("--workers", type=count(1, 1024), help="processes (default: all cores)")
     prep.add_argument("--overwrite", action="store_true", help="replace a dataset built with other settings")
+    prep.add_argument("--ray", action="store_true", help="build the shards as Ray Data tasks on a Ray cluster "
+                      "(--out must be reachable from every node: s3://... or a shared mount)")
+    prep.add_argument("--address", help="Ray cluster for --ray: auto (default), HOST:PORT, or local")
     _add_voxel_options(prep)
     prep.set_defaults(func=cmd_data_prepare)
 
@@ -445,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     tr = sub.add_parser("train", help="train the VAE and its species reader with Ray Train")
-    tr.add_argument("--data", required=True, type=Path, help="dataset folder from `data prepare`")
+    tr.add_argument("--data", required=True, type=location, help="dataset folder or URI from `data prepare`")
     tr.add_argument("--config", type=Path, help="YAML with `train:` / `model:` sections and `preset:`")
     tr.add_argument("--preset", choices=("paper",), help="paper: Hoffmann et al. architecture")
     tr.add_argument("--workers", type=int, help="Ray Train workers")
@@ -491,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fp = sub.add_parser("fit-prior", help="fit the sampling prior of a checkpoint to its training set's latents")
     fp.add_argument("--checkpoint", required=True, type=Path)
-    fp.add_argument("--data", required=True, type=Path, help="dataset folder from `data prepare` (the model's own)")
+    fp.add_argument("--data", required=True, type=location, help="dataset folder or URI from `data prepare` (the model's own)")
     fp.add_argument("--split", default="train", choices=("train", "val", "test"))
     fp.add_argument("--out", required=True, type=Path, help="new checkpoint folder (weights copied, prior added)")
     fp.add_argument("--temperature", type=number(0, 10), default=1.0, help="default sampling spread stored with the prior")
@@ -504,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--resume", action="store_true",
                     help="continue a sweep whose driver stopped; with --trials N, extend an ended sweep to N trials")
     sw.add_argument("--trials", type=count(1, 100_000), help="trial budget (overrides the YAML's budget.trials)")
-    sw.add_argument("--storage", default="runs/sweeps", help="results folder (shared storage on a cluster)")
+    sw.add_argument("--storage", default="runs/sweeps",
+                    help="results folder or object-storage URI (s3://bucket/sweeps); on a cluster, storage every node reaches")
     sw.set_defaults(func=cmd_sweep)
 
     pr = sub.add_parser("promote", help="copy a checkpoint into the model registry")
@@ -518,8 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --within: what to prefer (default: the sweep's second objective), e.g. parameters:min")
     pr.add_argument("--name", help="registry name (default: the sweep name)")
     pr.add_argument("--alias", help="alias to move to the new version, e.g. champion")
-    pr.add_argument("--storage", default="runs/sweeps")
-    pr.add_argument("--registry", default="runs/registry")
+    pr.add_argument("--storage", default="runs/sweeps", help="sweeps folder or URI (s3://...)")
+    pr.add_argument("--registry", default="runs/registry", help="registry folder or URI (s3://...)")
     pr.set_defaults(func=cmd_promote)
 
     al = sub.add_parser("alias", help="point a registry alias (e.g. champion) at an existing version")
@@ -533,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.set_defaults(func=cmd_models)
 
     db = sub.add_parser("dashboard", help="Streamlit app over sweeps and the registry")
-    db.add_argument("--storage", default="runs/sweeps")
+    db.add_argument("--storage", default="runs/sweeps", help="sweeps folder or URI (s3://...)")
     db.add_argument("--registry", default="runs/registry")
     db.add_argument("--port", type=count(1, 65535), default=8501)
     db.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")

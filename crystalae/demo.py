@@ -6,11 +6,13 @@ distance in units of `a`, so the lattice parameter follows from the chosen eleme
 from __future__ import annotations
 
 import warnings
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
-from pymatgen.core import Element, Lattice, Structure
+from pymatgen.core import Composition, Element, Lattice, Structure
 
 
 @dataclass(frozen=True)
@@ -83,16 +85,34 @@ def build_prototype(proto: Prototype, elements: list[str], scale: float = 1.0) -
     return Structure(template.lattice.matrix * a, species, template.frac_coords)
 
 
-def demo_structures(count: int = 300, seed: int = 0) -> list[tuple[str, Structure]]:
-    """`count` varied crystals, deterministic for a seed; ids say prototype and formula."""
+def _demo_choices(count: int, seed: int) -> Iterator[tuple[int, Prototype, list[str], float]]:
+    """(index, prototype, elements, scale) per demo crystal: cheap draws, no structure built."""
     rng = np.random.default_rng(seed)
-    result = []
     for k in range(count):
         proto = PROTOTYPES[k % len(PROTOTYPES)]
         elements: list[str] = []
         for pool, _ in proto.sites:
             choices = [e for e in pool if e not in elements] or list(pool)
             elements.append(str(rng.choice(choices)))
-        structure = build_prototype(proto, elements, scale=float(rng.uniform(0.95, 1.05)))
-        result.append((f"demo-{k:04d}-{proto.name}-{structure.composition.reduced_formula}", structure))
+        yield k, proto, elements, float(rng.uniform(0.95, 1.05))
+
+
+def _demo_id(k: int, proto: Prototype, formula: str) -> str:
+    return f"demo-{k:04d}-{proto.name}-{formula}"
+
+
+def demo_ids(count: int = 300, seed: int = 0) -> Iterator[str]:
+    """The ids of `demo_structures(count, seed)`, without building the crystals."""
+    for k, proto, elements, _ in _demo_choices(count, seed):
+        species = [elements[_PLACEHOLDERS.index(site.species_string)] for site in _template(proto)]
+        yield _demo_id(k, proto, Composition(Counter(species)).reduced_formula)
+
+
+def demo_structures(count: int = 300, seed: int = 0, start: int = 0) -> list[tuple[str, Structure]]:
+    """Crystals `start`..`count - 1` of the deterministic demo set for a seed; ids say prototype and formula."""
+    result = []
+    for k, proto, elements, scale in _demo_choices(count, seed):
+        if k >= start:
+            structure = build_prototype(proto, elements, scale=scale)
+            result.append((_demo_id(k, proto, structure.composition.reduced_formula), structure))
     return result

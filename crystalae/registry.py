@@ -6,6 +6,12 @@
 A version folder is assembled in a temp folder and renamed into place; version numbers and aliases
 change under a file lock, so concurrent promotes never collide or corrupt the registry. A promote is
 all or nothing: if its alias cannot be written, the new version is removed again.
+
+On object storage (`s3://...`) the registry works on a local mirror of its manifests and aliases. A
+promote publishes the version's files with `manifest.json` last (a version exists iff its manifest
+does), then `aliases.json`. The lock only covers this machine: object stores have no lock, so promote
+into one remote registry from one place at a time (single writer). A promote checks that its version
+number is still free just before publishing, which catches most, not all, races.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from crystalae import storage
 from crystalae.checkpoint import FILENAME, read_checkpoint
 from crystalae.config import ConfigError, check_name
 from crystalae.files import sha256_file, write_json
@@ -45,7 +52,29 @@ def check_model_name(name: Any, what: str = "model name") -> str:
 
 class Registry:
     def __init__(self, root: str | Path = DEFAULT_ROOT):
-        self.root = Path(root)
+        self.location = root  # where the registry lives: a folder or an object-storage URI
+        self.remote = storage.is_remote(root)
+        self.root = storage.cache_for(root) if self.remote else Path(root)
+
+    def _refresh(self) -> None:
+        """Mirror the remote registry's manifests and aliases (the weights come with `resolve`)."""
+        if self.remote:
+            storage.download(self.location, self.root,
+                             include=lambda name: name == ALIASES or name.endswith("/manifest.json"))
+
+    def _publish_aliases(self) -> None:
+        if self.remote:
+            storage.upload_file(self.root / ALIASES, storage.join(self.location, ALIASES))
+
+    def _publish_version(self, name: str, version: int) -> None:
+        """Upload a new version, manifest last; refuse if another writer published that number."""
+        if not self.remote:
+            return
+        remote = storage.join(self.location, name, f"v{version}")
+        if storage.exists(storage.join(remote, "manifest.json")):
+            raise RegistryError(f"{self.location}: {name}@{version} was published by another writer during "
+                                "this promote; promote again (promote into one registry from one place at a time)")
+        storage.upload(self.root / name / f"v{version}", remote, last=("manifest.json",))
 
     def _lock(self):
         from filelock import FileLock
@@ -62,6 +91,7 @@ class Registry:
         payload = read_checkpoint(checkpoint)  # validates before anything is copied
         folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
         with self._lock():
+            self._refresh()
             aliases = self.aliases() if alias is not None else {}  # a damaged alias file stops us here
             version = 1 + max(self.versions(name), default=0)
             target = self.root / name / f"v{version}"
@@ -85,12 +115,16 @@ class Registry:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            if alias is not None:
-                try:
+            try:
+                self._publish_version(name, version)
+                if alias is not None:
                     write_json(self.root / ALIASES, {**aliases, alias: manifest["ref"]})
-                except BaseException:
-                    shutil.rmtree(target, ignore_errors=True)
-                    raise
+                    self._publish_aliases()
+            except BaseException:
+                shutil.rmtree(target, ignore_errors=True)
+                if self.remote and not isinstance(sys.exc_info()[1], RegistryError):
+                    storage.remove_tree(storage.join(self.location, name, f"v{version}"))
+                raise
         return manifest
 
     def versions(self, name: str) -> list[int]:
@@ -121,13 +155,16 @@ class Registry:
             folder = self.resolve(ref)
             pinned = f"{folder.parent.name}@{folder.name[1:]}"
             write_json(self.root / ALIASES, {**self.aliases(), alias: pinned})
+            self._publish_aliases()
         return pinned
 
     def resolve(self, ref: str) -> Path:
         """`alias`, `name@version` or `name` (latest version) -> the version folder.
 
         `name@version` and `name` still resolve when aliases.json is damaged; only aliases need it.
+        On object storage the version's files are downloaded (once) and the local copy returned.
         """
+        self._refresh()
         try:
             aliases = self.aliases()
         except RegistryError as damaged:
@@ -141,14 +178,17 @@ class Registry:
         check_model_name(name)
         versions = self.versions(name)
         if not versions:
-            raise RegistryError(f"no model or alias {ref!r} in registry {self.root}")
+            raise RegistryError(f"no model or alias {ref!r} in registry {self.location}")
         if not version:
             number = versions[-1]
         elif version.lstrip("v").isdigit() and int(version.lstrip("v")) in versions:
             number = int(version.lstrip("v"))
         else:
             raise RegistryError(f"model {name} has no version {version!r} (versions: {versions})")
-        return self.root / name / f"v{number}"
+        folder = self.root / name / f"v{number}"
+        if self.remote:
+            storage.download(storage.join(self.location, name, f"v{number}"), folder)
+        return folder
 
     def entries(self) -> list[dict[str, Any]]:
         """Every complete version's manifest, with the aliases pointing at it.
@@ -157,6 +197,7 @@ class Registry:
         so one bad file never hides the rest of the registry.
         """
         result: list[dict[str, Any]] = []
+        self._refresh()
         if not self.root.exists():
             return result
         try:

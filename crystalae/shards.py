@@ -13,8 +13,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +21,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from crystalae import storage
 from crystalae.config import StrictConfig, VoxelConfig, in_range
-from crystalae.files import atomic_write, sha256_file, write_json, write_text
+from crystalae.files import sha256_file
 from crystalae.parallel import default_workers, map_chunks
-from crystalae.sources import Entry, StructureError, list_entries, load_structure, reduce_cell
+from crystalae.sources import Chunk, Entry, StructureError, load_structure, plan_chunks, read_chunk, reduce_cell
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
 FORMAT = "crystalae-shards/2"  # 2: per-atom `sites` column
 MANIFEST = "manifest.json"  # written last: a dataset folder is finished iff it holds this
+PLAN = "prepare.json"
+SHARDS_DIR = "shards"
 
 
 class DatasetError(ValueError):
@@ -88,12 +89,11 @@ def site_table(structure, max_atoms: int) -> np.ndarray:
     return table
 
 
-def voxelize_chunk(task: tuple[list[tuple[int, Entry]], dict, PrepareOptions]) -> tuple[pa.Table, list[dict]]:
+def voxelize_entries(indexed: list[tuple[int, Entry]], config: VoxelConfig, options: PrepareOptions
+                     ) -> tuple[pa.Table, list[dict]]:
     """Voxelize one shard's entries; bad entries become reject records instead of errors."""
     from pymatgen.io.cif import CifWriter
 
-    indexed, config_dict, options = task
-    config = VoxelConfig.from_dict(config_dict)
     rows: dict[str, list] = {name: [] for name in schema(config.grid, config.max_atoms).names}
     densities, labels, sites, rejects = [], [], [], []
     for index, entry in indexed:
@@ -129,6 +129,35 @@ def voxelize_chunk(task: tuple[list[tuple[int, Entry]], dict, PrepareOptions]) -
     return pa.Table.from_pydict(rows, schema=schema(config.grid, config.max_atoms)), rejects
 
 
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything one process (or Ray task, on any node) needs to build shard `index` by itself."""
+
+    index: int
+    chunk: Chunk
+    config: dict[str, Any]
+    options: PrepareOptions
+    out: str
+
+
+def build_shard(task: ShardTask) -> dict[str, Any]:
+    """Read the chunk from its source, voxelize it, write the shard and then its record; returns the
+    record. The same bytes come out wherever it runs."""
+    table, rejects = voxelize_entries(read_chunk(task.chunk), VoxelConfig.from_dict(task.config), task.options)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression="zstd")
+    data = buffer.getvalue().to_pybytes()
+    name = f"shard-{task.index:05d}.parquet"
+    storage.write_bytes(storage.join(task.out, SHARDS_DIR, name), data)
+    splits: dict[str, int] = {}
+    for split in table.column("split").to_pylist():
+        splits[split] = splits.get(split, 0) + 1
+    record = {"file": name, "rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(),
+              "rejects": rejects, "splits": splits}
+    storage.write_json(storage.join(task.out, SHARDS_DIR, name.replace(".parquet", ".json")), record)
+    return record
+
+
 def prepare_dataset(
     source: str | Path | list,
     out: str | Path,
@@ -136,38 +165,35 @@ def prepare_dataset(
     options: PrepareOptions = PrepareOptions(),
     workers: int | None = None,
     overwrite: bool = False,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Voxelize every structure of `source` into Parquet shards under `out`; returns the manifest.
+    """Voxelize every structure of `source` into Parquet shards under `out` (a folder or an object
+    storage URI); returns the manifest.
 
-    Resumes an interrupted run with the same settings; refuses a folder built with other settings
-    unless `overwrite`.
+    The source is streamed: one pass records where each shard's entries are, and each worker reads
+    only its own shard's entries, so memory stays bounded by the shard size. With `ray_address`
+    ("auto", "local" or HOST:PORT) the shards are built as Ray Data tasks across a cluster, into the
+    same bytes. Resumes an interrupted run with the same settings; refuses a folder built with other
+    settings unless `overwrite`.
     """
-    out = Path(out)
     check_shard_memory(config, options)
-    entries = list_entries(source)
-    listed = len(entries)
-    entries = entries[: options.limit]  # None keeps all
+    chunks, kept, listed = plan_chunks(source, options.shard_size, options.limit)
     plan = {"format": FORMAT, "source": [str(p) for p in source] if isinstance(source, (list, tuple)) else str(source),
-            "entries": len(entries), "skipped": listed - len(entries),
+            "entries": kept, "skipped": listed - kept,
             "config": config.as_dict(), "options": options.as_dict()}
     _claim_folder(out, plan, overwrite)
-    shard_dir = out / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for stale in shard_dir.glob(".shard-*.tmp"):  # left by a run killed mid-write
-        stale.unlink()
+    records = {k: _shard_record(out, k) for k in range(len(chunks))}
+    tasks = [ShardTask(k, chunks[k], config.as_dict(), options, str(out)) for k in records if records[k] is None]
+    sizes = [sum(piece.count for piece in task.chunk) for task in tasks]
+    if ray_address is not None:
+        from crystalae.ray_shards import build_shards_on_ray
 
-    indexed = list(enumerate(entries))
-    chunks = [indexed[i : i + options.shard_size] for i in range(0, len(indexed), options.shard_size)]
-    todo = [k for k in range(len(chunks)) if _shard_record(shard_dir, k) is None]
-    tasks = [(chunks[k], config.as_dict(), options) for k in todo]
-    results = map_chunks(voxelize_chunk, tasks, workers or default_workers(), "voxelize",
-                         sizes=[len(chunks[k]) for k in todo])
-    for k, (table, rejects) in zip(todo, results):
-        path = shard_dir / f"shard-{k:05d}.parquet"
-        atomic_write(path, lambda tmp, table=table: pq.write_table(table, tmp, compression="zstd"))
-        write_json(path.with_suffix(".json"), {"file": path.name, "rows": table.num_rows,
-                                               "sha256": sha256_file(path), "rejects": rejects})
-    return _finish(out, plan, [_shard_record(shard_dir, k) for k in range(len(chunks))])
+        built = build_shards_on_ray(tasks, ray_address)
+    else:
+        built = map_chunks(build_shard, tasks, workers or default_workers(), "voxelize", sizes=sizes)
+    for task, record in zip(tasks, built):
+        records[task.index] = record
+    return _finish(out, plan, [records[k] for k in range(len(chunks))])
 
 
 MAX_SHARD_BYTES = 2 * 2**30  # a shard is built in memory before it is written
@@ -183,40 +209,41 @@ def check_shard_memory(config: VoxelConfig, options: PrepareOptions) -> None:
                            + (", --rotations" if config.representation == "box" else "") + " or --grid")
 
 
-def _claim_folder(out: Path, plan: dict, overwrite: bool) -> None:
-    plan_path = out / "prepare.json"
-    if plan_path.exists():
-        previous = json.loads(plan_path.read_text())
+def _claim_folder(out: str | Path, plan: dict, overwrite: bool) -> None:
+    plan_path = storage.join(out, PLAN)
+    if storage.exists(plan_path):
+        previous = storage.read_json(plan_path)
         previous.setdefault("skipped", 0)  # folders prepared before the --limit count was recorded
         if previous == plan:
             return
         if not overwrite:
             raise DatasetError(f"{out} holds a dataset built with other settings "
                                f"(see {plan_path}); choose another --out or pass --overwrite")
-        shutil.rmtree(out / "shards", ignore_errors=True)
-        for name in (MANIFEST, "rejects.csv", "prepare.json"):
-            (out / name).unlink(missing_ok=True)
-    elif out.exists() and any(out.iterdir()) and not overwrite:
+        storage.remove_tree(out)
+    elif storage.list_files(out) and not overwrite:
         raise DatasetError(f"{out} is not empty and holds no crystalae dataset; choose another --out")
-    write_json(plan_path, plan)
+    storage.write_json(plan_path, plan)
 
 
-def _shard_record(shard_dir: Path, k: int) -> dict | None:
-    record_path = shard_dir / f"shard-{k:05d}.json"
-    parquet_path = shard_dir / f"shard-{k:05d}.parquet"
-    if not (record_path.exists() and parquet_path.exists()):
+def _shard_record(out: str | Path, k: int) -> dict | None:
+    """The record of shard k if the shard is finished (its record is written after its Parquet file)."""
+    record_path = storage.join(out, SHARDS_DIR, f"shard-{k:05d}.json")
+    if not storage.exists(record_path) or not storage.exists(storage.join(out, SHARDS_DIR, f"shard-{k:05d}.parquet")):
         return None
-    return json.loads(record_path.read_text())
+    return storage.read_json(record_path)
 
 
-def _finish(out: Path, plan: dict, records: list[dict]) -> dict[str, Any]:
+def _finish(out: str | Path, plan: dict, records: list[dict]) -> dict[str, Any]:
     rejects = [r for rec in records for r in rec["rejects"]]
     splits: dict[str, int] = {}
     for rec in records:
-        table = pq.read_table(out / "shards" / rec["file"], columns=["split"])
-        for name in table.column("split").to_pylist():
-            splits[name] = splits.get(name, 0) + 1
-    shards = [{"file": f"shards/{rec['file']}", "rows": rec["rows"], "sha256": rec["sha256"]} for rec in records]
+        if "splits" not in rec:  # shards built before records counted their splits
+            table = pq.read_table(storage.join(out, SHARDS_DIR, rec["file"]), columns=["split"])
+            rec = {**rec, "splits": {s: table.column("split").to_pylist().count(s) for s in ("train", "val", "test")}}
+        for name, count in rec["splits"].items():
+            if count:
+                splits[name] = splits.get(name, 0) + count
+    shards = [{"file": f"{SHARDS_DIR}/{rec['file']}", "rows": rec["rows"], "sha256": rec["sha256"]} for rec in records]
     manifest = {
         **plan,
         "counts": {"entries": plan["entries"], "skipped": plan["skipped"], "rejected": len(rejects),
@@ -229,25 +256,40 @@ def _finish(out: Path, plan: dict, records: list[dict]) -> dict[str, Any]:
     writer = csv.DictWriter(buffer, fieldnames=["index", "material_id", "reason"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(sorted(rejects, key=lambda r: r["index"]))
-    write_text(out / "rejects.csv", buffer.getvalue())
-    write_json(out / MANIFEST, manifest)
+    storage.write_text(storage.join(out, "rejects.csv"), buffer.getvalue())
+    storage.write_json(storage.join(out, MANIFEST), manifest)  # last: its presence means the dataset is whole
     return manifest
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.exists():
+    path = storage.join(folder, MANIFEST)
+    if not storage.exists(path):
         raise DatasetError(f"{folder} has no manifest.json: not a finished crystalae dataset "
                            "(run `crystalae data prepare` first, or rerun it to finish)")
-    manifest = json.loads(path.read_text())
+    manifest = storage.read_json(path)
     if manifest.get("format") != FORMAT:
         raise DatasetError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
 
 
-def shard_paths(folder: str | Path) -> list[Path]:
+def local_dataset(folder: str | Path) -> Path:
+    """A local folder holding the dataset: the folder itself, or for an object-storage URI a cached
+    copy (downloaded once per machine; each shard is checked against the manifest's sha256)."""
+    if not storage.is_remote(folder):
+        return Path(folder)
     manifest = read_manifest(folder)
-    return [Path(folder) / s["file"] for s in manifest["shards"]]
+    wanted = {MANIFEST, *(s["file"] for s in manifest["shards"])}
+    local = storage.download(folder, storage.cache_for(folder), include=lambda name: name in wanted)
+    for shard in manifest["shards"]:
+        if sha256_file(local / shard["file"]) != shard["sha256"]:
+            raise DatasetError(f"{folder}/{shard['file']}: its sha256 differs from the manifest's "
+                               "(changed after the dataset was published?)")
+    return local
+
+
+def shard_paths(folder: str | Path) -> list[Path]:
+    folder = local_dataset(folder)
+    return [folder / s["file"] for s in read_manifest(folder)["shards"]]
 
 
 def read_table(folder: str | Path, split: str | None = None, columns: list[str] | None = None) -> pa.Table:

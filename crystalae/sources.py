@@ -5,11 +5,14 @@ later, in `load_structure`, with a reason that lands in the rejects table instea
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pymatgen.core import Structure
@@ -57,47 +60,164 @@ def demo_count(source: str | Path) -> int | None:
 def list_entries(source: str | Path | list | tuple, limit: int | None = None) -> list[Entry]:
     """All entries of a source, in a stable order. `demo` or `demo:N` is the built-in set; a list of
     sources is read in turn, as one (ids must then be unique across them)."""
-    if isinstance(source, (list, tuple)):
-        if not source:
-            raise SourceError("no source given")
-        entries = [e for part in source for e in list_entries(part)]
-    elif (count := demo_count(source)) is not None:
+    chunks, _, _ = plan_chunks(source, size=None, limit=limit)
+    return [entry for chunk in chunks for _, entry in read_chunk(chunk)]
+
+
+@dataclass(frozen=True)
+class SourceSlice:
+    """Consecutive entries of one source, small enough to send to any process or node, which reads
+    them there (so no process ever holds the whole source)."""
+
+    source: str
+    first: int  # position of the first entry among all entries of the (possibly multi-part) source
+    count: int
+    start: int = 0  # position of the first entry within this part (demo index, CSV row number)
+    offset: int = 0  # CSV: byte offset where the first row begins
+    columns: tuple[int, int] = (-1, -1)  # CSV: indices of the id column (-1: ids are row numbers) and cif column
+    files: tuple[str, ...] = ()  # folder: this slice's file names
+    duplicates: tuple[tuple[int, int], ...] = ()  # (position, position of the first entry with that id)
+
+
+Chunk = tuple[SourceSlice, ...]  # one shard's entries; it may span the end of one source and the next
+
+
+def plan_chunks(source: str | Path | list | tuple, size: int | None, limit: int | None = None
+                ) -> tuple[list[Chunk], int, int]:
+    """Cut a source into chunks of `size` entries (None: one chunk) by one streamed pass that keeps
+    only ids and offsets; returns (chunks, entries kept, entries listed)."""
+    parts = list(source) if isinstance(source, (list, tuple)) else [source]
+    if not parts:
+        raise SourceError("no source given")
+    first_of: dict[str, int] = {}
+    chunks: list[Chunk] = []
+    current: list[SourceSlice] = []
+    position = listed = 0
+    for part in parts:
+        for material_id, locator, static in _scan(part):
+            listed += 1
+            if limit is not None and position >= limit:
+                continue
+            if size is not None and position and position % size == 0:
+                chunks.append(tuple(current))
+                current = []
+            duplicate = first_of.setdefault(material_id, position)
+            last = current[-1] if current else None
+            if last is None or last.source != static["source"]:
+                last = SourceSlice(first=position, count=0, **static, **_locate(static, locator, start=True))
+                current.append(last)
+            extra = _locate(static, locator, start=False)
+            current[-1] = dataclasses.replace(
+                last, count=last.count + 1, files=last.files + extra.get("files", ()),
+                duplicates=last.duplicates + (((position, duplicate),) if duplicate != position else ()))
+            position += 1
+    if current:
+        chunks.append(tuple(current))
+    return chunks, position, listed
+
+
+def _locate(static: dict, locator: Any, start: bool) -> dict[str, Any]:
+    """The SourceSlice fields that say where an entry is: the first entry sets where a CSV slice or a
+    demo slice begins; each folder entry adds its file."""
+    if "files" in static:  # folder sources
+        return {} if start else {"files": (locator,)}
+    return {"offset": locator[0], "start": locator[1]} if start and locator is not None else {}
+
+
+def _scan(part: str | Path) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """(id, locator, fixed slice fields) per entry of one source, streamed."""
+    if (count := demo_count(part)) is not None:
+        from crystalae.demo import demo_ids
+
+        for k, material_id in enumerate(demo_ids(count)):
+            yield material_id, (0, k), {"source": str(part)}
+        return
+    path = Path(part)
+    if not path.exists():
+        raise SourceError(f"source {part!s} does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and _format_of(p) is not None)
+        if not files:
+            raise SourceError(f"{path}: no .cif, .json, .vasp or POSCAR files in the folder")
+        for f in files:
+            yield _entry_name(f), f.name, {"source": str(path), "files": ()}
+    elif path.suffix.lower() == ".csv":
+        columns = None
+        for row_number, (offset, row) in enumerate(_csv_rows(path)):
+            if columns is None:
+                columns = _csv_columns(path, row)
+                continue
+            material_id = row[columns[0]] if 0 <= columns[0] < len(row) else str(row_number - 1)
+            yield material_id, (offset, row_number - 1), {"source": str(path), "columns": columns}
+        if columns is None:
+            raise SourceError(f"{path}: not a readable CSV (EmptyDataError: no header row)")
+    else:
+        if _format_of(path) is None:
+            raise SourceError(f"{path}: unknown structure format (use .cif, .json, .vasp or POSCAR)")
+        yield _entry_name(path), None, {"source": str(path)}
+
+
+def _csv_columns(path: Path, header: list[str]) -> tuple[int, int]:
+    if "cif" not in header:
+        raise SourceError(f"{path}: CSV needs a 'cif' column, found {header}")
+    return (header.index("material_id") if "material_id" in header else -1), header.index("cif")
+
+
+def _csv_rows(path: Path, offset: int = 0) -> Iterator[tuple[int, list[str]]]:
+    """(byte offset where the row begins, fields) per CSV row from `offset`; a row may span lines
+    (CIF text in quotes), and the reader pulls lines only as a row needs them."""
+    position = offset
+
+    def lines(handle) -> Iterator[str]:
+        nonlocal position
+        for line_number, raw in enumerate(handle, 1):
+            position += len(raw)
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SourceError(f"{path}: not a readable CSV (UnicodeDecodeError at line {line_number} "
+                                  f"after byte {offset}: {exc.reason})") from None
+
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        reader = csv.reader(lines(handle))
+        begin = position
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise SourceError(f"{path}: not a readable CSV (Error: {exc})") from None
+            if row:  # blank lines are not rows (as in pandas)
+                yield begin, row
+            begin = position
+
+
+def read_chunk(chunk: Chunk) -> list[tuple[int, Entry]]:
+    """The entries of a chunk with their positions, read from the source itself."""
+    return [item for piece in chunk for item in _read_slice(piece)]
+
+
+def _read_slice(piece: SourceSlice) -> list[tuple[int, Entry]]:
+    if demo_count(piece.source) is not None:
         from crystalae.demo import demo_structures
 
-        entries = [Entry(mid, "structure", structure=s) for mid, s in demo_structures(count)]
+        entries = [Entry(mid, "structure", structure=s)
+                   for mid, s in demo_structures(piece.start + piece.count, start=piece.start)]
+    elif piece.files:
+        entries = [_file_entry(Path(piece.source) / name) for name in piece.files]
+    elif piece.columns != (-1, -1):
+        entries = []
+        id_column, cif_column = piece.columns
+        for k, (_, row) in zip(range(piece.count), _csv_rows(Path(piece.source), piece.offset)):
+            material_id = row[id_column] if 0 <= id_column < len(row) else str(piece.start + k)
+            entries.append(Entry(material_id, "cif", row[cif_column] if cif_column < len(row) else ""))
     else:
-        path = Path(source)
-        if not path.exists():
-            raise SourceError(f"source {source!s} does not exist")
-        if path.is_dir():
-            entries = _folder_entries(path)
-        elif path.suffix.lower() == ".csv":
-            entries = _csv_entries(path)
-        else:
-            entries = [_file_entry(path)]
-    if limit is not None:
-        entries = entries[:limit]
-    return _mark_duplicates(entries)
-
-
-def _csv_entries(path: Path) -> list[Entry]:
-    import pandas as pd
-
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise SourceError(f"{path}: not a readable CSV ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    if "cif" not in frame.columns:
-        raise SourceError(f"{path}: CSV needs a 'cif' column, found {list(frame.columns)}")
-    ids = frame["material_id"] if "material_id" in frame.columns else frame.index.astype(str)
-    return [Entry(str(mid), "cif", cif) for mid, cif in zip(ids, frame["cif"])]
-
-
-def _folder_entries(path: Path) -> list[Entry]:
-    files = sorted(p for p in path.iterdir() if p.is_file() and _format_of(p) is not None)
-    if not files:
-        raise SourceError(f"{path}: no .cif, .json, .vasp or POSCAR files in the folder")
-    return [_file_entry(p) for p in files]
+        entries = [_file_entry(Path(piece.source))]
+    duplicates = dict(piece.duplicates)
+    return [(piece.first + k, dataclasses.replace(e, duplicate_of=duplicates[piece.first + k])
+             if piece.first + k in duplicates else e) for k, e in enumerate(entries)]
 
 
 def _format_of(path: Path) -> str | None:
@@ -106,29 +226,21 @@ def _format_of(path: Path) -> str | None:
     return STRUCTURE_SUFFIXES.get(path.suffix.lower())
 
 
+def _entry_name(path: Path) -> str:
+    return path.stem if _format_of(path) != "poscar" or path.suffix else path.name
+
+
 def _file_entry(path: Path) -> Entry:
     fmt = _format_of(path)
     if fmt is None:
         raise SourceError(f"{path}: unknown structure format (use .cif, .json, .vasp or POSCAR)")
-    name = path.stem if fmt != "poscar" or path.suffix else path.name
+    name = _entry_name(path)
     try:
         return Entry(name, fmt, path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:  # binary or latin-1: this file is rejected, the others still load
         return Entry(name, fmt, error=f"{path.name} is not UTF-8 text (byte {exc.start}: {exc.reason})")
     except OSError as exc:
         return Entry(name, fmt, error=f"{path.name} cannot be read ({exc.strerror or type(exc).__name__})")
-
-
-def _mark_duplicates(entries: list[Entry]) -> list[Entry]:
-    first: dict[str, int] = {}
-    marked = []
-    for i, e in enumerate(entries):
-        if e.material_id in first:
-            e = dataclasses.replace(e, duplicate_of=first[e.material_id])
-        else:
-            first[e.material_id] = i
-        marked.append(e)
-    return marked
 
 
 def load_structure(entry: Entry) -> Structure:

@@ -35,6 +35,7 @@ from crystalae.inference import (
 from crystalae.metrics import compare, reconstruction_score, site_confusion, summarize
 from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
 from crystalae.shards import column_numpy, shard_paths
+from crystalae.storage import is_remote as storage_is_remote
 from crystalae.voxelize import voxelize_arrays
 
 SCORE = ("val_score", "max")  # the default objective: comparable across sigma, grid and architecture
@@ -508,15 +509,16 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
     manifest = read_manifest(data)
     cfg = cfg.resolved()
     voxel, model_cfg = build_configs(data, model_overrides or {}, preset)
-    storage = Path(storage).resolve() if "://" not in str(storage) else storage
-    _check_resume(Path(storage) / name if "://" not in str(storage) else None, model_cfg, voxel)
+    storage = storage if storage_is_remote(storage) else Path(storage).resolve()
+    _check_resume(None if storage_is_remote(storage) else Path(storage) / name, model_cfg, voxel)
     if not ray.is_initialized():
         # Logical CPUs must cover the driver and every worker's threads.
         ray.init(num_cpus=max(4, cfg.workers * cfg.threads + 2), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     # Workers read their share of the shards themselves (WorkerShare): no Ray Data pipeline to start per run.
     loop_config = {"train": cfg.as_dict(), "voxel": voxel.as_dict(), "model": model_cfg.as_dict(),
-                   "data": str(Path(data).resolve()), "dataset_hash": manifest["dataset_hash"],
+                   "data": str(data) if storage_is_remote(data) else str(Path(data).resolve()),
+                   "dataset_hash": manifest["dataset_hash"],
                  "train_rows": manifest["counts"]["splits"].get("train", 0)}
     trainer = TorchTrainer(
         train_loop_per_worker,

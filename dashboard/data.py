@@ -27,6 +27,7 @@ from crystalae.checkpoint import (
 from crystalae.registry import Registry, RegistryError
 from crystalae.search import results
 from crystalae.search.results import SweepSummary
+from crystalae.storage import is_remote
 
 STORAGE_ENV = "CRYSTALAE_STORAGE"
 REGISTRY_ENV = "CRYSTALAE_REGISTRY"
@@ -40,8 +41,14 @@ MISSING_ERRORS = (CheckpointError, RegistryError, OSError, ValueError)  # what a
 
 @dataclass(frozen=True)
 class Paths:
-    storage: Path
-    registry: Path
+    storage: Path  # sweeps, read locally: the folder itself, or a mirror of an object-storage URI
+    registry: str | Path  # a folder or an object-storage URI (Registry keeps its own mirror)
+    storage_location: str = ""  # what the user named, for display
+
+    def registry_folder(self, ref: str, name: str, version: int) -> Path:
+        """A version's folder on this machine (from object storage, downloaded on first use)."""
+        registry = Registry(self.registry)
+        return registry.resolve(ref) if registry.remote else registry.root / name / f"v{version}"
 
 
 def app_paths(argv: list[str] | None = None) -> Paths:
@@ -53,7 +60,15 @@ def app_paths(argv: list[str] | None = None) -> Paths:
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     storage = args.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
     registry = args.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY
-    return Paths(Path(storage).expanduser().resolve(), Path(registry).expanduser().resolve())
+    return Paths(Path(mirror_storage(storage)) if is_remote(storage) else Path(storage).expanduser().resolve(),
+                 registry if is_remote(registry) else Path(registry).expanduser().resolve(), storage)
+
+
+@st.cache_data(ttl=LIVE_TTL, show_spinner="Reading sweeps from object storage…")
+def mirror_storage(location: str) -> str:
+    """A local copy of sweeps on object storage (all but Tune's state), refreshed every few seconds;
+    unchanged files are not fetched again."""
+    return str(results.mirror_sweeps(location))
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------
@@ -158,7 +173,7 @@ def model_choices(paths: Paths) -> tuple[list[ModelChoice], list[str]]:
         for e in registry_entries(str(paths.registry)):
             tags = f" [{', '.join(e['aliases'])}]" if e["aliases"] else ""
             choices.append(ModelChoice(f"{e['ref']}{tags} (registry)",
-                                       str(paths.registry / e["name"] / f"v{e['version']}"),
+                                       str(paths.registry_folder(e["ref"], e["name"], e["version"])),
                                        origin=e.get("source", {}).get("checkpoint")))
     except (OSError, ValueError) as exc:
         problems.append(f"Registry {paths.registry} is unreadable: {exc}")

@@ -20,4 +20,8 @@ def launch_command(storage: str, registry: str, port: int = 8501, host: str = "1
     return [sys.executable, "-m", "streamlit", "run", str(APP),
             "--server.address", host, "--server.port", str(port), "--server.headless", "true",
             "--browser.gatherUsageStats", "false",  # no telemetry leaves the machine
-            "--", "--storage", str(Path(storage).resolve()), "--registry", str(Path(registry).resolve())]
+            "--", "--storage", _absolute(storage), "--registry", _absolute(registry)]
+
+
+def _absolute(location: str) -> str:
+    return location if "://" in location else str(Path(location).resolve())  # URIs (s3://...) stay as given

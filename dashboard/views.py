@@ -184,7 +184,7 @@ def badges(flags: dict[str, bool]) -> str:
 def sidebar(paths: data.Paths) -> None:
     """Where the data comes from, and a refresh button (sweep tables are cached for a few seconds)."""
     with st.sidebar:
-        st.caption(f"Sweeps: `{paths.storage}`  \nRegistry: `{paths.registry}`")
+        st.caption(f"Sweeps: `{paths.storage_location or paths.storage}`  \nRegistry: `{paths.registry}`")
         if st.button("Refresh data", help="Re-read sweeps, checkpoints and registry from disk"):
             st.cache_data.clear()  # tables only; loaded models (cache_resource) stay, checkpoints are immutable
 

@@ -100,3 +100,16 @@ def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
         f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+class PublishOnTrialEnd(Callback):
+    """Calls `publish(*args)` whenever a trial ends, so a sweep on object storage shows progress."""
+
+    def __init__(self, publish, *args: Any):
+        self.publish, self.args = publish, args
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.publish(*self.args)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.publish(*self.args)

@@ -1,7 +1,7 @@
 """Reading sweep results from disk (no Ray needed): the one owner of the sweep folder layout and of the
 trial and summary types. The CLI, the dashboard and the benchmarks read sweeps only through here.
 
-Layout of a sweep folder (`<storage>/<name>/`):
+Layout of a sweep folder (`<storage>/<name>/`, a local folder or an object-storage URI):
     sweep.json          the validated config
     optuna.db           the Optuna study (open with `optuna-dashboard sqlite:///optuna.db`)
     datasets/<key>/     voxelized shards, one per distinct voxel config (shared by trials with one sigma)
@@ -17,6 +17,9 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from crystalae.storage import cache_for, download, is_file, is_remote, list_files, name_of, read_json
+from crystalae.storage import join as storage_join
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "summary.json"
@@ -190,16 +193,55 @@ class SweepSummary:
         return {**asdict(self), "budget": asdict(self.budget())}
 
 
-def sweep_dir(storage: str | Path, name: str) -> Path:
-    return Path(storage).resolve() / name
+def sweep_dir(storage: str | Path, name: str) -> str | Path:
+    """The sweep folder: `<storage>/<name>`, a local path or an object-storage URI (s3://...)."""
+    return storage_join(storage, name) if is_remote(storage) else Path(storage).resolve() / name
+
+
+def local_root(root: str | Path) -> Path:
+    """Where a sweep's files are read: the folder itself, or for object storage a local mirror of its
+    small files (configs, metrics, optuna.db), refreshed from the store on each call."""
+    if not is_remote(root):
+        return Path(root)
+    return download(root, cache_for(root), include=_mirrored)
+
+
+def _mirrored(relative: str) -> bool:
+    """The files a reader of a sweep needs: not Tune's state, not the shards or the weights."""
+    top, _, rest = relative.partition("/")
+    if top.startswith(TUNE_DIR):
+        return False
+    if top == DATASETS_DIR:
+        return rest.count("/") == 1 and rest.endswith(("/manifest.json", "/prepare.json"))
+    return relative.endswith(".json") or relative in (STUDY_FILE, LOG_FILE)
+
+
+def mirror_sweeps(storage: str | Path) -> Path:
+    """A local copy of every sweep under `storage` (for the dashboard): all but Tune's own state."""
+    def wanted(relative: str) -> bool:
+        return not any(part == TUNE_DIR or part.removeprefix(TUNE_DIR + "-").isdigit() and part.startswith(TUNE_DIR)
+                       for part in relative.split("/")[:-1])
+
+    return download(storage, cache_for(storage), include=wanted) if is_remote(storage) else Path(storage)
+
+
+def local_checkpoint(root: str | Path, relative: str) -> Path:
+    """A checkpoint folder of the sweep on this machine (downloaded once from object storage)."""
+    if not is_remote(root):
+        return Path(root) / relative
+    return download(storage_join(root, relative))
 
 
 def is_sweep(folder: str | Path) -> bool:
-    return (Path(folder) / SWEEP_FILE).is_file()
+    return is_file(storage_join(folder, SWEEP_FILE))
 
 
-def find_sweeps(storage: str | Path) -> list[Path]:
+def find_sweeps(storage: str | Path) -> list[str | Path]:
     """Sweep folders at most two levels below `storage` (a storage may group sweeps in folders), sorted."""
+    if is_remote(storage):
+        found = {relative.rpartition("/")[0] for relative, _ in list_files(storage)
+                 if relative.rpartition("/")[2] == SWEEP_FILE and 1 <= relative.count("/") <= 3}
+        return [storage_join(storage, *folder.split("/")) for folder in sorted(found)]
     root = Path(storage)
     if not root.is_dir():
         return []
@@ -207,44 +249,55 @@ def find_sweeps(storage: str | Path) -> list[Path]:
                    for p in root.glob(pattern)})
 
 
-def trial_folder(root: str | Path, trial_id: str) -> Path:
-    return Path(root) / TRIALS_DIR / trial_id
+def trial_folder(root: str | Path, trial_id: str) -> str | Path:
+    return storage_join(root, TRIALS_DIR, trial_id)
 
 
 def study_path(root: str | Path) -> Path:
-    return Path(root) / STUDY_FILE
+    """The Optuna study: a SQLite file, so for a sweep on object storage the local copy (the driver
+    uploads it as trials end; readers get it with the mirror)."""
+    return cache_for(root) / STUDY_FILE if is_remote(root) else Path(root) / STUDY_FILE
 
 
 def dataset_folders(root: str | Path) -> list[Path]:
-    """Finished prepared datasets of a sweep (those with a manifest)."""
-    from crystalae.shards import MANIFEST
+    """Finished prepared datasets of a sweep (those with a manifest), as local folders."""
+    from crystalae.shards import MANIFEST, local_dataset
 
+    if is_remote(root):
+        return [local_dataset(storage_join(root, DATASETS_DIR, p.parent.name))
+                for p in sorted((local_root(root) / DATASETS_DIR).glob(f"*/{MANIFEST}"))]
     return sorted(p.parent for p in (Path(root) / DATASETS_DIR).glob(f"*/{MANIFEST}"))
 
 
-def tune_dirs(root: str | Path) -> list[Path]:
+def tune_dirs(root: str | Path) -> list[str | Path]:
     """The sweep's Tune experiment folders, oldest first (tune, tune-2, tune-3, ...)."""
-    found = [p for p in Path(root).glob(f"{TUNE_DIR}*") if p.is_dir()
-             and (p.name == TUNE_DIR or p.name.removeprefix(TUNE_DIR + "-").isdigit())]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(TUNE_DIR + "-")) if p.name != TUNE_DIR else 1)
+    if is_remote(root):
+        names = {relative.partition("/")[0] for relative, _ in list_files(root) if "/" in relative}
+    else:
+        names = {p.name for p in Path(root).glob(f"{TUNE_DIR}*") if p.is_dir()}
+    found = [n for n in names if n == TUNE_DIR or n.removeprefix(TUNE_DIR + "-").isdigit()]
+    ordered = sorted(found, key=lambda n: int(n.removeprefix(TUNE_DIR + "-")) if n != TUNE_DIR else 1)
+    return [storage_join(root, n) for n in ordered]
 
 
-def next_tune_dir(root: str | Path) -> Path:
+def next_tune_dir(root: str | Path) -> str | Path:
     count = len(tune_dirs(root))
-    return Path(root) / (TUNE_DIR if count == 0 else f"{TUNE_DIR}-{count + 1}")
+    return storage_join(root, TUNE_DIR if count == 0 else f"{TUNE_DIR}-{count + 1}")
+
+
+def _read_json(root: str | Path, name: str) -> Any:
+    path = storage_join(root, name)
+    return read_json(path) if is_file(path) else None
 
 
 def ended_runs(root: str | Path) -> int:
     """How many Tune experiments of this sweep ran to the end (summary.json records it)."""
-    path = Path(root) / SUMMARY_FILE
-    if not path.exists():
-        return 0
-    return int(json.loads(path.read_text()).get("tune_runs", 1))  # summaries before extensions: one run
+    summary = _read_json(root, SUMMARY_FILE)
+    return 0 if summary is None else int(summary.get("tune_runs", 1))  # summaries before extensions: one run
 
 
 def sweep_config(root: str | Path) -> dict[str, Any]:
-    path = Path(root) / SWEEP_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    return _read_json(root, SWEEP_FILE) or {}
 
 
 def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> SweepSummary:
@@ -252,7 +305,8 @@ def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> 
 
     A trial's status comes from summary.json once the sweep has ended; before that it is "running".
     """
-    root = Path(root)
+    name = name_of(root)
+    root = local_root(root)
     sweep = sweep_config(root)
     if statuses is None and (root / SUMMARY_FILE).exists():
         statuses = recorded_statuses(root)
@@ -279,13 +333,13 @@ def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> 
             best_value=best.metrics.get(objective.metric) if best else None,
             best_checkpoint=best.path if best else None,
         ))
-    return SweepSummary(sweep.get("name", root.name), objective, trials, secondary)
+    return SweepSummary(sweep.get("name", name), objective, trials, secondary)
 
 
 def recorded_statuses(root: str | Path) -> dict[str, str]:
     """Trial statuses from summary.json ({} before the sweep first ended)."""
-    path = Path(root) / SUMMARY_FILE
-    return {t["trial_id"]: t["status"] for t in json.loads(path.read_text())["trials"]} if path.exists() else {}
+    summary = _read_json(root, SUMMARY_FILE)
+    return {t["trial_id"]: t["status"] for t in summary["trials"]} if summary is not None else {}
 
 
 def best_params(root: str | Path) -> list[dict[str, Any]]:
@@ -301,14 +355,14 @@ def promote_best(root: str | Path, registry, name: str | None = None, alias: str
                  prefer: str | None = None) -> dict[str, Any]:
     """Promote the sweep's best kept checkpoint into `registry` (a crystalae.registry.Registry); with
     `within`, the checkpoint `SweepSummary.pick` chooses (`prefer`: METRIC[:MODE])."""
-    root = Path(root)
     summary = collect_trials(root)
     if within is None:
         trial, checkpoint = summary.best_checkpoint(metric, mode)
     else:
         trial, checkpoint = summary.pick(within, Objective.parse(prefer, summary.objectives) if prefer else None)
-    return registry.promote(root / checkpoint.path, name or summary.name, alias=alias,
-                            source={"sweep": summary.name, "trial": trial.trial_id, "epoch": checkpoint.epoch})
+    where = {"checkpoint": str(storage_join(root, checkpoint.path))} if is_remote(root) else {}
+    return registry.promote(local_checkpoint(root, checkpoint.path), name or summary.name, alias=alias,
+                            source={**where, "sweep": summary.name, "trial": trial.trial_id, "epoch": checkpoint.epoch})
 
 
 def _status(statuses: dict[str, str] | None, trial_id: str, epochs: int, budget: int | None) -> str:

@@ -11,12 +11,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from crystalae import storage as store
 from crystalae.files import write_json
 from crystalae.search.config import SweepConfig, split_options, trial_overrides
 from crystalae.search.results import (
     DATASETS_DIR,
     LOG_FILE,
     PARAMS_FILE,
+    STUDY_FILE,
     SUMMARY_FILE,
     SWEEP_FILE,
     TRIALS_DIR,
@@ -24,6 +26,7 @@ from crystalae.search.results import (
     best_params,
     collect_trials,
     ended_runs,
+    local_root,
     next_tune_dir,
     recorded_statuses,
     study_path,
@@ -37,16 +40,25 @@ from crystalae.training import TrainConfig
 FAIL_ONCE_ENV = "CRYSTALAE_FAIL_ONCE_DIR"  # fault injection for tests: each trial raises once
 
 
-def dataset_for(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: Path) -> Path:
-    """Prepared shards for this voxel config, cached by its hash; a file lock makes trials share."""
-    from filelock import FileLock
+def dataset_for(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: str | Path) -> str | Path:
+    """Prepared shards for this voxel config, cached by its hash, so trials with one sigma share them.
 
+    A file lock makes trials on one machine wait for each other. On object storage, trials on
+    several nodes may prepare the same dataset at once: harmless, as both write the same bytes and
+    the manifest, written last, is the same.
+    """
     voxel = sweep.voxel_config(voxel_overrides)
     options = split_options(sweep.data)
     key = hashlib.sha256(json.dumps({"source": sweep.data["source"], "voxel": voxel.as_dict(),
                                      "options": [options.val_fraction, options.test_fraction]},
                                     sort_keys=True).encode()).hexdigest()[:16]
-    folder = root / DATASETS_DIR / key
+    folder = store.join(root, DATASETS_DIR, key)
+    if store.is_remote(folder):
+        if not store.exists(store.join(folder, MANIFEST)):
+            prepare_dataset(sweep.data["source"], folder, voxel, options, workers=1)
+        return folder
+    from filelock import FileLock
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if not (folder / MANIFEST).exists():
@@ -60,7 +72,7 @@ def trial_settings(sweep: SweepConfig, params: dict[str, Any]):
     return voxel, model, TrainConfig.from_dict(train)
 
 
-def run_trial(params: dict[str, Any], sweep_dict: dict[str, Any], root: str) -> None:
+def run_trial(params: dict[str, Any], sweep_dict: dict[str, Any], root: str | Path) -> None:
     """Tune function trainable: prepare (or reuse) shards, then TorchTrainer.fit() with metrics to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -68,13 +80,12 @@ def run_trial(params: dict[str, Any], sweep_dict: dict[str, Any], root: str) -> 
     from crystalae.training import train
 
     sweep = SweepConfig.from_dict(sweep_dict)
-    root_path = Path(root)
     trial_id = tune.get_context().get_trial_id()
     voxel, model, train_cfg = trial_settings(sweep, params)
-    write_json(trial_folder(root_path, trial_id) / PARAMS_FILE, params)
+    store.write_json(store.join(trial_folder(root, trial_id), PARAMS_FILE), params)
     _maybe_fail_once(trial_id)
-    data = dataset_for(sweep, voxel, root_path)
-    result = train(data, train_cfg, model, storage=root_path / TRIALS_DIR, name=trial_id,
+    data = dataset_for(sweep, voxel, root)
+    result = train(data, train_cfg, model, storage=store.join(root, TRIALS_DIR), name=trial_id,
                    callbacks=[TuneReportCallback()], score=(sweep.objective_metric, sweep.objective_mode))
     if result.error is not None:
         raise result.error
@@ -149,22 +160,24 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from crystalae.search.console import SweepConsole, ray_output_to
+    from crystalae.search.console import PublishOnTrialEnd, SweepConsole, ray_output_to
 
     root = sweep_dir(storage, sweep.name)
-    root.mkdir(parents=True, exist_ok=True)
+    work = local_root(root)  # the driver's own files; on object storage, a local copy it publishes
+    work.mkdir(parents=True, exist_ok=True)
     sweep_dict = sweep.as_dict()
     sweep_dict["data"]["source"] = _absolute_source(sweep.data["source"])  # trials run elsewhere
     if sweep.warm_start is not None:
-        sweep_dict["warm_start"] = str(Path(sweep.warm_start).resolve())
+        sweep_dict["warm_start"] = _absolute_source(sweep.warm_start)
     sweep_dict = json.loads(json.dumps(sweep_dict))  # the form sweep.json holds (lists, not tuples)
-    previous = root / SWEEP_FILE
+    previous = work / SWEEP_FILE
     if previous.exists() and _identity(json.loads(previous.read_text())) != _identity(sweep_dict):
         raise ValueError(f"{root} holds a sweep with another config; use another --name")
     runs = tune_dirs(root)
     if previous.exists() and not resume and runs:
         raise ValueError(f"sweep {sweep.name} already exists at {root}; pass --resume to continue it")
     write_json(previous, sweep_dict)
+    publish_driver_files(work, root)
 
     if not ray.is_initialized():
         if address:
@@ -206,10 +219,11 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
                                         max_concurrent_trials=sweep.max_concurrent,
                                         time_budget_s=sweep.time_budget_s),
             run_config=tune.RunConfig(
-                name=experiment.name, storage_path=str(root), verbose=0, callbacks=[console],
+                name=store.name_of(experiment), storage_path=str(root), verbose=0,
+                callbacks=[console, PublishOnTrialEnd(publish_driver_files, work, root)],
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
         )
-    with ray_output_to(root / LOG_FILE):
+    with ray_output_to(work / LOG_FILE):
         grid = tuner.fit() if tuner is not None else []
     # A trial that failed before its first report has no trial_id in its metrics: find it by the
     # params it wrote (each trial's sampled config), never by parsing Ray's folder names.
@@ -220,8 +234,17 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
         if trial_id:
             statuses[str(trial_id)] = "error" if result.error else "finished"
     summary = collect_trials(root, statuses)
-    write_json(root / SUMMARY_FILE, {**summary.as_dict(), "tune_runs": len(tune_dirs(root))})
+    write_json(work / SUMMARY_FILE, {**summary.as_dict(), "tune_runs": len(tune_dirs(root))})
+    publish_driver_files(work, root)
     return summary
+
+
+def publish_driver_files(work: Path, root: str | Path) -> None:
+    """For a sweep on object storage: upload the driver's own files (config, Optuna study, log, and
+    the summary last), so readers elsewhere see them. A local sweep writes them in place."""
+    if store.is_remote(root):
+        driver_files = (SWEEP_FILE, STUDY_FILE, LOG_FILE, SUMMARY_FILE)
+        store.upload(work, root, include=lambda name: name in driver_files, last=(SUMMARY_FILE,))
 
 
 def _identity(sweep_dict: dict[str, Any]) -> dict[str, Any]:

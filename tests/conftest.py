@@ -85,3 +85,25 @@ def tiny_sweep(tmp_path_factory):
     root = sweep_dir(storage, "tiny")
     promote_best(root, Registry(base / "registry"), alias="champion")
     return {"storage": storage, "root": root, "registry": base / "registry", "config": config, "summary": summary}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on a loopback port, shared by the session (skipped when moto[server] is missing)."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed: pip install 'moto[server]>=5'")
+    pytest.importorskip("boto3", reason="boto3 (installed with moto) is missing")
+    from s3server import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket on the loopback server as "s3://<name>"; the AWS_* variables point at the server for this test."""
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):  # a developer's own credentials must not leak into the tests
+        monkeypatch.delenv(key, raising=False)
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return f"s3://{s3_server.create_bucket()}"

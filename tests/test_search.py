@@ -249,52 +249,19 @@ def test_cluster_yaml_passes_ray_schema():
         validate_config(prepare_config({**config, "max_workers": "lots"}))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_ray_under(temp_dir: Path) -> None:
-    """Stop only this test's Ray processes (`ray stop` would also stop other Ray users here)."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if str(temp_dir).encode() in cmdline.read_bytes():
-                os.kill(int(cmdline.parent.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
-
-
 @pytest.mark.slow
 def test_sweep_on_a_two_node_local_cluster_uses_both_nodes(tmp_path):
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    import tempfile
+    from raycluster import RAY_ENV, two_node_cluster
 
-    temp_dir = Path(tempfile.mkdtemp(prefix="crae-", dir="/tmp"))  # short: Unix socket paths are capped
-    port = _free_port()
-    limits = ["--num-cpus=5", "--memory=2000000000", "--object-store-memory=200000000"]
-    try:
-        subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.2",
-                        "--include-dashboard=false", f"--temp-dir={temp_dir}", *limits],
-                       env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([ray_bin, "start", f"--address=127.0.0.2:{port}", "--node-ip-address=127.0.0.3", *limits],
-                       env=env, check=True, capture_output=True, timeout=120)
+    with two_node_cluster() as address:
         # 3-CPU Train workers on 5-CPU nodes: two concurrent trials cannot share a node, and each node
         # keeps 2 CPUs for trial drivers
         config = _sweep_yaml(tmp_path, "cluster", trials=2, epochs=1)
         config.write_text(config.read_text() + "resources: {workers_per_trial: 1, cpus_per_worker: 3}\n")
         result = subprocess.run([sys.executable, "-m", "crystalae", "sweep", str(config), "--storage",
-                                 str(tmp_path / "s"), "--address", f"127.0.0.2:{port}"],
-                                env=env, capture_output=True, text=True, timeout=600)
+                                 str(tmp_path / "s"), "--address", address],
+                                env={**os.environ, **RAY_ENV}, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
-    finally:
-        _stop_ray_under(temp_dir)
-        import shutil
-
-        shutil.rmtree(temp_dir, ignore_errors=True)
     summary = collect_trials(tmp_path / "s" / "cluster")
     nodes = {h["node_ip"] for t in summary.trials for h in t.history}
     assert nodes == {"127.0.0.2", "127.0.0.3"}

@@ -27,7 +27,7 @@ if not entries:
 else:
     rows = []
     for e in entries:
-        folder = paths.registry / e["name"] / f"v{e['version']}"
+        folder = paths.registry_folder(e["ref"], e["name"], e["version"])
         rows.append({"ref": e["ref"], "aliases": ", ".join(e["aliases"]), "epoch": e.get("epoch"),
                      **{m: e["metrics"].get(m) for m in ["val_loss", *data.RECON_METRICS]},
                      "created": e.get("created"), "sweep": e.get("source", {}).get("sweep"),

@@ -1,0 +1,265 @@
+"""Where a location lives: a local path or a pyarrow filesystem URI (s3://, gs://, ...).
+
+Every function takes either kind, so callers never branch on it. Credentials and endpoints come from the
+usual environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), read by pyarrow itself.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import unquote, urlsplit
+
+import pyarrow as pa
+from pyarrow.fs import FileInfo, FileSelector, FileSystem, FileType, LocalFileSystem, copy_files
+
+from crystalae import files
+
+Location = str | Path
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_ENV_PREFIXES = ("AWS_", "GOOGLE_")  # the variables pyarrow reads when it builds a filesystem
+
+
+def is_remote(location: Location) -> bool:
+    """True for a URI with a scheme other than file://."""
+    match = _SCHEME.match(str(location))
+    return bool(match) and match.group(1).lower() != "file"
+
+
+def _local(location: Location) -> Path:
+    text = str(location)
+    return Path(unquote(urlsplit(text).path)) if text.lower().startswith("file://") else Path(location)
+
+
+def join(location: Location, *parts: str | Path) -> str | Path:
+    """`location` / parts: a Path for a local location, a "/"-joined string for a URI."""
+    if not is_remote(location):
+        return _local(location).joinpath(*parts)
+    pieces = [str(part).strip("/") for part in parts]
+    return "/".join([str(location).rstrip("/"), *(piece for piece in pieces if piece)])
+
+
+def name_of(location: Location) -> str:
+    """The last path component."""
+    return str(location).rstrip("/").rsplit("/", 1)[-1] if is_remote(location) else _local(location).name
+
+
+@functools.lru_cache(maxsize=16)
+def _remote_root(scheme: str, netloc: str, env: tuple[tuple[str, str], ...]) -> tuple[FileSystem, str]:
+    # `env` is only part of the cache key: a changed endpoint or key (tests) must build a new filesystem.
+    # from_uri, not S3FileSystem(): only from_uri reads AWS_ENDPOINT_URL (pyarrow 26).
+    # allow_delayed_open: a small object goes up in one PUT, not a three-request multipart upload
+    return FileSystem.from_uri(f"{scheme}://{netloc}/" + ("?allow_delayed_open=true" if scheme == "s3" else ""))
+
+
+def filesystem(location: Location) -> tuple[FileSystem, str]:
+    """The pyarrow filesystem holding `location` and the path inside it."""
+    if not is_remote(location):
+        return LocalFileSystem(), os.path.abspath(_local(location))
+    parts = urlsplit(str(location))
+    env = tuple(sorted((key, value) for key, value in os.environ.items() if key.startswith(_ENV_PREFIXES)))
+    fs, root = _remote_root(parts.scheme.lower(), parts.netloc, env)
+    path = parts.path.strip("/")
+    return fs, f"{root.rstrip('/')}/{path}" if path else root
+
+
+def exists(location: Location) -> bool:
+    """True when a file or folder is at `location`."""
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != FileType.NotFound
+
+
+def is_file(location: Location) -> bool:
+    """True when a file (not a folder) is at `location`."""
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == FileType.File
+
+
+def open_input(location: Location) -> pa.NativeFile:
+    """A random-access file for reading (for pyarrow.parquet, for instance)."""
+    fs, path = filesystem(location)
+    try:
+        return fs.open_input_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(2, "No such file", str(location)) from None
+
+
+def read_bytes(location: Location) -> bytes:
+    """The whole content of a file."""
+    with open_input(location) as handle:
+        return handle.read()
+
+
+def read_text(location: Location) -> str:
+    """The whole content of a UTF-8 text file."""
+    return read_bytes(location).decode("utf-8")
+
+
+def read_json(location: Location) -> Any:
+    """The parsed content of a JSON file."""
+    return json.loads(read_text(location))
+
+
+def write_bytes(location: Location, data: bytes) -> None:
+    """Write a whole file at once; readers see the old content or the new one, never a part."""
+    if not is_remote(location):
+        files.atomic_write(_local(location), lambda tmp: tmp.write_bytes(data))
+        return
+    fs, path = filesystem(location)
+    # one PUT (a multipart upload when large): the object store publishes it whole, or not at all, at close
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def write_text(location: Location, text: str) -> None:
+    """Write a whole UTF-8 text file at once."""
+    write_bytes(location, text.encode("utf-8"))
+
+
+def write_json(location: Location, data: Any) -> None:
+    """Write JSON the same way as crystalae.files.write_json."""
+    write_text(location, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextmanager
+def open_output(location: Location) -> Iterator[BinaryIO]:
+    """A binary file to write; its content appears at `location` whole, and only when the block ends without error."""
+    if is_remote(location):
+        # pyarrow cannot abort an upload: closing its stream, even after an error, publishes what was written
+        with tempfile.TemporaryDirectory(prefix="crystalae-upload-") as folder:
+            spool = Path(folder) / "data"
+            with open(spool, "wb") as handle:
+                yield handle
+            upload_file(spool, location)
+        return
+    path = _local(location)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+    try:
+        with open(tmp, "xb") as handle:  # not mkstemp: that one makes the file 0600
+            yield handle
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _listing(location: Location) -> tuple[FileSystem, list[tuple[str, FileInfo]]]:
+    fs, root = filesystem(location)
+    prefix = root.rstrip("/") + "/"
+    infos = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
+    # object stores list "folder" markers too; only files count
+    return fs, sorted(((info.path[len(prefix):], info) for info in infos if info.type == FileType.File), key=lambda x: x[0])
+
+
+def list_files(location: Location) -> list[tuple[str, int]]:
+    """Every file below a folder, recursively, as sorted (relative "/" path, size); [] when there is no folder."""
+    return [(name, info.size) for name, info in _listing(location)[1]]
+
+
+def remove_tree(location: Location) -> None:
+    """Delete a file, or a folder and everything in it; nothing to do when it is missing."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == FileType.File:
+        fs.delete_file(path)
+        return
+    if is_remote(location) and not urlsplit(str(location)).path.strip("/"):
+        fs.delete_dir_contents(path, missing_dir_ok=True)  # a bucket's root: empty it, never delete the bucket
+        return
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+
+
+def cache_root() -> Path:
+    """$CRYSTALAE_CACHE, else ~/.cache/crystalae."""
+    return Path(os.environ.get("CRYSTALAE_CACHE") or Path.home() / ".cache" / "crystalae").expanduser()
+
+
+def _check_parts(parts: list[str], location: Location) -> list[str]:
+    if ".." in parts:  # a key or URI must never reach outside the folder it is mirrored into
+        raise ValueError(f"{location}: '..' is not allowed in a storage location")
+    return [part for part in parts if part not in ("", ".")]
+
+
+def cache_for(location: Location) -> Path:
+    """The local mirror folder of a remote location (a local location is its own)."""
+    if not is_remote(location):
+        return _local(location)
+    parts = urlsplit(str(location))
+    return cache_root().joinpath("remote", parts.scheme.lower(), *_check_parts([parts.netloc, *parts.path.split("/")], location))
+
+
+def _fetch(fs: FileSystem, info: FileInfo, target: Path) -> None:
+    stat = target.stat() if target.is_file() else None
+    if stat and info.mtime_ns is not None and (stat.st_size, stat.st_mtime_ns) == (info.size, info.mtime_ns):
+        # the copy carries the object's size and mtime: unchanged since the last download (S3 mtimes have 1 s
+        # resolution, so a same-size rewrite within the second of the last download is missed)
+        return
+
+    def write(tmp: Path) -> None:
+        with fs.open_input_file(info.path) as source:
+            source.download(str(tmp))
+        if info.mtime_ns is not None:
+            os.utime(tmp, ns=(info.mtime_ns, info.mtime_ns))
+
+    files.atomic_write(target, write)
+
+
+def download(location: Location, local: Path | None = None, include: Callable[[str], bool] | None = None) -> Path:
+    """Mirror a remote folder (the files `include` accepts) into `local`, skipping unchanged files; local: returned as is."""
+    if not is_remote(location):
+        return _local(location)
+    local = Path(local) if local is not None else cache_for(location)
+    fs, listing = _listing(location)
+    for name, info in listing:
+        if include is None or include(name):
+            _fetch(fs, info, local.joinpath(*_check_parts(name.split("/"), location)))
+    return local
+
+
+def download_file(location: Location, local_path: Path) -> Path:
+    """Copy one file to `local_path` (skipped when unchanged)."""
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    if info.type != FileType.File:
+        raise FileNotFoundError(2, "No such file", str(location))
+    _fetch(fs, info, Path(local_path))
+    return Path(local_path)
+
+
+def upload_file(local_path: Path, location: Location) -> None:
+    """Copy one local file to `location`; it appears there whole or not at all."""
+    if not is_remote(location):
+        files.atomic_write(_local(location), lambda tmp: shutil.copyfile(local_path, tmp))
+        return
+    fs, path = filesystem(location)
+    # the copy runs in C++ without the GIL, so Ctrl-C cannot stop it half-way and publish a partial object
+    copy_files(str(local_path), path, source_filesystem=LocalFileSystem(), destination_filesystem=fs)
+
+
+def _publishable(name: str) -> bool:
+    return not name.endswith((".tmp", ".lock")) and not any(part.startswith(".") for part in name.split("/"))
+
+
+def upload(
+    local: Path, location: Location, include: Callable[[str], bool] | None = None, last: tuple[str, ...] = ()
+) -> list[str]:
+    """Copy every file under `local` to a folder, the `last` ones (a manifest) after all others; returns them in order."""
+    local = Path(local)
+    if not local.is_dir():
+        raise FileNotFoundError(2, "No such folder", str(local))
+    names = sorted(path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file())
+    names = [name for name in names if _publishable(name) and (include is None or include(name))]
+    ordered = [name for name in names if name not in last] + [name for name in last if name in names]
+    for name in ordered:
+        upload_file(local / name, join(location, name))
+    return ordered

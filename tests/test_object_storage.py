@@ -1,0 +1,90 @@
+"""Object storage end to end, on a real S3 server on loopback (moto): prepare a dataset into s3://,
+run a sweep whose storage is s3://, promote its best checkpoint into a registry on s3://, and read it
+all back from a fresh machine's point of view (an empty local cache), the dashboard included."""
+from __future__ import annotations
+
+import pytest
+
+from crystalae import storage
+from crystalae.cli import main
+from crystalae.shards import read_manifest
+from tests.conftest import TINY_SWEEP
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """Point the local mirror of object storage at an empty folder (another machine, in effect)."""
+    def switch(name: str):
+        monkeypatch.setenv("CRYSTALAE_CACHE", str(tmp_path / name))
+        return tmp_path / name
+    switch("cache-a")
+    return switch
+
+
+def test_prepare_into_s3_is_the_local_dataset_and_resumes(s3_bucket, tmp_path, fresh_cache):
+    args = ["data", "prepare", "demo:30", "--grid", "8", "--shard-size", "8", "--workers", "2"]
+    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    remote = f"{s3_bucket}/datasets/demo"
+    assert main([*args, "--out", remote]) == 0
+    local, published = read_manifest(tmp_path / "local"), read_manifest(remote)
+    assert published["shards"] == local["shards"] and published["dataset_hash"] == local["dataset_hash"]
+    # a run killed after some shards: the manifest and one shard's record are gone, the rest is kept
+    storage.remove_tree(f"{remote}/manifest.json")
+    storage.remove_tree(f"{remote}/shards/shard-00002.json")
+    assert main([*args, "--out", remote]) == 0
+    assert read_manifest(remote)["dataset_hash"] == local["dataset_hash"]
+    assert main([*args[:3], "--grid", "12", "--out", remote]) == 2  # other settings: refused, nothing lost
+    assert read_manifest(remote)["dataset_hash"] == local["dataset_hash"]
+
+
+@pytest.mark.slow
+def test_sweep_promote_and_dashboard_on_s3(s3_bucket, tmp_path, fresh_cache, monkeypatch, capsys):
+    import ray
+
+    from crystalae.registry import Registry
+    from crystalae.search.results import collect_trials, study_path
+
+    config = tmp_path / "s3sweep.yaml"
+    single = TINY_SWEEP[:TINY_SWEEP.index("objective:")] + "objective: {metric: val_score, mode: max}\n" + \
+        TINY_SWEEP[TINY_SWEEP.index("budget:"):]
+    config.write_text(single.replace("name: tiny", "name: s3sweep").replace("trials: 3, epochs: 2", "trials: 2, epochs: 1"))
+    sweeps, registry = f"{s3_bucket}/sweeps", f"{s3_bucket}/registry"
+    try:
+        assert main(["sweep", str(config), "--storage", sweeps]) == 0
+    finally:
+        ray.shutdown()
+    stored = dict(storage.list_files(f"{sweeps}/s3sweep"))
+    for name in ("sweep.json", "summary.json", "optuna.db", "ray.log"):
+        assert name in stored, sorted(stored)
+    assert any(n.startswith("trials/") and n.endswith("/checkpoint.pt") for n in stored)
+    assert any(n.startswith("datasets/") and n.endswith("/manifest.json") for n in stored)
+
+    fresh_cache("cache-b")  # another machine: nothing local, everything read from the store
+    summary = collect_trials(f"{sweeps}/s3sweep")
+    assert len(summary.trials) == 2 and all(t.best_checkpoint for t in summary.trials)
+    assert all(t.status == "finished" for t in summary.trials)
+    assert study_path(f"{sweeps}/s3sweep").is_file()
+    assert main(["promote", "--best", "s3sweep", "--storage", sweeps, "--registry", registry, "--alias", "champion"]) == 0
+    assert "manifest.json" in dict(storage.list_files(f"{registry}/s3sweep/v1"))
+    assert storage.read_json(f"{registry}/aliases.json") == {"champion": "s3sweep@1"}
+
+    fresh_cache("cache-c")
+    folder = Registry(registry).resolve("champion")
+    assert (folder / "checkpoint.pt").is_file()
+    assert main(["models", "--registry", registry]) == 0
+    assert "s3sweep@1 [champion]" in capsys.readouterr().out
+
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_dashboard import PAGES, TIMEOUT, assert_clean
+
+    monkeypatch.setenv("CRYSTALAE_STORAGE", sweeps)
+    monkeypatch.setenv("CRYSTALAE_REGISTRY", registry)
+    home = AppTest.from_file(str(PAGES["home"]), default_timeout=TIMEOUT).run()
+    assert_clean(home)
+    assert list(home.dataframe[0].value["sweep"]) == ["s3sweep"]
+    assert "champion" in " ".join(m.value for m in home.markdown)
+    page = AppTest.from_file(str(PAGES["sweeps"]), default_timeout=TIMEOUT).run()
+    assert_clean(page)
+    assert len(page.get("plotly_chart")) >= 1

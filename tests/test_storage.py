@@ -1,0 +1,205 @@
+"""crystalae.storage against a local folder and a loopback S3 server (moto)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyarrow.fs import LocalFileSystem
+
+from crystalae import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """A folder location that does not exist yet: under tmp_path, or inside a fresh S3 bucket."""
+    if request.param == "local":
+        return tmp_path / "store"
+    return request.getfixturevalue("s3_bucket") + "/store"
+
+
+def test_is_remote_join_and_name_of():
+    assert storage.is_remote("s3://bucket/key") and storage.is_remote("gs://bucket") and storage.is_remote("S3://b")
+    assert not storage.is_remote("file:///tmp/x") and not storage.is_remote("/tmp/x") and not storage.is_remote(Path("a/b"))
+    assert not storage.is_remote("relative/s3:/x")
+    assert storage.join("s3://bucket/", "runs/", "/a.json") == "s3://bucket/runs/a.json"
+    assert storage.join("s3://bucket/runs", Path("x") / "y") == "s3://bucket/runs/x/y"
+    assert storage.join("/tmp/runs", "a", "b.json") == Path("/tmp/runs/a/b.json")
+    assert storage.join(Path("runs"), "a") == Path("runs/a")
+    assert storage.name_of("s3://bucket/runs/a.json") == "a.json"
+    assert storage.name_of("s3://bucket/runs/") == "runs"
+    assert storage.name_of("s3://bucket") == "bucket"
+    assert storage.name_of(Path("/tmp/x/y.parquet")) == "y.parquet"
+
+
+def test_filesystem_paths_and_cache(s3_bucket, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    fs, path = storage.filesystem("rel/file.txt")
+    assert isinstance(fs, LocalFileSystem) and path == str(tmp_path / "rel" / "file.txt")
+    assert storage.filesystem("file:///tmp/x.txt")[1] == "/tmp/x.txt"
+    bucket = s3_bucket.removeprefix("s3://")
+    fs, path = storage.filesystem(s3_bucket + "/a/b.json")
+    assert fs.type_name == "s3" and path == f"{bucket}/a/b.json"
+    assert storage.filesystem(s3_bucket)[1] == bucket
+    assert storage.filesystem(s3_bucket + "/other")[0] is fs  # cached per bucket
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    assert storage.filesystem(s3_bucket)[0] is not fs  # a changed environment builds a new one
+
+
+def test_write_read_round_trip(root):
+    location = storage.join(root, "a", "b.json")
+    data = {"b": [1, 2.5, None], "a": "é"}
+    assert not storage.exists(location) and not storage.is_file(location)
+    storage.write_json(location, data)
+    assert storage.exists(location) and storage.is_file(location)
+    assert storage.exists(storage.join(root, "a")) and not storage.is_file(storage.join(root, "a"))
+    assert storage.read_json(location) == data
+    assert storage.read_text(location) == '{\n  "a": "\\u00e9",\n  "b": [\n    1,\n    2.5,\n    null\n  ]\n}\n'
+    storage.write_text(location, "héllo")
+    assert storage.read_bytes(location) == "héllo".encode()
+    storage.write_bytes(location, b"\x00\x01")
+    assert storage.read_bytes(location) == b"\x00\x01"
+
+
+def test_missing_file_names_the_location(root):
+    location = storage.join(root, "missing.json")
+    for read in (storage.read_bytes, storage.read_json, storage.open_input):
+        with pytest.raises(FileNotFoundError, match="missing.json"):
+            read(location)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        storage.download_file(location, Path("/nonexistent/never-written"))
+
+
+def test_list_files_and_remove_tree(root):
+    assert storage.list_files(root) == []
+    storage.write_bytes(storage.join(root, "z.bin"), b"1")
+    storage.write_bytes(storage.join(root, "sub", "b.bin"), b"123")
+    storage.write_bytes(storage.join(root, "sub", "deeper", "c.bin"), b"12345")
+    assert storage.list_files(root) == [("sub/b.bin", 3), ("sub/deeper/c.bin", 5), ("z.bin", 1)]
+    assert storage.list_files(storage.join(root, "sub")) == [("b.bin", 3), ("deeper/c.bin", 5)]
+    storage.remove_tree(storage.join(root, "sub"))
+    assert storage.list_files(root) == [("z.bin", 1)]
+    storage.remove_tree(root)
+    assert storage.list_files(root) == [] and not storage.exists(root)
+    storage.remove_tree(root)  # already gone: no error
+
+
+def test_remove_tree_on_a_bucket_root_keeps_the_bucket(s3_bucket):
+    storage.write_bytes(storage.join(s3_bucket, "a", "x.bin"), b"x")
+    storage.remove_tree(s3_bucket)
+    assert storage.list_files(s3_bucket) == []
+    storage.write_bytes(storage.join(s3_bucket, "y.bin"), b"y")  # the bucket is still there
+    assert storage.list_files(s3_bucket) == [("y.bin", 1)]
+
+
+def test_parquet_through_open_output_and_open_input(root):
+    location = storage.join(root, "t", "table.parquet")
+    table = pa.table({"id": ["a", "b", "c"], "value": [1.5, 2.5, None]})
+    with storage.open_output(location) as handle:
+        pq.write_table(table, handle)
+    with storage.open_input(location) as handle:
+        assert pq.read_table(handle).equals(table)
+    assert [name for name, _ in storage.list_files(root)] == ["t/table.parquet"]  # no temp file left behind
+
+
+def test_open_output_publishes_nothing_when_the_writer_fails(root):
+    location = storage.join(root, "out.bin")
+    storage.write_bytes(location, b"old")
+    with pytest.raises(RuntimeError), storage.open_output(location) as handle:
+        handle.write(b"partial")
+        raise RuntimeError("writer failed")
+    assert storage.read_bytes(location) == b"old"
+    assert storage.list_files(root) == [("out.bin", 3)]
+
+
+def _local_tree(folder: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def test_upload_publishes_last_files_last(root, tmp_path, monkeypatch):
+    local = _local_tree(tmp_path / "src", {
+        "manifest.json": b"{}", "b.bin": b"bb", "a/c.bin": b"c", "skip.txt": b"s",
+        ".hidden": b"h", "x.bin.tmp": b"t", "y.lock": b"l", ".git/config": b"g",
+    })
+    order = []
+    upload_file = storage.upload_file
+
+    def recording(path, location):
+        order.append(storage.name_of(location))
+        upload_file(path, location)
+
+    monkeypatch.setattr(storage, "upload_file", recording)
+    uploaded = storage.upload(local, root, include=lambda name: name != "skip.txt", last=("manifest.json", "absent.json"))
+    assert uploaded == ["a/c.bin", "b.bin", "manifest.json"]
+    assert order == ["c.bin", "b.bin", "manifest.json"]
+    assert storage.list_files(root) == [("a/c.bin", 1), ("b.bin", 2), ("manifest.json", 2)]
+    assert storage.read_bytes(storage.join(root, "a", "c.bin")) == b"c"
+    with pytest.raises(FileNotFoundError):
+        storage.upload(tmp_path / "nowhere", root)
+
+
+def test_upload_file_and_download_file(root, tmp_path):
+    source = _local_tree(tmp_path / "src", {"one.bin": b"payload"}) / "one.bin"
+    location = storage.join(root, "deep", "one.bin")
+    storage.upload_file(source, location)
+    assert storage.read_bytes(location) == b"payload"
+    target = storage.download_file(location, tmp_path / "dl" / "one.bin")
+    assert target.read_bytes() == b"payload"
+    fs, path = storage.filesystem(location)
+    assert target.stat().st_mtime_ns == fs.get_file_info(path).mtime_ns
+
+
+def test_download_of_a_local_location_is_the_location(tmp_path):
+    assert storage.download(tmp_path / "here") == tmp_path / "here"
+    assert storage.download(str(tmp_path)) == tmp_path
+    assert not (tmp_path / "here").exists()
+
+
+def test_download_mirrors_and_skips_unchanged_files(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRYSTALAE_CACHE", str(tmp_path / "cache"))
+    remote = storage.join(s3_bucket, "run")
+    storage.upload(_local_tree(tmp_path / "src", {"a.json": b"{}", "w/model.pt": b"weights", "w/log.txt": b"log"}), remote)
+    local = storage.download(remote)
+    assert local == storage.cache_for(remote) == tmp_path / "cache" / "remote" / "s3" / s3_bucket[5:] / "run"
+    assert [name for name, _ in storage.list_files(local)] == ["a.json", "w/log.txt", "w/model.pt"]
+    assert (local / "w" / "model.pt").read_bytes() == b"weights"
+    inodes = {p.name: p.stat().st_ino for p in local.rglob("*") if p.is_file()}
+
+    storage.write_bytes(storage.join(remote, "w", "log.txt"), b"longer log")  # a changed size: fetched again
+    assert storage.download(remote) == local
+    after = {p.name: p.stat().st_ino for p in local.rglob("*") if p.is_file()}
+    assert after["a.json"] == inodes["a.json"] and after["model.pt"] == inodes["model.pt"]  # unchanged: not rewritten
+    assert after["log.txt"] != inodes["log.txt"] and (local / "w" / "log.txt").read_bytes() == b"longer log"
+
+    only = storage.download(remote, tmp_path / "only", include=lambda name: name.endswith(".json"))
+    assert [p.name for p in only.rglob("*") if p.is_file()] == ["a.json"]
+
+
+def test_cache_root_and_cache_for(monkeypatch, tmp_path):
+    monkeypatch.delenv("CRYSTALAE_CACHE", raising=False)
+    assert storage.cache_root() == Path.home() / ".cache" / "crystalae"
+    monkeypatch.setenv("CRYSTALAE_CACHE", str(tmp_path))
+    assert storage.cache_root() == tmp_path
+    assert storage.cache_for("s3://bucket/runs/r1/") == tmp_path / "remote" / "s3" / "bucket" / "runs" / "r1"
+    assert storage.cache_for("gs://b") == tmp_path / "remote" / "gs" / "b"
+    assert storage.cache_for(tmp_path / "x") == tmp_path / "x"
+    for bad in ("s3://bucket/../../etc", "s3://../x", "s3://b/a/../../.."):
+        with pytest.raises(ValueError, match=r"\.\."):
+            storage.cache_for(bad)
+
+
+def test_download_rejects_keys_that_climb_out(s3_bucket, tmp_path):
+    import boto3
+
+    bucket = s3_bucket.removeprefix("s3://")
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    client.put_object(Bucket=bucket, Key="run/../../escape.txt", Body=b"x")
+    assert storage.list_files(storage.join(s3_bucket, "run")) == [("../../escape.txt", 1)]
+    with pytest.raises(ValueError, match=r"\.\."):
+        storage.download(storage.join(s3_bucket, "run"), tmp_path / "mirror" / "run")
+    assert not (tmp_path / "escape.txt").exists()
