@@ -182,6 +182,9 @@ def prepare_dataset(
             "entries": kept, "skipped": listed - kept,
             "config": config.as_dict(), "options": options.as_dict()}
     _claim_folder(out, plan, overwrite)
+    if not storage.is_remote(out):
+        for stale in (Path(out) / SHARDS_DIR).glob(".shard-*.tmp"):  # left by a run killed mid-write
+            stale.unlink()
     records = {k: _shard_record(out, k) for k in range(len(chunks))}
     tasks = [ShardTask(k, chunks[k], config.as_dict(), options, str(out)) for k in records if records[k] is None]
     sizes = [sum(piece.count for piece in task.chunk) for task in tasks]

@@ -268,9 +268,7 @@ def run_epoch(model, batches: Iterable[dict], cfg: TrainConfig, scale: float, lu
     use_amp = cfg.amp and device.type == "cuda"
     sums: dict[str, float] = {}
     count = 0
-    for step, batch in enumerate(batches):
-        if prepare is not None:
-            batch = prepare(batch)
+    for step, batch in enumerate(prefetched(batches, prepare, background=device.type == "cuda")):
         if schedule is not None:
             schedule(step)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -286,6 +284,53 @@ def run_epoch(model, batches: Iterable[dict], cfg: TrainConfig, scale: float, lu
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
     return {k: v / max(count, 1) for k, v in sums.items()} | {"samples": count}
+
+
+def prefetched(batches: Iterable[dict], prepare: Callable[[dict], dict] | None = None, background: bool = False,
+               depth: int = 2) -> Iterator[dict]:
+    """`batches` passed through `prepare` (augmentation). With `background` (on a GPU) a thread reads,
+    augments and pins the next `depth` batches while the GPU computes, so the copies can overlap;
+    on the CPU the work would only compete with the model for the same cores, so it stays in line."""
+    if not background:
+        for batch in batches:
+            yield prepare(batch) if prepare is not None else batch
+        return
+    import queue
+    import threading
+
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    pin = torch.cuda.is_available()
+
+    def offer(item) -> bool:
+        """Queue `item` unless the consumer has stopped; False once it has."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                batch = prepare(batch) if prepare is not None else batch
+                if not offer({k: v.pin_memory() for k, v in batch.items()} if pin else batch):
+                    return
+            offer(None)
+        except BaseException as exc:  # raised again in the consumer, where the training loop sees it
+            offer(exc)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the consumer stopped early (error or break): let the producer end
 
 
 class WorkerShare:

@@ -17,8 +17,9 @@ RAY_ENV = {"RAY_AUTH_MODE": "token"}  # what `ray start` sets up; clients need t
 
 
 @contextmanager
-def two_node_cluster(cpus_per_node: int = 5) -> Iterator[str]:
-    """Start a head on 127.0.0.2 and a worker node on 127.0.0.3; yields the head's HOST:PORT."""
+def two_node_cluster(cpus_per_node: int = 5, nodes: int = 2) -> Iterator[str]:
+    """Start a head on 127.0.0.2 and a worker node on 127.0.0.3 (`nodes=1`: the head only); yields
+    the head's HOST:PORT."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, **RAY_ENV}
     temp_dir = Path(tempfile.mkdtemp(prefix="crae-", dir="/tmp"))  # short: Unix socket paths are capped
@@ -28,8 +29,9 @@ def two_node_cluster(cpus_per_node: int = 5) -> Iterator[str]:
         subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.2",
                         "--include-dashboard=false", f"--temp-dir={temp_dir}", *limits],
                        env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([ray_bin, "start", f"--address=127.0.0.2:{port}", "--node-ip-address=127.0.0.3", *limits],
-                       env=env, check=True, capture_output=True, timeout=120)
+        if nodes > 1:
+            subprocess.run([ray_bin, "start", f"--address=127.0.0.2:{port}", "--node-ip-address=127.0.0.3", *limits],
+                           env=env, check=True, capture_output=True, timeout=120)
         yield f"127.0.0.2:{port}"
     finally:
         _stop_ray_under(temp_dir)

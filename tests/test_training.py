@@ -155,3 +155,22 @@ def test_cell_models_are_equivariant_to_periodic_shifts(periodic):
         shifted = encoder(torch.roll(x, shifts=4, dims=2))
         expected = torch.roll(encoder(x), shifts=1, dims=2)
     assert torch.allclose(shifted, expected, atol=1e-5) == periodic
+
+
+def test_background_prefetch_gives_the_same_batches_and_raises_the_producers_error():
+    from crystalae.training import prefetched
+
+    batches = [{"density": torch.full((2, 3), float(k))} for k in range(7)]
+    double = lambda b: {k: v * 2 for k, v in b.items()}  # noqa: E731
+    inline = [b["density"] for b in prefetched(iter(batches), double)]
+    background = [b["density"] for b in prefetched(iter(batches), double, background=True)]
+    assert len(background) == 7 and all(torch.equal(a, b) for a, b in zip(inline, background))
+
+    def broken():
+        yield batches[0]
+        raise ValueError("bad shard")
+
+    with pytest.raises(ValueError, match="bad shard"):
+        list(prefetched(broken(), background=True))
+    first = next(prefetched(iter(batches), background=True))  # a consumer that stops early does not hang
+    assert torch.equal(first["density"], batches[0]["density"])
