@@ -132,7 +132,7 @@ def _scan(part: str | Path) -> Iterator[tuple[str, Any, dict[str, Any]]]:
         for k, material_id in enumerate(demo_ids(count)):
             yield material_id, (0, k), {"source": str(part)}
         return
-    path = Path(part)
+    path = local_source(part)
     if not path.exists():
         raise SourceError(f"source {part!s} does not exist")
     if path.is_dir():
@@ -155,6 +155,20 @@ def _scan(part: str | Path) -> Iterator[tuple[str, Any, dict[str, Any]]]:
         if _format_of(path) is None:
             raise SourceError(f"{path}: unknown structure format (use .cif, .json, .vasp or POSCAR)")
         yield _entry_name(path), None, {"source": str(path)}
+
+
+def local_source(part: str | Path) -> Path:
+    """A source on this machine: the path itself, or for an object-storage URI (s3://bucket/mp.csv, or a
+    folder of structure files) a copy in the local cache, fetched once per machine and kept while unchanged."""
+    from crystalae import storage
+
+    if not storage.is_remote(part):
+        return Path(part)
+    if storage.is_file(part):
+        return storage.download_file(part, storage.cache_for(part))
+    if not storage.list_files(part):
+        raise SourceError(f"source {part} does not exist")
+    return storage.download(part)
 
 
 def _csv_columns(path: Path, header: list[str]) -> tuple[int, int]:
@@ -206,15 +220,15 @@ def _read_slice(piece: SourceSlice) -> list[tuple[int, Entry]]:
         entries = [Entry(mid, "structure", structure=s)
                    for mid, s in demo_structures(piece.start + piece.count, start=piece.start)]
     elif piece.files:
-        entries = [_file_entry(Path(piece.source) / name) for name in piece.files]
+        entries = [_file_entry(local_source(piece.source) / name) for name in piece.files]
     elif piece.columns != (-1, -1):
         entries = []
         id_column, cif_column = piece.columns
-        for k, (_, row) in zip(range(piece.count), _csv_rows(Path(piece.source), piece.offset)):
+        for k, (_, row) in zip(range(piece.count), _csv_rows(local_source(piece.source), piece.offset)):
             material_id = row[id_column] if 0 <= id_column < len(row) else str(piece.start + k)
             entries.append(Entry(material_id, "cif", row[cif_column] if cif_column < len(row) else ""))
     else:
-        entries = [_file_entry(Path(piece.source))]
+        entries = [_file_entry(local_source(piece.source))]
     duplicates = dict(piece.duplicates)
     return [(piece.first + k, dataclasses.replace(e, duplicate_of=duplicates[piece.first + k])
              if piece.first + k in duplicates else e) for k, e in enumerate(entries)]

@@ -107,3 +107,26 @@ def s3_bucket(s3_server, monkeypatch):
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     return f"s3://{s3_server.create_bucket()}"
+
+
+@pytest.fixture
+def mixed_sources(tmp_path):
+    """Three sources read as one: a CSV whose CIF fields span many lines (one id holds a quote and a
+    comma; every fourth CIF is garbage), a folder, and the demo set; ids repeat across parts."""
+    import csv
+
+    from tests.test_sources import BAD_ROWS, GOOD_CIF
+
+    path = tmp_path / "mixed.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["", "material_id", "cif", "note"])
+        for k in range(23):
+            writer.writerow([k, f'id-{k}, "q"' if k == 5 else f"id-{k}", GOOD_CIF if k % 4 else BAD_ROWS["garbage"][0],
+                             "é"])
+        writer.writerow([99, "id-3", GOOD_CIF, ""])  # duplicate within the CSV
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("a", "id-7", "b"):  # id-7 repeats a CSV id
+        (folder / f"{name}.cif").write_text(GOOD_CIF)
+    return [str(path), str(folder), "demo:9"]

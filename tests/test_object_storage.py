@@ -88,3 +88,16 @@ def test_sweep_promote_and_dashboard_on_s3(s3_bucket, tmp_path, fresh_cache, mon
     page = AppTest.from_file(str(PAGES["sweeps"]), default_timeout=TIMEOUT).run()
     assert_clean(page)
     assert len(page.get("plotly_chart")) >= 1
+
+
+def test_a_source_on_s3_reads_like_the_local_one(s3_bucket, tmp_path, fresh_cache, mixed_sources):
+    from crystalae.sources import list_entries
+
+    local_csv, local_folder, _ = mixed_sources
+    storage.upload_file(local_csv, f"{s3_bucket}/src/mixed.csv")
+    storage.upload(local_folder, f"{s3_bucket}/src/folder")
+    remote = [f"{s3_bucket}/src/mixed.csv", f"{s3_bucket}/src/folder"]
+    assert [(e.material_id, e.text, e.duplicate_of) for e in list_entries(remote)] == \
+        [(e.material_id, e.text, e.duplicate_of) for e in list_entries([local_csv, local_folder])]
+    with pytest.raises(ValueError, match="does not exist"):
+        list_entries(f"{s3_bucket}/src/nothing.csv")

@@ -7,31 +7,12 @@ import pytest
 from crystalae.config import VoxelConfig
 from crystalae.shards import PrepareOptions, prepare_dataset, read_manifest
 from crystalae.sources import list_entries, plan_chunks, read_chunk
-from tests.test_sources import BAD_ROWS, GOOD_CIF
+from tests.test_sources import GOOD_CIF
 
 
 def _fields(entries):
     return [(e.material_id, e.fmt, e.text, e.duplicate_of, e.error,
              e.structure.as_dict() if e.structure is not None else None) for e in entries]
-
-
-@pytest.fixture
-def mixed_sources(tmp_path):
-    """A CSV whose CIF fields span many lines (one with a quote and a comma in its id), a folder,
-    and the demo set; ids repeat across parts."""
-    path = tmp_path / "mixed.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["", "material_id", "cif", "note"])
-        for k in range(23):
-            writer.writerow([k, f'id-{k}, "q"' if k == 5 else f"id-{k}", GOOD_CIF if k % 4 else BAD_ROWS["garbage"][0],
-                             "é"])
-        writer.writerow([99, "id-3", GOOD_CIF, ""])  # duplicate within the CSV
-    folder = tmp_path / "folder"
-    folder.mkdir()
-    for name in ("a", "id-7", "b"):  # id-7 repeats a CSV id
-        (folder / f"{name}.cif").write_text(GOOD_CIF)
-    return [str(path), str(folder), "demo:9"]
 
 
 @pytest.mark.parametrize("size", [1, 4, 7, 100])
