@@ -117,14 +117,18 @@ class Registry:
                 raise
             try:
                 self._publish_version(name, version)
-                if alias is not None:
-                    write_json(self.root / ALIASES, {**aliases, alias: manifest["ref"]})
-                    self._publish_aliases()
             except BaseException:
                 shutil.rmtree(target, ignore_errors=True)
-                if self.remote and not isinstance(sys.exc_info()[1], RegistryError):
-                    storage.remove_tree(storage.join(self.location, name, f"v{version}"))
                 raise
+            if alias is not None:
+                try:
+                    write_json(self.root / ALIASES, {**aliases, alias: manifest["ref"]})
+                    self._publish_aliases()
+                except BaseException:  # all or nothing: the version goes again
+                    shutil.rmtree(target, ignore_errors=True)
+                    if self.remote:
+                        storage.remove_tree(storage.join(self.location, name, f"v{version}"))
+                    raise
         return manifest
 
     def versions(self, name: str) -> list[int]:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from pymatgen.core import Structure
 from pymatgen.core.periodic_table import DummySpecies
+from tqdm.auto import tqdm
 
 STRUCTURE_SUFFIXES = {".cif": "cif", ".json": "json", ".vasp": "poscar", ".poscar": "poscar"}
 
@@ -93,9 +94,11 @@ def plan_chunks(source: str | Path | list | tuple, size: int | None, limit: int 
     chunks: list[Chunk] = []
     current: list[SourceSlice] = []
     position = listed = 0
+    progress = tqdm(desc="listing", unit=" entries", disable=None if size is not None else True)
     for part in parts:
         for material_id, locator, static in _scan(part):
             listed += 1
+            progress.update()
             if limit is not None and position >= limit:
                 continue
             if size is not None and position and position % size == 0:
@@ -111,6 +114,7 @@ def plan_chunks(source: str | Path | list | tuple, size: int | None, limit: int 
                 last, count=last.count + 1, files=last.files + extra.get("files", ()),
                 duplicates=last.duplicates + (((position, duplicate),) if duplicate != position else ()))
             position += 1
+    progress.close()
     if current:
         chunks.append(tuple(current))
     return chunks, position, listed

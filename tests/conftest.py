@@ -130,3 +130,21 @@ def mixed_sources(tmp_path):
     for name in ("a", "id-7", "b"):  # id-7 repeats a CSV id
         (folder / f"{name}.cif").write_text(GOOD_CIF)
     return [str(path), str(folder), "demo:9"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained 8^3 model saved as a normal checkpoint folder (no training needed to test I/O)."""
+    import torch
+
+    from crystalae.checkpoint import save_checkpoint
+    from crystalae.config import VoxelConfig
+    from crystalae.models import CrystalAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = CrystalAE(ModelConfig(grid=8, latent_dim=4, depth=1, base_width=4, max_width=8, seg_depth=1,
+                                  seg_width=4, residual=False, species=(11, 17), n_classes=3, site_width=8))
+    folder = tmp_path_factory.mktemp("ckpt") / "tinymodel"
+    save_checkpoint(folder, model, VoxelConfig(grid=8), epoch=0, metrics={"val_score": 0.0},
+                    train_config={}, dataset_hash="test")
+    return folder

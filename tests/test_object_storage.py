@@ -101,3 +101,34 @@ def test_a_source_on_s3_reads_like_the_local_one(s3_bucket, tmp_path, fresh_cach
         [(e.material_id, e.text, e.duplicate_of) for e in list_entries([local_csv, local_folder])]
     with pytest.raises(ValueError, match="does not exist"):
         list_entries(f"{s3_bucket}/src/nothing.csv")
+
+
+def test_registry_on_s3_versions_aliases_and_a_second_writer(s3_bucket, tmp_path, fresh_cache, tiny_checkpoint):
+    from crystalae.registry import Registry, RegistryError
+
+    location = f"{s3_bucket}/registry"
+    first = Registry(location)
+    assert first.promote(tiny_checkpoint, "m", alias="champion")["ref"] == "m@1"
+    assert first.promote(tiny_checkpoint, "m")["ref"] == "m@2"
+    fresh_cache("cache-b")
+    other = Registry(location)  # another machine: sees both versions and the alias
+    assert [e["ref"] for e in other.entries()] == ["m@1", "m@2"]
+    assert (other.resolve("champion") / "checkpoint.pt").is_file() and other.resolve("champion").name == "v1"
+    # a writer whose view is stale picks a number another writer has published: refused, nothing changed
+    fresh_cache("cache-c")
+    stale = Registry(location)
+    stale._refresh = lambda: None
+    with pytest.raises(RegistryError, match="another writer"):
+        stale.promote(tiny_checkpoint, "m")
+    assert sorted(name for name, _ in storage.list_files(location) if name.endswith("manifest.json")) == \
+        ["m/v1/manifest.json", "m/v2/manifest.json"]
+    assert other.set_alias("champion", "m@2") == "m@2"
+    fresh_cache("cache-d")
+    assert Registry(location).resolve("champion").name == "v2"
+
+
+def test_dashboard_launch_keeps_uris():
+    from crystalae.dashboard.launch import launch_command
+
+    command = launch_command("s3://bucket/sweeps", "s3://bucket/registry")
+    assert command[-4:] == ["--storage", "s3://bucket/sweeps", "--registry", "s3://bucket/registry"]

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -57,24 +56,6 @@ def fails_to_parse(capsys, argv: list[str], *needles: str) -> None:
     assert len(err.splitlines()) == 1, err
     for needle in needles:
         assert needle in err, err
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """An untrained 8^3 model saved as a normal checkpoint folder (no training needed to test I/O)."""
-    import torch
-
-    from crystalae.checkpoint import save_checkpoint
-    from crystalae.config import VoxelConfig
-    from crystalae.models import CrystalAE, ModelConfig
-
-    torch.manual_seed(0)
-    model = CrystalAE(ModelConfig(grid=8, latent_dim=4, depth=1, base_width=4, max_width=8, seg_depth=1,
-                                  seg_width=4, residual=False, species=(11, 17), n_classes=3, site_width=8))
-    folder = tmp_path_factory.mktemp("ckpt") / "tinymodel"
-    save_checkpoint(folder, model, VoxelConfig(grid=8), epoch=0, metrics={"val_score": 0.0},
-                    train_config={}, dataset_hash="test")
-    return folder
 
 
 # --- silent data loss -------------------------------------------------------------------------------
