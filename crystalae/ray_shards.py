@@ -6,6 +6,7 @@ The output folder must be reachable from every node: object storage (s3://...) o
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from typing import Any
 
@@ -29,6 +30,7 @@ def build_shards_on_ray(tasks: list[ShardTask], address: str) -> list[dict[str, 
     started = not ray.is_initialized()
     if started:
         ray.init(address=None if address == "local" else address, log_to_driver=False, configure_logging=False)
+    started = time.perf_counter()
     try:
         # one block per shard, so Ray spreads shards over nodes rather than batching them in one task
         dataset = ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks))
@@ -38,6 +40,6 @@ def build_shards_on_ray(tasks: list[ShardTask], address: str) -> list[dict[str, 
             ray.shutdown()
     by_index = {row["index"]: json.loads(row["record"]) for row in rows}
     nodes = Counter(row["node"] for row in rows)
-    print(f"built {len(rows)} shards on {len(nodes)} node(s): "
+    print(f"built {len(rows)} shards on {len(nodes)} node(s) in {time.perf_counter() - started:.1f} s: "
           + ", ".join(f"{node} {count}" for node, count in sorted(nodes.items())), flush=True)
     return [by_index[t.index] for t in tasks]
