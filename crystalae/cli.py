@@ -311,7 +311,8 @@ def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str 
     perov_5), a trial after its sweep."""
     from crystalae.checkpoint import FILENAME
     from crystalae.registry import RegistryError, check_model_name
-    from crystalae.search.results import TRIALS_DIR, collect_trials, is_sweep, sweep_dir
+    from crystalae.search.results import TRIALS_DIR, collect_trials, is_sweep, local_checkpoint, sweep_dir
+    from crystalae.storage import is_remote
 
     def named(name: str) -> str | None:
         try:
@@ -323,6 +324,12 @@ def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str 
         folder = source.resolve()
         # a Ray checkpoint_00003 folder is better named after its run (two levels up)
         return source, named(folder.parent.parent.name if folder.name.startswith("checkpoint_") else folder.name)
+    if is_remote(storage) and not source.is_dir():  # RUN/TRIAL of a sweep on object storage
+        root = sweep_dir(storage, str(source.parent))
+        if is_sweep(root):
+            summary = collect_trials(root).only(source.name)
+            if summary.trials:
+                return local_checkpoint(root, summary.best_checkpoint(metric, mode)[1].path), named(summary.name)
     candidates = [source] if source.is_dir() else [sweep_dir(storage, str(source.parent)) / TRIALS_DIR / source.name]
     for folder in candidates:
         root = folder.parent.parent

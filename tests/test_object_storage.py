@@ -66,6 +66,9 @@ def test_sweep_promote_and_dashboard_on_s3(s3_bucket, tmp_path, fresh_cache, mon
     assert study_path(f"{sweeps}/s3sweep").is_file()
     assert main(["promote", "--best", "s3sweep", "--storage", sweeps, "--registry", registry, "--alias", "champion"]) == 0
     assert "manifest.json" in dict(storage.list_files(f"{registry}/s3sweep/v1"))
+    trial = summary.trials[0].trial_id
+    assert main(["promote", f"s3sweep/{trial}", "--storage", sweeps, "--registry", registry]) == 0  # RUN/TRIAL form
+    assert "manifest.json" in dict(storage.list_files(f"{registry}/s3sweep/v2"))
     assert storage.read_json(f"{registry}/aliases.json") == {"champion": "s3sweep@1"}
 
     fresh_cache("cache-c")
