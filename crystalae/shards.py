@@ -185,8 +185,10 @@ def prepare_dataset(
     if not storage.is_remote(out):
         for stale in (Path(out) / SHARDS_DIR).glob(".shard-*.tmp"):  # left by a run killed mid-write
             stale.unlink()
-    records = {k: _shard_record(out, k) for k in range(len(chunks))}
-    tasks = [ShardTask(k, chunks[k], config.as_dict(), options, str(out)) for k in records if records[k] is None]
+    records = _shard_records(out, len(chunks))
+    # an absolute folder: Ray tasks on other nodes do not share this process's working directory
+    where = str(out) if storage.is_remote(out) else str(Path(out).resolve())
+    tasks = [ShardTask(k, chunks[k], config.as_dict(), options, where) for k in records if records[k] is None]
     sizes = [sum(piece.count for piece in task.chunk) for task in tasks]
     if ray_address is not None:
         from crystalae.ray_shards import build_shards_on_ray
@@ -228,12 +230,15 @@ def _claim_folder(out: str | Path, plan: dict, overwrite: bool) -> None:
     storage.write_json(plan_path, plan)
 
 
-def _shard_record(out: str | Path, k: int) -> dict | None:
-    """The record of shard k if the shard is finished (its record is written after its Parquet file)."""
-    record_path = storage.join(out, SHARDS_DIR, f"shard-{k:05d}.json")
-    if not storage.exists(record_path) or not storage.exists(storage.join(out, SHARDS_DIR, f"shard-{k:05d}.parquet")):
-        return None
-    return storage.read_json(record_path)
+def _shard_records(out: str | Path, count: int) -> dict[int, dict | None]:
+    """Each shard's record, None where the shard is unfinished (its record is written after its Parquet
+    file, so a shard is done iff both exist); one listing, not a request per shard."""
+    present = {name for name, _ in storage.list_files(storage.join(out, SHARDS_DIR))}
+    records: dict[int, dict | None] = {}
+    for k in range(count):
+        done = {f"shard-{k:05d}.json", f"shard-{k:05d}.parquet"} <= present
+        records[k] = storage.read_json(storage.join(out, SHARDS_DIR, f"shard-{k:05d}.json")) if done else None
+    return records
 
 
 def _finish(out: str | Path, plan: dict, records: list[dict]) -> dict[str, Any]:

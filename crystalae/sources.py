@@ -19,6 +19,8 @@ from pymatgen.core import Structure
 from pymatgen.core.periodic_table import DummySpecies
 from tqdm.auto import tqdm
 
+from crystalae import storage
+
 STRUCTURE_SUFFIXES = {".cif": "cif", ".json": "json", ".vasp": "poscar", ".poscar": "poscar"}
 
 
@@ -139,12 +141,14 @@ def _scan(part: str | Path) -> Iterator[tuple[str, Any, dict[str, Any]]]:
     path = local_source(part)
     if not path.exists():
         raise SourceError(f"source {part!s} does not exist")
+    # chunks are read in other processes, maybe on other nodes: a URI as given, a local path made absolute
+    where = str(part) if storage.is_remote(part) else str(path.resolve())
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and _format_of(p) is not None)
         if not files:
             raise SourceError(f"{path}: no .cif, .json, .vasp or POSCAR files in the folder")
         for f in files:
-            yield _entry_name(f), f.name, {"source": str(path), "files": ()}
+            yield _entry_name(f), f.name, {"source": where, "files": ()}
     elif path.suffix.lower() == ".csv":
         columns = None
         for row_number, (offset, row) in enumerate(_csv_rows(path)):
@@ -152,20 +156,18 @@ def _scan(part: str | Path) -> Iterator[tuple[str, Any, dict[str, Any]]]:
                 columns = _csv_columns(path, row)
                 continue
             material_id = row[columns[0]] if 0 <= columns[0] < len(row) else str(row_number - 1)
-            yield material_id, (offset, row_number - 1), {"source": str(path), "columns": columns}
+            yield material_id, (offset, row_number - 1), {"source": where, "columns": columns}
         if columns is None:
             raise SourceError(f"{path}: not a readable CSV (EmptyDataError: no header row)")
     else:
         if _format_of(path) is None:
             raise SourceError(f"{path}: unknown structure format (use .cif, .json, .vasp or POSCAR)")
-        yield _entry_name(path), None, {"source": str(path)}
+        yield _entry_name(path), None, {"source": where}
 
 
 def local_source(part: str | Path) -> Path:
     """A source on this machine: the path itself, or for an object-storage URI (s3://bucket/mp.csv, or a
     folder of structure files) a copy in the local cache, fetched once per machine and kept while unchanged."""
-    from crystalae import storage
-
     if not storage.is_remote(part):
         return Path(part)
     if storage.is_file(part):
