@@ -1,6 +1,7 @@
 """Streamed sources: chunks read on their own give exactly the entries a whole read gives, and a
 dataset built from chunks (locally or as Ray Data tasks on two nodes) has the same shard bytes."""
 import csv
+import re
 
 import pytest
 
@@ -68,7 +69,7 @@ def test_ray_data_prepare_on_two_nodes_gives_the_local_shards_and_resumes(tmp_pa
             return result.stdout
 
         first = on_ray()
-        assert "built 9 shards on 2 node(s): 127.0.0.2" in first and "127.0.0.3" in first, first
+        assert re.search(r"built 9 shards on 2 node\(s\) in [0-9.]+ s: 127\.0\.0\.2 \d+, 127\.0\.0\.3 \d+", first), first
         expected = read_manifest(tmp_path / "local")
         assert read_manifest(out)["shards"] == expected["shards"]
         assert (out / "rejects.csv").read_bytes() == (tmp_path / "local" / "rejects.csv").read_bytes()
