@@ -101,7 +101,8 @@ def _maybe_fail_once(trial_id: str) -> None:
             raise RuntimeError(f"injected failure for trial {trial_id} (set by {FAIL_ONCE_ENV})")
 
 
-def _persistent_searcher(sweep: SweepConfig, root: Path, points: list[dict[str, Any]] | None = None):
+def _persistent_searcher(sweep: SweepConfig, root: str | Path, points: list[dict[str, Any]] | None = None,
+                         run: int = 0):
     """OptunaSearch whose study lives in `optuna.db`, tolerant of a study that is ahead of Tune.
 
     After the driver is killed, Tune restores its state from its last save, which can predate the
@@ -126,8 +127,11 @@ def _persistent_searcher(sweep: SweepConfig, root: Path, points: list[dict[str, 
                 if "finished" not in str(exc) and "COMPLETE" not in str(exc):
                     raise
 
-    sampler = (optuna.samplers.TPESampler(seed=sweep.seed) if sweep.algorithm == "tpe"
-               else optuna.samplers.RandomSampler(seed=sweep.seed))
+    # a later run of trials on the same study (an extension) gets its own seed: with the sweep's seed
+    # the sampler's random draws would start over and repeat the first run's configurations
+    seed = sweep.seed + 1000 * run
+    sampler = (optuna.samplers.TPESampler(seed=seed) if sweep.algorithm == "tpe"
+               else optuna.samplers.RandomSampler(seed=seed))
     # several objectives: Optuna's multi-objective TPE keeps a Pareto front (no per-epoch pruning reports)
     several = sweep.multi_objective
     return PersistentOptunaSearch(sampler=sampler, study_name=sweep.name, points_to_evaluate=points or None,
@@ -205,7 +209,8 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
     elif new_trials > 0:
         # a run killed before Tune saved any state starts over in its own folder
         experiment = next_tune_dir(root) if extend or not runs else runs[-1]
-        searcher = _persistent_searcher(sweep, root, points=None if runs else warm_start_points(sweep))
+        searcher = _persistent_searcher(sweep, root, points=None if runs else warm_start_points(sweep),
+                                        run=len(runs) if extend else 0)
         several = sweep.multi_objective  # the searcher holds the objectives; ASHA the first
         primary = {"metric": sweep.objective_metric, "mode": sweep.objective_mode}
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,

@@ -96,6 +96,8 @@ def test_an_ended_sweep_extends_on_its_study_and_a_new_sweep_warm_starts(tiny_sw
     assert (root / "tune-2").is_dir() and json.loads((root / "summary.json").read_text())["tune_runs"] == 2
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{root / 'optuna.db'}")
     assert len(study.trials) == 4  # the new trial was sampled from the same study
+    earlier = [t.params for t in tiny_sweep["summary"].trials]
+    assert all(t.params not in earlier for t in extended.trials if t.trial_id not in before)  # not a replay
     assert [t.params for t in warmed.trials] == [tiny_sweep["summary"].best_trial().params]
     out = capsys.readouterr().out
     assert "started: latent_dim=" in out and "| best val_score" in out and "left" in out
