@@ -395,9 +395,9 @@ class _Parser(argparse.ArgumentParser):
 
 def location(text: str) -> str | Path:
     """argparse type: a local path, or an object-storage URI (s3://bucket/key, gs://...) kept as text."""
-    if "://" in text and not text.startswith("file://"):
-        return text
-    return Path(text.removeprefix("file://"))
+    from crystalae import storage
+
+    return text if storage.is_remote(text) else storage.local_path_of(text)
 
 
 def count(low: int, high: int | None = None):

@@ -27,8 +27,8 @@ def build_shards_on_ray(tasks: list[ShardTask], address: str) -> list[dict[str, 
 
     if not tasks:
         return []
-    started = not ray.is_initialized()
-    if started:
+    own_ray = not ray.is_initialized()
+    if own_ray:
         ray.init(address=None if address == "local" else address, log_to_driver=False, configure_logging=False)
     started = time.perf_counter()
     try:
@@ -36,7 +36,7 @@ def build_shards_on_ray(tasks: list[ShardTask], address: str) -> list[dict[str, 
         dataset = ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks))
         rows = dataset.map(_build_row, num_cpus=1).take_all()
     finally:
-        if started:
+        if own_ray:  # a Ray the caller started stays up
             ray.shutdown()
     by_index = {row["index"]: json.loads(row["record"]) for row in rows}
     nodes = Counter(row["node"] for row in rows)

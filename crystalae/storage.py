@@ -34,7 +34,8 @@ def is_remote(location: Location) -> bool:
     return bool(match) and match.group(1).lower() != "file"
 
 
-def _local(location: Location) -> Path:
+def local_path_of(location: Location) -> Path:
+    """A local location as a Path (a file:// URI becomes its path)."""
     text = str(location)
     return Path(unquote(urlsplit(text).path)) if text.lower().startswith("file://") else Path(location)
 
@@ -42,14 +43,14 @@ def _local(location: Location) -> Path:
 def join(location: Location, *parts: str | Path) -> str | Path:
     """`location` / parts: a Path for a local location, a "/"-joined string for a URI."""
     if not is_remote(location):
-        return _local(location).joinpath(*parts)
+        return local_path_of(location).joinpath(*parts)
     pieces = [str(part).strip("/") for part in parts]
     return "/".join([str(location).rstrip("/"), *(piece for piece in pieces if piece)])
 
 
 def name_of(location: Location) -> str:
     """The last path component."""
-    return str(location).rstrip("/").rsplit("/", 1)[-1] if is_remote(location) else _local(location).name
+    return str(location).rstrip("/").rsplit("/", 1)[-1] if is_remote(location) else local_path_of(location).name
 
 
 @functools.lru_cache(maxsize=16)
@@ -63,7 +64,7 @@ def _remote_root(scheme: str, netloc: str, env: tuple[tuple[str, str], ...]) -> 
 def filesystem(location: Location) -> tuple[FileSystem, str]:
     """The pyarrow filesystem holding `location` and the path inside it."""
     if not is_remote(location):
-        return LocalFileSystem(), os.path.abspath(_local(location))
+        return LocalFileSystem(), os.path.abspath(local_path_of(location))
     parts = urlsplit(str(location))
     env = tuple(sorted((key, value) for key, value in os.environ.items() if key.startswith(_ENV_PREFIXES)))
     fs, root = _remote_root(parts.scheme.lower(), parts.netloc, env)
@@ -111,7 +112,7 @@ def read_json(location: Location) -> Any:
 def write_bytes(location: Location, data: bytes) -> None:
     """Write a whole file at once; readers see the old content or the new one, never a part."""
     if not is_remote(location):
-        files.atomic_write(_local(location), lambda tmp: tmp.write_bytes(data))
+        files.atomic_write(local_path_of(location), lambda tmp: tmp.write_bytes(data))
         return
     fs, path = filesystem(location)
     # one PUT (a multipart upload when large): the object store publishes it whole, or not at all, at close
@@ -140,7 +141,7 @@ def open_output(location: Location) -> Iterator[BinaryIO]:
                 yield handle
             upload_file(spool, location)
         return
-    path = _local(location)
+    path = local_path_of(location)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
     try:
@@ -193,7 +194,7 @@ def _check_parts(parts: list[str], location: Location) -> list[str]:
 def cache_for(location: Location) -> Path:
     """The local mirror folder of a remote location (a local location is its own)."""
     if not is_remote(location):
-        return _local(location)
+        return local_path_of(location)
     parts = urlsplit(str(location))
     return cache_root().joinpath("remote", parts.scheme.lower(), *_check_parts([parts.netloc, *parts.path.split("/")], location))
 
@@ -217,7 +218,7 @@ def _fetch(fs: FileSystem, info: FileInfo, target: Path) -> None:
 def download(location: Location, local: Path | None = None, include: Callable[[str], bool] | None = None) -> Path:
     """Mirror a remote folder (the files `include` accepts) into `local`, skipping unchanged files; local: returned as is."""
     if not is_remote(location):
-        return _local(location)
+        return local_path_of(location)
     local = Path(local) if local is not None else cache_for(location)
     fs, listing = _listing(location)
     for name, info in listing:
@@ -239,7 +240,7 @@ def download_file(location: Location, local_path: Path) -> Path:
 def upload_file(local_path: Path, location: Location) -> None:
     """Copy one local file to `location`; it appears there whole or not at all."""
     if not is_remote(location):
-        files.atomic_write(_local(location), lambda tmp: shutil.copyfile(local_path, tmp))
+        files.atomic_write(local_path_of(location), lambda tmp: shutil.copyfile(local_path, tmp))
         return
     fs, path = filesystem(location)
     # the copy runs in C++ without the GIL, so Ctrl-C cannot stop it half-way and publish a partial object

@@ -24,4 +24,6 @@ def launch_command(storage: str, registry: str, port: int = 8501, host: str = "1
 
 
 def _absolute(location: str) -> str:
-    return location if "://" in location else str(Path(location).resolve())  # URIs (s3://...) stay as given
+    from crystalae.storage import is_remote
+
+    return location if is_remote(location) else str(Path(location).resolve())  # URIs (s3://...) stay as given

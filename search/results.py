@@ -206,10 +206,15 @@ def local_root(root: str | Path) -> Path:
     return download(root, cache_for(root), include=_mirrored)
 
 
+def _is_tune_dir(name: str) -> bool:
+    """A Tune experiment folder of a sweep: tune, tune-2, tune-3, ..."""
+    return name == TUNE_DIR or (name.startswith(TUNE_DIR + "-") and name.removeprefix(TUNE_DIR + "-").isdigit())
+
+
 def _mirrored(relative: str) -> bool:
     """The files a reader of a sweep needs: not Tune's state, not the shards or the weights."""
     top, _, rest = relative.partition("/")
-    if top.startswith(TUNE_DIR):
+    if _is_tune_dir(top):
         return False
     if top == DATASETS_DIR:
         return rest.count("/") == 1 and rest.endswith(("/manifest.json", "/prepare.json"))
@@ -219,8 +224,7 @@ def _mirrored(relative: str) -> bool:
 def mirror_sweeps(storage: str | Path) -> Path:
     """A local copy of every sweep under `storage` (for the dashboard): all but Tune's own state."""
     def wanted(relative: str) -> bool:
-        return not any(part == TUNE_DIR or part.removeprefix(TUNE_DIR + "-").isdigit() and part.startswith(TUNE_DIR)
-                       for part in relative.split("/")[:-1])
+        return not any(_is_tune_dir(part) for part in relative.split("/")[:-1])
 
     return download(storage, cache_for(storage), include=wanted) if is_remote(storage) else Path(storage)
 
@@ -275,7 +279,7 @@ def tune_dirs(root: str | Path) -> list[str | Path]:
         names = {relative.partition("/")[0] for relative, _ in list_files(root) if "/" in relative}
     else:
         names = {p.name for p in Path(root).glob(f"{TUNE_DIR}*") if p.is_dir()}
-    found = [n for n in names if n == TUNE_DIR or n.removeprefix(TUNE_DIR + "-").isdigit()]
+    found = [n for n in names if _is_tune_dir(n)]
     ordered = sorted(found, key=lambda n: int(n.removeprefix(TUNE_DIR + "-")) if n != TUNE_DIR else 1)
     return [storage_join(root, n) for n in ordered]
 

@@ -5,6 +5,7 @@ The sweep folder's layout and the reading of its results (trials, best checkpoin
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -53,17 +54,20 @@ def dataset_for(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: str |
                                      "options": [options.val_fraction, options.test_fraction]},
                                     sort_keys=True).encode()).hexdigest()[:16]
     folder = store.join(root, DATASETS_DIR, key)
-    if store.is_remote(folder):
+    with _machine_lock(folder):
         if not store.exists(store.join(folder, MANIFEST)):
             prepare_dataset(sweep.data["source"], folder, voxel, options, workers=1)
-        return folder
+    return folder
+
+
+def _machine_lock(folder: str | Path):
+    """A file lock beside a local folder; object storage has none (see `dataset_for`)."""
+    if store.is_remote(folder):
+        return contextlib.nullcontext()
     from filelock import FileLock
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if not (folder / MANIFEST).exists():
-            prepare_dataset(sweep.data["source"], folder, voxel, options, workers=1)
-    return folder
+    return FileLock(str(folder) + ".lock")
 
 
 def trial_settings(sweep: SweepConfig, params: dict[str, Any]):

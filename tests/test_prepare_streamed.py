@@ -78,3 +78,28 @@ def test_ray_data_prepare_on_two_nodes_gives_the_local_shards_and_resumes(tmp_pa
             (out / name).unlink()
         assert "built 2 shards" in on_ray()
     assert read_manifest(out)["dataset_hash"] == expected["dataset_hash"]
+
+
+def test_prepare_on_a_ray_the_caller_started_leaves_it_running(tmp_path):
+    import ray
+
+    config, options = VoxelConfig(grid=8), PrepareOptions(shard_size=2)
+    local = prepare_dataset("demo:4", tmp_path / "local", config, options, workers=1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        on_ray = prepare_dataset("demo:4", tmp_path / "ray", config, options, ray_address="local")
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
+    assert on_ray["shards"] == local["shards"]
+
+
+def test_overwrite_removes_the_dataset_not_what_else_is_in_its_folder(tmp_path):
+    out = tmp_path / "ds"
+    prepare_dataset("demo:4", out, VoxelConfig(grid=8), PrepareOptions(shard_size=2), workers=1)
+    (out / "notes.txt").write_text("mine")
+    manifest = prepare_dataset("demo:6", out, VoxelConfig(grid=8), PrepareOptions(shard_size=4), workers=1,
+                               overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert manifest["counts"]["entries"] == 6
