@@ -13,7 +13,7 @@ import numpy as np
 from pymatgen.core import Composition, Element, Structure
 from scipy.optimize import linear_sum_assignment
 
-from crystalae.voxelize import MAX_Z, Density, atom_sigmas, gaussian_norm
+from crystalae.voxelize import MAX_Z, Density, atom_sigmas, gaussian_norm, voxelize_arrays
 
 OFFSETS = np.array(list(itertools.product((-1, 0, 1), repeat=3)))  # (27, 3)
 _x, _y, _z = OFFSETS.T
@@ -34,6 +34,7 @@ def decode(
     min_height: float | None = None,
     elements: tuple[int, ...] | None = None,
     max_peaks: int | None = None,
+    atoms: int | None = None,
 ) -> Structure:
     """Read a crystal back from a density grid.
 
@@ -42,9 +43,14 @@ def decode(
     to the nearest atomic number among `elements` (default: all).
     min_height: electrons / Å^3 a peak must exceed (default: half the peak of a hydrogen atom).
     max_peaks: keep only this many highest peaks (bounds time and memory on a noisy learned density).
+    atoms: read exactly this many atoms (periodic grids): the heaviest peaks, or, when peaks are
+    missing (merged in a blurred density), more atoms placed where the density most exceeds the
+    model of those found, one at a time; all are then refined together.
     """
     config = density.config
     values = np.asarray(density.values)
+    if atoms is not None and (atoms < 1 or not density.periodic):
+        raise DecodeError(f"atoms={atoms}: needs a positive count and a periodic (cell) grid")
     if species == "labels" and density.labels is None:
         raise DecodeError("species='labels' needs a labels grid")
     if species == "composition" and composition is None:
@@ -76,6 +82,11 @@ def decode(
     pos, weight, centres = pos[keep], weight[keep], centres[keep]
     if species == "labels":
         z = z[keep]
+    if atoms is not None:
+        pos, weight, labels = _match_count(density, pos, weight, z if species == "labels" else None, atoms,
+                                           candidates)
+        if species == "labels":
+            z = labels
 
     for _ in range(iterations):
         if species != "labels":
@@ -83,7 +94,7 @@ def decode(
         sigmas = atom_sigmas(z, config)
         centres = np.rint(pos).astype(int)
         others = _neighbour_density(pos, z, sigmas, centres, step, images, config.cutoff_sigmas)
-        new_pos, weight = _fit_peaks(values, centres, others, periodic)
+        new_pos, weight = _fit_peaks(values, centres, others, periodic, climb=atoms is not None)
         shift = np.abs(new_pos - pos).max()
         pos = new_pos
         if shift < 1e-6:
@@ -106,6 +117,27 @@ def decode(
     # the fitted peak height (e/Å^3) rides along, so a species reader can weigh it against its own guess
     return Structure(density.lattice, [Element.from_Z(int(n)) for n in numbers], np.mod(frac, 1.0),
                      site_properties={"peak_height": [float(w) for w in weight]})
+
+
+def _match_count(density: Density, pos: np.ndarray, weight: np.ndarray, z: np.ndarray | None, atoms: int,
+                 candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`atoms` peaks (index units): the heaviest, or extra ones at the voxel where the density most
+    exceeds the modelled density of the atoms so far. Species labels (if any) follow the new voxels."""
+    order = np.argsort(-weight, kind="stable")[:atoms]
+    pos, weight = pos[order], weight[order]
+    z = None if z is None else z[order]
+    grid, values = density.config.grid, np.asarray(density.values)
+    while len(pos) < atoms:
+        numbers = _weight_to_z(weight, density.config, candidates) if z is None else z
+        model = voxelize_arrays(density.lattice, pos / grid, numbers, density.config).values
+        residual = values - model
+        centre = np.array(np.unravel_index(np.argmax(residual), residual.shape))
+        pos = np.vstack([pos, centre[None].astype(float)])
+        weight = np.append(weight, residual[tuple(centre)])
+        if z is not None:
+            label = int(density.labels[tuple(centre)])
+            z = np.append(z, label if label > 0 else np.bincount(z).argmax())
+    return pos, weight, z
 
 
 def _unique_lattice_atoms(cart, frac, z, lattice, config) -> np.ndarray:
@@ -138,8 +170,10 @@ def _gather(values: np.ndarray, centres: np.ndarray, periodic: bool) -> np.ndarr
     return values[idx[..., 0], idx[..., 1], idx[..., 2]]
 
 
-def _fit_peaks(values, centres, others, periodic) -> tuple[np.ndarray, np.ndarray]:
-    """Sub-voxel peak positions (index units) and peak heights from a log-quadratic fit."""
+def _fit_peaks(values, centres, others, periodic, climb: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-voxel peak positions (index units) and peak heights from a log-quadratic fit.
+    climb: where the fit fails (the window is no peak once the other atoms are subtracted), step to
+    the window's highest voxel instead of staying, so atoms placed into a merged blob walk apart."""
     local = _gather(values, centres, periodic).astype(np.float64) - others
     floor = 1e-9 * max(float(local.max()), 1e-30)
     coef = np.log(np.maximum(local, floor)) @ _FIT.T  # (P, 10)
@@ -154,7 +188,7 @@ def _fit_peaks(values, centres, others, periodic) -> tuple[np.ndarray, np.ndarra
     if ok.any():
         delta[ok] = -np.linalg.solve(hess[ok], g[ok][:, :, None])[:, :, 0]
     ok &= np.abs(delta).max(axis=1) < 1.0
-    delta[~ok] = 0.0
+    delta[~ok] = OFFSETS[np.argmax(local[~ok], axis=1)] if climb else 0.0
     height = np.where(ok, np.exp(coef[:, 0] + 0.5 * (g * delta).sum(axis=1)), local[:, 13])
     return centres + delta, height
 

@@ -59,12 +59,16 @@ def decode_latents(model: CrystalAE, voxel: VoxelConfig, z: torch.Tensor) -> dic
         out["labels"] = species[model.segmenter(recon).argmax(1).cpu().numpy()].astype(np.uint8)
     if model.vae.lattice is not None:
         out["lattice_params"] = model.vae.lattice_params(z).float().cpu().numpy()
+    if model.vae.count is not None:
+        out["atoms"] = model.vae.atom_counts(z).cpu().numpy()
     return out
 
 
 def to_structure(model: CrystalAE, voxel: VoxelConfig, density: np.ndarray, labels: np.ndarray | None,
-                 latent: np.ndarray, lattice: np.ndarray, origin: np.ndarray | None = None) -> Structure:
-    """One decoded grid -> crystal, species as the model's `species_from` says (DecodeError if no atom)."""
+                 latent: np.ndarray, lattice: np.ndarray, origin: np.ndarray | None = None,
+                 atoms: int | None = None) -> Structure:
+    """One decoded grid -> crystal, species as the model's `species_from` says (DecodeError if no atom).
+    atoms: how many atoms to read (a count head's prediction); None = one per density peak."""
     grid = Density(np.maximum(density, 0).astype(np.float32), labels, lattice,
                    np.zeros(3) if origin is None else origin, voxel)
     mode = model.config.species_from
@@ -72,28 +76,34 @@ def to_structure(model: CrystalAE, voxel: VoxelConfig, density: np.ndarray, labe
     # model knows, and a noisy grid cannot flood the decoder with peaks.
     lightest = min(model.config.species)
     limits = {"min_height": 0.5 * lightest * float(gaussian_norm(atom_sigmas(np.array([lightest]), voxel))[0]),
-              "max_peaks": 2 * voxel.max_atoms}
+              "max_peaks": 2 * voxel.max_atoms, "atoms": atoms,
+              **({"iterations": 30} if atoms else {})}  # atoms walking out of a merged blob take more rounds
     if mode == "segmenter":
         return decode(grid, species="labels", **limits)
     structure = decode(grid, species="density", elements=model.config.species, **limits)
     if mode == "density":
         return structure
-    return assign_sites(model, latent, structure)
+    return assign_sites(model, latent, structure, keep_all=atoms is not None)
 
 
 @torch.no_grad()
-def site_classes(model: CrystalAE, latent: np.ndarray, frac: np.ndarray) -> np.ndarray:
-    """Site-head class (0 = no atom, k = species[k - 1]) of each fractional position."""
+def site_classes(model: CrystalAE, latent: np.ndarray, frac: np.ndarray, empty: bool = True) -> np.ndarray:
+    """Site-head class (0 = no atom, k = species[k - 1]) of each fractional position; with
+    `empty=False` the most likely species, never 0."""
     device = next(model.parameters()).device
     z = torch.as_tensor(latent, dtype=torch.float32, device=device)[None]
     f = torch.as_tensor(np.mod(frac, 1.0), dtype=torch.float32, device=device)[None]
     features = model.vae.decode_features(z)[1] if model.config.site_features else None
-    return model.site_head(z, f, features)[..., :-1].argmax(-1)[0].cpu().numpy()
+    logits = model.site_head(z, f, features)[..., :-1]
+    if not empty:
+        logits = logits[..., 1:]
+    return (logits.argmax(-1)[0] + (0 if empty else 1)).cpu().numpy()
 
 
-def assign_sites(model: CrystalAE, latent: np.ndarray, structure: Structure) -> Structure:
-    """Species of the decoded atoms from the site head; atoms it calls empty are dropped."""
-    classes = site_classes(model, latent, structure.frac_coords)
+def assign_sites(model: CrystalAE, latent: np.ndarray, structure: Structure, keep_all: bool = False) -> Structure:
+    """Species of the decoded atoms from the site head; atoms it calls empty are dropped, unless
+    `keep_all` (the atom count is already decided): then each gets its most likely species."""
+    classes = site_classes(model, latent, structure.frac_coords, empty=not keep_all)
     keep = classes > 0
     if not keep.any():
         raise DecodeError("the site head assigned no species to any density peak")
@@ -115,8 +125,9 @@ def structures_from_outputs(model: CrystalAE, voxel: VoxelConfig, outputs: dict[
             raise DecodeError("box models need the input lattice to place atoms")
         labels = outputs["labels"][i] if "labels" in outputs else None
         try:
+            atoms = int(outputs["atoms"][i]) if "atoms" in outputs else None
             result.append(to_structure(model, voxel, outputs["density"][i], labels, outputs["latent"][i], lattice,
-                                       None if origins is None else origins[i]))
+                                       None if origins is None else origins[i], atoms))
         except DecodeError:
             result.append(None)
     return result
@@ -127,5 +138,5 @@ def model_config_for(voxel: VoxelConfig, species: tuple[int, ...], **overrides) 
     if voxel.representation != "cell":
         overrides.setdefault("species_from", "segmenter")  # the site head reads fractional positions
     return ModelConfig(**{**overrides, "grid": voxel.grid, "periodic": voxel.representation == "cell",
-                          "species": tuple(species), "n_classes": len(species) + 1,
+                          "species": tuple(species), "n_classes": len(species) + 1, "max_atoms": voxel.max_atoms,
                           "lattice_head": voxel.representation == "cell"})

@@ -59,6 +59,7 @@ class TrainConfig(StrictConfig):
     beta: float = 1e-3  # KL weight (KL is averaged over latent dims, reconstruction over voxels)
     seg_weight: float = 1.0  # lambda: species cross-entropy (segmenter voxels or site-head atoms)
     lattice_weight: float = 1.0
+    count_weight: float = 1.0  # cross-entropy of the atom-count head (models with count_head)
     # Divide the reconstruction MSE by the batch's mean squared density, so its weight against the KL,
     # species and lattice terms does not depend on the elements (carbon peaks are ~10x lower than Pb's).
     recon_normalize: bool = True
@@ -92,9 +93,9 @@ class TrainConfig(StrictConfig):
     def problems(self) -> list[str | None]:
         positive = {"epochs": 100_000, "batch_size": 4096, "workers": 1024, "keep_checkpoints": 1000}
         non_negative = {"weight_decay": 1.0, "beta": None, "seg_weight": None, "lattice_weight": None,
-                        "background_weight": None, "threads": 1024, "seed": None, "eval_limit": 100_000,
-                        "warmup_epochs": None, "min_lr": None, "negatives": 1024, "species_smoothing": 100.0,
-                        "z_weight": None}
+                        "count_weight": None, "background_weight": None, "threads": 1024, "seed": None,
+                        "eval_limit": 100_000, "warmup_epochs": None, "min_lr": None, "negatives": 1024,
+                        "species_smoothing": 100.0, "z_weight": None}
         return [
             *(in_range(self, k, 1, high) for k, high in positive.items()),
             *(in_range(self, k, 0, high) for k, high in non_negative.items()),
@@ -228,6 +229,10 @@ def loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Trai
     if "lattice" in out:
         terms["lattice"] = F.mse_loss(out["lattice"].float(), lattice_targets(batch["lattice"]).to(x.device))
         total = total + cfg.lattice_weight * terms["lattice"]
+    if "count_logits" in out:
+        counts = (batch["sites"][..., 3] > 0).sum(1).to(x.device)
+        terms["count"] = F.cross_entropy(out["count_logits"].float(), (counts - 1).clamp(min=0))
+        total = total + cfg.count_weight * terms["count"]
     terms["loss"] = total
     return terms
 

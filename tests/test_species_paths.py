@@ -144,3 +144,36 @@ def test_periodic_feature_sampling_hits_voxels_and_interpolates():
     assert values[0] == grid[0, 0, 1, 2, 3]
     assert values[1] == pytest.approx(float(grid[0, 0, 0, 0, 0]), abs=1e-3)  # wraps to voxel 0
     assert values[2] == pytest.approx(0.5 * (grid[0, 0, 0, 0, 0] + grid[0, 0, 1, 0, 0]).item())
+
+
+def test_count_head_trains_and_sets_how_many_atoms_are_decoded(tmp_path):
+    from crystalae.inference import decode_latents, structures_from_outputs
+    from crystalae.shards import PrepareOptions, prepare_dataset, read_table
+    from crystalae.training import build_configs, class_lookup, loss_terms, table_batches
+
+    prepare_dataset("demo:16", tmp_path, VoxelConfig(grid=8, max_atoms=12), PrepareOptions(val_fraction=0.3), workers=1)
+    voxel, config = build_configs(tmp_path, {"count_head": True, "depth": 1, "base_width": 4, "latent_dim": 8})
+    assert config.max_atoms == 12
+    torch.manual_seed(0)
+    model = CrystalAE(config)
+    batch = next(iter(table_batches(read_table(tmp_path, split="train"), 8)))
+    terms = loss_terms(model, batch, TrainConfig(), density_scale(voxel), class_lookup(config.species))
+    counts = (batch["sites"][..., 3] > 0).sum(1)
+    # untrained: about log(12) per crystal; the term is in the total
+    assert abs(float(terms["count"]) - np.log(12)) < 1.0 and float(terms["loss"]) > float(terms["count"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):  # the head alone can learn this batch's counts
+        optimizer.zero_grad()
+        loss_terms(model, batch, TrainConfig(), density_scale(voxel), class_lookup(config.species))["count"].backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        outputs = decode_latents(model, voxel, model.vae.encode(batch["density"][:, None] * density_scale(voxel))[0])
+    assert (outputs["atoms"] == counts.numpy()).all()
+    decoded = structures_from_outputs(model, voxel, outputs)
+    assert all(len(s) == n for s, n in zip(decoded, outputs["atoms"]) if s is not None)
+
+
+def test_count_head_needs_the_cell_grid():
+    with pytest.raises(ValueError, match="count_head"):
+        ModelConfig(grid=16, depth=2, periodic=False, species_from="segmenter", count_head=True)
