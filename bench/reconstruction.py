@@ -60,14 +60,9 @@ def main() -> None:
 
     recipe = load_recipe(args.recipe)
     name = args.recipe.stem if args.recipe.stem != "recipe" else args.recipe.parent.name
-    sources = [str(args.datasets / recipe["dataset"] / f) for f in recipe.get("files", ["val.csv", "extra.csv"])]
-    voxel = VoxelConfig.from_dict(recipe.get("voxel") or {})
-    split = recipe.get("split") or {}
-    options = PrepareOptions(val_fraction=split.get("val_fraction", 0.1), test_fraction=split.get("test_fraction", 0.1))
-    data_key = hashlib.sha256(json.dumps([recipe["dataset"], voxel.as_dict(), split], sort_keys=True).encode()).hexdigest()[:10]
-    data = args.work / f"{recipe['dataset']}-{data_key}"
     started = time.perf_counter()
-    prepare_dataset(sources, data, voxel, options)
+    data, sources = recipe_dataset(recipe, args.datasets, args.work)
+    voxel = VoxelConfig.from_dict(recipe.get("voxel") or {})
     prepare_seconds = time.perf_counter() - started
     cfg = TrainConfig.from_dict({**(recipe.get("train") or {}), **({"use_gpu": True} if args.gpu else {})})
     result = train(data, cfg, recipe.get("model") or {}, storage=args.work / "runs", name=name)
@@ -112,6 +107,19 @@ def main() -> None:
         command = f"python bench/reconstruction.py --recipe {relative(args.recipe)} --export {relative(args.export)}"
         write_json(args.export / "RESULTS.json", {"command": command, **figures})  # atomic: temp file + rename
         print(f"exported {best} -> {args.export}")
+
+
+def recipe_dataset(recipe: dict, datasets: Path, work: Path) -> tuple[Path, list[str]]:
+    """The recipe's dataset, prepared once under `work` (a folder per dataset, voxel settings and split),
+    and the source files it was prepared from."""
+    sources = [str(datasets / recipe["dataset"] / f) for f in recipe.get("files", ["val.csv", "extra.csv"])]
+    voxel = VoxelConfig.from_dict(recipe.get("voxel") or {})
+    split = recipe.get("split") or {}
+    options = PrepareOptions(val_fraction=split.get("val_fraction", 0.1), test_fraction=split.get("test_fraction", 0.1))
+    key = hashlib.sha256(json.dumps([recipe["dataset"], voxel.as_dict(), split], sort_keys=True).encode()).hexdigest()[:10]
+    data = work / f"{recipe['dataset']}-{key}"
+    prepare_dataset(sources, data, voxel, options)
+    return data, sources
 
 
 def time_to_match(history: list[dict]) -> dict[str, float]:

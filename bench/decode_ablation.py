@@ -1,0 +1,106 @@
+"""What limits a trained model's match rate: one checkpoint, its recipe's test split, decoded several ways.
+
+    python bench/decode_ablation.py --model pretrained/carbon_24 [--limit 351] [--out JSON]
+
+Every row decodes the same latents (the encoder's means) and differs only in what the decoder is
+given: the model's own predictions (the shipped path), atoms read one per density peak instead of
+the count head's number, or the true atom count and/or the true lattice in place of the heads'
+predictions. The oracle rows are not results: they bound what a better count or lattice head would
+give, so they say where the next lever is. Scored like `bench/reconstruction.py` (StructureMatcher
+stol 0.5, ltol 0.3, angle_tol 10; match rate, RMS over matches, atom-count rate).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from pymatgen.core import Structure
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reconstruction import load_recipe, recipe_dataset  # noqa: E402
+from report import ROOT, relative, report  # noqa: E402
+
+from crystalae.checkpoint import load_checkpoint  # noqa: E402
+from crystalae.inference import decode_latents, density_scale, structures_from_outputs  # noqa: E402
+from crystalae.metrics import compare, summarize  # noqa: E402
+from crystalae.shards import column_numpy, read_table  # noqa: E402
+from crystalae.training import table_batches  # noqa: E402
+
+# row name -> (atom count: "model" | "peaks" | "true", lattice: "model" | "true")
+ROWS = {
+    "model (its count and lattice heads)": ("model", "model"),
+    "one atom per density peak": ("peaks", "model"),
+    "true atom count": ("true", "model"),
+    "true lattice": ("model", "true"),
+    "true atom count and lattice": ("true", "true"),
+}
+
+
+def decode_rows(model, voxel, table, batch_size: int = 32) -> dict[str, list[dict]]:
+    """Per row, one `compare` record per crystal of `table`."""
+    has_count = model.vae.count is not None
+    # without a count head the model's own count is one atom per peak: that row would repeat
+    rows = {name: spec for name, spec in ROWS.items() if has_count or spec[0] != "peaks"}
+    records: dict[str, list[dict]] = {name: [] for name in rows}
+    with torch.no_grad(), tqdm(total=table.num_rows, desc="decoding", unit="crystal") as progress:
+        for index, batch in enumerate(table_batches(table, batch_size)):
+            part = table.slice(index * batch_size, batch_size)
+            truths = [Structure.from_str(cif, fmt="cif") for cif in part.column("cif").to_pylist()]
+            mu, _ = model.vae.encode(batch["density"].unsqueeze(1) * density_scale(voxel))
+            outputs = decode_latents(model, voxel, mu)
+            lattices = column_numpy(part, "lattice")
+            for name, (count, lattice) in rows.items():
+                variant = dict(outputs)
+                variant.pop("atoms", None)
+                if count == "model" and has_count:
+                    variant["atoms"] = outputs["atoms"]
+                elif count == "true":
+                    variant["atoms"] = np.array([len(t) for t in truths])
+                decoded = structures_from_outputs(model, voxel, variant, lattices if lattice == "true" else None)
+                records[name] += [compare(p, t) for p, t in zip(decoded, truths)]
+            progress.update(len(truths))
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="a checkpoint folder with its recipe.yaml")
+    parser.add_argument("--recipe", type=Path, help="default: MODEL/recipe.yaml")
+    parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared/datasets")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench")
+    parser.add_argument("--limit", type=int, help="first N test crystals (default: all)")
+    parser.add_argument("--out", type=Path, help="default: bench/results/decode_ablation_<model>.json")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    recipe = load_recipe(args.recipe or args.model / "recipe.yaml")
+    data, _ = recipe_dataset(recipe, args.datasets, args.work)
+    loaded = load_checkpoint(args.model)
+    loaded.model.eval()
+    test = read_table(data, split="test")
+    test = test.slice(0, args.limit or test.num_rows)
+    started = time.perf_counter()
+    records = decode_rows(loaded.model, loaded.voxel, test)
+    rows = []
+    for name, recs in records.items():
+        summary = summarize(recs)
+        rows.append({"decoder": name, "match_rate": summary["match_rate"], "rms": summary["mean_rms"],
+                     "atom_count_rate": summary["atom_count_accuracy"]})
+    print("| decoder | match | RMS | atom count |\n|---|---|---|---|")
+    for r in rows:
+        rms = "–" if r["rms"] is None else f"{r['rms']:.4f}"
+        print(f"| {r['decoder']} | {100 * r['match_rate']:.1f}% | {rms} | {100 * r['atom_count_rate']:.1f}% |")
+    figures = {"model": relative(args.model), "recipe": relative(args.recipe or args.model / "recipe.yaml"),
+               "test_rows": test.num_rows, "seconds": round(time.perf_counter() - started, 1), "rows": rows}
+    report(figures, args.out or ROOT / "bench/results" / f"decode_ablation_{args.model.name}.json", hide=("rows",))
+
+
+if __name__ == "__main__":
+    main()
