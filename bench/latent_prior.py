@@ -12,7 +12,6 @@ gets the new sample figures. Writes bench/results/latent_prior_<model>.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -21,14 +20,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+from reconstruction import load_recipe, recipe_dataset  # noqa: E402
 from report import report  # noqa: E402  (bench/report.py)
 
 from crystalae.checkpoint import export_checkpoint, load_checkpoint  # noqa: E402
-from crystalae.config import VoxelConfig  # noqa: E402
 from crystalae.files import write_json  # noqa: E402
 from crystalae.generate import sample, validity  # noqa: E402
 from crystalae.prior import fit_latent_prior  # noqa: E402
-from crystalae.shards import PrepareOptions, prepare_dataset, read_manifest  # noqa: E402
+from crystalae.shards import read_manifest  # noqa: E402
 
 
 def rates(structures) -> dict[str, float]:
@@ -40,8 +39,6 @@ def rates(structures) -> dict[str, float]:
 
 
 def main() -> None:
-    import yaml
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a shipped model folder with recipe.yaml")
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared/datasets")
@@ -53,14 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
-    recipe = yaml.safe_load((args.model / "recipe.yaml").read_text())
-    voxel = VoxelConfig.from_dict(recipe.get("voxel") or {})
-    split = recipe.get("split") or {}
-    sources = [str(args.datasets / recipe["dataset"] / f) for f in recipe.get("files", ["val.csv", "extra.csv"])]
-    data_key = hashlib.sha256(json.dumps([recipe["dataset"], voxel.as_dict(), split], sort_keys=True).encode()).hexdigest()[:10]
-    data = args.work / f"{recipe['dataset']}-{data_key}"
-    prepare_dataset(sources, data, voxel, PrepareOptions(val_fraction=split.get("val_fraction", 0.1),
-                                                          test_fraction=split.get("test_fraction", 0.1)))
+    data, _ = recipe_dataset(load_recipe(args.model / "recipe.yaml"), args.datasets, args.work)
     loaded = load_checkpoint(args.model)
     if read_manifest(data)["dataset_hash"] != loaded.meta["dataset_hash"]:
         raise SystemExit(f"{data} is not the dataset {args.model} was trained on (dataset hash differs)")
