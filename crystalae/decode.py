@@ -20,6 +20,9 @@ _x, _y, _z = OFFSETS.T
 _DESIGN = np.column_stack([np.ones(27), _x, _y, _z, _x * _x, _y * _y, _z * _z, _x * _y, _x * _z, _y * _z])
 _FIT = np.linalg.pinv(_DESIGN)  # (10, 27): log-values -> quadratic coefficients
 _ALL_Z = np.arange(1, MAX_Z + 1)
+# Å^3 per atom below which no solid exists (diamond, among the densest: 5.7). A learned lattice head
+# fed a latent far from the data can predict such a cell; reading atoms from it is slow and useless.
+MIN_VOLUME_PER_ATOM = 1.0
 
 
 class DecodeError(ValueError):
@@ -62,6 +65,9 @@ def decode(
     volume = abs(np.linalg.det(density.lattice)) if np.isfinite(density.lattice).all() else 0.0
     if volume < 1e-3:  # e.g. a predicted lattice whose angles cannot close a cell
         raise DecodeError(f"degenerate lattice (volume {volume:.3g} Å^3)")
+    if atoms is not None and volume < MIN_VOLUME_PER_ATOM * atoms:
+        raise DecodeError(f"{atoms} atoms cannot fit a {volume:.3g} Å^3 cell "
+                          f"(under {MIN_VOLUME_PER_ATOM:g} Å^3 per atom)")
 
     step = density.step
     periodic = density.periodic

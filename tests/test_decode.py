@@ -93,3 +93,5 @@ def test_known_atom_count_separates_merged_peaks():
     assert len(decode(density, species="density", elements=(6,), atoms=1)) == 1  # more peaks than atoms: heaviest kept
     with pytest.raises(DecodeError, match="atoms=0"):
         decode(density, species="density", atoms=0)
+    with pytest.raises(DecodeError, match="cannot fit"):  # e.g. a latent far from the data: rejected at once
+        decode(density, species="density", atoms=200)
