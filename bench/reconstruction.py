@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--export", type=Path, help="write the trained model here as a reference checkpoint")
     parser.add_argument("--out", type=Path, help="JSON of the figures (default: bench/results/<recipe>.json)")
+    parser.add_argument("--score-only", action="store_true",
+                        help="train no further: score (and export) the best checkpoint of the run as it stands")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -65,10 +67,14 @@ def main() -> None:
     voxel = VoxelConfig.from_dict(recipe.get("voxel") or {})
     prepare_seconds = time.perf_counter() - started
     cfg = TrainConfig.from_dict({**(recipe.get("train") or {}), **({"use_gpu": True} if args.gpu else {})})
-    result = train(data, cfg, recipe.get("model") or {}, storage=args.work / "runs", name=name)
-    if result.error:
-        raise SystemExit(f"training failed: {result.error}")
-    best = best_checkpoint_path(result)
+    if args.score_only:
+        best, last = run_checkpoints(args.work / "runs" / name)
+    else:
+        result = train(data, cfg, recipe.get("model") or {}, storage=args.work / "runs", name=name)
+        if result.error:
+            raise SystemExit(f"training failed: {result.error}")
+        best = best_checkpoint_path(result)
+        last = read_checkpoint(result.checkpoint.path)["epoch"] + 1
     payload = read_checkpoint(best)
     history = payload.get("history") or []
     device = torch.device("cuda" if args.gpu and torch.cuda.is_available() else "cpu")
@@ -81,7 +87,8 @@ def main() -> None:
     figures = {
         "recipe": relative(args.recipe), "dataset": [relative(s) for s in sources],
         "dataset_hash": read_manifest(data)["dataset_hash"], "species_from": loaded.model_config.species_from,
-        "grid": voxel.grid, "sigma": voxel.sigma, "epochs_trained": payload["epoch"] + 1, "seed": cfg.seed,
+        "grid": voxel.grid, "sigma": voxel.sigma, "epochs_trained": payload["epoch"] + 1, "epochs_run": last,
+        "epochs_scheduled": cfg.epochs, "seed": cfg.seed,
         "train_rows": read_table(data, split="train", columns=["split"]).num_rows, "test_rows": test.num_rows,
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "test_match_rate": metrics["match_rate"], "test_rms": metrics["rms"],
@@ -107,6 +114,17 @@ def main() -> None:
         command = f"python bench/reconstruction.py --recipe {relative(args.recipe)} --export {relative(args.export)}"
         write_json(args.export / "RESULTS.json", {"command": command, **figures})  # atomic: temp file + rename
         print(f"exported {best} -> {args.export}")
+
+
+def run_checkpoints(folder: Path) -> tuple[str, int]:
+    """(best checkpoint by validation score, epochs run) of a training run folder, e.g. one stopped early."""
+    scored = []
+    for path in folder.glob("checkpoint_*/"):
+        payload = read_checkpoint(path)
+        scored.append(((payload.get("history") or [{}])[-1].get("val_score") or 0.0, payload["epoch"] + 1, str(path)))
+    if not scored:
+        raise SystemExit(f"{folder}: no checkpoint to score (train first: run without --score-only)")
+    return max(scored)[2], max(epochs for _, epochs, _ in scored)
 
 
 def recipe_dataset(recipe: dict, datasets: Path, work: Path) -> tuple[Path, list[str]]:
