@@ -295,11 +295,11 @@ def test_fields_marked_set_by_data_are_set_by_the_data():
     from crystalae.search.config import MODEL_PARAMS
 
     data_fields = {f.name for f in fields(ModelConfig) if f.metadata.get("set_by") == "data"}
-    assert data_fields == {"grid", "periodic", "species", "n_classes", "lattice_head"}
+    assert data_fields == {"grid", "periodic", "species", "n_classes", "lattice_head", "max_atoms"}
     assert not data_fields & MODEL_PARAMS
     voxel = VoxelConfig(grid=8)
     base = model_config_for(voxel, (8, 22), depth=1, seg_depth=1)
-    wrong = {"grid": 16, "periodic": False, "n_classes": 2, "lattice_head": False}  # species is the argument
+    wrong = {"grid": 16, "periodic": False, "n_classes": 2, "lattice_head": False, "max_atoms": 3}  # species: the argument
     assert model_config_for(voxel, (8, 22), depth=1, seg_depth=1, **wrong) == base
 
 
