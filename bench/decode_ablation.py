@@ -78,7 +78,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="default: bench/results/decode_ablation_<model>.json")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     recipe = load_recipe(args.recipe or args.model / "recipe.yaml")
     data, _ = recipe_dataset(recipe, args.datasets, args.work)

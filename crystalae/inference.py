@@ -94,10 +94,8 @@ def site_classes(model: CrystalAE, latent: np.ndarray, frac: np.ndarray, empty: 
     z = torch.as_tensor(latent, dtype=torch.float32, device=device)[None]
     f = torch.as_tensor(np.mod(frac, 1.0), dtype=torch.float32, device=device)[None]
     features = model.vae.decode_features(z)[1] if model.config.site_features else None
-    logits = model.site_head(z, f, features)[..., :-1]
-    if not empty:
-        logits = logits[..., 1:]
-    return (logits.argmax(-1)[0] + (0 if empty else 1)).cpu().numpy()
+    first = 0 if empty else 1  # class 0 is "no atom here"
+    return (model.site_head(z, f, features)[..., first:-1].argmax(-1)[0] + first).cpu().numpy()
 
 
 def assign_sites(model: CrystalAE, latent: np.ndarray, structure: Structure, keep_all: bool = False) -> Structure:
