@@ -34,7 +34,7 @@ from crystalae.training import table_batches  # noqa: E402
 
 # row name -> (atom count: "model" | "peaks" | "true", lattice: "model" | "true")
 ROWS = {
-    "model (its count and lattice heads)": ("model", "model"),
+    "the model's own heads": ("model", "model"),
     "one atom per density peak": ("peaks", "model"),
     "true atom count": ("true", "model"),
     "true lattice": ("model", "true"),
