@@ -1,6 +1,6 @@
 """The default search against random search, both run by the project's own sweep code (`run_sweep`).
 
-    python bench/search_efficiency.py [--rows 600] [--trials 32] [--epochs 4] [--seeds 0 1 2 3 4]
+    python bench/search_efficiency.py [--rows 400] [--trials 32] [--epochs 6] [--seeds 0 1 2 3 4]
                                       [--out bench/results/search_efficiency.json]
 
 The problem is `bench/recipes/search_efficiency.yaml`: the first --rows perov_5 crystals of
@@ -109,9 +109,9 @@ def median(values: list) -> float | str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=600)
+    parser.add_argument("--rows", type=int, default=400)
     parser.add_argument("--trials", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -137,7 +137,8 @@ def main() -> None:
     figures = {
         "problem": relative(RECIPE), "dataset": relative(source), "rows": args.rows, "trials": args.trials,
         "max_epochs": args.epochs, "seeds": args.seeds,
-        "default_search": {k: defaults[k].default for k in ("algorithm", "scheduler", "grace_period")},
+        "default_search": {k: defaults[k].default for k in ("algorithm", "scheduler", "grace_period",
+                                                             "reduction_factor", "startup_trials")},
         "reached": f"{sum(r['epochs_fraction'] is not None for r in rows)}/{len(rows)}",
         "flat_objective_seeds": sum(bool(r.get("flat_objective")) for r in rows),
         "median_epochs_fraction": median([r["epochs_fraction"] for r in rows]),

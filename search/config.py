@@ -13,6 +13,7 @@
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     max_concurrent: 2
     search: {algorithm: tpe, scheduler: asha, grace_period: 1, seed: 0, warm_start: runs/sweeps/old}
+                                                 # (also reduction_factor: 3, startup_trials: 8)
     train: {batch_size: 8}                        # fixed TrainConfig values
     model: {seg_depth: 1}                         # fixed ModelConfig values
 """
@@ -98,6 +99,11 @@ class SweepConfig(StrictConfig):
     algorithm: Literal["tpe", "random"] = "tpe"
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = 1
+    # ASHA keeps the best 1/reduction_factor of the trials at each rung (grace_period * rf^k epochs);
+    # 3 as in Hyperband (Ray's 4 cut all but a quarter after one noisy epoch)
+    reduction_factor: float = 3.0
+    # TPE's random trials before it models the results; Optuna's 10 is a third of a 32-trial sweep
+    startup_trials: int = 8
     seed: int = 0
     train: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
@@ -115,6 +121,8 @@ class SweepConfig(StrictConfig):
             in_range(self, "gpus_per_worker", 0, 64),
             in_range(self, "max_failures", 0, 1000),
             in_range(self, "seed", 0),
+            in_range(self, "reduction_factor", 1, 100, low_open=True),
+            in_range(self, "startup_trials", 0, 100_000),
             in_range(self, "warm_start_trials", 1, 1000),
             None if self.time_budget_s is None or self.time_budget_s > 0 else
             f"time_budget_s must be > 0 (or left out), got {self.time_budget_s}",
@@ -157,7 +165,8 @@ _SECTIONS = {
     "objective": {"metric", "mode"},
     "budget": {"trials", "epochs", "time_budget_s"},
     "resources": {"workers_per_trial", "cpus_per_worker", "gpus_per_worker"},
-    "search": {"algorithm", "scheduler", "grace_period", "seed", "max_failures", "warm_start", "warm_start_trials"},
+    "search": {"algorithm", "scheduler", "grace_period", "reduction_factor", "startup_trials", "seed", "max_failures",
+               "warm_start", "warm_start_trials"},
 }
 
 

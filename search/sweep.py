@@ -134,7 +134,9 @@ def _persistent_searcher(sweep: SweepConfig, root: str | Path, points: list[dict
     # a later run of trials on the same study (an extension) gets its own seed: with the sweep's seed
     # the sampler's random draws would start over and repeat the first run's configurations
     seed = sweep.seed + 1000 * run
-    sampler = (optuna.samplers.TPESampler(seed=seed) if sweep.algorithm == "tpe"
+    # multivariate: lr and beta act together; constant_liar: concurrent trials get different proposals
+    sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=sweep.startup_trials, multivariate=True,
+                                          constant_liar=True) if sweep.algorithm == "tpe"
                else optuna.samplers.RandomSampler(seed=seed))
     # several objectives: Optuna's multi-objective TPE keeps a Pareto front (no per-epoch pruning reports)
     several = sweep.multi_objective
@@ -218,7 +220,8 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
         several = sweep.multi_objective  # the searcher holds the objectives; ASHA the first
         primary = {"metric": sweep.objective_metric, "mode": sweep.objective_mode}
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
-                                   grace_period=sweep.grace_period, **(primary if several else {}))
+                                   grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor,
+                                   **(primary if several else {}))
                      if sweep.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
