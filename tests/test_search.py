@@ -343,3 +343,17 @@ def test_promote_within_takes_the_smallest_good_enough_model(tiny_sweep, tmp_pat
     assert main(["promote", str(tiny_sweep["root"]), "--best", "--prefer", "parameters",
                  "--registry", str(tmp_path / "reg2")]) == 2
     assert not (tmp_path / "reg2").exists()  # refused before the registry is touched
+
+
+def test_search_settings_reach_the_sampler(tmp_path):
+    """`startup_trials` sets TPE's random start; the default TPE models parameters jointly and lies
+    constant for running trials (two trials at a time must not get the same proposal)."""
+    from crystalae.search.sweep import _persistent_searcher
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(TINY_SWEEP.replace("search: {grace_period: 1, seed: 0}",
+                                       "search: {grace_period: 1, seed: 0, startup_trials: 3}"))
+    sweep = load_sweep_config(path)
+    assert (sweep.startup_trials, sweep.reduction_factor) == (3, 3.0)
+    sampler = _persistent_searcher(sweep, tmp_path)._sampler
+    assert (sampler._n_startup_trials, sampler._multivariate, sampler._constant_liar) == (3, True, True)
