@@ -1,7 +1,7 @@
 """The default search against random search, both run by the project's own sweep code (`run_sweep`).
 
     python bench/search_efficiency.py [--rows 400] [--trials 32] [--epochs 6] [--seeds 0 1 2 3 4]
-                                      [--out bench/results/search_efficiency.json]
+                                      [--work runs/bench/search_efficiency] [--out bench/results/search_efficiency.json]
 
 The problem is `bench/recipes/search_efficiency.yaml`: the first --rows perov_5 crystals of
 ../shared/datasets, the sweep objective val_score (match rate with species and atom-count
@@ -11,13 +11,14 @@ whatever SweepConfig's defaults are (algorithm, scheduler, grace period).
 Compute is counted from each trial's own per-epoch history (epochs, and training + validation seconds),
 in the order the epochs finished (`SweepSummary.timeline`). Per seed it reports the compute the default
 needed to first reach random search's final best, as a fraction of random search's total compute.
+The sweeps live under --work: run again after an interruption, ended sweeps are read back and an
+unfinished one resumes (a folder from other settings is refused by the sweep code, naming it).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 import yaml
 
 from crystalae.search.config import SweepConfig, parse_sweep_config
-from crystalae.search.results import SweepSummary
+from crystalae.search.results import SweepSummary, collect_trials, ended_runs, sweep_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import ROOT, relative, report  # noqa: E402
@@ -36,13 +37,15 @@ RECIPE = ROOT / "bench/recipes/search_efficiency.yaml"
 def subset_csv(source: Path, rows: int, out: Path) -> Path:
     """The first `rows` rows of a CDVAE-style CSV (the same crystals for every seed and method)."""
     csv.field_size_limit(1 << 30)
-    with open(source, newline="") as src, open(out, "w", newline="") as dst:
+    partial = out.with_suffix(".partial")
+    with open(source, newline="") as src, open(partial, "w", newline="") as dst:
         reader = csv.reader(src)
         writer = csv.writer(dst)
         for k, row in enumerate(reader):
             if k > rows:
                 break
             writer.writerow(row)
+    partial.replace(out)
     return out
 
 
@@ -98,6 +101,23 @@ def compare(random: SweepSummary, default: SweepSummary) -> dict:
     }
 
 
+def early_rank_correlation(summary: SweepSummary, epochs: int) -> list[float | None]:
+    """Per epoch k: Spearman correlation, over the trials that trained all `epochs`, between the
+    objective after epoch k and the trial's best. How well a stop at epoch k ranks trials: what
+    ASHA's grace period can count on."""
+    from scipy.stats import spearmanr
+
+    metric = summary.objective.metric
+    curves = [[h.get(metric) for h in t.history] for t in summary.trials if len(t.history) >= epochs]
+    curves = np.array([c[:epochs] for c in curves if all(v is not None for v in c[:epochs])], dtype=float)
+    if len(curves) < 3:
+        return [None] * epochs
+    sign = 1.0 if summary.objective.mode == "max" else -1.0
+    best = (sign * curves).max(axis=1)
+    rhos = [spearmanr(sign * curves[:, k], best).statistic for k in range(epochs)]
+    return [None if not np.isfinite(r) else round(float(r), 3) for r in rhos]
+
+
 def median(values: list) -> float | str | None:
     """Median over seeds, a seed that never reached the target counting as infinite compute
     ("not reached" when the median itself is one of those, so the JSON stays standard)."""
@@ -113,6 +133,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench/search_efficiency")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -124,15 +145,22 @@ def main() -> None:
     source = (ROOT / raw["data"]["source"]).resolve()  # relative to the repository, as elsewhere in bench/
     defaults = SweepConfig.__dataclass_fields__
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        subset = subset_csv(source, args.rows, Path(tmp) / "subset.csv")
-        for seed in args.seeds:
-            summaries = {}
-            for method in ("random", "default"):
-                config = sweep_config(raw, subset, method, seed, args.trials, args.epochs)
-                summaries[method] = run_sweep(config, storage=Path(tmp) / "sweeps")
-            rows.append({"seed": seed, **compare(summaries["random"], summaries["default"])})
-            print(rows[-1], flush=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    subset = args.work / f"subset-{args.rows}.csv"
+    if not subset.exists():  # kept: the resumed sweeps' data source
+        subset_csv(source, args.rows, subset)
+    for seed in args.seeds:
+        summaries = {}
+        for method in ("random", "default"):
+            config = sweep_config(raw, subset, method, seed, args.trials, args.epochs)
+            root = sweep_dir(args.work / "sweeps", config.name)
+            if ended_runs(root) and len(collect_trials(root).trials) >= args.trials:
+                summaries[method] = collect_trials(root)  # ended in an earlier run of this bench
+            else:
+                summaries[method] = run_sweep(config, storage=args.work / "sweeps", resume=Path(root).exists())
+        rows.append({"seed": seed, **compare(summaries["random"], summaries["default"]),
+                     "random_rank_correlation_by_epoch": early_rank_correlation(summaries["random"], args.epochs)})
+        print(rows[-1], flush=True)
     ray.shutdown()
     figures = {
         "problem": relative(RECIPE), "dataset": relative(source), "rows": args.rows, "trials": args.trials,
@@ -144,6 +172,10 @@ def main() -> None:
         "median_epochs_fraction": median([r["epochs_fraction"] for r in rows]),
         "median_seconds_fraction": median([r["seconds_fraction"] for r in rows]),
         "median_epochs_fraction_of_random_to_best": median([r["epochs_fraction_of_random_to_best"] for r in rows]),
+        # median over seeds, per epoch: how well the objective after that epoch ranks random search's trials
+        "rank_correlation_by_epoch": [
+            median([r["random_rank_correlation_by_epoch"][k] for r in rows
+                    if r["random_rank_correlation_by_epoch"][k] is not None]) for k in range(args.epochs)],
         "runs": rows,
     }
     report(figures, args.out, hide=("runs",))
