@@ -11,13 +11,15 @@ whatever SweepConfig's defaults are (algorithm, scheduler, grace period).
 Compute is counted from each trial's own per-epoch history (epochs, and training + validation seconds),
 in the order the epochs finished (`SweepSummary.timeline`). Per seed it reports the compute the default
 needed to first reach random search's final best, as a fraction of random search's total compute.
-The sweeps live under --work: run again after an interruption, ended sweeps are read back and an
+--out is rewritten after every seed, and the sweeps live under --work: run it again after an
+interruption and the seeds already in --out (same settings) are kept, ended sweeps are read back and an
 unfinished one resumes (a folder from other settings is refused by the sweep code, naming it).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from crystalae.files import write_json
 from crystalae.search.config import SweepConfig, parse_sweep_config
 from crystalae.search.results import SweepSummary, collect_trials, ended_runs, sweep_dir
 
@@ -127,46 +130,17 @@ def median(values: list) -> float | str | None:
     return middle if np.isfinite(middle) else "not reached"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=400)
-    parser.add_argument("--trials", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench/search_efficiency")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    import ray
-
-    from crystalae.search.sweep import run_sweep
-
-    raw = yaml.safe_load(RECIPE.read_text())
-    source = (ROOT / raw["data"]["source"]).resolve()  # relative to the repository, as elsewhere in bench/
-    defaults = SweepConfig.__dataclass_fields__
-    rows = []
-    args.work.mkdir(parents=True, exist_ok=True)
-    subset = args.work / f"subset-{args.rows}.csv"
-    if not subset.exists():  # kept: the resumed sweeps' data source
-        subset_csv(source, args.rows, subset)
-    for seed in args.seeds:
-        summaries = {}
-        for method in ("random", "default"):
-            config = sweep_config(raw, subset, method, seed, args.trials, args.epochs)
-            root = sweep_dir(args.work / "sweeps", config.name)
-            if ended_runs(root) and len(collect_trials(root).trials) >= args.trials:
-                summaries[method] = collect_trials(root)  # ended in an earlier run of this bench
-            else:
-                summaries[method] = run_sweep(config, storage=args.work / "sweeps", resume=Path(root).exists())
-        rows.append({"seed": seed, **compare(summaries["random"], summaries["default"]),
-                     "random_rank_correlation_by_epoch": early_rank_correlation(summaries["random"], args.epochs)})
-        print(rows[-1], flush=True)
-    ray.shutdown()
-    figures = {
-        "problem": relative(RECIPE), "dataset": relative(source), "rows": args.rows, "trials": args.trials,
-        "max_epochs": args.epochs, "seeds": args.seeds,
-        "default_search": {k: defaults[k].default for k in ("algorithm", "scheduler", "grace_period",
-                                                             "reduction_factor", "startup_trials")},
+def summarize(args: argparse.Namespace, source: Path, default: SweepConfig, rows: list[dict]) -> dict:
+    """The bench's figures over the seeds done so far (`settings` says what they were measured on)."""
+    return {
+        "settings": {
+            "problem": relative(RECIPE), "dataset": relative(source), "rows": args.rows, "trials": args.trials,
+            "max_epochs": args.epochs,
+            "default_search": {"algorithm": default.algorithm, "scheduler": default.scheduler,
+                               "grace_period": default.asha_grace_period(),
+                               "reduction_factor": default.reduction_factor, "startup_trials": default.startup_trials},
+        },
+        "seeds": [r["seed"] for r in rows],
         "reached": f"{sum(r['epochs_fraction'] is not None for r in rows)}/{len(rows)}",
         "flat_objective_seeds": sum(bool(r.get("flat_objective")) for r in rows),
         "median_epochs_fraction": median([r["epochs_fraction"] for r in rows]),
@@ -178,7 +152,55 @@ def main() -> None:
                     if r["random_rank_correlation_by_epoch"][k] is not None]) for k in range(args.epochs)],
         "runs": rows,
     }
-    report(figures, args.out, hide=("runs",))
+
+
+def earlier_rows(out: Path | None, settings: dict) -> dict[int, dict]:
+    """Seeds an earlier run of this bench finished with the same settings (read from --out)."""
+    if out is None or not out.exists():
+        return {}
+    figures = json.loads(out.read_text())
+    return {r["seed"]: r for r in figures.get("runs", [])} if figures.get("settings") == settings else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench/search_efficiency")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    from crystalae.search.sweep import run_sweep
+
+    raw = yaml.safe_load(RECIPE.read_text())
+    source = (ROOT / raw["data"]["source"]).resolve()  # relative to the repository, as elsewhere in bench/
+    args.work.mkdir(parents=True, exist_ok=True)
+    subset = args.work / f"subset-{args.rows}.csv"
+    if not subset.exists():  # kept: the resumed sweeps' data source
+        subset_csv(source, args.rows, subset)
+    default = sweep_config(raw, subset, "default", 0, args.trials, args.epochs)
+    done = earlier_rows(args.out, summarize(args, source, default, [])["settings"])
+    rows = []
+    for seed in args.seeds:
+        if seed in done:  # --out is rewritten after every seed, so an interrupted bench picks up here
+            rows.append(done[seed])
+            continue
+        summaries = {}
+        for method in ("random", "default"):
+            config = sweep_config(raw, subset, method, seed, args.trials, args.epochs)
+            root = sweep_dir(args.work / "sweeps", config.name)
+            if ended_runs(root) and len(collect_trials(root).trials) >= args.trials:
+                summaries[method] = collect_trials(root)  # ended in an earlier run of this bench
+            else:
+                summaries[method] = run_sweep(config, storage=args.work / "sweeps", resume=Path(root).exists())
+        rows.append({"seed": seed, **compare(summaries["random"], summaries["default"]),
+                     "random_rank_correlation_by_epoch": early_rank_correlation(summaries["random"], args.epochs)})
+        print(rows[-1], flush=True)
+        if args.out:
+            write_json(args.out, summarize(args, source, default, rows))
+    report(summarize(args, source, default, rows), args.out, hide=("runs",))
 
 
 if __name__ == "__main__":

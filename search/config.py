@@ -12,8 +12,8 @@
     budget: {trials: 4, epochs: 3, time_budget_s: 900}
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     max_concurrent: 2
-    search: {algorithm: tpe, scheduler: asha, grace_period: 1, seed: 0, warm_start: runs/sweeps/old}
-                                                 # (also reduction_factor: 3, startup_trials: 8)
+    search: {algorithm: tpe, scheduler: asha, grace_period: 2, seed: 0, warm_start: runs/sweeps/old}
+            # defaults: grace_period half the epochs, reduction_factor 3, startup_trials 8
     train: {batch_size: 8}                        # fixed TrainConfig values
     model: {seg_depth: 1}                         # fixed ModelConfig values
 """
@@ -98,7 +98,10 @@ class SweepConfig(StrictConfig):
     max_concurrent: int = 2
     algorithm: Literal["tpe", "random"] = "tpe"
     scheduler: Literal["asha", "fifo"] = "asha"
-    grace_period: int = 1
+    # ASHA's first cut, in epochs. None: half the epoch budget. The default objective stays near 0 until
+    # densities decode into crystals, so early epochs rank trials by chance (bench/search_efficiency.py:
+    # rank correlation with a trial's best ~0.1 after epoch 1 of 6, ~0.75 after epoch 3).
+    grace_period: int | None = None
     # ASHA keeps the best 1/reduction_factor of the trials at each rung (grace_period * rf^k epochs);
     # 3 as in Hyperband (Ray's 4 cut all but a quarter after one noisy epoch)
     reduction_factor: float = 3.0
@@ -115,7 +118,7 @@ class SweepConfig(StrictConfig):
 
     def problems(self) -> list[str | None]:
         limits = {"trials": 100_000, "epochs": 100_000, "workers_per_trial": 1024, "cpus_per_worker": 1024,
-                  "max_concurrent": 1024, "grace_period": self.epochs}
+                  "max_concurrent": 1024, **({} if self.grace_period is None else {"grace_period": self.epochs})}
         return [
             *(in_range(self, key, 1, high) for key, high in limits.items()),
             in_range(self, "gpus_per_worker", 0, 64),
@@ -134,6 +137,10 @@ class SweepConfig(StrictConfig):
             None if len(self.secondary_metrics) == len(self.secondary_modes) else
             "secondary_metrics and secondary_modes must have the same length",
         ]
+
+    def asha_grace_period(self) -> int:
+        """The epochs every trial trains before ASHA may stop it."""
+        return self.grace_period if self.grace_period is not None else max(1, self.epochs // 2)
 
     def objective_metrics(self) -> tuple[str, ...]:
         return (self.objective_metric, *self.secondary_metrics)

@@ -220,7 +220,7 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
         several = sweep.multi_objective  # the searcher holds the objectives; ASHA the first
         primary = {"metric": sweep.objective_metric, "mode": sweep.objective_mode}
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
-                                   grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor,
+                                   grace_period=sweep.asha_grace_period(), reduction_factor=sweep.reduction_factor,
                                    **(primary if several else {}))
                      if sweep.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(

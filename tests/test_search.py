@@ -1,4 +1,5 @@
 """Sweeps, resume, retries and the registry, on tiny real sweeps (8^3 grid, tiny models)."""
+import dataclasses
 import json
 import os
 import signal
@@ -56,7 +57,6 @@ def test_sweep_reports_its_compute_and_the_compute_before_its_best(tiny_sweep):
 
 
 def test_an_ended_sweep_extends_on_its_study_and_a_new_sweep_warm_starts(tiny_sweep, tmp_path, capsys):
-    import dataclasses
     import shutil
 
     import optuna
@@ -346,14 +346,17 @@ def test_promote_within_takes_the_smallest_good_enough_model(tiny_sweep, tmp_pat
 
 
 def test_search_settings_reach_the_sampler(tmp_path):
-    """`startup_trials` sets TPE's random start; the default TPE models parameters jointly and lies
-    constant for running trials (two trials at a time must not get the same proposal)."""
+    """ASHA's grace period defaults to half the epochs; `startup_trials` sets TPE's random start; the
+    default TPE models parameters jointly and lies constant for running trials (two trials at a time
+    must not get the same proposal)."""
     from crystalae.search.sweep import _persistent_searcher
 
     path = tmp_path / "sweep.yaml"
     path.write_text(TINY_SWEEP.replace("search: {grace_period: 1, seed: 0}",
                                        "search: {grace_period: 1, seed: 0, startup_trials: 3}"))
     sweep = load_sweep_config(path)
-    assert (sweep.startup_trials, sweep.reduction_factor) == (3, 3.0)
+    assert (sweep.startup_trials, sweep.reduction_factor, sweep.asha_grace_period()) == (3, 3.0, 1)
+    # unset, ASHA's first cut comes at half the epochs (the score is flat before densities decode)
+    assert [dataclasses.replace(sweep, grace_period=None, epochs=e).asha_grace_period() for e in (1, 6, 9)] == [1, 3, 4]
     sampler = _persistent_searcher(sweep, tmp_path)._sampler
     assert (sampler._n_startup_trials, sampler._multivariate, sampler._constant_liar) == (3, True, True)
