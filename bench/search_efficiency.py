@@ -130,16 +130,21 @@ def median(values: list) -> float | str | None:
     return middle if np.isfinite(middle) else "not reached"
 
 
-def summarize(args: argparse.Namespace, source: Path, default: SweepConfig, rows: list[dict]) -> dict:
-    """The bench's figures over the seeds done so far (`settings` says what they were measured on)."""
+def bench_settings(args: argparse.Namespace, source: Path, default: SweepConfig) -> dict:
+    """What the figures are measured on: an earlier --out with other settings is not reused."""
     return {
-        "settings": {
-            "problem": relative(RECIPE), "dataset": relative(source), "rows": args.rows, "trials": args.trials,
-            "max_epochs": args.epochs,
-            "default_search": {"algorithm": default.algorithm, "scheduler": default.scheduler,
-                               "grace_period": default.asha_grace_period(),
-                               "reduction_factor": default.reduction_factor, "startup_trials": default.startup_trials},
-        },
+        "problem": relative(RECIPE), "dataset": relative(source), "rows": args.rows, "trials": args.trials,
+        "max_epochs": args.epochs,
+        "default_search": {"algorithm": default.algorithm, "scheduler": default.scheduler,
+                           "grace_period": default.asha_grace_period(),
+                           "reduction_factor": default.reduction_factor, "startup_trials": default.startup_trials},
+    }
+
+
+def summarize(args: argparse.Namespace, settings: dict, rows: list[dict]) -> dict:
+    """The bench's figures over the seeds done so far."""
+    return {
+        "settings": settings,
         "seeds": [r["seed"] for r in rows],
         "reached": f"{sum(r['epochs_fraction'] is not None for r in rows)}/{len(rows)}",
         "flat_objective_seeds": sum(bool(r.get("flat_objective")) for r in rows),
@@ -181,7 +186,8 @@ def main() -> None:
     if not subset.exists():  # kept: the resumed sweeps' data source
         subset_csv(source, args.rows, subset)
     default = sweep_config(raw, subset, "default", 0, args.trials, args.epochs)
-    done = earlier_rows(args.out, summarize(args, source, default, [])["settings"])
+    settings = bench_settings(args, source, default)
+    done = earlier_rows(args.out, settings)
     rows = []
     for seed in args.seeds:
         if seed in done:  # --out is rewritten after every seed, so an interrupted bench picks up here
@@ -191,16 +197,17 @@ def main() -> None:
         for method in ("random", "default"):
             config = sweep_config(raw, subset, method, seed, args.trials, args.epochs)
             root = sweep_dir(args.work / "sweeps", config.name)
-            if ended_runs(root) and len(collect_trials(root).trials) >= args.trials:
-                summaries[method] = collect_trials(root)  # ended in an earlier run of this bench
+            ended = collect_trials(root) if ended_runs(root) else None
+            if ended is not None and len(ended.trials) >= args.trials:
+                summaries[method] = ended  # ended in an earlier run of this bench
             else:
                 summaries[method] = run_sweep(config, storage=args.work / "sweeps", resume=Path(root).exists())
         rows.append({"seed": seed, **compare(summaries["random"], summaries["default"]),
                      "random_rank_correlation_by_epoch": early_rank_correlation(summaries["random"], args.epochs)})
         print(rows[-1], flush=True)
         if args.out:
-            write_json(args.out, summarize(args, source, default, rows))
-    report(summarize(args, source, default, rows), args.out, hide=("runs",))
+            write_json(args.out, summarize(args, settings, rows))
+    report(summarize(args, settings, rows), args.out, hide=("runs",))
 
 
 if __name__ == "__main__":
