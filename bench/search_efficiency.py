@@ -14,6 +14,7 @@ needed to first reach random search's final best, as a fraction of random search
 --out is rewritten after every seed, and the sweeps live under --work: run it again after an
 interruption and the seeds already in --out (same settings) are kept, ended sweeps are read back and an
 unfinished one resumes (a folder from other settings is refused by the sweep code, naming it).
+It ends by printing the README's tables; `--markdown` prints them from an existing --out without running.
 """
 from __future__ import annotations
 
@@ -167,6 +168,35 @@ def earlier_rows(out: Path | None, settings: dict) -> dict[int, dict]:
     return {r["seed"]: r for r in figures.get("runs", [])} if figures.get("settings") == settings else {}
 
 
+def readme_tables(figures: dict, evaluated: int) -> str:
+    """The README's per-seed and rank-correlation tables (values ×10⁻⁴), from the bench's figures."""
+    def value(v: float) -> str:
+        matched = int(v * evaluated + 1e-9)  # val_score = match rate + tie-breakers below 1/evaluated
+        return f"{v * 1e4:.2f}" + (f" ({matched} of {evaluated} matched)" if matched else "")
+
+    def fraction(f: float | None) -> str:
+        return "not reached" if f is None else f"{f:.1%}"
+
+    total = figures["settings"]["trials"] * figures["settings"]["max_epochs"]
+    lines = [f"| seed | random best, at its epoch (of {total}) | default best, epochs spent "
+             "| default's epochs to random's best | fraction of random's compute: epochs / trial-seconds |",
+             "|---|---|---|---|---|"]
+    for r in figures["runs"]:
+        to_best = r["default_epochs_to_random_best"]
+        lines.append(f"| {r['seed']} | {value(r['random_best'])}, epoch {r['random_epochs_to_its_best']} "
+                     f"| {value(r['default_best'])}, {r['default_epochs']} epochs | {'—' if to_best is None else to_best} "
+                     f"| {fraction(r['epochs_fraction'])} / {fraction(r['seconds_fraction'])} |")
+    medians = [figures[k] for k in ("median_epochs_fraction", "median_seconds_fraction")]
+    medians = [m if isinstance(m, str) else f"{m:.1%}" for m in medians]
+    lines += ["", f"Median over {len(figures['runs'])} seeds: **{medians[0]}** of random search's epochs "
+              f"({medians[1]} of its trial-seconds); reached in {figures['reached']} seeds.", ""]
+    correlations = figures["rank_correlation_by_epoch"]
+    lines += ["| epoch | " + " | ".join(str(k + 1) for k in range(len(correlations))) + " |",
+              "|---|" + "---|" * len(correlations),
+              "| rank correlation | " + " | ".join("—" if c is None else f"{c:.2f}" for c in correlations) + " |"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=400)
@@ -175,11 +205,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--work", type=Path, default=ROOT / "runs/bench/search_efficiency")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--markdown", action="store_true", help="print the README tables from --out; run nothing")
     args = parser.parse_args()
+    raw = yaml.safe_load(RECIPE.read_text())
+    if args.markdown:
+        if args.out is None or not args.out.exists():
+            parser.error(f"--markdown reads the figures of --out, and there are none at {args.out}")
+        print(readme_tables(json.loads(args.out.read_text()), raw["train"]["eval_limit"]))
+        return
     warnings.filterwarnings("ignore")
     from crystalae.search.sweep import run_sweep
 
-    raw = yaml.safe_load(RECIPE.read_text())
     source = (ROOT / raw["data"]["source"]).resolve()  # relative to the repository, as elsewhere in bench/
     args.work.mkdir(parents=True, exist_ok=True)
     subset = args.work / f"subset-{args.rows}.csv"
@@ -207,7 +243,9 @@ def main() -> None:
         print(rows[-1], flush=True)
         if args.out:
             write_json(args.out, summarize(args, settings, rows))
-    report(summarize(args, settings, rows), args.out, hide=("runs",))
+    figures = summarize(args, settings, rows)
+    report(figures, args.out, hide=("runs",))
+    print(readme_tables(figures, raw["train"]["eval_limit"]))
 
 
 if __name__ == "__main__":
