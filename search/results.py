@@ -14,6 +14,7 @@ Layout of a sweep folder (`<storage>/<name>/`, a local folder or an object-stora
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ class Objective:
     mode: str  # "min" or "max"
 
     def best(self, items: list, value) -> Any:
-        """The item whose `value(item)` is best under this objective (None for no items)."""
+        """The item whose `value(item)` is best under this objective (None for no items); ties go to the
+        item listed first."""
         return (min if self.mode == "min" else max)(items, key=value) if items else None
 
     def at_least_as_good(self, a: float, b: float) -> bool:
@@ -139,7 +141,8 @@ class SweepSummary:
         if prefer is None:
             raise ValueError(f"sweep {self.name} has one objective: name the metric to prefer (METRIC:min|max)")
         metric = self.objective.metric
-        pairs = [(t, c) for t, c in self.scored() if _number(c.metrics.get(prefer.metric))]
+        pairs = sorted(((t, c) for t, c in self.scored() if _number(c.metrics.get(prefer.metric))),
+                       key=lambda p: _finished_at(p[1]))
         if not pairs:
             raise ValueError(f"no checkpoint of sweep {self.name} has both {metric!r} and {prefer.metric!r}")
         best = self.objective.best(pairs, lambda p: p[1].metrics[metric])[1].metrics[metric]
@@ -147,13 +150,21 @@ class SweepSummary:
         return prefer.best(close, lambda p: p[1].metrics[prefer.metric])
 
     def best_trial(self) -> Trial | None:
-        """The sweep's own rule: the trial whose best kept checkpoint scores best on the objective."""
-        return self.objective.best([t for t in self.trials if t.best_value is not None], lambda t: t.best_value)
+        """The sweep's own rule: the trial whose best kept checkpoint scores best on the objective (on a tie,
+        the first to reach that value, as the live console reports it)."""
+        ranked = self.ranked_trials()
+        return ranked[0] if ranked else None
+
+    def ranked_trials(self) -> list[Trial]:
+        """The scored trials, best first by the objective; of equal values, the first to reach it first."""
+        by_time = sorted((t for t in self.trials if t.best_value is not None), key=lambda t: _finished_at(t.best_record))
+        return sorted(by_time, key=lambda t: t.best_value, reverse=self.objective.mode == "max")  # stable
 
     def best_checkpoint(self, metric: str | None = None, mode: str | None = None) -> tuple[Trial, CheckpointRecord]:
         """(trial, checkpoint) scoring best on `metric` (default: the objective) over every kept checkpoint."""
         objective = Objective(metric or self.objective.metric, mode or self.objective.mode)
-        pairs = [(t, c) for t in self.trials for c in t.checkpoints if _number(c.metrics.get(objective.metric))]
+        pairs = sorted(((t, c) for t in self.trials for c in t.checkpoints if _number(c.metrics.get(objective.metric))),
+                       key=lambda p: _finished_at(p[1]))  # a tie goes to the first to reach the value
         if not pairs:
             raise ValueError(f"no checkpoint of sweep {self.name} has metric {objective.metric!r}")
         return objective.best(pairs, lambda p: p[1].metrics[objective.metric])
@@ -348,10 +359,7 @@ def recorded_statuses(root: str | Path) -> dict[str, str]:
 
 def best_params(root: str | Path) -> list[dict[str, Any]]:
     """The params of a sweep's scored trials, best first by its own objective."""
-    summary = collect_trials(root)
-    ranked = sorted((t for t in summary.trials if t.best_value is not None), key=lambda t: t.best_value,
-                    reverse=summary.objective.mode == "max")
-    return [t.params for t in ranked]
+    return [t.params for t in collect_trials(root).ranked_trials()]
 
 
 def promote_best(root: str | Path, registry, name: str | None = None, alias: str | None = None,
@@ -376,6 +384,12 @@ def _status(statuses: dict[str, str] | None, trial_id: str, epochs: int, budget:
     if status == "finished" and budget is not None and epochs < budget:
         return "early-stopped"  # ASHA ended it before the epoch budget
     return status
+
+
+def _finished_at(record: CheckpointRecord | None) -> float:
+    """When a checkpoint's epoch finished (infinite where not recorded): orders ties by who got there first."""
+    value = record.metrics.get("finished_at") if record else None
+    return float(value) if _number(value) else math.inf
 
 
 def _number(value: Any) -> bool:

@@ -303,14 +303,29 @@ def test_fields_marked_set_by_data_are_set_by_the_data():
     assert model_config_for(voxel, (8, 22), depth=1, seg_depth=1, **wrong) == base
 
 
-def _scored_summary(points: dict[str, tuple[float, float]]):
+def _scored_summary(points: dict[str, tuple[float, float]], finished_at: dict[str, float] | None = None):
     from crystalae.search.results import CheckpointRecord, Objective, SweepSummary, Trial
 
     trials = []
     for trial_id, (score, size) in points.items():
-        record = CheckpointRecord(f"trials/{trial_id}/checkpoint_000000", 0, {"val_score": score, "parameters": size})
-        trials.append(Trial(trial_id, {}, "finished", 1, [], [record], score, record.path))
+        metrics = {"val_score": score, "parameters": size}
+        if finished_at:
+            metrics["finished_at"] = finished_at[trial_id]
+        record = CheckpointRecord(f"trials/{trial_id}/checkpoint_000000", 0, metrics)
+        trials.append(Trial(trial_id, {}, "finished", 1, [{**metrics, "epoch": 0}], [record], score, record.path))
     return SweepSummary("s", Objective("val_score", "max"), trials, (Objective("parameters", "min"),))
+
+
+def test_a_tie_goes_to_the_trial_that_reached_the_value_first():
+    # the live console names the first trial to reach the best value; the summary, its budget and
+    # promote must name the same one, not whichever trial folder sorts first
+    summary = _scored_summary({"a": (0.0, 900), "b": (0.0, 300), "c": (0.0, 100)},
+                              finished_at={"a": 30.0, "b": 10.0, "c": 20.0})
+    assert summary.best_trial().trial_id == "b"
+    assert [t.trial_id for t in summary.ranked_trials()] == ["b", "c", "a"]  # what warm starts seed from
+    assert summary.best_checkpoint()[0].trial_id == "b"
+    assert summary.budget().epochs_to_best == 1
+    assert summary.pick(0.0)[0].trial_id == "c"  # all tie on score: the smallest model
 
 
 def test_pareto_front_and_the_within_rule():
