@@ -142,7 +142,7 @@ class SweepSummary:
             raise ValueError(f"sweep {self.name} has one objective: name the metric to prefer (METRIC:min|max)")
         metric = self.objective.metric
         pairs = sorted(((t, c) for t, c in self.scored() if _number(c.metrics.get(prefer.metric))),
-                       key=lambda p: _finished_at(p[1]))
+                       key=lambda p: _reached_at(*p, metric))
         if not pairs:
             raise ValueError(f"no checkpoint of sweep {self.name} has both {metric!r} and {prefer.metric!r}")
         best = self.objective.best(pairs, lambda p: p[1].metrics[metric])[1].metrics[metric]
@@ -157,14 +157,15 @@ class SweepSummary:
 
     def ranked_trials(self) -> list[Trial]:
         """The scored trials, best first by the objective; of equal values, the first to reach it first."""
-        by_time = sorted((t for t in self.trials if t.best_value is not None), key=lambda t: _finished_at(t.best_record))
+        by_time = sorted((t for t in self.trials if t.best_value is not None),
+                         key=lambda t: _reached_at(t, t.best_record, self.objective.metric))
         return sorted(by_time, key=lambda t: t.best_value, reverse=self.objective.mode == "max")  # stable
 
     def best_checkpoint(self, metric: str | None = None, mode: str | None = None) -> tuple[Trial, CheckpointRecord]:
         """(trial, checkpoint) scoring best on `metric` (default: the objective) over every kept checkpoint."""
         objective = Objective(metric or self.objective.metric, mode or self.objective.mode)
         pairs = sorted(((t, c) for t in self.trials for c in t.checkpoints if _number(c.metrics.get(objective.metric))),
-                       key=lambda p: _finished_at(p[1]))  # a tie goes to the first to reach the value
+                       key=lambda p: _reached_at(*p, objective.metric))  # a tie goes to the first to reach it
         if not pairs:
             raise ValueError(f"no checkpoint of sweep {self.name} has metric {objective.metric!r}")
         return objective.best(pairs, lambda p: p[1].metrics[objective.metric])
@@ -183,10 +184,12 @@ class SweepSummary:
         return [record for _, record in sorted(rows, key=lambda r: r[0])]
 
     def budget(self) -> Budget:
-        """Total compute, and the compute spent until the best trial's best epoch had finished."""
+        """Total compute, and the compute spent until the best trial had first reached its best value."""
         timeline = self.timeline()
         best = self.best_trial()
-        best_epoch = best.best_epoch if best else None
+        # the first epoch at the best value: kept checkpoints may all be later epochs that only equal it
+        best_epoch = next((int(h.get("epoch", 0)) for h in best.history if h.get(self.objective.metric) == best.best_value),
+                          best.best_epoch) if best else None
         spent_epochs, spent_seconds, at_best = 0, 0.0, None
         for record in timeline:
             spent_epochs, spent_seconds = spent_epochs + 1, spent_seconds + record.seconds
@@ -386,10 +389,18 @@ def _status(statuses: dict[str, str] | None, trial_id: str, epochs: int, budget:
     return status
 
 
-def _finished_at(record: CheckpointRecord | None) -> float:
-    """When a checkpoint's epoch finished (infinite where not recorded): orders ties by who got there first."""
-    value = record.metrics.get("finished_at") if record else None
-    return float(value) if _number(value) else math.inf
+def _reached_at(trial: Trial, record: CheckpointRecord | None, metric: str) -> tuple[float, float]:
+    """When `trial` first reached `record`'s value of `metric` (its per-epoch history may hold an earlier epoch
+    than the kept checkpoints), then when the checkpoint itself finished: equal values go to who got there
+    first, as the live console reports them (infinite where a time was not recorded)."""
+    def time_of(metrics: dict[str, Any]) -> float:
+        value = metrics.get("finished_at")
+        return float(value) if _number(value) else math.inf
+
+    own = time_of(record.metrics) if record else math.inf
+    value = record.metrics.get(metric) if record else None
+    first = min((time_of(h) for h in trial.history if value is not None and h.get(metric) == value), default=own)
+    return min(first, own), own
 
 
 def _number(value: Any) -> bool:

@@ -326,6 +326,13 @@ def test_a_tie_goes_to_the_trial_that_reached_the_value_first():
     assert summary.best_checkpoint()[0].trial_id == "b"
     assert summary.budget().epochs_to_best == 1
     assert summary.pick(0.0)[0].trial_id == "c"  # all tie on score: the smallest model
+    # the kept checkpoints may all be later epochs that only equal the value a trial's history reached first
+    late = summary.trials[0]
+    early = dataclasses.replace(late, history=[{"val_score": 0.0, "epoch": 0, "finished_at": 5.0},
+                                               {"val_score": 0.0, "epoch": 1, "finished_at": 30.0}])
+    summary = dataclasses.replace(summary, trials=[early, *summary.trials[1:]])
+    assert summary.best_trial().trial_id == "a" and summary.best_checkpoint()[0].trial_id == "a"
+    assert summary.budget().epochs_to_best == 1
 
 
 def test_pareto_front_and_the_within_rule():
