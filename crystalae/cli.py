@@ -278,7 +278,8 @@ def format_budget(budget) -> str:
     """One line: the compute a sweep spent, and how much of it came before its best result."""
     line = f"compute: {budget.epochs} epochs, {budget.trial_seconds / 60:.1f} trial-minutes"
     if budget.epochs_to_best is not None:
-        line += (f"; best reached after {budget.epochs_to_best} epochs, "
+        epochs = f"{budget.epochs_to_best} epoch" + ("" if budget.epochs_to_best == 1 else "s")
+        line += (f"; best reached after {epochs}, "
                  f"{budget.seconds_to_best / 60:.1f} trial-minutes")
     return line
 
