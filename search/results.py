@@ -84,6 +84,11 @@ class Trial:
     def best_epoch(self) -> int | None:
         return self.best_record.epoch if self.best_record else None
 
+    def first_reached(self, metric: str, value: Any) -> dict[str, Any] | None:
+        """The first epoch's metrics (history is in epoch order) at `value` of `metric`: kept checkpoints may
+        all be later epochs that only equal it."""
+        return next((h for h in self.history if value is not None and h.get(metric) == value), None)
+
 
 @dataclass(frozen=True)
 class EpochRecord:
@@ -187,9 +192,10 @@ class SweepSummary:
         """Total compute, and the compute spent until the best trial had first reached its best value."""
         timeline = self.timeline()
         best = self.best_trial()
-        # the first epoch at the best value: kept checkpoints may all be later epochs that only equal it
-        best_epoch = next((int(h.get("epoch", 0)) for h in best.history if h.get(self.objective.metric) == best.best_value),
-                          best.best_epoch) if best else None
+        best_epoch = None
+        if best is not None:
+            first = best.first_reached(self.objective.metric, best.best_value)
+            best_epoch = int(first.get("epoch", 0)) if first else best.best_epoch
         spent_epochs, spent_seconds, at_best = 0, 0.0, None
         for record in timeline:
             spent_epochs, spent_seconds = spent_epochs + 1, spent_seconds + record.seconds
@@ -390,16 +396,15 @@ def _status(statuses: dict[str, str] | None, trial_id: str, epochs: int, budget:
 
 
 def _reached_at(trial: Trial, record: CheckpointRecord | None, metric: str) -> tuple[float, float]:
-    """When `trial` first reached `record`'s value of `metric` (its per-epoch history may hold an earlier epoch
-    than the kept checkpoints), then when the checkpoint itself finished: equal values go to who got there
-    first, as the live console reports them (infinite where a time was not recorded)."""
-    def time_of(metrics: dict[str, Any]) -> float:
-        value = metrics.get("finished_at")
+    """When `trial` first reached `record`'s value of `metric`, then when the checkpoint itself finished:
+    equal values go to who got there first, as the live console reports them (infinite where a time was
+    not recorded)."""
+    def time_of(metrics: dict[str, Any] | None) -> float:
+        value = metrics.get("finished_at") if metrics else None
         return float(value) if _number(value) else math.inf
 
-    own = time_of(record.metrics) if record else math.inf
-    value = record.metrics.get(metric) if record else None
-    first = min((time_of(h) for h in trial.history if value is not None and h.get(metric) == value), default=own)
+    own = time_of(record.metrics if record else None)
+    first = time_of(trial.first_reached(metric, record.metrics.get(metric))) if record else math.inf
     return min(first, own), own
 
 
