@@ -35,8 +35,10 @@ class LoadedModel:
 
 def save_checkpoint(folder: str | Path, model: CrystalAE, voxel: VoxelConfig, *, epoch: int,
                     metrics: dict[str, Any], train_config: dict[str, Any], dataset_hash: str,
-                    optimizer: torch.optim.Optimizer | None = None, history: list[dict] | None = None) -> Path:
-    """Write `checkpoint.pt` + `config.json` into `folder`; `history` is the per-epoch metric record."""
+                    optimizer: torch.optim.Optimizer | None = None, history: list[dict] | None = None,
+                    lineage: dict[str, Any] | None = None) -> Path:
+    """Write `checkpoint.pt` + `config.json` into `folder`; `history` is the per-epoch metric record,
+    `lineage` where the run's configuration came from (a sweep trial: sweep, trial, params)."""
     folder = Path(folder)
     payload = {
         "format": FORMAT, "epoch": epoch, "model": model.state_dict(),
@@ -45,6 +47,8 @@ def save_checkpoint(folder: str | Path, model: CrystalAE, voxel: VoxelConfig, *,
         "train_config": train_config, "metrics": _plain(metrics), "dataset_hash": dataset_hash,
         "history": _plain({"h": history or []})["h"],
     }
+    if lineage:
+        payload["lineage"] = _plain(lineage)
     return _write(folder, payload)
 
 
@@ -109,7 +113,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path}: weights do not fit its model config: {exc}") from None
     model.to(device).eval()
-    meta = {k: payload.get(k) for k in ("epoch", "metrics", "train_config", "dataset_hash", "history", "latent_prior")}
+    meta = {k: payload.get(k) for k in ("epoch", "metrics", "train_config", "dataset_hash", "history", "latent_prior",
+                                        "lineage")}
     prior = meta["latent_prior"]
     if prior is not None and not (isinstance(prior, dict) and all(torch.is_tensor(prior.get(k)) for k in ("mean", "scale_tril"))
                                   and prior["mean"].shape == (config.latent_dim,)

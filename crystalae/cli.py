@@ -123,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_sweep(config, storage=storage, resume=(root / SWEEP_FILE).exists())
     print(format_sweep(summary))
     registry = Registry(out / "registry")
-    entry = promote_best(root, registry, alias="champion")
+    entry = promote_best(root, registry, alias="champion", fit_prior=True)  # a prior, so it samples well
     print(f"3/5 promoted trial {entry['source']['trial']} epoch {entry['epoch']} as {entry['ref']} (alias champion)")
     loaded = load_checkpoint(registry.resolve("champion"))
     generated = write_generated(out / "generated", [(f"sample-{i:02d}", s) for i, s in enumerate(sample(loaded, 8))],
@@ -155,8 +155,12 @@ def _sample_pretrained(out: Path, count: int = 8) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from crystalae.training import TrainConfig, best_checkpoint_path, read_train_spec, train
+    from crystalae.training import TrainConfig, read_train_spec, train
 
+    if args.from_trial is not None:
+        return _retrain(args)
+    if args.data is None:
+        raise ValueError("train needs --data DIR (a prepared dataset) or --from-trial SWEEP/TRIAL")
     spec = read_train_spec(args.config)
     train_values = dict(spec.get("train") or {})
     for key in ("epochs", "workers", "batch_size", "lr", "threads"):
@@ -167,6 +171,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(train_values)
     result = train(args.data, cfg, spec.get("model") or {}, storage=args.storage, name=args.name,
                    preset=args.preset or spec.get("preset"))
+    return _report_training(result)
+
+
+def _report_training(result) -> int:
+    from crystalae.training import best_checkpoint_path
+
     if result.error:
         print(f"crystalae: training failed: {result.error}", file=sys.stderr)
         return 1
@@ -175,6 +185,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"trained {metrics.get('epoch', -1) + 1} epochs; last validation: {shown}")
     print(f"best checkpoint: {best_checkpoint_path(result)}")
     return 0
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    """`train --from-trial SWEEP/TRIAL`: the trial's configuration at full budget, with its lineage."""
+    from crystalae.search.retrain import retrain_trial
+
+    if args.config or args.preset or args.batch_size is not None or args.lr is not None:
+        raise ValueError("--from-trial takes the trial's own configuration: drop --config, --preset, --batch-size, --lr")
+    overrides = {k: getattr(args, k) for k in ("workers", "threads") if getattr(args, k) is not None}
+    if args.gpu:
+        overrides["use_gpu"] = True
+    result = retrain_trial(args.sweeps, args.from_trial, epochs=args.epochs, data=args.data,
+                           train_overrides=overrides, out=args.storage,
+                           name=None if args.name == "crystalae" else args.name)
+    return _report_training(result)
 
 
 def _load_model(args: argparse.Namespace):
@@ -290,13 +315,16 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     if (args.within is not None or args.prefer) and not args.best:
         raise ValueError("--within and --prefer choose among a sweep's trials: use them with --best")
+    if args.fit_prior and not args.best:
+        raise ValueError("--fit-prior fits on the trial's sweep dataset: use it with --best (or run `crystalae fit-prior`)")
     if args.prefer and args.within is None:
         raise ValueError("--prefer needs --within D (how far below the best objective a trial may be)")
     registry = Registry(args.registry)
     if args.best:
         given = location(args.source)
         root = given if isinstance(given, str) or given.is_dir() else sweep_dir(args.storage, args.source)
-        entry = promote_best(root, registry, args.name, args.alias, args.metric, args.mode, args.within, args.prefer)
+        entry = promote_best(root, registry, args.name, args.alias, args.metric, args.mode, args.within, args.prefer,
+                             fit_prior=args.fit_prior)
     else:
         path, default = _trial_checkpoint(Path(args.source), args.storage, args.metric, args.mode)
         if args.name is None and default is None:
@@ -351,7 +379,7 @@ def cmd_alias(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from crystalae.pretrained import pretrained_models
-    from crystalae.registry import Registry
+    from crystalae.registry import Registry, lineage_text
 
     for m in pretrained_models():
         shown = {k: round(v, 4) for k, v in m["test"].items() if k in ("match_rate", "rms", "species_accuracy")}
@@ -363,7 +391,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for e in entries:
         shown = {k: round(v, 4) for k, v in e["metrics"].items() if k.startswith("val_") and isinstance(v, float)}
         aliases = f" [{', '.join(e['aliases'])}]" if e["aliases"] else ""
-        print(f"{e['ref']}{aliases}  epoch {e['epoch']}  {shown}")
+        print(f"{e['ref']}{aliases}  epoch {e['epoch']}  {shown}\n    from: {lineage_text(e)}")
     return 0
 
 
@@ -466,7 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     tr = sub.add_parser("train", help="train the VAE and its species reader with Ray Train")
-    tr.add_argument("--data", required=True, type=location, help="dataset folder or URI from `data prepare`")
+    tr.add_argument("--data", type=location, help="dataset folder or URI from `data prepare`")
+    tr.add_argument("--from-trial", metavar="SWEEP/TRIAL",
+                    help="retrain a sweep trial's configuration (its voxel, model and train settings), recording "
+                         "its lineage; --data defaults to the sweep's own shards for it")
+    tr.add_argument("--sweeps", default="runs/sweeps", help="with --from-trial: the sweeps folder or URI")
     tr.add_argument("--config", type=Path, help="YAML with `train:` / `model:` sections and `preset:`")
     tr.add_argument("--preset", choices=("paper",), help="paper: Hoffmann et al. architecture")
     tr.add_argument("--workers", type=int, help="Ray Train workers")
@@ -476,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float)
     tr.add_argument("--threads", type=int, help="torch threads (= CPUs reserved) per worker; default: cores / workers")
     tr.add_argument("--storage", default="runs/train", help="results folder or pyarrow URI (s3://...)")
-    tr.add_argument("--name", default="crystalae", help="run name; rerunning the same name resumes it")
+    tr.add_argument("--name", default="crystalae",
+                    help="run name; rerunning the same name resumes it (with --from-trial: SWEEP-TRIAL)")
     tr.set_defaults(func=cmd_train)
 
     rc = sub.add_parser("reconstruct", help="encode and decode a source with a trained model and score it")
@@ -538,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --best: among trials within D of the best objective, take the one best on --prefer")
     pr.add_argument("--prefer", metavar="METRIC[:MODE]",
                     help="with --within: what to prefer (default: the sweep's second objective), e.g. parameters:min")
+    pr.add_argument("--fit-prior", action="store_true",
+                    help="with --best: fit the sampling prior on the trial's dataset first (for generation)")
     pr.add_argument("--name", help="registry name (default: the sweep name)")
     pr.add_argument("--alias", help="alias to move to the new version, e.g. champion")
     pr.add_argument("--storage", default="runs/sweeps", help="sweeps folder or URI (s3://...)")

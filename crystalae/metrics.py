@@ -22,7 +22,7 @@ def structure_matcher():
 def compare(predicted: Structure | None, true: Structure) -> dict[str, Any]:
     """Match flag, RMS displacement (normalised by (V/n)^(1/3), as pymatgen/CDVAE) and agreement."""
     if predicted is None:
-        return {"match": False, "rms": None, "composition_ok": False, "count_ok": False}
+        return {"match": False, "rms": None, "composition_ok": False, "count_ok": False, "recovery": 0.0}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rms = structure_matcher().get_rms_dist(predicted, true)
@@ -31,6 +31,7 @@ def compare(predicted: Structure | None, true: Structure) -> dict[str, Any]:
         "rms": None if rms is None else float(rms[0]),
         "composition_ok": predicted.composition == true.composition,
         "count_ok": len(predicted) == len(true),
+        "recovery": recovery(predicted, true),
     }
 
 
@@ -39,7 +40,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(records)
     if n == 0:
         return {"n": 0, "match_rate": None, "mean_rms": None, "composition_accuracy": None,
-                "atom_count_accuracy": None}
+                "atom_count_accuracy": None, "mean_recovery": None}
     rms = [r["rms"] for r in records if r["match"]]
     return {
         "n": n,
@@ -47,6 +48,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_rms": float(np.mean(rms)) if rms else None,
         "composition_accuracy": sum(r["composition_ok"] for r in records) / n,
         "atom_count_accuracy": sum(r["count_ok"] for r in records) / n,
+        "mean_recovery": float(np.mean([r.get("recovery") or 0.0 for r in records])),
     }
 
 
@@ -56,6 +58,42 @@ def reconstruction_score(match_rate: float | None, species_accuracy: float | Non
     atom-count accuracy as tie-breakers worth at most 0.001 together, so one more match out of up to
     1,000 crystals always ranks higher (missing values count as 0)."""
     return float((match_rate or 0.0) + 0.0005 * ((species_accuracy or 0.0) + (atom_count_rate or 0.0)))
+
+
+def recovery(predicted: Structure | None, true: Structure, tolerance: float = 0.5) -> float:
+    """A continuous reconstruction score in [0, 1]: the share of atoms recovered, times a lattice term.
+
+    Atoms: each true atom counts when the decoded atom nearest to it (in fractional coordinates of
+    the true lattice, as `site_confusion`) lies within `tolerance` Å and has its species, each decoded
+    atom used once; divided by max(true, decoded) atoms, so extra atoms cost as much as missing ones.
+    Lattice: 1 / (1 + (e_len / ltol)^2 + (e_ang / angle_tol)^2) with the largest relative length error
+    and the largest angle error (degrees), so it is 1/2 at the matcher's own tolerances.
+
+    Unlike the match rate, which stays 0 until a decoder gets every atom right, this rises from the
+    first epoch as positions, species and cells improve, so it ranks trials early (a sweep objective).
+    """
+    if predicted is None or len(predicted) == 0 or len(true) == 0:
+        return 0.0
+    d = true.frac_coords[:, None, :] - predicted.frac_coords[None, :, :]
+    d -= np.round(d)
+    dist = np.linalg.norm(d @ true.lattice.matrix, axis=-1)  # (true, predicted)
+    same = np.array([[a.specie == b.specie for b in predicted] for a in true])
+    dist = np.where(same, dist, np.inf)
+    used, found = set(), 0
+    for i in np.argsort(dist.min(axis=1)):  # closest pairs first
+        for j in np.argsort(dist[i]):
+            if dist[i, j] >= tolerance:
+                break
+            if j not in used:
+                used.add(int(j))
+                found += 1
+                break
+    atoms = found / max(len(true), len(predicted))
+    a, b = np.array(true.lattice.abc), np.array(predicted.lattice.abc)
+    len_err = float(np.max(np.abs(b - a) / a))
+    ang_err = float(np.max(np.abs(np.array(predicted.lattice.angles) - np.array(true.lattice.angles))))
+    lattice = 1.0 / (1.0 + (len_err / MATCHER_SETTINGS["ltol"]) ** 2 + (ang_err / MATCHER_SETTINGS["angle_tol"]) ** 2)
+    return float(atoms * lattice)
 
 
 def site_confusion(predicted: Structure | None, true: Structure, species: tuple[int, ...],

@@ -106,8 +106,8 @@ class Registry:
                     "sha256": sha256_file(staging / FILENAME), "metrics": payload["metrics"],
                     "epoch": payload["epoch"], "model_config": payload["model_config"],
                     "voxel_config": payload["voxel_config"], "train_config": payload["train_config"],
-                    "dataset_hash": payload["dataset_hash"], "source": {"checkpoint": str(Path(checkpoint).resolve()),
-                                                                        **(source or {})},
+                    "dataset_hash": payload["dataset_hash"], "lineage": payload.get("lineage"),
+                    "source": {"checkpoint": str(Path(checkpoint).resolve()), **(source or {})},
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }
                 write_json(staging / "manifest.json", manifest)
@@ -224,3 +224,15 @@ class Registry:
                     continue
                 result.append({**manifest, "aliases": sorted(by_ref.get(ref, []))})
         return result
+
+
+def lineage_text(entry: dict[str, Any]) -> str:
+    """Where a registry version came from, in a few words: the sweep and trial it was found by, and
+    whether it is that trial's own checkpoint or a retrain of its configuration (`train --from-trial`)."""
+    lineage, source = entry.get("lineage") or {}, entry.get("source") or {}
+    if lineage.get("trial"):
+        return (f"retrain of sweep {lineage.get('sweep')} trial {lineage['trial']} "
+                f"({lineage.get('epochs')} epochs, dataset {str(entry.get('dataset_hash'))[:12]})")
+    if source.get("trial"):
+        return f"sweep {source.get('sweep')} trial {source['trial']} epoch {source.get('epoch', entry.get('epoch'))}"
+    return f"imported from {source.get('given') or source.get('checkpoint') or 'a checkpoint'}"

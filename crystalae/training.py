@@ -42,7 +42,7 @@ SCORE = ("val_score", "max")  # the default objective: comparable across sigma, 
 BATCH_COLUMNS = ("density", "labels", "lattice", "sites")
 # Metrics every epoch reports (a sweep objective must be one of them); lattice terms need the cell grid.
 REPORTED_METRICS = (
-    "val_score", "val_match_rate", "val_rms", "val_species_accuracy", "val_atom_count_rate",
+    "val_score", "val_recovery", "val_match_rate", "val_rms", "val_species_accuracy", "val_atom_count_rate",
     "val_density_mse", *(f"{split}_{term}" for split in ("val", "train") for term in ("loss", "recon", "kl", "seg", "lattice")),
     "epoch_seconds", "eval_seconds", "parameters",
 )
@@ -435,6 +435,7 @@ def evaluate(model: CrystalAE, table, voxel: VoxelConfig, cfg: TrainConfig, devi
         "atom_count_rate": summary["atom_count_accuracy"],
         "match_rate": summary["match_rate"],
         "rms": summary["mean_rms"],
+        "recovery": summary["mean_recovery"],
         "score": reconstruction_score(summary["match_rate"], species_accuracy, summary["atom_count_accuracy"]),
         "per_element_accuracy": per_element,
         "confusion": confusion.tolist(),
@@ -505,14 +506,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics.update({f"val_{k}": v for k, v in evaluate(core, val_table, voxel, cfg, device).items()})
         else:
             metrics["val_loss"] = metrics["train_loss"]
-            metrics["val_score"] = 0.0
+            metrics["val_score"] = metrics["val_recovery"] = 0.0
         metrics["eval_seconds"] = time.perf_counter() - started - metrics["epoch_seconds"]
         metrics["parameters"] = sum(p.numel() for p in core.parameters())  # a size objective for sweeps
         metrics["finished_at"] = time.time()  # wall clock: orders epochs of concurrent trials (sweep budgets)
         history.append(_scalars(metrics))
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(folder, core, voxel, epoch=epoch, metrics=metrics, train_config=cfg.as_dict(),
-                            dataset_hash=loop_config["dataset_hash"], optimizer=optimizer, history=history)
+                            dataset_hash=loop_config["dataset_hash"], optimizer=optimizer, history=history,
+                            lineage=loop_config.get("lineage"))
             ray.train.report(_scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -546,10 +548,11 @@ def build_configs(data: str | Path, model_overrides: dict[str, Any], preset: str
 
 def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: dict[str, Any] | None = None,
           storage: str | Path = "runs/train", name: str = "crystalae", preset: str | None = None,
-          callbacks: list | None = None, score: tuple[str, str] = SCORE):
+          callbacks: list | None = None, score: tuple[str, str] = SCORE, lineage: dict[str, Any] | None = None):
     """Train with Ray Train's TorchTrainer; rerunning the same storage/name resumes from the latest
-    checkpoint. `score` (metric, mode) ranks the kept checkpoints. Returns the Ray `Result` (its
-    `checkpoint` is the newest, `best_checkpoints` ranked)."""
+    checkpoint. `score` (metric, mode) ranks the kept checkpoints; `lineage` (where this configuration
+    came from, e.g. a sweep trial) is recorded in every checkpoint with the dataset hash. Returns the
+    Ray `Result` (its `checkpoint` is the newest, `best_checkpoints` ranked)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -568,7 +571,7 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
     # Workers read their share of the shards themselves (WorkerShare): no Ray Data pipeline to start per run.
     loop_config = {"train": cfg.as_dict(), "voxel": voxel.as_dict(), "model": model_cfg.as_dict(),
                    "data": str(data) if storage_is_remote(data) else str(Path(data).resolve()),
-                   "dataset_hash": manifest["dataset_hash"],
+                   "dataset_hash": manifest["dataset_hash"], "lineage": lineage,
                  "train_rows": manifest["counts"]["splits"].get("train", 0)}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -27,14 +27,15 @@ from crystalae.checkpoint import (
 from crystalae.registry import Registry, RegistryError
 from crystalae.search import results
 from crystalae.search.results import SweepSummary
-from crystalae.storage import is_remote
+from crystalae.storage import is_remote, read_json
+from crystalae.storage import join as storage_join
 
 STORAGE_ENV = "CRYSTALAE_STORAGE"
 REGISTRY_ENV = "CRYSTALAE_REGISTRY"
 DEFAULT_STORAGE = "runs/sweeps"
 DEFAULT_REGISTRY = "runs/registry"
 LIVE_TTL = 10  # seconds: sweep folders change while trials run
-RECON_METRICS = ["val_score", "val_match_rate", "val_rms", "val_atom_count_rate", "val_species_accuracy",
+RECON_METRICS = ["val_score", "val_recovery", "val_match_rate", "val_rms", "val_atom_count_rate", "val_species_accuracy",
                  "val_density_mse"]
 MISSING_ERRORS = (CheckpointError, RegistryError, OSError, ValueError)  # what a vanished file can raise
 
@@ -87,6 +88,17 @@ def sweep_label(storage: Path, sweep_root: str) -> str:
 @st.cache_data(ttl=LIVE_TTL, show_spinner="Reading sweep…")
 def load_summary(sweep_root: str) -> SweepSummary:
     return results.collect_trials(sweep_root)
+
+
+@st.cache_data(ttl=LIVE_TTL)
+def first_rung(sweep_root: str) -> int:
+    """The epoch of the sweep's first ASHA cut (its grace period); 1 where the sweep.json is unreadable."""
+    from crystalae.search.config import SweepConfig
+
+    try:
+        return SweepConfig.from_dict(read_json(storage_join(sweep_root, results.SWEEP_FILE))).asha_grace_period()
+    except (OSError, ValueError, TypeError, KeyError):
+        return 1
 
 
 def trial_frame(summary: SweepSummary) -> pd.DataFrame:

@@ -10,7 +10,7 @@ import streamlit as st
 from plotly.colors import qualitative
 
 from crystalae.dashboard import data
-from crystalae.search.results import SweepSummary
+from crystalae.search.results import RungRanking, SweepSummary
 
 PALETTE = qualitative.Dark24
 
@@ -27,6 +27,18 @@ def learning_curves(summary: SweepSummary, metric: str, trial_ids: list[str]) ->
             fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"{t.trial_id} ({t.status})"))
     fig.update_layout(xaxis_title="epoch", xaxis_dtick=1, yaxis_title=metric, height=380, margin={"t": 30, "b": 40},
                       legend_title_text="trial")
+    return fig
+
+
+def rung_scatter(ranking: RungRanking) -> go.Figure:
+    """Each trial's objective at a pruning rung against where it ended, with the rank correlation."""
+    rho = "–" if ranking.spearman is None else f"{ranking.spearman:.2f}"
+    fig = go.Figure(go.Scatter(x=[p[1] for p in ranking.points], y=[p[2] for p in ranking.points], mode="markers",
+                               text=[p[0] for p in ranking.points], hovertemplate="%{text}<br>%{x:.4g} → %{y:.4g}",
+                               marker={"size": 10, "color": PALETTE[0]}))
+    fig.update_layout(title=f"Spearman ρ = {rho} over {len(ranking.points)} trials",
+                      xaxis_title=f"{ranking.metric} after epoch {ranking.rung}",
+                      yaxis_title=f"best {ranking.final}", height=380, margin={"t": 50, "b": 40})
     return fig
 
 

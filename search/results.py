@@ -110,6 +110,16 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class RungRanking:
+    """How well a metric after an early epoch (a pruning rung) ranks trials by where they ended."""
+    rung: int  # epochs trained at the rung (1 = after the first epoch)
+    metric: str  # the metric read at the rung (the objective)
+    final: str  # the metric the trials are ranked by at the end (their best value)
+    points: list[tuple[str, float, float]]  # (trial_id, value at the rung, final best value)
+    spearman: float | None  # rank correlation over `points`; None for fewer than 3 or a constant side
+
+
+@dataclass(frozen=True)
 class SweepSummary:
     name: str
     objective: Objective
@@ -187,6 +197,22 @@ class SweepSummary:
                 rows.append((key, EpochRecord(t.trial_id, int(h.get("epoch", 0)), seconds,
                                               float(value) if _number(value) and value == value else None)))
         return [record for _, record in sorted(rows, key=lambda r: r[0])]
+
+    def rung_ranking(self, rung: int, final: str = "val_match_rate", full_only: bool = True) -> RungRanking:
+        """The objective after `rung` epochs against each trial's best `final` value over its history.
+
+        With `full_only`, trials ASHA stopped early are left out (their final value never had the
+        budget); in a FIFO sweep every trial counts. This is what tells whether early cuts are sound.
+        """
+        metric, points = self.objective.metric, []
+        for t in self.trials:
+            if (full_only and t.status in ("early-stopped", "error")) or len(t.history) < max(rung, 1):
+                continue
+            early = t.history[rung - 1].get(metric)
+            ends = [h.get(final) for h in t.history if _number(h.get(final)) and h.get(final) == h.get(final)]
+            if _number(early) and early == early and ends:
+                points.append((t.trial_id, float(early), float(max(ends))))
+        return RungRanking(rung, metric, final, points, spearman([p[1] for p in points], [p[2] for p in points]))
 
     def budget(self) -> Budget:
         """Total compute, and the compute spent until the best trial had first reached its best value."""
@@ -373,17 +399,62 @@ def best_params(root: str | Path) -> list[dict[str, Any]]:
 
 def promote_best(root: str | Path, registry, name: str | None = None, alias: str | None = None,
                  metric: str | None = None, mode: str | None = None, within: float | None = None,
-                 prefer: str | None = None) -> dict[str, Any]:
+                 prefer: str | None = None, fit_prior: bool = False) -> dict[str, Any]:
     """Promote the sweep's best kept checkpoint into `registry` (a crystalae.registry.Registry); with
-    `within`, the checkpoint `SweepSummary.pick` chooses (`prefer`: METRIC[:MODE])."""
+    `within`, the checkpoint `SweepSummary.pick` chooses (`prefer`: METRIC[:MODE]). With `fit_prior`,
+    a checkpoint without a latent prior gets one fitted on its trial's dataset first (see
+    `crystalae.prior`), so the version samples crystals where its decoder was trained."""
     summary = collect_trials(root)
     if within is None:
         trial, checkpoint = summary.best_checkpoint(metric, mode)
     else:
         trial, checkpoint = summary.pick(within, Objective.parse(prefer, summary.objectives) if prefer else None)
     where = {"checkpoint": str(storage_join(root, checkpoint.path))} if is_remote(root) else {}
-    return registry.promote(local_checkpoint(root, checkpoint.path), name or summary.name, alias=alias,
-                            source={**where, "sweep": summary.name, "trial": trial.trial_id, "epoch": checkpoint.epoch})
+    source = {**where, "sweep": summary.name, "trial": trial.trial_id, "epoch": checkpoint.epoch}
+    folder = local_checkpoint(root, checkpoint.path)
+    if not fit_prior:
+        return registry.promote(folder, name or summary.name, alias=alias, source=source)
+    import tempfile
+
+    from crystalae.checkpoint import read_checkpoint
+    from crystalae.prior import with_latent_prior
+
+    payload = read_checkpoint(folder)
+    data = None if payload.get("latent_prior") is not None else sweep_dataset(root, payload["dataset_hash"])
+    if data is None:  # it has a prior already, or the trial's dataset is gone: promote it as it is
+        return registry.promote(folder, name or summary.name, alias=alias, source=source)
+    with tempfile.TemporaryDirectory() as tmp:
+        with_latent_prior(folder, data, Path(tmp) / "checkpoint")
+        return registry.promote(Path(tmp) / "checkpoint", name or summary.name, alias=alias,
+                                source={"checkpoint": str(where.get("checkpoint") or Path(folder).resolve()),
+                                        **source, "latent_prior": "fitted on the trial dataset's train split"})
+
+
+def sweep_dataset(root: str | Path, dataset_hash: str) -> str | Path | None:
+    """The prepared dataset under the sweep's `datasets/` whose manifest has `dataset_hash` (None: gone)."""
+    from crystalae.shards import MANIFEST
+
+    base = storage_join(root, DATASETS_DIR)
+    if is_remote(base):
+        names = sorted({relative.split("/")[0] for relative, _ in list_files(base) if relative.endswith(MANIFEST)})
+    else:
+        names = sorted(p.parent.name for p in Path(base).glob(f"*/{MANIFEST}"))
+    for folder in (storage_join(base, n) for n in names):
+        try:
+            if read_json(storage_join(folder, MANIFEST)).get("dataset_hash") == dataset_hash:
+                return folder
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (ties share their mean rank); None where it is undefined."""
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
 
 
 def _status(statuses: dict[str, str] | None, trial_id: str, epochs: int, budget: int | None) -> str:

@@ -149,6 +149,58 @@ def test_promote_alias_and_generate_from_alias(tiny_sweep, tmp_path):
         Registry(reg2).promote(registry.resolve("champion"), "../evil")
 
 
+def test_promote_best_can_fit_the_sampling_prior_on_the_trials_dataset(tiny_sweep, tmp_path, capsys):
+    from crystalae.checkpoint import load_checkpoint
+    from crystalae.cli import main
+
+    registry = tmp_path / "reg"
+    assert main(["promote", str(tiny_sweep["root"]), "--best", "--fit-prior", "--registry", str(registry)]) == 0
+    entry = Registry(registry).entries()[0]
+    loaded = load_checkpoint(Registry(registry).resolve(entry["ref"]))
+    assert loaded.meta["latent_prior"]["count"] > 0  # fitted on the trial's own training split
+    assert entry["source"]["trial"] == tiny_sweep["summary"].best_trial().trial_id
+    assert loaded.meta["latent_prior"]["mean"].shape == (loaded.model_config.latent_dim,)
+    assert load_checkpoint(tiny_sweep["root"] / tiny_sweep["summary"].best_checkpoint()[1].path).meta["latent_prior"] is None
+    assert main(["promote", "tiny/x", "--fit-prior", "--storage", str(tiny_sweep["storage"]),
+                 "--registry", str(registry)]) == 2
+    assert "--fit-prior" in capsys.readouterr().err
+
+
+def test_train_from_trial_retrains_its_configuration_with_lineage(tiny_sweep, tmp_path, capsys):
+    import ray
+
+    from crystalae.checkpoint import read_checkpoint
+    from crystalae.cli import main
+
+    best = tiny_sweep["summary"].best_trial()
+    ref = f"tiny/{best.trial_id}"
+    try:
+        assert main(["train", "--from-trial", ref, "--sweeps", str(tiny_sweep["storage"]), "--epochs", "1",
+                     "--storage", str(tmp_path / "runs"), "--threads", "1"]) == 0
+    finally:
+        ray.shutdown()
+    assert "best checkpoint:" in capsys.readouterr().out
+    run = tmp_path / "runs" / f"tiny-{best.trial_id}"
+    newest = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
+    payload = read_checkpoint(newest)
+    lineage = payload["lineage"]
+    assert lineage["sweep"] == "tiny" and lineage["trial"] == best.trial_id and lineage["epochs"] == 1
+    assert lineage["params"] == best.params and lineage["objective"]["trial_best"] == best.best_value
+    trial_payload = read_checkpoint(tiny_sweep["root"] / best.best_checkpoint)
+    assert payload["dataset_hash"] == trial_payload["dataset_hash"]  # the sweep's own shards for its sigma
+    assert payload["model_config"] == trial_payload["model_config"]
+    registry = tmp_path / "reg"
+    assert main(["promote", str(newest), "--name", "final", "--registry", str(registry)]) == 0
+    assert Registry(registry).entries()[0]["lineage"]["trial"] == best.trial_id
+    assert main(["models", "--registry", str(registry)]) == 0
+    assert f"retrain of sweep tiny trial {best.trial_id}" in capsys.readouterr().out
+    for bad in ([ref, "--lr", "0.1"], ["tiny/nope"], ["nosweep/x"], ["justone"]):
+        assert main(["train", "--from-trial", *bad, "--sweeps", str(tiny_sweep["storage"]),
+                     "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "drop --config" in err and "no trial 'nope'" in err and "no sweep at" in err and "SWEEP/TRIAL" in err
+
+
 def test_concurrent_promotes_get_distinct_versions(tiny_sweep, tmp_path):
     source = Registry(tiny_sweep["registry"]).resolve("champion")
     registry = Registry(tmp_path / "reg")

@@ -103,6 +103,27 @@ else:
     ids = right.multiselect("Trials", list(frame["trial_id"]), default=list(shown["trial_id"]), key="curve_trials")
     st.plotly_chart(views.learning_curves(summary, metric, ids), key="curves")
 
+st.header("Does the objective rank trials early?")
+st.caption("Each trial's objective at a pruning rung against the best value it ended with. A high rank "
+           "correlation means ASHA's cut at that rung keeps the trials that end best; trials it stopped "
+           "early are left out (they never had the full budget). `bench/rank_correlation.py` measures the "
+           "same against the test-split match rate.")
+if not metrics:
+    st.info("No epoch has been reported yet.")
+else:
+    left, right = st.columns(2)
+    longest = max(len(t.history) for t in trials)
+    rung = left.number_input("Rung (epochs trained)", 1, max(longest, 1), min(data.first_rung(root), max(longest, 1)),
+                             key="rung_epoch")
+    finals = [m for m in metrics if m.startswith("val_")] or metrics
+    final = right.selectbox("Final metric", finals, index=finals.index("val_match_rate") if "val_match_rate" in finals
+                            else 0, key="rung_final")
+    ranking = summary.rung_ranking(int(rung), final)
+    if len(ranking.points) < 3:
+        st.info(f"{len(ranking.points)} trial(s) trained past epoch {rung} without being stopped: a correlation "
+                "needs at least 3.")
+    st.plotly_chart(views.rung_scatter(ranking), key="rung_scatter")
+
 st.header("Search space vs objective")
 params = sorted({k for t in trials for k in t.params})
 objective_col = f"best {objective}"

@@ -8,7 +8,7 @@ import streamlit as st
 
 from crystalae.checkpoint import FILENAME
 from crystalae.dashboard import data, views
-from crystalae.registry import Registry
+from crystalae.registry import Registry, lineage_text
 
 st.set_page_config(page_title="Registry · crystalae", page_icon="💎", layout="wide")
 if "promote_message" not in st.session_state:
@@ -30,8 +30,7 @@ else:
         folder = paths.registry_folder(e["ref"], e["name"], e["version"])
         rows.append({"ref": e["ref"], "aliases": ", ".join(e["aliases"]), "epoch": e.get("epoch"),
                      **{m: e["metrics"].get(m) for m in ["val_loss", *data.RECON_METRICS]},
-                     "created": e.get("created"), "sweep": e.get("source", {}).get("sweep"),
-                     "trial": e.get("source", {}).get("trial"),
+                     "created": e.get("created"), "lineage": lineage_text(e),
                      "checkpoint": "ok" if (folder / FILENAME).exists() else "MISSING"})
     frame = pd.DataFrame(rows)
     st.dataframe(frame, hide_index=True, key="registry_table")

@@ -1,0 +1,86 @@
+"""Winner -> full-budget model: retrain a sweep trial's configuration, recording where it came from.
+
+    crystalae train --from-trial demo/1a2b3c4d --epochs 60 --name demo-final
+
+The run is an ordinary `crystalae.training.train` run (resumable under its name); each of its
+checkpoints carries `lineage` (sweep, trial, params, the trial's objective and the sweep folder) beside
+the dataset hash, and a promote copies it into the registry manifest.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from crystalae import storage as store
+from crystalae.search.config import SweepConfig, trial_overrides
+from crystalae.search.results import PARAMS_FILE, SWEEP_FILE, TRIALS_DIR, collect_trials, is_sweep, sweep_dir
+from crystalae.training import TrainConfig
+
+__all__ = ["trial_recipe", "retrain_trial"]
+
+
+def trial_recipe(storage: str | Path, ref: str) -> dict[str, Any]:
+    """The configuration of trial `ref` (`SWEEP/TRIAL`, under `storage`, or a trial folder).
+
+    Returns:
+        A dict with `sweep` (the SweepConfig), `root` (the sweep folder), `trial` (its id), `params`
+        (the sampled values), `voxel`/`model`/`train` (the overrides a trial built) and `lineage`.
+
+    Raises:
+        ValueError: `ref` names no trial of a sweep, or the trial never wrote its params.
+    """
+    given = Path(ref)
+    if given.is_dir() and given.parent.name == TRIALS_DIR and is_sweep(given.parent.parent):
+        root, trial_id = given.parent.parent, given.name
+    else:
+        sweep_name, _, trial_id = ref.rstrip("/").rpartition("/")
+        if not sweep_name or not trial_id:
+            raise ValueError(f"--from-trial {ref}: give SWEEP/TRIAL (e.g. demo/1a2b3c4d) or a trial folder")
+        root = sweep_dir(storage, sweep_name)
+    if not is_sweep(root):
+        raise ValueError(f"--from-trial {ref}: no sweep at {root} (its {SWEEP_FILE} is missing)")
+    params_file = store.join(root, TRIALS_DIR, trial_id, PARAMS_FILE)
+    if not store.is_file(params_file):
+        raise ValueError(f"--from-trial {ref}: sweep {store.name_of(root)} has no trial {trial_id!r} with {PARAMS_FILE}")
+    sweep = SweepConfig.from_dict(store.read_json(store.join(root, SWEEP_FILE)))
+    params = store.read_json(params_file)
+    voxel, model, train = trial_overrides(sweep, params)
+    trial = collect_trials(root).only(trial_id).trials
+    best = trial[0].best_value if trial else None
+    lineage = {"sweep": sweep.name, "sweep_dir": str(root), "trial": trial_id, "params": params,
+               "objective": {"metric": sweep.objective_metric, "mode": sweep.objective_mode, "trial_best": best},
+               "trial_epochs": sweep.epochs}
+    return {"sweep": sweep, "root": root, "trial": trial_id, "params": params, "voxel": voxel, "model": model,
+            "train": train, "lineage": lineage}
+
+
+def retrain_trial(storage: str | Path, ref: str, *, epochs: int | None = None, data: str | Path | None = None,
+                  train_overrides: dict[str, Any] | None = None, out: str | Path = "runs/train",
+                  name: str | None = None):
+    """Train trial `ref`'s configuration again, at `epochs` (default: the sweep's budget).
+
+    `data` is a prepared dataset with the trial's voxel config (default: the sweep's own shards for
+    it, prepared again if they were removed); `train_overrides` replace TrainConfig values (workers,
+    threads, use_gpu...). Returns the Ray `Result` of `crystalae.training.train`.
+
+    Raises:
+        ValueError: `data` was prepared with another voxel config than the trial's.
+    """
+    from crystalae.search.sweep import dataset_for
+    from crystalae.shards import config_of
+    from crystalae.training import train
+
+    recipe = trial_recipe(storage, ref)
+    sweep: SweepConfig = recipe["sweep"]
+    wanted = sweep.voxel_config(recipe["voxel"])
+    if data is None:
+        data = dataset_for(sweep, recipe["voxel"], recipe["root"])
+    elif config_of(data) != wanted:
+        raise ValueError(f"--data {data} was prepared with {config_of(data)}, but trial {recipe['trial']} used "
+                         f"{wanted}; prepare it with the trial's voxel settings")
+    values = {**recipe["train"], "threads": 0, **(train_overrides or {})}
+    if epochs is not None:
+        values["epochs"] = epochs
+    cfg = TrainConfig.from_dict(values)
+    return train(data, cfg, recipe["model"], storage=out, name=name or f"{sweep.name}-{recipe['trial']}",
+                 lineage={**recipe["lineage"], "epochs": cfg.epochs})
