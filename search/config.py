@@ -291,9 +291,16 @@ def trial_configs(sweep: SweepConfig, params: dict[str, Any]) -> tuple[VoxelConf
 
 
 def _check_source(source: Any, fail) -> None:
-    """`demo[:N]`, a URI, or a local path that exists (relative paths resolve from the current folder)."""
+    """`demo[:N]`, a URI, or a local path that exists (relative paths resolve from the current folder);
+    or a list of them, read as one dataset (e.g. a data set's val.csv and extra.csv)."""
     if source is None:
         fail("data.source is required (a structure source such as demo:160 or a CSV path)")
+    if isinstance(source, (list, tuple)):
+        if not source:
+            fail("data.source is an empty list; give at least one source")
+        for part in source:
+            _check_source(part, fail)
+        return
     if not isinstance(source, str) or not source:
         fail(f"data.source must be a path or demo[:N], got {source!r}")
     try:

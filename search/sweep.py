@@ -270,5 +270,7 @@ def _params_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-def _absolute_source(source: str) -> str:
+def _absolute_source(source: str | list) -> str | list:
+    if isinstance(source, (list, tuple)):
+        return [_absolute_source(part) for part in source]
     return source if str(source).startswith("demo") or "://" in str(source) else str(Path(source).resolve())

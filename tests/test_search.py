@@ -434,3 +434,28 @@ def test_search_settings_reach_the_sampler(tmp_path):
     assert [dataclasses.replace(sweep, grace_period=None, epochs=e).asha_grace_period() for e in (1, 6, 9)] == [1, 3, 4]
     sampler = _persistent_searcher(sweep, tmp_path)._sampler
     assert (sampler._n_startup_trials, sampler._multivariate, sampler._constant_liar) == (3, True, True)
+
+
+@pytest.mark.parametrize("name", ["demo", "perov_5", "carbon_24"])
+def test_the_shipped_sweep_configs_are_valid_and_search_the_users_three(name, monkeypatch):
+    repo = Path(__file__).resolve().parents[1]
+    if name != "demo" and not (repo.parent / "shared" / "datasets" / name).is_dir():
+        pytest.skip("../shared/datasets is not available")
+    monkeypatch.chdir(repo)  # their data paths are relative to the repository root
+    config = load_sweep_config(repo / "search" / "configs" / f"{name}.yaml")
+    assert {"latent_dim", "sigma", "depth"} <= {p.name for p in config.search_space}
+    assert config.objective_metric == "val_recovery" and config.scheduler == "asha"
+
+
+def test_a_sweep_reads_a_list_of_sources_as_one_dataset_and_checks_each(tmp_path):
+    import yaml as _yaml
+
+    from crystalae.search.config import parse_sweep_config
+
+    raw = _yaml.safe_load(TINY_SWEEP)
+    ok = parse_sweep_config({**raw, "data": {**raw["data"], "source": ["demo:20", "demo:16"]}})
+    assert ok.data["source"] == ["demo:20", "demo:16"]
+    with pytest.raises(SweepConfigError, match="nope.csv does not exist"):
+        parse_sweep_config({**raw, "data": {**raw["data"], "source": ["demo:20", str(tmp_path / "nope.csv")]}})
+    with pytest.raises(SweepConfigError, match="empty list"):
+        parse_sweep_config({**raw, "data": {**raw["data"], "source": []}})
