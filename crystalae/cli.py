@@ -293,6 +293,9 @@ def format_sweep(summary) -> str:
     lines = [f"sweep {summary.name}: {len(summary.trials)} trials, objective {objective.metric} ({objective.mode})"]
     for t in summary.trials:
         value = "n/a" if t.best_value is None else f"{t.best_value:.4g}"
+        match = (t.best_record.metrics.get("val_match_rate") if t.best_record else None)
+        if isinstance(match, (int, float)) and objective.metric != "val_match_rate":
+            value += f" (val match {100 * match:.0f}%)"  # the headline metric, at the same checkpoint
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
         lines.append(f"  {t.trial_id}  {t.status:9s} epochs {t.epochs}  best {value}  {params}")
     lines.append(format_budget(summary.budget()))
