@@ -9,7 +9,7 @@ is decoded on the test split of its own dataset (never seen in training or valid
 the matcher. For each candidate metric (the objective `val_recovery`, the older `val_score`, the plain
 `val_match_rate`, and `val_loss`, lower is better) and each epoch k it reports the rank correlation
 with the test match rate over all trials. The sweep lives under --work and resumes after an
-interruption; test scores are cached beside it.
+interruption; test scores are cached beside it. `--markdown` prints the README table from --out.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def correlations(summary: SweepSummary, tests: dict[str, float], epochs: int) ->
 
 def markdown(figures: dict) -> str:
     epochs = figures["epochs"]
-    shown = sorted({1, 2, 3, 5, epochs // 4, epochs // 2, epochs} - {0})
+    shown = sorted({1, 2, 3, 5, epochs // 4, epochs // 3, epochs // 2, epochs} - {0})
     lines = ["| metric after epoch k | " + " | ".join(str(k) for k in shown) + " |",
              "|---|" + "---|" * len(shown)]
     for metric, row in figures["spearman_with_test_match"].items():
@@ -80,7 +80,13 @@ def main() -> None:
     parser.add_argument("--trials", type=int)
     parser.add_argument("--work", type=Path, default=ROOT / "runs/bench/rank_correlation")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--markdown", action="store_true", help="print the README table from --out; run nothing")
     args = parser.parse_args()
+    if args.markdown:
+        if args.out is None or not args.out.exists():
+            parser.error(f"--markdown reads the figures of --out, and there are none at {args.out}")
+        print(markdown(json.loads(args.out.read_text())))
+        return
     warnings.filterwarnings("ignore")
     from crystalae.search.sweep import run_sweep
 

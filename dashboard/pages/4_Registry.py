@@ -28,9 +28,9 @@ else:
     rows = []
     for e in entries:
         folder = paths.registry_folder(e["ref"], e["name"], e["version"])
-        rows.append({"ref": e["ref"], "aliases": ", ".join(e["aliases"]), "epoch": e.get("epoch"),
-                     **{m: e["metrics"].get(m) for m in ["val_loss", *data.RECON_METRICS]},
-                     "created": e.get("created"), "lineage": lineage_text(e),
+        rows.append({"ref": e["ref"], "aliases": ", ".join(e["aliases"]), "lineage": lineage_text(e),
+                     "epoch": e.get("epoch"), **{m: e["metrics"].get(m) for m in ["val_loss", *data.RECON_METRICS]},
+                     "created": e.get("created"),
                      "checkpoint": "ok" if (folder / FILENAME).exists() else "MISSING"})
     frame = pd.DataFrame(rows)
     st.dataframe(frame, hide_index=True, key="registry_table")
