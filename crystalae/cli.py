@@ -169,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.gpu:
         train_values["use_gpu"] = True
     cfg = TrainConfig.from_dict(train_values)
-    result = train(args.data, cfg, spec.get("model") or {}, storage=args.storage, name=args.name,
+    result = train(args.data, cfg, spec.get("model") or {}, storage=args.storage, name=args.name or "crystalae",
                    preset=args.preset or spec.get("preset"))
     return _report_training(result)
 
@@ -198,7 +198,7 @@ def _retrain(args: argparse.Namespace) -> int:
         overrides["use_gpu"] = True
     result = retrain_trial(args.sweeps, args.from_trial, epochs=args.epochs, data=args.data,
                            train_overrides=overrides, out=args.storage,
-                           name=None if args.name == "crystalae" else args.name)
+                           name=args.name)
     return _report_training(result)
 
 
@@ -511,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float)
     tr.add_argument("--threads", type=int, help="torch threads (= CPUs reserved) per worker; default: cores / workers")
     tr.add_argument("--storage", default="runs/train", help="results folder or pyarrow URI (s3://...)")
-    tr.add_argument("--name", default="crystalae",
-                    help="run name; rerunning the same name resumes it (with --from-trial: SWEEP-TRIAL)")
+    tr.add_argument("--name", help="run name; rerunning the same name resumes it (default: crystalae; "
+                                  "with --from-trial: SWEEP-TRIAL)")
     tr.set_defaults(func=cmd_train)
 
     rc = sub.add_parser("reconstruct", help="encode and decode a source with a trained model and score it")

@@ -77,7 +77,7 @@ def recovery(predicted: Structure | None, true: Structure, tolerance: float = 0.
     d = true.frac_coords[:, None, :] - predicted.frac_coords[None, :, :]
     d -= np.round(d)
     dist = np.linalg.norm(d @ true.lattice.matrix, axis=-1)  # (true, predicted)
-    same = np.array([[a.specie == b.specie for b in predicted] for a in true])
+    same = np.array([site.specie.Z for site in true])[:, None] == np.array([site.specie.Z for site in predicted])[None, :]
     dist = np.where(same, dist, np.inf)
     used, found = set(), 0
     for i in np.argsort(dist.min(axis=1)):  # closest pairs first

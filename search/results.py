@@ -386,6 +386,30 @@ def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> 
     return SweepSummary(sweep.get("name", name), objective, trials, secondary)
 
 
+def export_record(root: str | Path, out: str | Path) -> list[Path]:
+    """Copy a local sweep's small files to `out`: its config, study, summary, each trial's params and each
+    kept checkpoint's `config.json` (metrics and per-epoch history), but no weights and no datasets.
+
+    The copy reads like the sweep itself (`collect_trials`, the dashboard, `train --from-trial`), so a
+    sweep can be committed beside the model it found. Returns the files written.
+    """
+    import shutil
+
+    root, out = Path(root), Path(out)
+    wanted = [SWEEP_FILE, SUMMARY_FILE, STUDY_FILE, *(str(p.relative_to(root)) for p in (root / TRIALS_DIR).glob(
+        f"*/{PARAMS_FILE}")), *(str(p.relative_to(root)) for p in (root / TRIALS_DIR).glob(f"*/{CHECKPOINT_GLOB}/config.json"))]
+    written = []
+    for relative in wanted:
+        if (root / relative).is_file():
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            if relative.endswith(".json"):  # compact: the sweep's own files are indented for people
+                (out / relative).write_text(json.dumps(json.loads((root / relative).read_text()), separators=(",", ":")))
+            else:
+                shutil.copy2(root / relative, out / relative)
+            written.append(out / relative)
+    return written
+
+
 def recorded_statuses(root: str | Path) -> dict[str, str]:
     """Trial statuses from summary.json ({} before the sweep first ended)."""
     summary = _read_json(root, SUMMARY_FILE)

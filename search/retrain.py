@@ -60,21 +60,24 @@ def retrain_trial(storage: str | Path, ref: str, *, epochs: int | None = None, d
     """Train trial `ref`'s configuration again, at `epochs` (default: the sweep's budget).
 
     `data` is a prepared dataset with the trial's voxel config (default: the sweep's own shards for
-    it, prepared again if they were removed); `train_overrides` replace TrainConfig values (workers,
-    threads, use_gpu...). Returns the Ray `Result` of `crystalae.training.train`.
+    it; where the sweep has none, as a committed record, they are prepared under `out/datasets`).
+    `train_overrides` replace TrainConfig values (workers, threads, use_gpu...). Returns the Ray
+    `Result` of `crystalae.training.train`.
 
     Raises:
         ValueError: `data` was prepared with another voxel config than the trial's.
     """
-    from crystalae.search.sweep import dataset_for
-    from crystalae.shards import config_of
+    from crystalae.search.sweep import dataset_folder, dataset_for
+    from crystalae.shards import MANIFEST, config_of
     from crystalae.training import train
 
     recipe = trial_recipe(storage, ref)
     sweep: SweepConfig = recipe["sweep"]
     wanted = sweep.voxel_config(recipe["voxel"])
-    if data is None:
-        data = dataset_for(sweep, recipe["voxel"], recipe["root"])
+    if data is None:  # the sweep's own shards; a sweep record (no datasets) prepares them beside the run
+        data = dataset_folder(sweep, recipe["voxel"], recipe["root"])
+        if not store.exists(store.join(data, MANIFEST)):
+            data = dataset_for(sweep, recipe["voxel"], out)
     elif config_of(data) != wanted:
         raise ValueError(f"--data {data} was prepared with {config_of(data)}, but trial {recipe['trial']} used "
                          f"{wanted}; prepare it with the trial's voxel settings")

@@ -48,16 +48,22 @@ def dataset_for(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: str |
     several nodes may prepare the same dataset at once: harmless, as both write the same bytes and
     the manifest, written last, is the same.
     """
+    folder = dataset_folder(sweep, voxel_overrides, root)
+    with _machine_lock(folder):
+        if not store.exists(store.join(folder, MANIFEST)):
+            prepare_dataset(sweep.data["source"], folder, sweep.voxel_config(voxel_overrides),
+                            split_options(sweep.data), workers=1)
+    return folder
+
+
+def dataset_folder(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: str | Path) -> str | Path:
+    """Where `dataset_for` keeps the shards of this voxel config under `root` (prepared or not)."""
     voxel = sweep.voxel_config(voxel_overrides)
     options = split_options(sweep.data)
     key = hashlib.sha256(json.dumps({"source": sweep.data["source"], "voxel": voxel.as_dict(),
                                      "options": [options.val_fraction, options.test_fraction]},
                                     sort_keys=True).encode()).hexdigest()[:16]
-    folder = store.join(root, DATASETS_DIR, key)
-    with _machine_lock(folder):
-        if not store.exists(store.join(folder, MANIFEST)):
-            prepare_dataset(sweep.data["source"], folder, voxel, options, workers=1)
-    return folder
+    return store.join(root, DATASETS_DIR, key)
 
 
 def _machine_lock(folder: str | Path):

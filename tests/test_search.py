@@ -459,3 +459,27 @@ def test_a_sweep_reads_a_list_of_sources_as_one_dataset_and_checks_each(tmp_path
         parse_sweep_config({**raw, "data": {**raw["data"], "source": ["demo:20", str(tmp_path / "nope.csv")]}})
     with pytest.raises(SweepConfigError, match="empty list"):
         parse_sweep_config({**raw, "data": {**raw["data"], "source": []}})
+
+
+def test_a_sweeps_small_files_export_as_a_record_that_reads_like_the_sweep(tiny_sweep, tmp_path):
+    from crystalae.search.results import export_record
+
+    written = export_record(tiny_sweep["root"], tmp_path / "record")
+    assert written and not list((tmp_path / "record").rglob("*.pt")) and not (tmp_path / "record" / "datasets").exists()
+    copy, original = collect_trials(tmp_path / "record"), collect_trials(tiny_sweep["root"])
+    assert [t.trial_id for t in copy.trials] == [t.trial_id for t in original.trials]
+    assert [t.status for t in copy.trials] == [t.status for t in original.trials]
+    assert copy.best_trial().trial_id == original.best_trial().trial_id
+    assert copy.budget() == original.budget()
+    import ray
+
+    from crystalae.search.retrain import retrain_trial
+
+    best = original.best_trial()
+    try:  # a committed record has no shards: the retrain prepares the trial's own under its output folder
+        result = retrain_trial("unused", str(tmp_path / "record" / "trials" / best.trial_id), epochs=1,
+                               train_overrides={"threads": 1}, out=tmp_path / "runs")
+    finally:
+        ray.shutdown()
+    assert result.error is None and list((tmp_path / "runs" / "datasets").glob("*/manifest.json"))
+    assert not (tmp_path / "record" / "datasets").exists()
