@@ -1,12 +1,16 @@
 """The default search against random search, both run by the project's own sweep code (`run_sweep`).
 
-    python bench/search_efficiency.py [--rows 400] [--trials 32] [--epochs 6] [--seeds 0 1 2 3 4]
-                                      [--work runs/bench/search_efficiency] [--out bench/results/search_efficiency.json]
+    python bench/search_efficiency.py [--recipe bench/recipes/search_efficiency_demo.yaml] [--trials N]
+                                      [--epochs N] [--seeds 0 1 2 3 4] [--work runs/bench/search_efficiency]
+                                      [--out bench/results/search_efficiency_demo.json]
 
-The problem is `bench/recipes/search_efficiency.yaml`: the first --rows perov_5 crystals of
-../shared/datasets, the sweep objective val_score (match rate with species and atom-count
-tie-breakers), two trials at a time (compute is counted per trial, so it does not depend on
-concurrency). Random search is RandomSampler + FIFO (every trial trains every epoch); the default is
+The problem is a sweep YAML (--recipe); only its `search` section is replaced. The default,
+`search_efficiency_demo.yaml`, is the demo problem of bench/rank_correlation.py (800 built-in
+crystals; its best trials match ≥50% of their validation crystals at 30 epochs) with the objective
+val_recovery. The earlier `search_efficiency.yaml` (the first --rows perov_5 crystals at 12³, 6
+epochs, val_score) is where no trial reconstructed anything. Two trials at a time (compute is
+counted per trial, so it does not depend on concurrency); --trials and --epochs default to the
+recipe's. Random search is RandomSampler + FIFO (every trial trains every epoch); the default is
 whatever SweepConfig's defaults are (algorithm, scheduler, grace period).
 Compute is counted from each trial's own per-epoch history (epochs, and training + validation seconds),
 in the order the epochs finished (`SweepSummary.timeline`). Per seed it reports the compute the default
@@ -35,7 +39,7 @@ from crystalae.search.results import SweepSummary, collect_trials, ended_runs, s
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import ROOT, relative, report  # noqa: E402
 
-RECIPE = ROOT / "bench/recipes/search_efficiency.yaml"
+RECIPE = ROOT / "bench/recipes/search_efficiency_demo.yaml"
 
 
 def subset_csv(source: Path, rows: int, out: Path) -> Path:
@@ -53,10 +57,11 @@ def subset_csv(source: Path, rows: int, out: Path) -> Path:
     return out
 
 
-def sweep_config(raw: dict, source: Path, method: str, seed: int, trials: int, epochs: int) -> SweepConfig:
+def sweep_config(raw: dict, source: Path | str, method: str, seed: int, trials: int, epochs: int,
+                 recipe: Path = RECIPE) -> SweepConfig:
     search = {"seed": seed} if method == "default" else {"seed": seed, "algorithm": "random", "scheduler": "fifo"}
     return parse_sweep_config({**raw, "name": f"{method}-{seed}", "data": {**raw["data"], "source": str(source)},
-                               "budget": {"trials": trials, "epochs": epochs}, "search": search}, str(RECIPE))
+                               "budget": {"trials": trials, "epochs": epochs}, "search": search}, str(recipe))
 
 
 def best_so_far(summary: SweepSummary) -> list[tuple[int, float, float]]:
@@ -131,10 +136,12 @@ def median(values: list) -> float | str | None:
     return middle if np.isfinite(middle) else "not reached"
 
 
-def bench_settings(args: argparse.Namespace, source: Path, default: SweepConfig) -> dict:
+def bench_settings(args: argparse.Namespace, source: Path | str, default: SweepConfig) -> dict:
     """What the figures are measured on: an earlier --out with other settings is not reused."""
+    demo = str(source).startswith("demo")
     return {
-        "problem": relative(RECIPE), "dataset": relative(source), "rows": args.rows, "trials": args.trials,
+        "problem": relative(args.recipe), "dataset": str(source) if demo else relative(source),
+        "rows": None if demo else args.rows, "trials": args.trials,
         "max_epochs": args.epochs,
         "default_search": {"algorithm": default.algorithm, "scheduler": default.scheduler,
                            "grace_period": default.asha_grace_period(),
@@ -168,9 +175,11 @@ def earlier_rows(out: Path | None, settings: dict) -> dict[int, dict]:
     return {r["seed"]: r for r in figures.get("runs", [])} if figures.get("settings") == settings else {}
 
 
-def readme_tables(figures: dict, evaluated: int) -> str:
-    """The README's per-seed and rank-correlation tables (values ×10⁻⁴), from the bench's figures."""
+def readme_tables(figures: dict, evaluated: int, metric: str = "val_score") -> str:
+    """The README's per-seed and rank-correlation tables, from the bench's figures (val_score ×10⁻⁴)."""
     def value(v: float) -> str:
+        if metric != "val_score":
+            return f"{v:.3f}"
         matched = int(v * evaluated + 1e-9)  # val_score = match rate + tie-breakers below 1/evaluated
         return f"{v * 1e4:.2f}" + (f" ({matched} of {evaluated} matched)" if matched else "")
 
@@ -199,29 +208,37 @@ def readme_tables(figures: dict, evaluated: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=400)
-    parser.add_argument("--trials", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--recipe", type=Path, default=RECIPE)
+    parser.add_argument("--rows", type=int, default=400, help="a CSV source: its first N crystals")
+    parser.add_argument("--trials", type=int, help="default: the recipe's budget")
+    parser.add_argument("--epochs", type=int, help="default: the recipe's budget")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench/search_efficiency")
+    parser.add_argument("--work", type=Path, help="default: runs/bench/<recipe name>")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--markdown", action="store_true", help="print the README tables from --out; run nothing")
     args = parser.parse_args()
-    raw = yaml.safe_load(RECIPE.read_text())
+    raw = yaml.safe_load(args.recipe.read_text())
+    args.trials = args.trials or raw["budget"]["trials"]
+    args.epochs = args.epochs or raw["budget"]["epochs"]
+    metric = raw.get("objective", {}).get("metric", "val_recovery")
     if args.markdown:
         if args.out is None or not args.out.exists():
             parser.error(f"--markdown reads the figures of --out, and there are none at {args.out}")
-        print(readme_tables(json.loads(args.out.read_text()), raw["train"]["eval_limit"]))
+        print(readme_tables(json.loads(args.out.read_text()), raw["train"]["eval_limit"], metric))
         return
     warnings.filterwarnings("ignore")
     from crystalae.search.sweep import run_sweep
 
-    source = (ROOT / raw["data"]["source"]).resolve()  # relative to the repository, as elsewhere in bench/
+    args.work = args.work or ROOT / "runs/bench" / args.recipe.stem  # a recipe's sweeps never meet another's
     args.work.mkdir(parents=True, exist_ok=True)
-    subset = args.work / f"subset-{args.rows}.csv"
-    if not subset.exists():  # kept: the resumed sweeps' data source
-        subset_csv(source, args.rows, subset)
-    default = sweep_config(raw, subset, "default", 0, args.trials, args.epochs)
+    if str(raw["data"]["source"]).startswith("demo"):
+        source = subset = raw["data"]["source"]  # built-in crystals: no file to cut
+    else:
+        source = (ROOT / raw["data"]["source"]).resolve()  # relative to the repository, as elsewhere in bench/
+        subset = args.work / f"subset-{args.rows}.csv"
+        if not subset.exists():  # kept: the resumed sweeps' data source
+            subset_csv(source, args.rows, subset)
+    default = sweep_config(raw, subset, "default", 0, args.trials, args.epochs, args.recipe)
     settings = bench_settings(args, source, default)
     done = earlier_rows(args.out, settings)
     rows = []
@@ -231,7 +248,7 @@ def main() -> None:
             continue
         summaries = {}
         for method in ("random", "default"):
-            config = sweep_config(raw, subset, method, seed, args.trials, args.epochs)
+            config = sweep_config(raw, subset, method, seed, args.trials, args.epochs, args.recipe)
             root = sweep_dir(args.work / "sweeps", config.name)
             ended = collect_trials(root) if ended_runs(root) else None
             if ended is not None and len(ended.trials) >= args.trials:
@@ -245,7 +262,7 @@ def main() -> None:
             write_json(args.out, summarize(args, settings, rows))
     figures = summarize(args, settings, rows)
     report(figures, args.out, hide=("runs",))
-    print(readme_tables(figures, raw["train"]["eval_limit"]))
+    print(readme_tables(figures, raw["train"]["eval_limit"], metric))
 
 
 if __name__ == "__main__":
