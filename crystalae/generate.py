@@ -21,12 +21,16 @@ from crystalae.files import write_json, write_text
 from crystalae.inference import decode_latents, density_scale, structures_from_outputs
 from crystalae.metrics import compare, summarize
 from crystalae.sources import StructureError, list_entries, load_structure, reduce_cell
+from crystalae.validity import smact_valid
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
 
-def validity(structure: Structure | None, min_distance: float = 0.5) -> dict[str, bool]:
+def validity(structure: Structure | None, min_distance: float = 0.5) -> dict[str, bool | None]:
+    """CDVAE's checks of a generated crystal: structural (every interatomic distance > `min_distance`
+    Å) and `smact_valid`, the field's composition validity (None without SMACT installed); plus
+    `composition_valid`, pymatgen finding a charge-neutral oxidation-state assignment (stricter)."""
     if structure is None or len(structure) == 0:
-        return {"structural_valid": False, "composition_valid": False}
+        return {"structural_valid": False, "composition_valid": False, "smact_valid": False}
     d = structure.distance_matrix + np.eye(len(structure)) * 1e9
     structural = bool(d.min() > min_distance) and min(structure.lattice.abc) > min_distance
     if len(structure.composition.elements) == 1:
@@ -35,7 +39,8 @@ def validity(structure: Structure | None, min_distance: float = 0.5) -> dict[str
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             composition = bool(structure.composition.oxi_state_guesses(max_sites=-20))
-    return {"structural_valid": structural, "composition_valid": composition}
+    return {"structural_valid": structural, "composition_valid": composition,
+            "smact_valid": smact_valid(structure.composition)}
 
 
 def voxelized_source(loaded: LoadedModel, source: str | Path, ids: list[str] | None = None,
@@ -178,6 +183,9 @@ def write_generated(out: str | Path, named: list[tuple[str, Structure | None]],
     n = max(len(rows), 1)
     summary = {"count": len(rows), "decoded": sum(1 for r in rows if r["cif"]),
                "structural_validity": sum(r["structural_valid"] for r in rows) / n,
-               "composition_validity": sum(r["composition_valid"] for r in rows) / n}
+               "composition_validity": sum(r["composition_valid"] for r in rows) / n,
+               # the field's figure (CDVAE's SMACT check); None where SMACT is not installed
+               "composition_validity_smact": None if any(r["smact_valid"] is None for r in rows)
+               else sum(r["smact_valid"] for r in rows) / n}
     write_json(out / "summary.json", summary)
     return summary

@@ -68,3 +68,29 @@ def test_spearman_is_undefined_for_constant_or_short_inputs():
     assert spearman([1, 2], [2, 1]) is None
     assert spearman([0, 0, 0], [1, 2, 3]) is None
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("formula, valid", [
+    ("BaTiO3", True), ("NaCl", True), ("CsPbBr3", True), ("KMgF3", True),
+    ("C", True),  # one element: valid as it is
+    ("Fe3Al", True),  # only metals: an alloy
+    ("NaCl2", False), ("Ba2TiO5", False),  # no charge-neutral assignment of SMACT's oxidation states
+    ("Ba2Ti2O6", True),  # judged at its reduced ratio, as BaTiO3
+])
+def test_smact_validity_follows_cdvaes_definition(formula, valid):
+    pytest.importorskip("smact")
+    from crystalae.validity import smact_valid
+
+    assert smact_valid(formula) is valid
+
+
+def test_generated_crystals_report_smact_validity_beside_pymatgens(tmp_path):
+    pytest.importorskip("smact")
+    from crystalae.generate import validity, write_generated
+
+    peroxide_like = Structure(Lattice.cubic(4.0), ["Na", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    flags = validity(peroxide_like)  # SMACT allows O(-1): NaO passes it, pymatgen's guesses do not
+    assert flags["smact_valid"] is True and flags["composition_valid"] is False
+    summary = write_generated(tmp_path / "gen", [("a", perovskite()), ("b", peroxide_like), ("c", None)])
+    assert summary["composition_validity_smact"] == pytest.approx(2 / 3)
+    assert summary["composition_validity"] == pytest.approx(1 / 3)
