@@ -92,6 +92,8 @@ def main() -> None:
         "train_rows": read_table(data, split="train", columns=["split"]).num_rows, "test_rows": test.num_rows,
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "test_match_rate": metrics["match_rate"], "test_rms": metrics["rms"],
+        # CDVAE's protocol: a match counts only if the reconstruction is structurally and SMACT-valid
+        "test_valid_match_rate": metrics["valid_match_rate"],
         "test_species_accuracy": metrics["species_accuracy"], "test_atom_count_rate": metrics["atom_count_rate"],
         "test_score": metrics["score"], "test_density_mse": metrics["density_mse"],
         "test_per_element_accuracy": metrics["per_element_accuracy"],

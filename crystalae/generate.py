@@ -21,7 +21,7 @@ from crystalae.files import write_json, write_text
 from crystalae.inference import decode_latents, density_scale, structures_from_outputs
 from crystalae.metrics import compare, summarize
 from crystalae.sources import StructureError, list_entries, load_structure, reduce_cell
-from crystalae.validity import smact_valid
+from crystalae.validity import smact_valid, structure_valid
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
 
@@ -31,8 +31,7 @@ def validity(structure: Structure | None, min_distance: float = 0.5) -> dict[str
     `composition_valid`, pymatgen finding a charge-neutral oxidation-state assignment (stricter)."""
     if structure is None or len(structure) == 0:
         return {"structural_valid": False, "composition_valid": False, "smact_valid": False}
-    d = structure.distance_matrix + np.eye(len(structure)) * 1e9
-    structural = bool(d.min() > min_distance) and min(structure.lattice.abc) > min_distance
+    structural = structure_valid(structure, min_distance)
     if len(structure.composition.elements) == 1:
         composition = True  # elemental crystals are neutral (CDVAE counts them valid)
     else:

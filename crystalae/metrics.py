@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from pymatgen.core import Structure
 
+from crystalae.validity import smact_valid, structure_valid
+
 MATCHER_SETTINGS = {"stol": 0.5, "ltol": 0.3, "angle_tol": 10}
 
 
@@ -22,12 +24,16 @@ def structure_matcher():
 def compare(predicted: Structure | None, true: Structure) -> dict[str, Any]:
     """Match flag, RMS displacement (normalised by (V/n)^(1/3), as pymatgen/CDVAE) and agreement."""
     if predicted is None:
-        return {"match": False, "rms": None, "composition_ok": False, "count_ok": False, "recovery": 0.0}
+        return {"match": False, "rms": None, "composition_ok": False, "count_ok": False, "recovery": 0.0,
+                "valid_match": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rms = structure_matcher().get_rms_dist(predicted, true)
+    smact = smact_valid(predicted.composition) if rms is not None else False
     return {
         "match": rms is not None,
+        # CDVAE's protocol: a match counts only when the reconstruction is valid (None without SMACT)
+        "valid_match": None if smact is None else bool(rms is not None and smact and structure_valid(predicted)),
         "rms": None if rms is None else float(rms[0]),
         "composition_ok": predicted.composition == true.composition,
         "count_ok": len(predicted) == len(true),
@@ -40,7 +46,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(records)
     if n == 0:
         return {"n": 0, "match_rate": None, "mean_rms": None, "composition_accuracy": None,
-                "atom_count_accuracy": None, "mean_recovery": None}
+                "atom_count_accuracy": None, "mean_recovery": None, "valid_match_rate": None}
     rms = [r["rms"] for r in records if r["match"]]
     return {
         "n": n,
@@ -49,6 +55,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "composition_accuracy": sum(r["composition_ok"] for r in records) / n,
         "atom_count_accuracy": sum(r["count_ok"] for r in records) / n,
         "mean_recovery": float(np.mean([r.get("recovery") or 0.0 for r in records])),
+        "valid_match_rate": None if any(r.get("valid_match") is None for r in records)
+        else sum(bool(r["valid_match"]) for r in records) / n,
     }
 
 

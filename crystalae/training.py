@@ -436,6 +436,7 @@ def evaluate(model: CrystalAE, table, voxel: VoxelConfig, cfg: TrainConfig, devi
         "match_rate": summary["match_rate"],
         "rms": summary["mean_rms"],
         "recovery": summary["mean_recovery"],
+        "valid_match_rate": summary["valid_match_rate"],  # CDVAE's protocol (None without SMACT)
         "score": reconstruction_score(summary["match_rate"], species_accuracy, summary["atom_count_accuracy"]),
         "per_element_accuracy": per_element,
         "confusion": confusion.tolist(),

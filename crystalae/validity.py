@@ -1,4 +1,4 @@
-"""Composition validity as the field computes it (CDVAE's `smact_validity`), with SMACT.
+"""Validity as the field computes it: structural, and composition by CDVAE's `smact_validity` (SMACT).
 
 A composition is valid when some assignment of SMACT's oxidation states to its elements is charge
 neutral at the composition's own (gcd-reduced) ratios and passes the Pauling electronegativity test
@@ -17,7 +17,18 @@ from math import gcd
 
 from pymatgen.core import Composition
 
-__all__ = ["smact_available", "smact_valid"]
+__all__ = ["smact_available", "smact_valid", "structure_valid"]
+
+
+def structure_valid(structure, min_distance: float = 0.5) -> bool:
+    """CDVAE's structural validity: every interatomic distance (periodic images included) and every
+    lattice length above `min_distance` Å."""
+    import numpy as np
+
+    if structure is None or len(structure) == 0:
+        return False
+    d = structure.distance_matrix + np.eye(len(structure)) * 1e9
+    return bool(d.min() > min_distance) and min(structure.lattice.abc) > min_distance
 
 
 def smact_available() -> bool:

@@ -94,3 +94,13 @@ def test_generated_crystals_report_smact_validity_beside_pymatgens(tmp_path):
     summary = write_generated(tmp_path / "gen", [("a", perovskite()), ("b", peroxide_like), ("c", None)])
     assert summary["composition_validity_smact"] == pytest.approx(2 / 3)
     assert summary["composition_validity"] == pytest.approx(1 / 3)
+
+
+def test_a_match_counts_under_cdvaes_protocol_only_when_the_reconstruction_is_valid():
+    pytest.importorskip("smact")
+    true = perovskite()
+    assert compare(true, true)["valid_match"] is True
+    crowded = Structure(Lattice.cubic(4.0), ["Na", "Cl", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.55]])
+    result = compare(crowded, crowded)  # matches itself, but two atoms sit 0.2 Å apart and NaCl2 is not neutral
+    assert result["match"] is True and result["valid_match"] is False
+    assert summarize([compare(true, true), result])["valid_match_rate"] == pytest.approx(0.5)
