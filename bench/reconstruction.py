@@ -3,6 +3,11 @@ crystals, sample from the prior, optionally export the model as a shipped refere
 
     python bench/reconstruction.py --recipe pretrained/perov_5/recipe.yaml --export pretrained/perov_5
     python bench/reconstruction.py --recipe bench/recipes/perov_5-segmenter.yaml --out bench/results/x.json
+    python bench/reconstruction.py --run runs/train/perov_5-TRIAL --export pretrained/perov_5
+
+`--run` scores (and exports) a finished training run instead, e.g. a sweep winner retrained by
+`crystalae train --from-trial`: its dataset is the one its checkpoints name (found among the sweep's
+and the run's prepared datasets by hash), and its lineage goes into RESULTS.json.
 
 A recipe YAML holds `dataset` (a folder of ../shared/datasets), `files` (its CSVs, read as one source),
 `voxel` (VoxelConfig fields), `split` (val/test fractions: a hash of material_id, stable across runs),
@@ -33,6 +38,7 @@ from crystalae.checkpoint import export_checkpoint, load_checkpoint, read_checkp
 from crystalae.config import VoxelConfig  # noqa: E402
 from crystalae.files import write_json  # noqa: E402
 from crystalae.generate import sample, validity  # noqa: E402
+from crystalae.prior import fit_latent_prior  # noqa: E402
 from crystalae.shards import PrepareOptions, prepare_dataset, read_manifest, read_table  # noqa: E402
 from crystalae.training import TrainConfig, best_checkpoint_path, evaluate, train  # noqa: E402
 
@@ -49,7 +55,8 @@ def load_recipe(path: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", type=Path, required=True)
+    parser.add_argument("--recipe", type=Path)
+    parser.add_argument("--run", type=Path, help="score a finished training run folder instead of a recipe")
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared/datasets")
     parser.add_argument("--work", type=Path, default=ROOT / "runs/bench", help="shards and training runs")
     parser.add_argument("--gpu", action="store_true")
@@ -60,14 +67,25 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
-    recipe = load_recipe(args.recipe)
-    name = args.recipe.stem if args.recipe.stem != "recipe" else args.recipe.parent.name
+    if (args.recipe is None) == (args.run is None):
+        parser.error("give --recipe (train, then score) or --run (score a finished run)")
     started = time.perf_counter()
-    data, sources = recipe_dataset(recipe, args.datasets, args.work)
-    voxel = VoxelConfig.from_dict(recipe.get("voxel") or {})
+    if args.run is not None:
+        best, last = run_checkpoints(args.run)
+        payload = read_checkpoint(best)
+        recipe, name = {"samples": 200, "train": payload["train_config"]}, args.run.name
+        data, sources = run_dataset(payload), []
+        voxel = VoxelConfig.from_dict(payload["voxel_config"])
+    else:
+        recipe = load_recipe(args.recipe)
+        name = args.recipe.stem if args.recipe.stem != "recipe" else args.recipe.parent.name
+        data, sources = recipe_dataset(recipe, args.datasets, args.work)
+        voxel = VoxelConfig.from_dict(recipe.get("voxel") or {})
     prepare_seconds = time.perf_counter() - started
     cfg = TrainConfig.from_dict({**(recipe.get("train") or {}), **({"use_gpu": True} if args.gpu else {})})
-    if args.score_only:
+    if args.run is not None:
+        pass  # scored as it stands
+    elif args.score_only:
         best, last = run_checkpoints(args.work / "runs" / name)
     else:
         result = train(data, cfg, recipe.get("model") or {}, storage=args.work / "runs", name=name)
@@ -79,13 +97,16 @@ def main() -> None:
     history = payload.get("history") or []
     device = torch.device("cuda" if args.gpu and torch.cuda.is_available() else "cpu")
     loaded = load_checkpoint(best, device=device)
+    if args.run is not None and loaded.meta.get("latent_prior") is None:  # sample where the decoder was trained
+        loaded.meta["latent_prior"] = fit_latent_prior(loaded, data)
     test = read_table(data, split="test")
     metrics = evaluate(loaded.model, test, loaded.voxel, TrainConfig(**{**cfg.as_dict(), "eval_limit": test.num_rows}), device)
     count = int(recipe.get("samples", 200))
     valid = [validity(s) for s in sample(loaded, count, seed=0)]
     train_seconds = sum(h.get("epoch_seconds", 0) + h.get("eval_seconds", 0) for h in history)
     figures = {
-        "recipe": relative(args.recipe), "dataset": [relative(s) for s in sources],
+        "recipe": relative(args.recipe) if args.recipe else None, "run": relative(args.run) if args.run else None,
+        "lineage": payload.get("lineage"), "dataset": [relative(s) for s in sources],
         "dataset_hash": read_manifest(data)["dataset_hash"], "species_from": loaded.model_config.species_from,
         "grid": voxel.grid, "sigma": voxel.sigma, "epochs_trained": payload["epoch"] + 1, "epochs_run": last,
         "epochs_scheduled": cfg.epochs, "seed": cfg.seed,
@@ -100,6 +121,8 @@ def main() -> None:
         "prior_samples": count,
         "sample_structural_validity": sum(v["structural_valid"] for v in valid) / max(count, 1),
         "sample_composition_validity": sum(v["composition_valid"] for v in valid) / max(count, 1),
+        "sample_composition_validity_smact": None if any(v["smact_valid"] is None for v in valid)
+        else sum(v["smact_valid"] for v in valid) / max(count, 1),
         # training time as recorded per epoch by the run (all resumed pieces together), and the
         # validation curve against it: when each validation match rate was first reached
         "train_seconds": round(train_seconds, 1), "prepare_seconds": round(prepare_seconds, 1),
@@ -110,10 +133,11 @@ def main() -> None:
     out = args.out or ROOT / "bench/results" / f"reconstruction_{name}.json"
     report(figures, out, hide=("history", "test_per_element_accuracy"))
     if args.export:
-        export_checkpoint(best, args.export)
-        if args.recipe.resolve() != (args.export / "recipe.yaml").resolve():
+        export_checkpoint(best, args.export, latent_prior=loaded.meta.get("latent_prior") if args.run else None)
+        if args.recipe and args.recipe.resolve() != (args.export / "recipe.yaml").resolve():
             shutil.copyfile(args.recipe, args.export / "recipe.yaml")
-        command = f"python bench/reconstruction.py --recipe {relative(args.recipe)} --export {relative(args.export)}"
+        given = f"--recipe {relative(args.recipe)}" if args.recipe else f"--run {relative(args.run)}"
+        command = f"python bench/reconstruction.py {given} --export {relative(args.export)}"
         write_json(args.export / "RESULTS.json", {"command": command, **figures})  # atomic: temp file + rename
         print(f"exported {best} -> {args.export}")
 
@@ -127,6 +151,19 @@ def run_checkpoints(folder: Path) -> tuple[str, int]:
     if not scored:
         raise SystemExit(f"{folder}: no checkpoint to score (train first: run without --score-only)")
     return max(scored)[2], max(epochs for _, epochs, _ in scored)
+
+
+def run_dataset(payload: dict) -> Path:
+    """The prepared dataset a run's checkpoint was trained on: its sweep's shards (lineage) or the ones
+    `train --from-trial` prepared beside the run, found by the dataset hash."""
+    from crystalae.search.results import sweep_dataset
+
+    lineage = payload.get("lineage") or {}
+    for root in (lineage.get("sweep_dir"), *(str(p.parents[2]) for p in ROOT.glob("runs/*/datasets/*/manifest.json"))):
+        found = sweep_dataset(root, payload["dataset_hash"]) if root else None
+        if found is not None:
+            return Path(found)
+    raise SystemExit(f"no prepared dataset with hash {payload['dataset_hash'][:12]} in the run's sweep or under runs/")
 
 
 def recipe_dataset(recipe: dict, datasets: Path, work: Path) -> tuple[Path, list[str]]:
