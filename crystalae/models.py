@@ -9,6 +9,7 @@ circularly for the periodic `cell` grid, with zeros for `box`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -95,7 +96,8 @@ def _conv(c_in: int, c_out: int, periodic: bool, stride: int = 1) -> nn.Conv3d:
 
 
 def _norm(channels: int, enabled: bool) -> nn.Module:
-    return nn.GroupNorm(min(8, channels), channels) if enabled else nn.Identity()
+    # up to 8 groups that divide the channels, so any width works (12 channels: 4 groups of 3)
+    return nn.GroupNorm(math.gcd(8, channels), channels) if enabled else nn.Identity()
 
 
 class ConvBlock(nn.Module):

@@ -254,10 +254,21 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
     for value_of in [{}] + [{p.name: v} for p in space for v in p.extremes()]:
         where_value = f"search_space.{next(iter(value_of))}={next(iter(value_of.values()))!r}: " if value_of else ""
         try:
-            trial_configs(config, value_of)
-        except ConfigError as exc:
+            _, model_config, _ = trial_configs(config, value_of)
+            _build_on_meta(model_config)
+        except (ConfigError, ValueError, RuntimeError) as exc:  # a network torch refuses to build, too
             fail(f"{where_value or 'data/model/train: '}{exc}")
     return config
+
+
+def _build_on_meta(model_config: ModelConfig) -> None:
+    """Build the trial's network on PyTorch's meta device (no memory): layer shapes torch refuses fail now."""
+    import torch
+
+    from crystalae.models import CrystalAE
+
+    with torch.device("meta"):
+        CrystalAE(model_config)
 
 
 def _objectives(value: Any, fail, flat: dict[str, Any]) -> Any:

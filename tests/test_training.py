@@ -174,3 +174,15 @@ def test_background_prefetch_gives_the_same_batches_and_raises_the_producers_err
         list(prefetched(broken(), background=True))
     first = next(prefetched(iter(batches), background=True))  # a consumer that stops early does not hang
     assert torch.equal(first["density"], batches[0]["density"])
+
+
+def test_any_base_width_builds_and_runs():
+    """GroupNorm takes up to 8 groups that divide the channels: a sweep's width 12 crashed every trial."""
+    import torch
+
+    from crystalae.models import CrystalAE, ModelConfig
+
+    model = CrystalAE(ModelConfig(grid=8, base_width=12, max_width=24, depth=1, latent_dim=4, species=(11, 17),
+                                  n_classes=3, residual=False, seg_depth=1, seg_width=6))
+    out = model(torch.rand(2, 1, 8, 8, 8))
+    assert out["recon"].shape == (2, 1, 8, 8, 8) and torch.isfinite(out["recon"]).all()
