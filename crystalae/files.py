@@ -51,12 +51,28 @@ def _umask() -> int:
     return mask
 
 
+def load_yaml(text: str) -> Any:
+    """YAML as people write configs: `1e-3` is a number (PyYAML's YAML 1.1 rules read it as a string,
+    wanting `1.0e-3`). Safe loading only."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # YAML 1.2's float forms without a dot, e.g. 1e-3, 5E4: checked after PyYAML's own int and float rules
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_yaml_mapping(path: Path, option: str) -> dict[str, Any]:
     """A YAML file that must hold a mapping; any problem is one error naming the option and the file."""
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = load_yaml(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{option} {path}: cannot read it ({type(exc).__name__}: {exc})") from None
     except yaml.YAMLError as exc:

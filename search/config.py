@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from crystalae.config import ConfigError, StrictConfig, VoxelConfig, check_name, field_names, in_range
+from crystalae.files import load_yaml
 from crystalae.inference import model_config_for
 from crystalae.models import ModelConfig
 from crystalae.search.results import SWEEP_FILE, is_sweep
@@ -187,7 +188,7 @@ def load_sweep_config(path: str | Path, name: str | None = None) -> SweepConfig:
     if not path.is_file():
         raise SweepConfigError(f"sweep config {path} does not exist or is not a file")
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        raw = load_yaml(path.read_bytes().decode("utf-8")) or {}
     except UnicodeDecodeError as exc:
         raise SweepConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8)") from None
     except yaml.YAMLError as exc:

@@ -37,3 +37,27 @@ def test_voxel_config_yaml_with_cli_override(tmp_path):
                                       "--sigma", "0.4"])
     config = voxel_config_from_args(args)
     assert (config.grid, config.sigma, config.representation) == (20, 0.4, "box")
+
+
+def test_version_answers_from_the_package_metadata(capsys):
+    from importlib.metadata import version
+
+    import pytest
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"crystalae {version('crystalae')}"
+
+
+def test_configs_read_numbers_as_people_write_them(tmp_path):
+    from crystalae.files import load_yaml, read_yaml_mapping
+    from crystalae.search.config import load_sweep_config
+
+    assert load_yaml("a: 1e-3\nb: -5E4\nc: 2\nd: 1.0e-3\ne: '1e-3'\nf: 1e3x") == \
+        {"a": 0.001, "b": -50000.0, "c": 2, "d": 0.001, "e": "1e-3", "f": "1e3x"}
+    (tmp_path / "train.yaml").write_text("train: {lr: 1e-3, beta: 1e-4}\n")
+    assert read_yaml_mapping(tmp_path / "train.yaml", "--config")["train"] == {"lr": 0.001, "beta": 0.0001}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: s\ndata: {source: 'demo:8', grid: 16}\n"
+                     "search_space: {lr: {type: loguniform, low: 1e-3, high: 1e-2}}\n")
+    assert load_sweep_config(sweep).search_space[0].low == 0.001
