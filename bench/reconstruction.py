@@ -106,7 +106,8 @@ def main() -> None:
     train_seconds = sum(h.get("epoch_seconds", 0) + h.get("eval_seconds", 0) for h in history)
     figures = {
         "recipe": relative(args.recipe) if args.recipe else None, "run": relative(args.run) if args.run else None,
-        "lineage": payload.get("lineage"), "dataset": [relative(s) for s in sources],
+        "lineage": {**lineage, "sweep_dir": relative(lineage["sweep_dir"])} if (lineage := payload.get("lineage")) else None,
+        "dataset": [relative(s) for s in sources],
         "dataset_hash": read_manifest(data)["dataset_hash"], "species_from": loaded.model_config.species_from,
         "grid": voxel.grid, "sigma": voxel.sigma, "epochs_trained": payload["epoch"] + 1, "epochs_run": last,
         "epochs_scheduled": cfg.epochs, "seed": cfg.seed,

@@ -68,6 +68,13 @@ def reconstruction_score(match_rate: float | None, species_accuracy: float | Non
     return float((match_rate or 0.0) + 0.0005 * ((species_accuracy or 0.0) + (atom_count_rate or 0.0)))
 
 
+def _distances_in_true_cell(predicted: Structure, true: Structure) -> np.ndarray:
+    """(true, predicted) periodic distances in Å, both read as fractional coordinates of the true lattice."""
+    d = true.frac_coords[:, None, :] - predicted.frac_coords[None, :, :]
+    d -= np.round(d)
+    return np.linalg.norm(d @ true.lattice.matrix, axis=-1)
+
+
 def recovery(predicted: Structure | None, true: Structure, tolerance: float = 0.5) -> float:
     """A continuous reconstruction score in [0, 1]: the share of atoms recovered, times a lattice term.
 
@@ -82,9 +89,7 @@ def recovery(predicted: Structure | None, true: Structure, tolerance: float = 0.
     """
     if predicted is None or len(predicted) == 0 or len(true) == 0:
         return 0.0
-    d = true.frac_coords[:, None, :] - predicted.frac_coords[None, :, :]
-    d -= np.round(d)
-    dist = np.linalg.norm(d @ true.lattice.matrix, axis=-1)  # (true, predicted)
+    dist = _distances_in_true_cell(predicted, true)
     same = np.array([site.specie.Z for site in true])[:, None] == np.array([site.specie.Z for site in predicted])[None, :]
     dist = np.where(same, dist, np.inf)
     used, found = set(), 0
@@ -115,9 +120,7 @@ def site_confusion(predicted: Structure | None, true: Structure, species: tuple[
     if predicted is None or len(predicted) == 0:
         np.add.at(counts, (rows, 0), 1)
         return counts
-    d = true.frac_coords[:, None, :] - predicted.frac_coords[None, :, :]
-    d -= np.round(d)
-    dist = np.linalg.norm(d @ true.lattice.matrix, axis=-1)  # (true, predicted)
+    dist = _distances_in_true_cell(predicted, true)
     nearest = dist.argmin(axis=1)
     for row, j, ok in zip(rows, nearest, dist[np.arange(len(true)), nearest] < tolerance):
         counts[row, index.get(predicted[int(j)].specie.Z, 0) if ok else 0] += 1
