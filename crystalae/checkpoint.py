@@ -115,12 +115,21 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     model.to(device).eval()
     meta = {k: payload.get(k) for k in ("epoch", "metrics", "train_config", "dataset_hash", "history", "latent_prior",
                                         "lineage")}
-    prior = meta["latent_prior"]
-    if prior is not None and not (isinstance(prior, dict) and all(torch.is_tensor(prior.get(k)) for k in ("mean", "scale_tril"))
-                                  and prior["mean"].shape == (config.latent_dim,)
-                                  and prior["scale_tril"].shape == (config.latent_dim, config.latent_dim)):
+    if meta["latent_prior"] is not None and not _prior_fits(meta["latent_prior"], config.latent_dim):
         raise CheckpointError(f"checkpoint {path}: latent_prior does not fit latent_dim {config.latent_dim}")
     return LoadedModel(model, voxel, meta)
+
+
+def _prior_fits(prior: Any, latent_dim: int) -> bool:
+    """A stored prior is a dict of a mean (d,), a Cholesky factor (d, d), optionally training codes
+    (n, d), and a known kind."""
+    if not (isinstance(prior, dict) and all(torch.is_tensor(prior.get(k)) for k in ("mean", "scale_tril"))):
+        return False
+    codes = prior.get("codes")
+    return (prior["mean"].shape == (latent_dim,) and prior["scale_tril"].shape == (latent_dim, latent_dim)
+            and (codes is None or (torch.is_tensor(codes) and codes.ndim == 2 and len(codes) > 0
+                                   and codes.shape[1] == latent_dim))
+            and prior.get("kind", "fitted") in ("fitted", "posterior"))
 
 
 def _check_weights_fit(path: str | Path, config: ModelConfig, weights: Any) -> None:

@@ -233,6 +233,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from crystalae import generate
 
     generate.check_generate_folder(args.out, args.overwrite)
+    if args.reference is not None:
+        from crystalae.coverage import matminer_available
+
+        if not matminer_available():
+            raise ValueError("--reference needs matminer for the coverage fingerprints: pip install 'crystalae[metrics]'")
     loaded = _load_model(args)
     named: list = []
     if args.sample:
@@ -255,10 +260,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
             named += [(f"alter-{k:02d}", s) for k, s in enumerate(variants)]
     if not named:
         raise ValueError("nothing to generate: give --sample N, --interpolate ID_A ID_B or --alter ID")
-    summary = generate.write_generated(args.out, named, overwrite=args.overwrite)
+    reference = None if args.reference is None else generate.reference_structures(args.reference, args.reference_limit)
+    summary = generate.write_generated(args.out, named, overwrite=args.overwrite, reference=reference,
+                                       cutoffs=tuple(args.cutoffs))
     print(f"wrote {summary['decoded']} of {summary['count']} crystals to {args.out}: structural validity "
           f"{100 * summary['structural_validity']:.1f}%, {format_composition_validity(summary)}")
+    if "distribution" in summary:
+        print(f"against {len(reference)} reference crystals of {args.reference}: "
+              + format_distribution(summary["distribution"]))
     return 0
+
+
+def format_distribution(figures: dict[str, Any]) -> str:
+    """COV-R, COV-P, d_ρ and d_elem on one line (CDVAE's generation metrics)."""
+    def dist(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    return (f"COV-R {100 * figures['cov_recall']:.1f}%, COV-P {100 * figures['cov_precision']:.1f}% "
+            f"(cutoffs {figures['cutoffs'][0]:g} / {figures['cutoffs'][1]:g}), "
+            f"d_rho {dist(figures['d_rho'])}, d_elem {dist(figures['d_elem'])}")
 
 
 def format_composition_validity(summary: dict[str, Any]) -> str:
@@ -274,9 +294,10 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
 
     if Path(args.out).resolve() == Path(args.checkpoint).resolve():
         raise ValueError(f"--out {args.out}: write the new checkpoint to another folder (checkpoints are immutable)")
-    info = with_latent_prior(args.checkpoint, args.data, args.out, args.split, args.temperature)
+    info = with_latent_prior(args.checkpoint, args.data, args.out, args.split, args.temperature, args.kind)
     print(f"fitted a latent prior on {info['count']} {args.split} crystals of {args.data} "
-          f"(|mean| {info['mean_norm']:.3g}, typical std {info['mean_std']:.3g}); wrote {args.out}")
+          f"(|mean| {info['mean_norm']:.3g}, typical std {info['mean_std']:.3g}); samples by default from the "
+          f"{info['kind']} prior at spread {info['temperature']:g}; wrote {args.out}")
     return 0
 
 
@@ -556,11 +577,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scale", type=number(0, 100), default=0.5, help="latent noise scale for --alter")
     gen.add_argument("--count", type=count(1, 10_000), default=4, help="variants for --alter")
     gen.add_argument("--source", help="where --interpolate/--alter ids live (structure source)")
-    gen.add_argument("--prior", choices=("auto", "fitted", "normal"), default="auto",
-                     help="--sample from the checkpoint's fitted latent prior (auto: when it has one) or N(0, I)")
+    gen.add_argument("--prior", choices=("auto", "fitted", "posterior", "normal"), default="auto",
+                     help="--sample from the Gaussian fitted to the training codes (fitted), around the training "
+                          "codes (posterior), or N(0, I) (normal); auto: the kind stored with the checkpoint's prior")
     gen.add_argument("--temperature", type=number(0, 10),
-                     help="spread of --sample around the prior mean (default: the one stored with the fitted prior, else 1)")
+                     help="spread of --sample: Gaussian noise scale (default: the one stored with the prior; "
+                          "1 for fitted and normal, 0.1 for posterior)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--reference", metavar="SOURCE",
+                     help="score the batch against these crystals: COV-R, COV-P, d_rho, d_elem as CDVAE "
+                          "(needs crystalae[metrics]; compare batches of equal size)")
+    gen.add_argument("--reference-limit", type=count(1), metavar="N", help="read only the first N reference crystals")
+    gen.add_argument("--cutoffs", nargs=2, type=number(0, 1000), default=[0.2, 4.0], metavar=("STRUCT", "COMP"),
+                     help="coverage cutoffs on the structure and composition fingerprints "
+                          "(CDVAE: 0.2 4 for perov_5 and carbon_24, 0.4 10 for mp_20)")
     gen.add_argument("--overwrite", action="store_true", help="replace an earlier run's crystals in --out")
     gen.add_argument("--cpu", action="store_true")
     gen.set_defaults(func=cmd_generate)
@@ -570,7 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--data", required=True, type=location, help="dataset folder or URI from `data prepare` (the model's own)")
     fp.add_argument("--split", default="train", choices=("train", "val", "test"))
     fp.add_argument("--out", required=True, type=Path, help="new checkpoint folder (weights copied, prior added)")
-    fp.add_argument("--temperature", type=number(0, 10), default=1.0, help="default sampling spread stored with the prior")
+    fp.add_argument("--kind", choices=("posterior", "fitted"), default="posterior",
+                    help="how `generate` samples by default: around the training codes (posterior, better coverage) "
+                         "or from the fitted Gaussian")
+    fp.add_argument("--temperature", type=number(0, 10),
+                    help="default sampling spread stored with the prior (default: 0.1 posterior, 1 fitted)")
     fp.set_defaults(func=cmd_fit_prior)
 
     sw = sub.add_parser("sweep", help="hyperparameter search with Ray Tune + Optuna")

@@ -1,7 +1,8 @@
 """Use a trained model: reconstruct a source, sample from the prior, interpolate, alter.
 
 Every generated crystal is checked as in CDVAE: structural validity (all interatomic distances
-> 0.5 Å) and composition validity (a charge-neutral oxidation-state assignment exists).
+> 0.5 Å) and composition validity (SMACT); a batch can be scored against reference crystals with
+CDVAE's coverage and distribution distances (`crystalae.coverage`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from pymatgen.core import Structure
 
 from crystalae.checkpoint import LoadedModel
+from crystalae.coverage import COVERAGE_CUTOFFS
 from crystalae.files import write_json, write_text
 from crystalae.inference import decode_latents, density_scale, structures_from_outputs
 from crystalae.metrics import compare, summarize
@@ -158,10 +160,28 @@ def check_generate_folder(out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def write_generated(out: str | Path, named: list[tuple[str, Structure | None]],
-                    overwrite: bool = False) -> dict[str, Any]:
+def reference_structures(source: str | Path, limit: int | None = None) -> list[Structure]:
+    """The crystals of a reference source, as they are (entries that cannot be read are left out)."""
+    structures = []
+    for entry in list_entries(source, limit=limit):
+        try:
+            structures.append(load_structure(entry))
+        except StructureError:
+            continue
+    if not structures:
+        raise StructureError(f"reference {source}: no readable crystal")
+    return structures
+
+
+def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], overwrite: bool = False,
+                    reference: list[Structure] | None = None,
+                    cutoffs: tuple[float, float] = COVERAGE_CUTOFFS["perov_5"]) -> dict[str, Any]:
     """One CIF per crystal plus summary.csv and summary.json (validity rates), in a new or empty
-    folder; with `overwrite`, the CIFs and summaries of an earlier run there are removed first."""
+    folder; with `overwrite`, the CIFs and summaries of an earlier run there are removed first.
+
+    With `reference` crystals, the summary adds CDVAE's distribution metrics of the batch against
+    them (`crystalae.coverage`: COV-R, COV-P, d_ρ, d_elem; needs `crystalae[metrics]`).
+    """
     out = check_generate_folder(out, overwrite)
     if out.is_dir():
         for stale in [*out.glob("*.cif"), out / "summary.csv", out / "summary.json"]:
@@ -186,5 +206,10 @@ def write_generated(out: str | Path, named: list[tuple[str, Structure | None]],
                # the field's figure (CDVAE's SMACT check); None where SMACT is not installed
                "composition_validity_smact": None if any(r["smact_valid"] is None for r in rows)
                else sum(r["smact_valid"] for r in rows) / n}
+    if reference is not None:
+        from crystalae.coverage import distribution_metrics, fingerprints
+
+        summary["distribution"] = distribution_metrics(fingerprints([s for _, s in named], desc="fingerprint samples"),
+                                                       fingerprints(reference, desc="fingerprint reference"), cutoffs)
     write_json(out / "summary.json", summary)
     return summary

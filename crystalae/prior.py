@@ -6,6 +6,13 @@ to overlapping or missing atoms. Fitting a full-covariance Gaussian to the poste
 training crystals ("ex-post density estimation", Ghosh et al. 2020, *From Variational to Deterministic
 Autoencoders*) and sampling from it keeps samples where the decoder was trained. The fit is stored in
 the checkpoint (`latent_prior`: mean and Cholesky factor as tensors, weights-only safe).
+
+A Gaussian still smears the data's clusters (perov_5: one composition family per cluster) into the
+space between them, where the decoder mixes species: its samples cover the data poorly (COV-P 37% at
+1.0). The checkpoint therefore also keeps the training codes themselves (float16), and the
+`posterior` kind samples the aggregate posterior: a training code plus `temperature` x the fitted
+Gaussian's spread (a kernel density estimate). Small bandwidths stay near training crystals (high
+coverage, few new formulas), larger ones move away; `bench/generation.py` measures the trade-off.
 """
 from __future__ import annotations
 
@@ -21,9 +28,11 @@ from crystalae.inference import density_scale
 
 @torch.no_grad()
 def fit_latent_prior(loaded: LoadedModel, data: str | Path, split: str = "train", batch_size: int = 64,
-                     shrinkage: float = 1e-3, temperature: float = 1.0) -> dict[str, Any]:
-    """Mean and Cholesky factor of the posterior means of `split` in a prepared dataset, and the
-    default sampling spread (`temperature`) stored with them.
+                     shrinkage: float = 1e-3, temperature: float | None = None, kind: str = "posterior"
+                     ) -> dict[str, Any]:
+    """Mean and Cholesky factor of the posterior means of `split` in a prepared dataset, the codes
+    themselves, and the default way to sample: `kind` (fitted: the Gaussian; posterior: the codes
+    plus Gaussian noise) at spread `temperature` (default: 1 for fitted, 0.1 for posterior).
 
     `shrinkage` (a fraction of the mean variance, added to the diagonal) keeps the covariance positive
     definite when there are fewer crystals than latent dimensions.
@@ -31,6 +40,9 @@ def fit_latent_prior(loaded: LoadedModel, data: str | Path, split: str = "train"
     from crystalae.shards import read_table
     from crystalae.training import table_batches
 
+    if kind not in ("fitted", "posterior"):
+        raise ValueError(f"prior kind must be fitted or posterior, got {kind!r}")
+    temperature = DEFAULT_SPREAD[kind] if temperature is None else temperature
     table = read_table(data, split=split, columns=["density"])
     if table.num_rows < 2:
         raise ValueError(f"{data}: split {split!r} has {table.num_rows} rows; a latent prior needs at least 2")
@@ -45,36 +57,50 @@ def fit_latent_prior(loaded: LoadedModel, data: str | Path, split: str = "train"
     cov = torch.cov(z.T).reshape(z.shape[1], z.shape[1])
     cov += shrinkage * cov.diagonal().mean() * torch.eye(len(mean), dtype=cov.dtype)
     return {"mean": mean.float(), "scale_tril": torch.linalg.cholesky(cov).float(), "count": int(len(z)),
-            "split": split, "temperature": float(temperature)}
+            "split": split, "temperature": float(temperature), "kind": kind, "codes": z.half()}
+
+
+#: the spread each kind samples at unless told: the Gaussian as fitted; a tenth of it around a code
+DEFAULT_SPREAD = {"fitted": 1.0, "posterior": 0.1, "normal": 1.0}
+PRIORS = ("auto", "fitted", "posterior", "normal")
 
 
 def sample_latents(loaded: LoadedModel, count: int, seed: int = 0, prior: str = "auto",
                    temperature: float | None = None) -> torch.Tensor:
-    """(count, latent_dim) latents: from the fitted prior when the checkpoint has one ("auto"/"fitted"),
-    else from N(0, I) ("normal"). `temperature` scales the spread around the mean; None takes the
-    one stored with the fitted prior (1 for N(0, I))."""
-    if prior not in ("auto", "fitted", "normal"):
-        raise ValueError(f"prior must be auto, fitted or normal, got {prior!r}")
+    """(count, latent_dim) latents from one of the `PRIORS`: "fitted" (the Gaussian fitted to the
+    training codes), "posterior" (a training code plus that Gaussian's noise), "normal" (N(0, I)), or
+    "auto": the kind stored with the checkpoint's prior, N(0, I) without one. `temperature` scales the
+    noise; None takes the spread stored with the prior for its kind (`DEFAULT_SPREAD` otherwise)."""
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
     fitted = loaded.meta.get("latent_prior")
-    if prior == "fitted" and fitted is None:
+    kind = prior if prior != "auto" else "normal" if fitted is None else fitted.get("kind", "fitted")
+    if kind != "normal" and fitted is None:
         raise ValueError("this checkpoint has no fitted latent prior (add one with `crystalae fit-prior`)")
+    if kind == "posterior" and fitted.get("codes") is None:
+        raise ValueError("this checkpoint's prior keeps no training codes (refit it with `crystalae fit-prior`)")
+    if temperature is None:
+        stored = fitted is not None and fitted.get("kind", "fitted") == kind and "temperature" in fitted
+        temperature = float(fitted["temperature"]) if stored else DEFAULT_SPREAD[kind]
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(count, loaded.model.config.latent_dim, generator=generator)
-    if fitted is not None and prior != "normal":
-        spread = float(fitted.get("temperature", 1.0)) if temperature is None else temperature
-        z = fitted["mean"] + spread * noise @ fitted["scale_tril"].T
+    if kind == "normal":
+        z = temperature * noise
+    elif kind == "fitted":
+        z = fitted["mean"] + temperature * noise @ fitted["scale_tril"].T
     else:
-        z = (1.0 if temperature is None else temperature) * noise
+        picked = torch.randint(len(fitted["codes"]), (count,), generator=generator)
+        z = fitted["codes"][picked].float() + temperature * noise @ fitted["scale_tril"].T
     return z.to(next(loaded.model.parameters()).device)
 
 
 def with_latent_prior(source: str | Path, data: str | Path, out: str | Path, split: str = "train",
-                      temperature: float = 1.0) -> dict[str, Any]:
+                      temperature: float | None = None, kind: str = "posterior") -> dict[str, Any]:
     """Copy checkpoint `source` to `out` (without optimizer state) with a prior fitted on `data`."""
     from crystalae.checkpoint import load_checkpoint
 
-    prior = fit_latent_prior(load_checkpoint(source), data, split, temperature=temperature)
+    prior = fit_latent_prior(load_checkpoint(source), data, split, temperature=temperature, kind=kind)
     export_checkpoint(source, out, latent_prior=prior)
-    return {"count": prior["count"], "split": split,
+    return {"count": prior["count"], "split": split, "kind": kind, "temperature": prior["temperature"],
             "mean_norm": float(np.linalg.norm(prior["mean"].numpy())),
             "mean_std": float(prior["scale_tril"].pow(2).sum(1).sqrt().mean())}

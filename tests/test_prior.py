@@ -35,7 +35,7 @@ def test_fitted_prior_matches_the_training_latents_and_travels_in_the_checkpoint
 
     folder, data = model_and_data
     loaded = load_checkpoint(folder)
-    prior = fit_latent_prior(loaded, data)
+    prior = fit_latent_prior(loaded, data, kind="fitted")
     train = read_table(data, split="train", columns=["density"])
     assert prior["count"] == train.num_rows and prior["mean"].shape == (6,)
     assert torch.equal(prior["scale_tril"], torch.tril(prior["scale_tril"]))
@@ -54,7 +54,7 @@ def test_fitted_prior_matches_the_training_latents_and_travels_in_the_checkpoint
     normal = sample_latents(reloaded, 4000, seed=1, prior="normal")
     assert abs(float(normal.std()) - 1.0) < 0.05
     described = json.loads((tmp_path / "with_prior" / "config.json").read_text())
-    assert described["latent_prior"] == {"count": prior["count"], "split": "train", "temperature": 1.0}
+    assert described["latent_prior"] == {"count": prior["count"], "split": "train", "temperature": 1.0, "kind": "fitted"}
     # a stored spread is the default; an explicit one overrides it
     export_checkpoint(folder, tmp_path / "narrow", latent_prior={**prior, "temperature": 0.5})
     narrow = load_checkpoint(tmp_path / "narrow")
@@ -63,6 +63,31 @@ def test_fitted_prior_matches_the_training_latents_and_travels_in_the_checkpoint
     torch.testing.assert_close(sample_latents(narrow, 5, seed=3, temperature=1.0), sample_latents(reloaded, 5, seed=3))
     with pytest.raises(ValueError, match="no fitted latent prior"):
         sample_latents(load_checkpoint(folder), 2, prior="fitted")
+
+
+def test_the_posterior_prior_samples_around_the_training_codes(model_and_data, tmp_path):
+    from crystalae.checkpoint import export_checkpoint, load_checkpoint
+    from crystalae.prior import fit_latent_prior, sample_latents
+
+    folder, data = model_and_data
+    prior = fit_latent_prior(load_checkpoint(folder), data)
+    assert prior["kind"] == "posterior" and prior["temperature"] == 0.1
+    assert prior["codes"].shape == (prior["count"], 6)
+    export_checkpoint(folder, tmp_path / "posterior", latent_prior=prior)
+    loaded = load_checkpoint(tmp_path / "posterior")
+    codes = prior["codes"].float()
+    exact = sample_latents(loaded, 50, seed=2, temperature=0.0)  # no noise: each sample is a training code
+    assert (exact[:, None] == codes[None]).all(-1).any(1).all()
+    near = sample_latents(loaded, 50, seed=2)  # default spread 0.1 of the fitted Gaussian around a code
+    offsets = near - exact
+    torch.testing.assert_close(offsets, 0.1 * (sample_latents(loaded, 50, seed=2, prior="fitted", temperature=1.0)
+                                               - prior["mean"]), atol=1e-5, rtol=0)
+    # an older prior without codes samples its Gaussian, and says why it cannot sample the posterior
+    export_checkpoint(folder, tmp_path / "old", latent_prior={k: v for k, v in prior.items() if k not in ("codes", "kind")})
+    old = load_checkpoint(tmp_path / "old")
+    torch.testing.assert_close(sample_latents(old, 3, seed=1, temperature=1.0), sample_latents(loaded, 3, seed=1, prior="fitted"))
+    with pytest.raises(ValueError, match="keeps no training codes"):
+        sample_latents(old, 2, prior="posterior")
 
 
 def test_a_prior_of_the_wrong_size_is_refused(model_and_data, tmp_path):
