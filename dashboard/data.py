@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import streamlit as st
@@ -29,6 +29,9 @@ from crystalae.search import results
 from crystalae.search.results import SweepSummary
 from crystalae.storage import is_remote, read_json
 from crystalae.storage import join as storage_join
+
+if TYPE_CHECKING:  # pymatgen and matminer load only on the pages that score crystals
+    from crystalae.coverage import Fingerprints
 
 STORAGE_ENV = "CRYSTALAE_STORAGE"
 REGISTRY_ENV = "CRYSTALAE_REGISTRY"
@@ -330,3 +333,15 @@ def source_ids(source: str) -> list[str]:
     from crystalae.sources import list_entries
 
     return [e.material_id for e in list_entries(source)]
+
+
+# ---- generation metrics ---------------------------------------------------------------------------
+
+@st.cache_data(show_spinner="Fingerprinting the reference crystals (CrystalNN, ~0.1 s a crystal)…", max_entries=8)
+def reference_fingerprints(source: str) -> Fingerprints:
+    """CDVAE fingerprints of a reference source's crystals; cached, since one reference serves many batches
+    (a source whose files change is read again after the sidebar's Refresh)."""
+    from crystalae.coverage import fingerprints
+    from crystalae.generate import reference_structures
+
+    return fingerprints(reference_structures(source), desc="reference")

@@ -114,6 +114,49 @@ def confusion_heatmap(matrix: list[list[float]], symbols: list[str], title: str)
     return fig
 
 
+def _finite(values) -> np.ndarray:
+    values = np.asarray(values, dtype=float).ravel()
+    return values[np.isfinite(values)]
+
+
+def _positive(counts) -> np.ndarray:
+    counts = np.asarray(counts, dtype=int).ravel()
+    return counts[counts > 0]
+
+
+def density_histogram(samples: np.ndarray, reference: np.ndarray) -> go.Figure:
+    """Overlaid histograms (percent of each set, shared bins) of crystal densities in g/cm³; NaN (undecoded) dropped."""
+    sets = {"valid samples": _finite(samples), "reference": _finite(reference)}
+    values = np.concatenate(list(sets.values()))
+    # shared bins: plotly bins each overlaid trace on its own, so bar widths would differ between sets
+    bins = None
+    if values.size:
+        low, high = float(values.min()), float(values.max())
+        bins = {"start": low, "end": high + 1e-9, "size": max((high - low) / 30, 1e-3)}
+    fig = go.Figure()
+    for (name, x), color in zip(sets.items(), (PALETTE[0], "#888888")):
+        fig.add_trace(go.Histogram(x=x, name=f"{name} ({len(x)})", histnorm="percent", xbins=bins, opacity=0.6,
+                                   marker_color=color))
+    fig.update_layout(barmode="overlay", xaxis_title="density (g/cm³)", yaxis_title="% of set", height=360,
+                      margin={"t": 30, "b": 40}, legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def element_count_bars(samples: np.ndarray, reference: np.ndarray) -> go.Figure:
+    """Grouped bars: share of crystals with 1, 2, 3, … distinct elements in each set (0, undecoded, dropped)."""
+    sets = {"valid samples": _positive(samples), "reference": _positive(reference)}
+    top = max((int(c.max()) for c in sets.values() if c.size), default=1)
+    ks = np.arange(1, top + 1)
+    fig = go.Figure()
+    for (name, counts), color in zip(sets.items(), (PALETTE[0], "#888888")):
+        share = np.bincount(counts, minlength=top + 1)[1:] / max(counts.size, 1)
+        fig.add_trace(go.Bar(x=ks, y=share, name=f"{name} ({counts.size})", marker_color=color))
+    fig.update_layout(barmode="group", xaxis_title="distinct elements", xaxis_dtick=1, yaxis_title="share of set",
+                      yaxis_tickformat=".0%", height=360, margin={"t": 30, "b": 40},
+                      legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
 def density_slice(values: np.ndarray, k: int, title: str, zmax: float | None = None) -> go.Figure:
     """Heatmap of the grid plane z = k (e/Å^3)."""
     fig = go.Figure(go.Heatmap(z=values[:, :, k].T, colorscale="Viridis", zmin=0, zmax=zmax,

@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("streamlit")
@@ -143,6 +144,75 @@ def test_generate_page_samples_interpolates_and_alters(tiny_sweep, monkeypatch, 
     at.text_input(key="source").input(str(tmp_path / "missing.csv")).run()
     assert_clean(at)
     assert "Cannot read source" in messages(at)
+
+
+@pytest.fixture(scope="module")
+def tiny_registry(tiny_checkpoint, tmp_path_factory):
+    """The untrained tiny checkpoint promoted into a registry beside empty sweep storage (no sweep, no Ray)."""
+    from crystalae.registry import Registry
+
+    base = tmp_path_factory.mktemp("tiny_registry")
+    Registry(base / "registry").promote(tiny_checkpoint, "tiny", alias="champion")
+    (base / "sweeps").mkdir()
+    return {"storage": base / "sweeps", "registry": base / "registry"}
+
+
+def test_density_histogram_overlays_valid_samples_and_reference_on_shared_bins():
+    from crystalae.dashboard.views import density_histogram
+
+    fig = density_histogram(np.array([2.0, 3.5, np.nan]), np.array([1.0, 2.5, 4.0, 6.0]))
+    samples, reference = fig.data
+    assert len(samples.x) == 2 and len(reference.x) == 4  # NaN (undecoded) left out
+    assert samples.xbins == reference.xbins and samples.histnorm == "percent"
+    assert fig.layout.barmode == "overlay" and "g/cm³" in fig.layout.xaxis.title.text
+    assert len(density_histogram(np.array([]), np.array([])).data) == 2  # no valid sample: still a figure
+
+
+def test_element_count_bars_share_of_each_set_per_count():
+    from crystalae.dashboard.views import element_count_bars
+
+    fig = element_count_bars(np.array([1, 2, 2, 0]), np.array([3, 3, 2, 5]))
+    samples, reference = fig.data
+    assert list(samples.x) == list(reference.x) == [1, 2, 3, 4, 5]
+    assert list(samples.y) == pytest.approx([1 / 3, 2 / 3, 0, 0, 0])  # 0 elements (undecoded) left out
+    assert list(reference.y) == pytest.approx([0, 0.25, 0.5, 0, 0.25])
+    assert fig.layout.barmode == "group"
+    assert [len(t.x) for t in element_count_bars(np.array([], int), np.array([], int)).data] == [1, 1]
+
+
+def test_generate_page_batch_metrics(tiny_registry, monkeypatch):
+    pytest.importorskip("matminer")
+    at = open_page("generate", monkeypatch, tiny_registry["storage"], tiny_registry["registry"])
+    assert_clean(at)
+    assert at.number_input(key="batch_count").value == 200 and at.text_input(key="batch_reference").value == "demo:200"
+
+    at.number_input(key="batch_count").set_value(3)
+    at.text_input(key="batch_reference").input("demo:5")
+    at.button(key="batch_go").click().run()
+    assert_clean(at)
+    tiles = {m.label: m.value for m in at.metric}
+    assert {"Structural validity", "SMACT validity (as CDVAE)", "Composition validity (pymatgen, stricter)",
+            "COV-R", "COV-P", "d_ρ (g/cm³)", "d_elem"} == set(tiles)
+    assert all(tiles.values()) and tiles["COV-R"].endswith("%")
+    assert charts(at) == 2  # density histogram and element-count bars
+    assert "3 samples" in at.subheader[0].value and "demo:5" in at.subheader[0].value
+    assert any("equal counts" in c.value and "scaler" in c.value for c in at.caption)
+
+    at.number_input(key="batch_seed").set_value(1).run()  # a rerun keeps the result until the next click
+    assert len(at.metric) == 7
+
+    at.selectbox(key="batch_prior").set_value("fitted")  # the untrained checkpoint has no fitted prior
+    at.button(key="batch_go").click().run()
+    assert_clean(at)
+    assert "no fitted latent prior" in messages(at) and not at.metric
+
+
+def test_generate_page_batch_metrics_need_matminer(tiny_registry, monkeypatch):
+    monkeypatch.setattr("crystalae.coverage.matminer_available", lambda: False)
+    at = open_page("generate", monkeypatch, tiny_registry["storage"], tiny_registry["registry"])
+    assert_clean(at)
+    assert "pip install 'crystalae[metrics]'" in messages(at)
+    assert "batch_go" not in [b.key for b in at.button]
 
 
 def test_registry_page_lists_and_promotes(tiny_sweep, monkeypatch, tmp_path):

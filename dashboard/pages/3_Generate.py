@@ -1,16 +1,26 @@
-"""Generate: random samples from the prior, interpolation between two crystals, alteration of one.
+"""Generate: random samples from the prior, interpolation between two crystals, alteration of one,
+and CDVAE's generation metrics (validity, COV-R/COV-P, d_ρ, d_elem) of a batch of samples.
 
 Results stay in session_state so they survive reruns (widget changes, downloads) until replaced.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import streamlit as st
 
 from crystalae.dashboard import data, views
 
+if TYPE_CHECKING:
+    from streamlit.delta_generator import DeltaGenerator
+
+    from crystalae.coverage import Fingerprints
+
 st.set_page_config(page_title="Generate · crystalae", page_icon="💎", layout="wide")
 if "generated" not in st.session_state:
     st.session_state.generated = None  # {"title", "model", "items": [(name, Structure | None)]}
+if "batch_metrics" not in st.session_state:
+    st.session_state.batch_metrics = None  # {"title", "metrics", "rates", "density", "elements"}
 paths = data.app_paths()
 views.sidebar(paths)
 st.title("Generate crystals")
@@ -54,9 +64,110 @@ def source_densities(source: str, ids: list[str]):
     return [it["density"] for it in items]
 
 
+def score_samples(structures: list, bar: DeltaGenerator, start: float, end: float
+                  ) -> tuple[list[dict], Fingerprints]:
+    """Validity flags and fingerprints of the samples, block by block so that the progress bar moves."""
+    from dataclasses import fields
+
+    import numpy as np
+
+    from crystalae.coverage import Fingerprints, fingerprints
+    from crystalae.generate import validity
+    from crystalae.parallel import default_workers
+
+    block = 25 * default_workers()  # one 25-crystal chunk per worker process at a time
+    flags, parts = [], []
+    for i in range(0, len(structures), block):
+        part = structures[i : i + block]
+        flags += [validity(s) for s in part]
+        parts.append(fingerprints(part, desc="samples"))
+        done = i + len(part)
+        bar.progress(start + (end - start) * done / len(structures),
+                     text=f"Fingerprinted {done} of {len(structures)} samples…")
+    merged = Fingerprints(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Fingerprints)))
+    return flags, merged
+
+
+def share(flags: list[dict], name: str) -> float | None:
+    """Share of all samples passing check `name`; None when the check is unavailable (SMACT missing)."""
+    values = [f[name] for f in flags]
+    return None if any(v is None for v in values) else sum(values) / max(len(values), 1)
+
+
+def score_batch(count: int, seed: int, prior: str, spread: float | None, reference: str,
+                cutoffs: tuple[float, float]) -> None:
+    """Sample a batch, fingerprint it and the reference and keep CDVAE's metrics; problems become warnings."""
+    from crystalae.coverage import distribution_metrics
+    from crystalae.generate import sample
+
+    bar = st.progress(0.0, text=f"Reading and fingerprinting the reference {reference}…")
+    try:
+        ref = data.reference_fingerprints(reference)  # cached: the slow part the first time only
+        bar.progress(0.1, text=f"Sampling {count} crystals…")
+        structures = sample(loaded, count, seed, prior, spread)
+        flags, prints = score_samples(structures, bar, 0.15, 0.95)
+        bar.progress(0.95, text="Comparing with the reference…")
+        metrics = distribution_metrics(prints, ref, cutoffs)
+    except (ValueError, OSError) as exc:  # no prior for this kind, unreadable reference (SourceError, StructureError)
+        st.session_state.batch_metrics = None
+        st.warning(f"Batch metrics failed: {exc}")
+        return
+    finally:
+        bar.empty()
+    spread_text = "stored spread" if spread is None else f"spread {spread:g}"
+    st.session_state.batch_metrics = {
+        "title": f"{count} samples of {choice.label} ({prior} prior, {spread_text}, seed {seed}) against {reference}",
+        "metrics": metrics,
+        "rates": {k: share(flags, k) for k in ("structural_valid", "smact_valid", "composition_valid")},
+        # d_ρ and d_elem compare the valid samples with the whole reference: plot the same sets
+        "density": (prints.density[prints.valid], ref.density),
+        "elements": (prints.n_elements[prints.valid], ref.n_elements),
+    }
+
+
+def show_batch(result: dict) -> None:
+    """The metric tiles, a caption on how to read them, and the density and element-count figures."""
+    def percent(x: float | None) -> str:
+        return "–" if x is None else f"{x:.1%}"
+
+    def distance(x: float | None) -> str:
+        return "–" if x is None else f"{x:.3f}"
+
+    m, rates = result["metrics"], result["rates"]
+    st.subheader(result["title"])
+    validity_tiles = [
+        ("Structural validity", percent(rates["structural_valid"]),
+         "Share of all samples whose atoms are all more than 0.5 Å apart (undecoded samples count as invalid)."),
+        ("SMACT validity (as CDVAE)", percent(rates["smact_valid"]),
+         "Composition validity by SMACT, the check CDVAE reports; – without smact (pip install 'crystalae[metrics]')."),
+        ("Composition validity (pymatgen, stricter)", percent(rates["composition_valid"]),
+         "pymatgen finds a charge-neutral assignment of oxidation states; stricter than SMACT."),
+    ]
+    distribution_tiles = [
+        ("COV-R", percent(m["cov_recall"]), "Share of reference crystals with a sample within both cutoffs."),
+        ("COV-P", percent(m["cov_precision"]), "Share of all samples with a reference crystal within both cutoffs."),
+        ("d_ρ (g/cm³)", distance(m["d_rho"]),
+         "Wasserstein distance between the densities of the valid samples and of the reference."),
+        ("d_elem", distance(m["d_elem"]),
+         "Wasserstein distance between the numbers of distinct elements of the valid samples and of the reference."),
+    ]
+    for tiles in (validity_tiles, distribution_tiles):
+        for column, (label, value, help_text) in zip(st.columns(len(tiles)), tiles):
+            column.metric(label, value, help=help_text)
+    st.caption(f"{m['samples']} samples ({m['valid_samples']} valid: structural and SMACT) against "
+               f"{m['reference']} reference crystals, cutoffs {m['cutoffs'][0]:g} / {m['cutoffs'][1]:g}. "
+               "COV-R and COV-P grow with the numbers of samples and of reference crystals: compare models at "
+               "equal counts. The composition fingerprints are standardised with crystalae's own scaler (fitted on "
+               "random compositions, not CDVAE's constants; see `crystalae/coverage.py`), so COV reads close to, "
+               "not exactly as, CDVAE's.")
+    left, right = st.columns(2)
+    left.plotly_chart(views.density_histogram(*result["density"]), key="batch_density")
+    right.plotly_chart(views.element_count_bars(*result["elements"]), key="batch_elements")
+
+
 source = st.text_input("Structure source for Interpolate and Alter", "demo:36", key="source",
                        help="demo:N (built-in crystals), a CDVAE-style CSV, a folder of CIF/POSCAR files, or one file")
-sample_tab, interp_tab, alter_tab = st.tabs(["Random samples", "Interpolate", "Alter"])
+sample_tab, interp_tab, alter_tab, metrics_tab = st.tabs(["Random samples", "Interpolate", "Alter", "Batch metrics"])
 with sample_tab:
     left, right = st.columns(2)
     count = left.number_input("How many", 1, 24, 4, key="sample_count")
@@ -99,6 +210,41 @@ if ids:
                 lambda: [(f"alter-{i}", s) for i, s in
                          enumerate(alter(loaded, source_densities(source, [base])[0], scale, int(variants),
                                          int(alter_seed)))])
+
+with metrics_tab:
+    from crystalae.coverage import COVERAGE_CUTOFFS, matminer_available
+    from crystalae.prior import PRIORS
+
+    cutoff_help = ("Coverage cutoffs on the structure (CrystalNN) and composition (Magpie) fingerprint distances. "
+                   "CDVAE: " + ", ".join(f"{a:g} / {b:g} for {name}" for name, (a, b) in COVERAGE_CUTOFFS.items()))
+    columns = st.columns(4)
+    batch_count = columns[0].number_input("Samples", 1, 2000, 200, key="batch_count",
+                                          help="CrystalNN fingerprints cost ~0.1 s a crystal, shared by the CPU cores")
+    batch_seed = columns[1].number_input("Seed", 0, 2**31 - 1, 0, key="batch_seed")
+    batch_prior = columns[2].selectbox(
+        "Prior", PRIORS, key="batch_prior",
+        help="auto: the kind stored with the checkpoint's prior (N(0, I) without one); fitted: the Gaussian fitted "
+             "to the training codes; posterior: around the training codes; normal: N(0, I)")
+    batch_spread = columns[3].number_input(
+        "Spread", 0.0, 10.0, None, 0.01, key="batch_spread", placeholder="stored with the prior",
+        help="Noise scale of the prior; empty: the one stored with the prior (else 1 for fitted and normal, "
+             "0.1 for posterior)")
+    left, mid, right = st.columns([2, 1, 1])
+    batch_reference = left.text_input(
+        "Reference crystals", "demo:200", key="batch_reference",
+        help="demo:N (built-in crystals), a CDVAE-style CSV (e.g. a data set's test.csv), a folder of CIF/POSCAR "
+             "files, or one file; fingerprinted once and cached")
+    cut_structure = mid.number_input("Structure cutoff", 0.0, 1000.0, 0.2, 0.05, key="batch_cut_structure",
+                                     help=cutoff_help)
+    cut_composition = right.number_input("Composition cutoff", 0.0, 1000.0, 4.0, 0.5, key="batch_cut_composition",
+                                         help=cutoff_help)
+    if not matminer_available():  # CrystalNN and Magpie fingerprints come from matminer
+        st.info("Batch metrics need matminer for the CDVAE fingerprints: `pip install 'crystalae[metrics]'`")
+    elif st.button("Score a batch", type="primary", key="batch_go"):
+        score_batch(int(batch_count), int(batch_seed), batch_prior, batch_spread, batch_reference.strip(),
+                    (float(cut_structure), float(cut_composition)))
+    if st.session_state.batch_metrics is not None:
+        show_batch(st.session_state.batch_metrics)
 
 result = st.session_state.generated
 if result is not None:
