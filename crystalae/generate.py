@@ -175,12 +175,14 @@ def reference_structures(source: str | Path, limit: int | None = None) -> list[S
 
 def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], overwrite: bool = False,
                     reference: list[Structure] | None = None,
-                    cutoffs: tuple[float, float] = COVERAGE_CUTOFFS["perov_5"]) -> dict[str, Any]:
+                    cutoffs: tuple[float, float] = COVERAGE_CUTOFFS["perov_5"],
+                    provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """One CIF per crystal plus summary.csv and summary.json (validity rates), in a new or empty
     folder; with `overwrite`, the CIFs and summaries of an earlier run there are removed first.
 
     With `reference` crystals, the summary adds CDVAE's distribution metrics of the batch against
     them (`crystalae.coverage`: COV-R, COV-P, d_ρ, d_elem; needs `crystalae[metrics]`).
+    `provenance` (how the crystals were made, e.g. a relaxation record) is stored in the summary.
     """
     out = check_generate_folder(out, overwrite)
     if out.is_dir():
@@ -205,7 +207,7 @@ def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], 
                "composition_validity": sum(r["composition_valid"] for r in rows) / n,
                # the field's figure (CDVAE's SMACT check); None where SMACT is not installed
                "composition_validity_smact": None if any(r["smact_valid"] is None for r in rows)
-               else sum(r["smact_valid"] for r in rows) / n}
+               else sum(r["smact_valid"] for r in rows) / n, **(provenance or {})}
     if reference is not None:
         from crystalae.coverage import distribution_metrics, fingerprints
 
