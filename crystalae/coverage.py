@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from pymatgen.core import Structure
 
+from crystalae.extras import available, require
 from crystalae.parallel import default_workers, map_chunks
 from crystalae.validity import smact_valid, structure_valid
 
@@ -45,18 +46,12 @@ COVERAGE_CUTOFFS: dict[str, tuple[float, float]] = {"perov_5": (0.2, 4.0), "carb
 
 
 def matminer_available() -> bool:
-    try:
-        import matminer  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return available("matminer")
 
 
 @lru_cache(maxsize=1)
 def _featurizers():
-    if not matminer_available():
-        raise ImportError("coverage metrics need matminer (CrystalNN and Magpie fingerprints): "
-                          "pip install 'crystalae[metrics]'")
+    require("matminer", "metrics", "coverage (CrystalNN and Magpie fingerprints)")
     from matminer.featurizers.composition import ElementProperty
     from matminer.featurizers.site import CrystalNNFingerprint
 

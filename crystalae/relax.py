@@ -17,23 +17,18 @@ from typing import Any
 
 from pymatgen.core import Structure
 
+from crystalae.extras import available, require
 from crystalae.parallel import default_workers, map_chunks
 
 __all__ = ["relax", "relax_available"]
 
 
 def relax_available() -> bool:
-    try:
-        import chgnet  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return available("chgnet")
 
 
 @lru_cache(maxsize=1)
 def _optimizer():
-    if not relax_available():
-        raise ImportError("relaxing crystals needs CHGNet: pip install 'crystalae[relax]'")
     import torch
     from chgnet.model import StructOptimizer
 
@@ -67,8 +62,7 @@ def relax(structures: list[Structure | None], steps: int = 100, fmax: float = 0.
     and a record of what was done (potential, steps, how many relaxed)."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    if not relax_available():
-        raise ImportError("relaxing crystals needs CHGNet: pip install 'crystalae[relax]'")
+    require("chgnet", "relax", "relaxing crystals")
     import chgnet
 
     workers = default_workers() if workers is None else workers

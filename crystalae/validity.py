@@ -17,6 +17,8 @@ from math import gcd
 
 from pymatgen.core import Composition
 
+from crystalae.extras import available
+
 __all__ = ["smact_available", "smact_valid", "structure_valid"]
 
 
@@ -32,11 +34,7 @@ def structure_valid(structure, min_distance: float = 0.5) -> bool:
 
 
 def smact_available() -> bool:
-    try:
-        import smact  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return available("smact")
 
 
 def smact_valid(composition: Composition | str) -> bool | None:
