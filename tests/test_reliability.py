@@ -418,3 +418,42 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     assert quiet.returncode == 2 and len(quiet.stderr.strip().splitlines()) == 1 and "Traceback" not in quiet.stderr
     loud = subprocess.run(args + ["--debug"], capture_output=True, text=True)
     assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+# --- issue 24: the second hostile probe -------------------------------------------------------------
+
+
+def test_h1_decoding_refuses_cells_far_from_any_crystal_in_bounded_time():
+    """A lattice head that predicts a near-flat 9,582 Å cell (crafted weights) and latents far from the
+    prior decode to nothing, quickly, instead of sizing a periodic-image grid of millions."""
+    import torch
+    from pymatgen.core import Lattice
+
+    from crystalae.checkpoint import load_checkpoint
+    from crystalae.config import VoxelConfig
+    from crystalae.decode import DecodeError, decode
+    from crystalae.generate import decode_to_structures
+    from crystalae.pretrained import PRETRAINED
+    from crystalae.voxelize import voxelize_arrays
+
+    config = VoxelConfig(grid=16, sigma=0.5)
+    flat = Lattice.from_parameters(60.0, 1.0, 1.0, 30, 30, 30).matrix
+    density = voxelize_arrays(Lattice.cubic(4.0).matrix, np.array([[0.0, 0.0, 0.0]]), np.array([6]), config)
+    density.lattice = flat  # the grid of a real crystal read in a cell too thin for its Gaussians
+    with pytest.raises(DecodeError, match="periodic images"):
+        decode(density, species="density")
+    density.lattice = Lattice.cubic(150.0).matrix
+    with pytest.raises(DecodeError, match="over 100 Å"):
+        decode(density, species="density")
+
+    folder = PRETRAINED / "carbon_24"
+    if not (folder / "checkpoint.pt").exists():
+        pytest.skip("no shipped carbon_24 model in this checkout")
+    loaded = load_checkpoint(folder)
+    latent_dim = loaded.model.config.latent_dim
+    for scale in (1e4, 1e6, -1e6):
+        assert decode_to_structures(loaded, torch.full((2, latent_dim), scale)) == [None, None]
+    with torch.no_grad():
+        loaded.model.vae.lattice[2].weight.zero_()
+        loaded.model.vae.lattice[2].bias.copy_(torch.tensor([958.2, -4125.4, -22172.5, -64601.3, -31939.3, -17235.7]))
+    assert decode_to_structures(loaded, torch.zeros(2, latent_dim)) == [None, None]
