@@ -119,7 +119,7 @@ def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit:
             it["cif"] = predicted.to(fmt="cif") if predicted is not None else ""
             it["error"] = "" if predicted is not None else "no atoms decoded"
     rows = [{"cif": "", "error": "", **it} for it in items]
-    valid = [r for r in rows if "structure" in r]
+    valid = [r for r in rows if "density" in r]  # read and voxelized; the rest are rejected inputs
     metrics = {"source": str(source), "entries": len(rows), "rejected_inputs": len(rows) - len(valid),
                "decode_failures": sum(1 for r in valid if r["error"]), **summarize(valid),
                "seconds": round(time.perf_counter() - started, 2)}

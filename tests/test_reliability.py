@@ -457,3 +457,21 @@ def test_h1_decoding_refuses_cells_far_from_any_crystal_in_bounded_time():
         loaded.model.vae.lattice[2].weight.zero_()
         loaded.model.vae.lattice[2].bias.copy_(torch.tensor([958.2, -4125.4, -22172.5, -64601.3, -31939.3, -17235.7]))
     assert decode_to_structures(loaded, torch.zeros(2, latent_dim)) == [None, None]
+
+
+def test_m1_one_row_over_max_atoms_is_rejected_and_the_rest_reconstructed(tmp_path, capsys, tiny_checkpoint):
+    from pymatgen.core import Lattice, Structure
+
+    rng = np.random.default_rng(0)
+    points = [[i / 5, j / 5, k / 3] for i in range(5) for j in range(5) for k in range(3)]  # 75 sites, 2 Å apart
+    big = Structure(Lattice.orthorhombic(10, 10, 6), rng.choice(["Na", "Cl"], len(points)).tolist(), points)
+    source = tmp_path / "src"
+    source.mkdir()
+    big.to(filename=str(source / "big.cif"))
+    (source / "good.cif").write_text(GOOD_CIF)
+    out = tmp_path / "rec.csv"
+    assert main(["reconstruct", "--checkpoint", str(tiny_checkpoint), str(source), "--out", str(out)]) == 0
+    details = pd.read_csv(tmp_path / "rec.details.csv", keep_default_na=False).set_index("material_id")
+    assert "more than max_atoms=64" in details.loc["big", "error"]
+    metrics = json.loads((tmp_path / "rec.metrics.json").read_text())
+    assert metrics["entries"] == 2 and metrics["rejected_inputs"] == 1 and metrics["n"] == 1
