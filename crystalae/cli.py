@@ -303,9 +303,12 @@ def format_composition_validity(summary: dict[str, Any]) -> str:
 def cmd_fit_prior(args: argparse.Namespace) -> int:
     from crystalae.prior import with_latent_prior
 
-    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
-        raise ValueError(f"--out {args.out}: write the new checkpoint to another folder (checkpoints are immutable)")
-    info = with_latent_prior(args.checkpoint, args.data, args.out, args.split, args.temperature, args.kind)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # a checkpoint, a registry version...
+        raise ValueError(f"--out {out} already exists: write the new checkpoint to a new folder "
+                         "(checkpoints and registry versions are never rewritten)")
+    info = with_latent_prior(args.checkpoint, args.data, out, args.split, args.temperature, args.kind,
+                             args.allow_other_data)
     print(f"fitted a latent prior on {info['count']} {args.split} crystals of {args.data} "
           f"(|mean| {info['mean_norm']:.3g}, typical std {info['mean_std']:.3g}); samples by default from the "
           f"{info['kind']} prior at spread {info['temperature']:g}; wrote {args.out}")
@@ -615,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--data", required=True, type=location, help="dataset folder or URI from `data prepare` (the model's own)")
     fp.add_argument("--split", default="train", choices=("train", "val", "test"))
     fp.add_argument("--out", required=True, type=Path, help="new checkpoint folder (weights copied, prior added)")
+    fp.add_argument("--allow-other-data", action="store_true",
+                    help="fit on a dataset other than the one the checkpoint was trained on (same voxel settings)")
     fp.add_argument("--kind", choices=("posterior", "fitted"), default="posterior",
                     help="how `generate` samples by default: around the training codes (posterior, better coverage) "
                          "or from the fitted Gaussian")

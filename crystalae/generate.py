@@ -160,6 +160,18 @@ def check_generate_folder(out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
+def _earlier_run_files(out: Path) -> list[Path]:
+    """The files an earlier generate run wrote in `out`: those its summary.csv names, and the summaries;
+    anything else in the folder is not ours to delete."""
+    summary = out / "summary.csv"
+    if not summary.is_file():
+        return []
+    with open(summary, newline="", encoding="utf-8", errors="replace") as handle:
+        names = [row.get("cif") or "" for row in csv.DictReader(handle)]
+    cifs = [out / name for name in names if name.endswith(".cif") and Path(name).name == name]  # no paths
+    return [*cifs, summary, out / "summary.json"]
+
+
 def reference_structures(source: str | Path, limit: int | None = None) -> list[Structure]:
     """The crystals of a reference source, as they are (entries that cannot be read are left out)."""
     structures = []
@@ -185,9 +197,8 @@ def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], 
     `provenance` (how the crystals were made, e.g. a relaxation record) is stored in the summary.
     """
     out = check_generate_folder(out, overwrite)
-    if out.is_dir():
-        for stale in [*out.glob("*.cif"), out / "summary.csv", out / "summary.json"]:
-            stale.unlink(missing_ok=True)
+    for stale in _earlier_run_files(out):
+        stale.unlink(missing_ok=True)
     rows = []
     for name, structure in named:
         row = {"name": name, "formula": "", "n_atoms": 0, **validity(structure), "cif": ""}

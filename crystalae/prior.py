@@ -94,12 +94,39 @@ def sample_latents(loaded: LoadedModel, count: int, seed: int = 0, prior: str = 
     return z.to(next(loaded.model.parameters()).device)
 
 
+def check_prior_data(loaded: LoadedModel, data: str | Path, allow_other_data: bool = False) -> None:
+    """Refuse to fit a prior on data the model cannot have been trained on: other voxel settings or
+    elements the model does not know; another dataset hash unless `allow_other_data`.
+
+    Raises:
+        ValueError: naming the mismatch.
+    """
+    from crystalae.shards import config_of, read_manifest
+    from crystalae.training import dataset_species
+
+    if config_of(data) != loaded.voxel:
+        raise ValueError(f"--data {data} was voxelized with {config_of(data)}, but the checkpoint with "
+                         f"{loaded.voxel}: fit the prior on the model's own dataset")
+    unknown = sorted(set(dataset_species(data)) - set(loaded.model_config.species))
+    if unknown:
+        raise ValueError(f"--data {data} holds elements the model does not know (Z = {unknown}): "
+                         "fit the prior on the model's own dataset")
+    found, trained = read_manifest(data)["dataset_hash"], loaded.meta.get("dataset_hash")
+    if found != trained and not allow_other_data:
+        raise ValueError(f"--data {data} (dataset {found[:12]}) is not the dataset the checkpoint was trained on "
+                         f"({str(trained)[:12]}); pass --allow-other-data to fit on it anyway")
+
+
 def with_latent_prior(source: str | Path, data: str | Path, out: str | Path, split: str = "train",
-                      temperature: float | None = None, kind: str = "posterior") -> dict[str, Any]:
-    """Copy checkpoint `source` to `out` (without optimizer state) with a prior fitted on `data`."""
+                      temperature: float | None = None, kind: str = "posterior",
+                      allow_other_data: bool = False) -> dict[str, Any]:
+    """Copy checkpoint `source` to `out` (without optimizer state) with a prior fitted on `data`,
+    after `check_prior_data`."""
     from crystalae.checkpoint import load_checkpoint
 
-    prior = fit_latent_prior(load_checkpoint(source), data, split, temperature=temperature, kind=kind)
+    loaded = load_checkpoint(source)
+    check_prior_data(loaded, data, allow_other_data)
+    prior = fit_latent_prior(loaded, data, split, temperature=temperature, kind=kind)
     export_checkpoint(source, out, latent_prior=prior)
     return {"count": prior["count"], "split": split, "kind": kind, "temperature": prior["temperature"],
             "mean_norm": float(np.linalg.norm(prior["mean"].numpy())),

@@ -34,6 +34,17 @@ ALIASES = "aliases.json"
 _RESERVED_SUFFIXES = (".json", ".lock", ".tmp")  # the registry's own files live beside the model folders
 
 
+def _check_weights(folder: Path, ref: str) -> None:
+    """A version's weights must be the bytes its manifest recorded (a version is never rewritten)."""
+    try:
+        recorded = json.loads((folder / "manifest.json").read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an unreadable manifest is reported where versions are listed
+    if not (folder / FILENAME).is_file() or sha256_file(folder / FILENAME) != recorded:
+        raise RegistryError(f"{ref}: {folder / FILENAME} is not the checkpoint promoted as this version "
+                            "(its sha256 differs from the manifest's): the version was modified after promotion")
+
+
 class RegistryError(ValueError):
     """Unknown model, version or alias, an invalid name, or a damaged registry file."""
 
@@ -192,6 +203,7 @@ class Registry:
         folder = self.root / name / f"v{number}"
         if self.remote:
             storage.download(storage.join(self.location, name, f"v{number}"), folder)
+        _check_weights(folder, f"{name}@{number}")
         return folder
 
     def entries(self) -> list[dict[str, Any]]:

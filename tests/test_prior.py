@@ -19,10 +19,16 @@ def model_and_data(tmp_path_factory):
     base = tmp_path_factory.mktemp("prior")
     voxel = VoxelConfig(grid=8)
     prepare_dataset("demo:24", base / "data", voxel, PrepareOptions(val_fraction=0.2, test_fraction=0.0), workers=1)
+    from crystalae.shards import read_manifest
+    from crystalae.training import dataset_species
+
+    species = dataset_species(base / "data")
     torch.manual_seed(0)
     model = CrystalAE(ModelConfig(grid=8, latent_dim=6, depth=1, base_width=4, max_width=8, seg_depth=1,
-                                  seg_width=4, residual=False, site_width=8))
-    save_checkpoint(base / "model", model, voxel, epoch=0, metrics={}, train_config={}, dataset_hash="x")
+                                  seg_width=4, residual=False, site_width=8, species=species,
+                                  n_classes=len(species) + 1))
+    save_checkpoint(base / "model", model, voxel, epoch=0, metrics={}, train_config={},
+                    dataset_hash=read_manifest(base / "data")["dataset_hash"])
     return base / "model", base / "data"
 
 
@@ -101,11 +107,42 @@ def test_a_prior_of_the_wrong_size_is_refused(model_and_data, tmp_path):
 
 def test_fit_prior_command_writes_a_new_checkpoint_that_generate_uses(model_and_data, tmp_path, capsys):
     folder, data = model_and_data
-    assert main(["fit-prior", "--checkpoint", str(folder), "--data", str(data), "--out", str(folder)]) == 2
-    assert "another folder" in capsys.readouterr().err
+    # issue 24 M4: never into an existing checkpoint (given as a folder or as its file) or registry version
+    for checkpoint in (folder, folder / "checkpoint.pt"):
+        assert main(["fit-prior", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(folder)]) == 2
+        assert "already exists" in capsys.readouterr().err
     out = tmp_path / "fitted"
     assert main(["fit-prior", "--checkpoint", str(folder), "--data", str(data), "--out", str(out)]) == 0
     assert "fitted a latent prior" in capsys.readouterr().out
     assert main(["generate", "--checkpoint", str(out), "--sample", "2", "--prior", "fitted", "--out",
                  str(tmp_path / "gen"), "--cpu"]) == 0
     assert json.loads((tmp_path / "gen" / "summary.json").read_text())["count"] == 2
+
+
+def test_fit_prior_refuses_data_the_model_was_not_trained_on(model_and_data, tmp_path, capsys):
+    """Issue 24 M3: other voxel settings, unknown elements, another dataset (unless allowed)."""
+    from crystalae.checkpoint import save_checkpoint
+    from crystalae.config import VoxelConfig
+    from crystalae.models import CrystalAE, ModelConfig
+    from crystalae.shards import PrepareOptions, prepare_dataset
+
+    folder, data = model_and_data
+    options = PrepareOptions(val_fraction=0.2, test_fraction=0.0)
+    prepare_dataset("demo:12", tmp_path / "grid12", VoxelConfig(grid=12), options, workers=1)
+    prepare_dataset("demo:12", tmp_path / "other", VoxelConfig(grid=8), options, workers=1)
+
+    def fit(checkpoint, dataset, *extra):
+        return main(["fit-prior", "--checkpoint", str(checkpoint), "--data", str(dataset),
+                     "--out", str(tmp_path / f"out-{len(list(tmp_path.iterdir()))}"), *extra])
+
+    assert fit(folder, tmp_path / "grid12") == 2
+    assert "voxelized with" in capsys.readouterr().err
+    assert fit(folder, tmp_path / "other") == 2
+    assert "not the dataset the checkpoint was trained on" in capsys.readouterr().err
+    assert fit(folder, tmp_path / "other", "--allow-other-data") == 0
+    carbon_only = CrystalAE(ModelConfig(grid=8, latent_dim=6, depth=1, base_width=4, max_width=8, seg_depth=1,
+                                        seg_width=4, residual=False, site_width=8))
+    save_checkpoint(tmp_path / "carbon_model", carbon_only, VoxelConfig(grid=8), epoch=0, metrics={},
+                    train_config={}, dataset_hash="x")
+    assert fit(tmp_path / "carbon_model", data, "--allow-other-data") == 2
+    assert "elements the model does not know" in capsys.readouterr().err

@@ -375,12 +375,20 @@ def test_19_generate_refuses_a_used_folder_unless_overwrite(tmp_path, capsys, ti
     out = tmp_path / "gen"
     base = ["generate", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--cpu"]
     assert main(base + ["--sample", "2"]) == 0
-    (out / "stale.cif").write_text("old")
+    (out / "mine.cif").write_text("a file no generate run wrote")
     fails(capsys, base + ["--sample", "1"], "not empty", "--overwrite")
+    # an earlier run's crystal, named in its summary.csv (the untrained model may decode none itself)
+    (out / "sample-0009.cif").write_text("an earlier sample")
+    with open(out / "summary.csv", "a") as handle:
+        handle.write("sample-0009" + "," * (len((out / "summary.csv").read_text().splitlines()[0].split(",")) - 2)
+                     + ",sample-0009.cif\n")
     assert main(base + ["--sample", "1", "--overwrite"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["count"] == 1 and not (out / "stale.cif").exists()
-    assert len(list(out.glob("*.cif"))) == summary["decoded"]
+    assert summary["count"] == 1
+    # issue 24 M2: --overwrite removes the earlier run's crystals, and only those
+    assert not (out / "sample-0009.cif").exists()
+    assert (out / "mine.cif").read_text() == "a file no generate run wrote"
+    assert len(list(out.glob("*.cif"))) == summary["decoded"] + 1
 
 
 def test_20_ids_resolve_to_the_first_kept_row_not_a_rejected_duplicate(tmp_path, tiny_checkpoint):
@@ -475,3 +483,17 @@ def test_m1_one_row_over_max_atoms_is_rejected_and_the_rest_reconstructed(tmp_pa
     assert "more than max_atoms=64" in details.loc["big", "error"]
     metrics = json.loads((tmp_path / "rec.metrics.json").read_text())
     assert metrics["entries"] == 2 and metrics["rejected_inputs"] == 1 and metrics["n"] == 1
+
+
+def test_m4_tampered_registry_weights_are_refused(tmp_path, capsys, tiny_checkpoint):
+    from crystalae.registry import Registry, RegistryError
+
+    registry = tmp_path / "reg"
+    assert main(["promote", str(tiny_checkpoint), "--registry", str(registry)]) == 0
+    folder = Registry(registry).resolve("tinymodel")
+    with open(folder / "checkpoint.pt", "ab") as handle:
+        handle.write(b"tampered")
+    with pytest.raises(RegistryError, match="sha256 differs"):
+        Registry(registry).resolve("tinymodel@1")
+    fails(capsys, ["generate", "--model", "tinymodel", "--registry", str(registry), "--sample", "1",
+                   "--out", str(tmp_path / "gen")], "modified after promotion")
