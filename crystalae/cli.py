@@ -51,6 +51,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     options = PrepareOptions(shard_size=args.shard_size, val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction, limit=args.limit)
+    if args.address and not args.ray:
+        raise ValueError("--address names the Ray cluster for --ray: add --ray, or drop --address")
     config = voxel_config_from_args(args)  # every option is checked before the folder is touched
     source = args.source[0] if len(args.source) == 1 else args.source
     manifest = prepare_dataset(source, args.out, config, options, workers=args.workers, overwrite=args.overwrite,
@@ -597,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=number(0, 10),
                      help="spread of --sample: Gaussian noise scale (default: the one stored with the prior; "
                           "1 for fitted and normal, 0.1 for posterior)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=count(0, 2**63 - 1), default=0)
     gen.add_argument("--relax", action="store_true",
                      help="relax each crystal (cell and positions) with the CHGNet potential before writing it: "
                           "physical local geometry (needs crystalae[relax]; ~8 s a small crystal per core)")

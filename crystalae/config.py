@@ -14,7 +14,7 @@ BoxMode = Literal["unit_cell", "lattice"]
 Reduction = Literal["niggli", "lll", "none"]
 
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # whole name (fullmatch: `$` would allow "x\n")
 MAX_Z = 103  # highest Z with a tabulated atomic radius; labels are stored as uint8
 MAX_GRID = 128  # voxels per edge; one float32 grid of 128^3 is 8 MiB, a batch of them far more
 
@@ -42,7 +42,7 @@ class ConfigError(ValueError):
 
 def check_name(name: Any, what: str = "name") -> str:
     """Names become folder names: letters, digits, '_', '-', '.' only, no path traversal."""
-    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
         raise ConfigError(f"invalid {what} {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
                           "starting with a letter or digit")
     return name

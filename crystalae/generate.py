@@ -154,6 +154,9 @@ def check_generate_folder(out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the generated crystals")
+    blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # found now, not after the sampling
+        raise ValueError(f"--out {out}: {blocked} is a file, so the folder cannot be created there")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} is not empty (an earlier run's crystals?); choose another folder "
                          "or pass --overwrite to replace them")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -196,7 +197,7 @@ class Registry:
             raise RegistryError(f"no model or alias {ref!r} in registry {self.location}")
         if not version:
             number = versions[-1]
-        elif version.lstrip("v").isdigit() and int(version.lstrip("v")) in versions:
+        elif re.fullmatch(r"v?[0-9]{1,9}", version) and int(version.lstrip("v")) in versions:  # ASCII digits only
             number = int(version.lstrip("v"))
         else:
             raise RegistryError(f"model {name} has no version {version!r} (versions: {versions})")

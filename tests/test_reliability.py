@@ -497,3 +497,24 @@ def test_m4_tampered_registry_weights_are_refused(tmp_path, capsys, tiny_checkpo
         Registry(registry).resolve("tinymodel@1")
     fails(capsys, ["generate", "--model", "tinymodel", "--registry", str(registry), "--sample", "1",
                    "--out", str(tmp_path / "gen")], "modified after promotion")
+
+
+def test_l3_l4_l5_l12_options_fail_early_with_a_clear_line(tmp_path, capsys, tiny_checkpoint):
+    from crystalae.config import ConfigError, check_name
+    from crystalae.registry import Registry, RegistryError
+
+    (tmp_path / "afile").write_text("x")
+    gen = ["generate", "--checkpoint", str(tiny_checkpoint), "--sample", "1"]
+    fails(capsys, gen + ["--out", str(tmp_path / "afile" / "sub")], "is a file", "cannot be created")  # L3
+    fails_to_parse(capsys, gen + ["--out", str(tmp_path / "g"), "--seed", str(2**70)], "--seed", "must be")  # L4
+    fails_to_parse(capsys, gen + ["--out", str(tmp_path / "g"), "--seed", "2^70"], "--seed", "expected an integer")
+    registry = tmp_path / "reg"
+    assert main(["promote", str(tiny_checkpoint), "--registry", str(registry)]) == 0
+    with pytest.raises(RegistryError, match="has no version"):
+        Registry(registry).resolve("tinymodel@\u00b2")  # a superscript two is a digit to str.isdigit
+    for name in ("tinymodel\n", "a\nb"):  # L5: `$` in a regex matches before a trailing newline
+        with pytest.raises(ConfigError, match="invalid"):
+            check_name(name)
+    fails(capsys, ["data", "prepare", "demo:4", "--out", str(tmp_path / "d"), "--address", "127.0.0.1:1"],
+          "--address", "--ray")  # L12
+    assert not (tmp_path / "d").exists()
