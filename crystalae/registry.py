@@ -86,7 +86,14 @@ class Registry:
         if storage.exists(storage.join(remote, "manifest.json")):
             raise RegistryError(f"{self.location}: {name}@{version} was published by another writer during "
                                 "this promote; promote again (promote into one registry from one place at a time)")
-        storage.upload(self.root / name / f"v{version}", remote, last=("manifest.json",))
+        try:
+            storage.upload(self.root / name / f"v{version}", remote, last=("manifest.json",))
+        except BaseException:  # all or nothing on the store too: no half-published version
+            try:
+                storage.remove_tree(remote)
+            except OSError:
+                pass  # e.g. the bucket does not exist: nothing was stored
+            raise
 
     def _lock(self):
         from filelock import FileLock

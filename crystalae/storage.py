@@ -245,6 +245,14 @@ def upload_file(local_path: Path, location: Location) -> None:
     fs, path = filesystem(location)
     # the copy runs in C++ without the GIL, so Ctrl-C cannot stop it half-way and publish a partial object
     copy_files(str(local_path), path, source_filesystem=LocalFileSystem(), destination_filesystem=fs)
+    # pyarrow's delayed-open output streams can swallow a failed PutObject (a missing bucket, no
+    # permission): check the object is there, whole, before anyone is told it was stored
+    info = fs.get_file_info(path)
+    size = Path(local_path).stat().st_size
+    if info.type != FileType.File or info.size != size:
+        found = "nothing" if info.type == FileType.NotFound else f"{info.size} bytes"
+        raise OSError(f"upload to {location} failed: the store holds {found} there, expected {size} bytes "
+                      "(does the bucket exist, and may these credentials write to it?)")
 
 
 def _publishable(name: str) -> bool:

@@ -135,3 +135,15 @@ def test_dashboard_launch_keeps_uris():
 
     command = launch_command("s3://bucket/sweeps", "s3://bucket/registry")
     assert command[-4:] == ["--storage", "s3://bucket/sweeps", "--registry", "s3://bucket/registry"]
+
+
+def test_h2_a_promote_whose_upload_fails_is_an_error_and_leaves_no_version(s3_bucket, tmp_path, fresh_cache,
+                                                                          tiny_checkpoint, capsys):
+    """Issue 24 H2: pyarrow's delayed-open writes swallow a failed PutObject; a missing bucket must not
+    read as "promoted", and the local mirror must not list or serve the phantom version."""
+    missing = s3_bucket.replace("s3://", "s3://no-such-bucket-") + "/registry"
+    assert main(["promote", str(tiny_checkpoint), "--registry", missing]) == 2
+    err = capsys.readouterr().err
+    assert "upload to" in err and "failed" in err and "Traceback" not in err
+    assert main(["models", "--registry", missing]) in (0, 2)
+    assert "tinymodel@1" not in capsys.readouterr().out
