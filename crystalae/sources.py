@@ -286,6 +286,7 @@ def _parse(entry: Entry) -> Structure:
             if entry.fmt == "cif":
                 from pymatgen.io.cif import CifParser
 
+                _check_cif_expansion(entry.text)
                 parsed = CifParser.from_str(entry.text).parse_structures(primitive=False, on_error="raise")
                 if not parsed:
                     raise ValueError("no structure in CIF")
@@ -294,6 +295,30 @@ def _parse(entry: Entry) -> Structure:
     except Exception as exc:  # pymatgen raises many types for malformed text
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StructureError(f"unparsable {entry.fmt}: {message}") from None
+
+
+# More atoms than any crystal crystalae can voxelize (max_atoms is at most a few hundred): a CIF whose
+# symmetry operations would expand it past this is refused before pymatgen builds it (a 5.5 KB CIF of
+# 52 sites in Fm-3m expands to ~10,000 atoms and an N^2 distance matrix).
+MAX_PARSED_ATOMS = 4096
+_SYMOP_KEYS = ("_symmetry_equiv_pos_as_xyz", "_space_group_symop_operation_xyz",
+               "_space_group_symop.operation_xyz", "_symmetry_equiv.pos_as_xyz")
+
+
+def _check_cif_expansion(text: str) -> None:
+    """Refuse a CIF whose sites times symmetry operations exceed MAX_PARSED_ATOMS (an upper bound on
+    the atoms it expands to), read from the CIF's tables without building the structure."""
+    from pymatgen.io.cif import CifFile
+
+    for block in CifFile.from_str(text).data.values():
+        data = block.data
+        sites = data.get("_atom_site_fract_x", data.get("_atom_site_Cartn_x", []))
+        n_sites = len(sites) if isinstance(sites, list) else 1
+        ops = next((data[k] for k in _SYMOP_KEYS if k in data), None)
+        n_ops = (len(ops) if isinstance(ops, list) else 1) if ops is not None else 192  # unlisted: the most any group has
+        if n_sites * n_ops > MAX_PARSED_ATOMS:
+            raise ValueError(f"{n_sites} sites x {n_ops} symmetry operations could expand to {n_sites * n_ops} atoms, "
+                             f"over the {MAX_PARSED_ATOMS} crystalae reads")
 
 
 def check_structure(structure: Structure, min_distance: float = 0.5) -> None:
@@ -309,6 +334,8 @@ def check_structure(structure: Structure, min_distance: float = 0.5) -> None:
         raise StructureError("NaN or infinite coordinates or lattice")
     if structure.volume < 1e-3:
         raise StructureError(f"degenerate lattice (volume {structure.volume:.3g} Å^3)")
+    if len(structure) > MAX_PARSED_ATOMS:  # before the N^2 distance matrix
+        raise StructureError(f"{len(structure)} atoms, over the {MAX_PARSED_ATOMS} crystalae reads")
     if len(structure) > 1:
         d = structure.distance_matrix
         np.fill_diagonal(d, np.inf)

@@ -518,3 +518,32 @@ def test_l3_l4_l5_l12_options_fail_early_with_a_clear_line(tmp_path, capsys, tin
     fails(capsys, ["data", "prepare", "demo:4", "--out", str(tmp_path / "d"), "--address", "127.0.0.1:1"],
           "--address", "--ray")  # L12
     assert not (tmp_path / "d").exists()
+
+
+def _symmetry_bomb(sites: int = 52) -> str:
+    """A small CIF whose 192 Fm-3m operations on `sites` general positions expand to ~10,000 atoms."""
+    from pymatgen.symmetry.groups import SpaceGroup
+
+    ops = [op.as_xyz_str() for op in SpaceGroup("Fm-3m").symmetry_ops]
+    rng = np.random.default_rng(0)
+    lines = ["data_bomb", "_cell_length_a 30", "_cell_length_b 30", "_cell_length_c 30", "_cell_angle_alpha 90",
+             "_cell_angle_beta 90", "_cell_angle_gamma 90", "loop_", "_symmetry_equiv_pos_as_xyz",
+             *[f"'{op}'" for op in ops], "loop_", "_atom_site_label", "_atom_site_type_symbol",
+             "_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z"]
+    lines += [f"C{i} C {x:.4f} {y:.4f} {z:.4f}" for i, (x, y, z) in enumerate(rng.random((sites, 3)))]
+    return "\n".join(lines) + "\n"
+
+
+def test_m5_a_cif_symmetry_bomb_is_rejected_before_it_is_built(tmp_path, capsys):
+    from crystalae.sources import Entry, StructureError, load_structure
+
+    bomb = _symmetry_bomb()
+    assert len(bomb) < 8_000  # a few KB of text
+    with pytest.raises(StructureError, match="52 sites x 192 symmetry operations"):
+        load_structure(Entry("bomb", "cif", bomb))
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "bomb.cif").write_text(bomb)
+    (source / "good.cif").write_text(GOOD_CIF)
+    assert main(["data", "prepare", str(source), "--out", str(tmp_path / "d"), "--grid", "8", "--workers", "1"]) == 0
+    assert "1 rejected" in capsys.readouterr().out
