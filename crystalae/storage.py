@@ -104,9 +104,21 @@ def read_text(location: Location) -> str:
     return read_bytes(location).decode("utf-8")
 
 
+class DamagedFileError(ValueError):
+    """A file exists but its content is not what it should be (the message names the file)."""
+
+
 def read_json(location: Location) -> Any:
-    """The parsed content of a JSON file."""
-    return json.loads(read_text(location))
+    """The parsed content of a JSON file.
+
+    Raises:
+        DamagedFileError: the file is not valid JSON (e.g. cut short by a crash).
+    """
+    text = read_text(location)
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or a UnicodeDecodeError subclass
+        raise DamagedFileError(f"{location} is damaged: not valid JSON ({exc})") from None
 
 
 def write_bytes(location: Location, data: bytes) -> None:

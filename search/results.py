@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from crystalae.storage import cache_for, download, is_file, is_remote, list_files, name_of, read_json
+from crystalae.storage import DamagedFileError, cache_for, download, is_file, is_remote, list_files, name_of, read_json
 from crystalae.storage import join as storage_join
 
 SWEEP_FILE = "sweep.json"
@@ -367,7 +368,11 @@ def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> 
     for folder in folders:
         found = []
         for config_file in folder.glob(f"{CHECKPOINT_GLOB}/config.json"):
-            config = json.loads(config_file.read_text())
+            try:
+                config = read_json(config_file)
+            except DamagedFileError as exc:  # one damaged checkpoint must not hide the sweep
+                warnings.warn(f"skipped a checkpoint: {exc}", stacklevel=2)
+                continue
             found.append((CheckpointRecord(str(config_file.parent.relative_to(root)), config["epoch"], config["metrics"]),
                           config.get("history", [])))
         found.sort(key=lambda f: f[0].epoch)
@@ -377,7 +382,7 @@ def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> 
                               lambda c: c.metrics[objective.metric])
         params_file = folder / PARAMS_FILE
         trials.append(Trial(
-            trial_id=folder.name, params=json.loads(params_file.read_text()) if params_file.exists() else {},
+            trial_id=folder.name, params=read_json(params_file) if params_file.exists() else {},
             status=_status(statuses, folder.name, len(history), sweep.get("epochs")), epochs=len(history),
             history=history, checkpoints=checkpoints,
             best_value=best.metrics.get(objective.metric) if best else None,

@@ -547,3 +547,23 @@ def test_m5_a_cif_symmetry_bomb_is_rejected_before_it_is_built(tmp_path, capsys)
     (source / "good.cif").write_text(GOOD_CIF)
     assert main(["data", "prepare", str(source), "--out", str(tmp_path / "d"), "--grid", "8", "--workers", "1"]) == 0
     assert "1 rejected" in capsys.readouterr().out
+
+
+def test_l11_m7_damaged_sweep_files_are_named_and_one_damaged_checkpoint_hides_nothing_else(tmp_path):
+    from crystalae.search.results import collect_trials, sweep_config
+    from crystalae.storage import DamagedFileError
+
+    root = tmp_path / "sweeps" / "broken"
+    for trial in ("a", "b"):
+        ckpt = root / "trials" / trial / "checkpoint_000000"
+        ckpt.mkdir(parents=True)
+        (ckpt / "config.json").write_text(json.dumps({"epoch": 0, "metrics": {"val_score": 0.5}, "history": [{}]}))
+        (root / "trials" / trial / "params.json").write_text("{}")
+    (root / "sweep.json").write_text(json.dumps({"objective_metric": "val_score", "objective_mode": "max"}))
+    (root / "trials" / "b" / "checkpoint_000000" / "config.json").write_text('{"epoch": 0, "metr')  # cut short
+    with pytest.warns(UserWarning, match="config.json is damaged"):
+        trials = collect_trials(root).trials
+    assert {t.trial_id: t.best_value for t in trials} == {"a": 0.5, "b": None}
+    (root / "sweep.json").write_text("{")
+    with pytest.raises(DamagedFileError, match="sweep.json is damaged"):
+        sweep_config(root)

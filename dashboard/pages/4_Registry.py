@@ -60,7 +60,11 @@ if not sweeps:
 labels = {data.sweep_label(paths.storage, r): r for r in sweeps}
 sweep_label = st.selectbox("Sweep", list(labels), key="promote_sweep")
 root = labels[sweep_label]
-summary = data.load_summary(root)
+try:
+    summary = data.load_summary(root)
+except (OSError, ValueError) as exc:  # e.g. a damaged summary.json (named in the message)
+    st.warning(f"Could not read sweep `{root}`: {exc}")
+    st.stop()
 candidates = {f"{t.trial_id} ({t.status}, best {t.best_value:.4g})": t
               for t in summary.trials if t.best_checkpoint}
 if not candidates:
