@@ -127,6 +127,10 @@ def test_generate_page_samples_interpolates_and_alters(tiny_sweep, monkeypatch, 
     assert not at.get("download_button")
 
     at.number_input(key="sample_count").set_value(3).run()
+    # the champion's stored prior samples near its training codes, from which this 2-epoch model decodes
+    # nothing; the fitted Gaussian at full spread reaches latents it decodes
+    at.selectbox(key="sample_prior").set_value("fitted").run()
+    at.number_input(key="sample_spread").set_value(1.0).run()
     at.button(key="sample_go").click().run()
     assert_clean(at)
     decoded = [b for b in at.get("download_button")]

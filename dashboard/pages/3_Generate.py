@@ -167,16 +167,33 @@ def show_batch(result: dict) -> None:
 
 source = st.text_input("Structure source for Interpolate and Alter", "demo:36", key="source",
                        help="demo:N (built-in crystals), a CDVAE-style CSV, a folder of CIF/POSCAR files, or one file")
+def prior_inputs(left: DeltaGenerator, right: DeltaGenerator, key: str) -> tuple[str, float | None]:
+    """How to sample: the prior kind and its spread (None: the one stored with the prior)."""
+    from crystalae.prior import PRIORS
+
+    prior = left.selectbox(
+        "Prior", PRIORS, key=f"{key}_prior",
+        help="auto: the kind stored with the checkpoint's prior (N(0, I) without one); fitted: the Gaussian fitted "
+             "to the training codes; posterior: around the training codes; normal: N(0, I)")
+    spread = right.number_input(
+        "Spread", 0.0, 10.0, None, 0.01, key=f"{key}_spread", placeholder="stored with the prior",
+        help="Noise scale of the prior; empty: the one stored with the prior (else 1 for fitted and normal, "
+             "0.1 for posterior)")
+    return prior, spread
+
+
 sample_tab, interp_tab, alter_tab, metrics_tab = st.tabs(["Random samples", "Interpolate", "Alter", "Batch metrics"])
 with sample_tab:
-    left, right = st.columns(2)
-    count = left.number_input("How many", 1, 24, 4, key="sample_count")
-    seed = right.number_input("Seed", 0, 2**31 - 1, 0, key="sample_seed")
+    columns = st.columns(4)
+    count = columns[0].number_input("How many", 1, 24, 4, key="sample_count")
+    seed = columns[1].number_input("Seed", 0, 2**31 - 1, 0, key="sample_seed")
+    sample_prior, sample_spread = prior_inputs(columns[2], columns[3], "sample")
     if st.button("Generate samples", type="primary", key="sample_go"):
         from crystalae.generate import sample
 
-        run(f"{count} samples (seed {seed})",
-            lambda: [(f"sample-{seed}-{i}", s) for i, s in enumerate(sample(loaded, int(count), int(seed)))])
+        run(f"{count} samples (seed {seed}, {sample_prior} prior)",
+            lambda: [(f"sample-{seed}-{i}", s) for i, s in
+                     enumerate(sample(loaded, int(count), int(seed), sample_prior, sample_spread))])
 
 try:
     ids = data.source_ids(source)
@@ -213,7 +230,6 @@ if ids:
 
 with metrics_tab:
     from crystalae.coverage import COVERAGE_CUTOFFS, matminer_available
-    from crystalae.prior import PRIORS
 
     cutoff_help = ("Coverage cutoffs on the structure (CrystalNN) and composition (Magpie) fingerprint distances. "
                    "CDVAE: " + ", ".join(f"{a:g} / {b:g} for {name}" for name, (a, b) in COVERAGE_CUTOFFS.items()))
@@ -221,14 +237,7 @@ with metrics_tab:
     batch_count = columns[0].number_input("Samples", 1, 2000, 200, key="batch_count",
                                           help="CrystalNN fingerprints cost ~0.1 s a crystal, shared by the CPU cores")
     batch_seed = columns[1].number_input("Seed", 0, 2**31 - 1, 0, key="batch_seed")
-    batch_prior = columns[2].selectbox(
-        "Prior", PRIORS, key="batch_prior",
-        help="auto: the kind stored with the checkpoint's prior (N(0, I) without one); fitted: the Gaussian fitted "
-             "to the training codes; posterior: around the training codes; normal: N(0, I)")
-    batch_spread = columns[3].number_input(
-        "Spread", 0.0, 10.0, None, 0.01, key="batch_spread", placeholder="stored with the prior",
-        help="Noise scale of the prior; empty: the one stored with the prior (else 1 for fitted and normal, "
-             "0.1 for posterior)")
+    batch_prior, batch_spread = prior_inputs(columns[2], columns[3], "batch")
     left, mid, right = st.columns([2, 1, 1])
     batch_reference = left.text_input(
         "Reference crystals", "demo:200", key="batch_reference",
