@@ -64,7 +64,31 @@ def load_yaml(text: str) -> Any:
     # YAML 1.2's float forms without a dot, e.g. 1e-3, 5E4: checked after PyYAML's own int and float rules
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
                                  list("-+0123456789"))
-    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+    data = yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+    _check_expanded_size(data)
+    return data
+
+
+MAX_YAML_VALUES = 100_000
+
+
+def _check_expanded_size(data: Any) -> None:
+    """Refuse YAML whose aliases expand it past MAX_YAML_VALUES values (an "alias bomb": a few hundred
+    bytes that any code walking or printing the result would expand to billions)."""
+    import yaml
+
+    seen, stack = 0, [data]
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise yaml.YAMLError(f"the document expands to over {MAX_YAML_VALUES:,} values "
+                                 "(nested aliases?); a config is far smaller")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def read_yaml_mapping(path: Path, option: str) -> dict[str, Any]:

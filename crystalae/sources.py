@@ -45,6 +45,11 @@ class Entry:
 
 
 DEMO_DEFAULT, DEMO_MAX = 300, 1_000_000
+# A CIF of the largest crystal crystalae reads (MAX_PARSED_ATOMS sites) is a few hundred KB; a longer
+# field is rejected as its row, and the CSV reader accepts fields up to MAX_CSV_FIELD (Python's own
+# limit, 128 KB, would make the whole file unreadable).
+MAX_CIF_TEXT = 1 << 20
+MAX_CSV_FIELD = 1 << 24
 
 
 def demo_count(source: str | Path) -> int | None:
@@ -198,6 +203,7 @@ def _csv_rows(path: Path, offset: int = 0) -> Iterator[tuple[int, list[str]]]:
                 raise SourceError(f"{path}: not a readable CSV (UnicodeDecodeError at line {line_number} "
                                   f"after byte {offset}: {exc.reason})") from None
 
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_CSV_FIELD))  # Python's default is 128 KB
     with open(path, "rb") as handle:
         handle.seek(offset)
         reader = csv.reader(lines(handle))
@@ -232,7 +238,10 @@ def _read_slice(piece: SourceSlice) -> list[tuple[int, Entry]]:
         id_column, cif_column = piece.columns
         for k, (_, row) in zip(range(piece.count), _csv_rows(local_source(piece.source), piece.offset)):
             material_id = row[id_column] if 0 <= id_column < len(row) else str(piece.start + k)
-            entries.append(Entry(material_id, "cif", row[cif_column] if cif_column < len(row) else ""))
+            text = row[cif_column] if cif_column < len(row) else ""
+            entries.append(Entry(material_id, "cif", text) if len(text) <= MAX_CIF_TEXT else
+                           Entry(material_id, "cif", error=f"CIF text of {len(text):,} characters, over the "
+                                                           f"{MAX_CIF_TEXT:,} crystalae reads"))
     else:
         entries = [_file_entry(local_source(piece.source))]
     duplicates = dict(piece.duplicates)

@@ -567,3 +567,28 @@ def test_l11_m7_damaged_sweep_files_are_named_and_one_damaged_checkpoint_hides_n
     (root / "sweep.json").write_text("{")
     with pytest.raises(DamagedFileError, match="sweep.json is damaged"):
         sweep_config(root)
+
+
+def test_l7_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path, capsys):
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        levels.append(f"{chr(97 + i)}: &{chr(97 + i)} [" + ", ".join([f"*{chr(96 + i)}"] * 9) + "]")
+    bomb = "\n".join(levels)
+    config = tmp_path / "bomb.yaml"
+    config.write_text("name: bomb\ndata: {source: demo:10}\nsearch_space:\n  latent_dim: {type: categorical, values: *i}\n"
+                      .replace("values: *i", "values: [1]") + "anchors:\n" + "\n".join("  " + line for line in levels)
+                      + "\n  z: {type: categorical, values: *i}\n")
+    assert len(bomb) < 700
+    line = fails(capsys, ["sweep", str(config)], "bomb.yaml", "expands to over")
+    assert len(line) < 500
+
+
+def test_l8_one_huge_csv_field_rejects_its_row_not_the_file(tmp_path, capsys):
+    huge = GOOD_CIF + "#" + "x" * (1_100_000) + "\n"  # over 128 KB (Python's csv limit) and over 1 MB
+    pd.DataFrame({"material_id": ["good", "huge", "good2"], "cif": [GOOD_CIF, huge, GOOD_CIF]}).to_csv(
+        tmp_path / "s.csv", index=False)
+    out = tmp_path / "o.csv"
+    assert main(["roundtrip", str(tmp_path / "s.csv"), "--out", str(out), "--grid", "8"]) == 0
+    details = pd.read_csv(tmp_path / "o.details.csv", keep_default_na=False).set_index("material_id")
+    assert "over the 1,048,576 crystalae reads" in details.loc["huge", "error"]
+    assert details.loc["good", "error"] == "" and details.loc["good2", "error"] == ""
