@@ -474,7 +474,11 @@ def location(text: str) -> str | Path:
     """argparse type: a local path, or an object-storage URI (s3://bucket/key, gs://...) kept as text."""
     from crystalae import storage
 
-    return text if storage.is_remote(text) else storage.local_path_of(text)
+    if storage.is_remote(text):
+        if ".." in text.split("://", 1)[1].split("/"):  # s3://a/x/../../b/y would leave the bucket named
+            raise argparse.ArgumentTypeError(f"{text!r}: '..' is not allowed in an object-storage URI")
+        return text
+    return storage.local_path_of(text)
 
 
 def count(low: int, high: int | None = None):

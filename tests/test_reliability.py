@@ -592,3 +592,7 @@ def test_l8_one_huge_csv_field_rejects_its_row_not_the_file(tmp_path, capsys):
     details = pd.read_csv(tmp_path / "o.details.csv", keep_default_na=False).set_index("material_id")
     assert "over the 1,048,576 crystalae reads" in details.loc["huge", "error"]
     assert details.loc["good", "error"] == "" and details.loc["good2", "error"] == ""
+
+
+def test_l13_dot_dot_in_an_object_storage_uri_is_refused(tmp_path, capsys):
+    fails_to_parse(capsys, ["data", "prepare", "demo:4", "--out", "s3://bkt/x/../../bkt2/y"], "'..' is not allowed")
