@@ -87,10 +87,15 @@ def decode_to_structures(loaded: LoadedModel, z: torch.Tensor, densities: list |
     if loaded.model.vae.lattice is None and densities is None:
         raise ValueError("this model uses the box representation, which carries no lattice: "
                          "it can reconstruct but not generate crystals; train on the cell representation")
+    from tqdm.auto import tqdm
+
     structures: list[Structure | None] = []
-    for start in range(0, len(z), batch_size):
-        outputs = decode_latents(loaded.model, loaded.voxel, z[start : start + batch_size])
-        structures += outputs_to_structures(loaded, outputs, None if densities is None else densities[start : start + batch_size])
+    with tqdm(total=len(z), desc="decode", unit="crystal", disable=None if len(z) > batch_size else True) as bar:
+        for start in range(0, len(z), batch_size):
+            outputs = decode_latents(loaded.model, loaded.voxel, z[start : start + batch_size])
+            structures += outputs_to_structures(loaded, outputs,
+                                                None if densities is None else densities[start : start + batch_size])
+            bar.update(len(outputs["density"]))
     return structures
 
 
