@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from crystalae import __version__
 from crystalae.config import VoxelConfig, field_choices
 
 
@@ -508,20 +509,10 @@ def number(low: float, high: float):
     return parse
 
 
-def _version() -> str:
-    """The installed package's version (one source: pyproject.toml, through the package metadata)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("crystalae")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="crystalae", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    parser.add_argument("--version", action="version", version=f"crystalae {_version()}")
+    parser.add_argument("--version", action="version", version=f"crystalae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)

@@ -472,7 +472,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if start_epoch >= cfg.epochs:
             # Finished before a restart (e.g. a resumed sweep): report the final metrics again so
             # the caller (Tune) sees its objective, and train no further.
-            ray.train.report(_scalars(payload["metrics"]))
+            ray.train.report({**_scalars(payload["metrics"]), "epochs_done": start_epoch})
             return
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
@@ -495,7 +495,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 group["lr"] = cfg.lr * lr_factor(cfg, epoch + step / steps_per_epoch)
 
         train_terms = run_epoch(model, share.batches(epoch), cfg, scale, lut, device, optimizer, prepare, schedule)
-        metrics: dict[str, Any] = {"epoch": epoch, "epoch_seconds": time.perf_counter() - started,
+        # epochs_done counts from the run's start, not the process's: a resumed trial's Tune
+        # training_iteration restarts at 1, so schedulers and the console count this instead.
+        metrics: dict[str, Any] = {"epoch": epoch, "epochs_done": epoch + 1, "epoch_seconds": time.perf_counter() - started,
                                    "lr": optimizer.param_groups[0]["lr"], "node_ip": ray.util.get_node_ip_address()}
         metrics.update({f"train_{k}": v for k, v in train_terms.items()})
         if rank != 0:

@@ -19,6 +19,17 @@ RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data")
 _console: list[TextIO] = []  # the terminal while Ray's stdout goes to the log (innermost last)
 
 
+def epochs_done(result: dict[str, Any]) -> int:
+    """Epochs a trial has trained in all, from its reported metrics. Tune's `training_iteration` counts
+    reports since the trial's process started, so it restarts after a resume; `epochs_done` does not.
+    Checkpoints written before `epochs_done` existed fall back to `epoch` (0-based), then Tune's count."""
+    if "epochs_done" in result:
+        return int(result["epochs_done"])
+    if isinstance(result.get("epoch"), (int, float)):
+        return int(result["epoch"]) + 1
+    return int(result.get("training_iteration", 0))
+
+
 class SweepConsole(Callback):
     """Prints `[elapsed] trial event | best so far | progress, time left` for every trial event."""
 
@@ -52,7 +63,7 @@ class SweepConsole(Callback):
         self._say(f"{trial.trial_id} started: {params}")
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
-        self.done_epochs[trial.trial_id] = int(result.get("training_iteration", 0))
+        self.done_epochs[trial.trial_id] = epochs_done(result)
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and value == value:
             if self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0]):

@@ -123,10 +123,13 @@ def _persistent_searcher(sweep: SweepConfig, root: str | Path, points: list[dict
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from crystalae.search.console import epochs_done
+
     class PersistentOptunaSearch(OptunaSearch):
         def on_trial_result(self, trial_id, result):
             try:
-                super().on_trial_result(trial_id, result)
+                # the step Optuna's pruning sees is the trial's epoch count, which survives a resume
+                super().on_trial_result(trial_id, {**result, "training_iteration": epochs_done(result)})
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass
 
@@ -225,7 +228,7 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
                                         run=len(runs) if extend else 0)
         several = sweep.multi_objective  # the searcher holds the objectives; ASHA the first
         primary = {"metric": sweep.objective_metric, "mode": sweep.objective_mode}
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
+        scheduler = (ASHAScheduler(time_attr="epochs_done", max_t=sweep.epochs,
                                    grace_period=sweep.asha_grace_period(), reduction_factor=sweep.reduction_factor,
                                    **(primary if several else {}))
                      if sweep.scheduler == "asha" else FIFOScheduler())

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -288,6 +289,9 @@ def test_killed_driver_resumes_without_losing_finished_trials(tmp_path):
         assert by_id[trial_id].epochs == 2
         # not retrained: a rerun would have written new (timestamped) checkpoints and dropped these
         assert {c.path for c in by_id[trial_id].checkpoints} == paths
+        # the console counts a restored trial's epochs from its start, not from the resume
+        shown = re.findall(rf"{trial_id} epoch (\d+)/2", result.stdout)
+        assert shown and set(shown) == {"2"}, result.stdout[-2000:]
     assert all(t.status != "error" for t in summary.trials)
 
 
@@ -483,3 +487,12 @@ def test_a_sweeps_small_files_export_as_a_record_that_reads_like_the_sweep(tiny_
         ray.shutdown()
     assert result.error is None and list((tmp_path / "runs" / "datasets").glob("*/manifest.json"))
     assert not (tmp_path / "record" / "datasets").exists()
+
+
+def test_epochs_done_counts_from_the_trials_start_not_the_resume():
+    from crystalae.search.console import epochs_done
+
+    # a trial restored at epoch 17 reports Tune's training_iteration 1 again
+    assert epochs_done({"epochs_done": 18, "epoch": 17, "training_iteration": 1}) == 18
+    assert epochs_done({"epoch": 17, "training_iteration": 1}) == 18  # checkpoints from before the field
+    assert epochs_done({"training_iteration": 3}) == 3

@@ -1,0 +1,205 @@
+"""The Python API: load a model once, then encode, decode, reconstruct, sample and interpolate crystals.
+
+    import crystalae
+    model = crystalae.load("perov_5")            # a shipped name, a checkpoint folder, NAME@3 or an alias
+    rebuilt = model.reconstruct(structures)      # pymatgen Structures, ASE Atoms or file paths
+    new = model.sample(10, seed=0)
+
+Structures in, structures out: every method takes pymatgen `Structure`s (or ASE `Atoms`, or paths of
+files crystalae reads: CIF, POSCAR, JSON, a CDVAE CSV, a folder) and returns `Structure`s, with None
+where a latent decodes to no crystal.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pymatgen.core import Structure
+
+from crystalae.checkpoint import LoadedModel, load_checkpoint
+from crystalae.sources import StructureError, check_structure, list_entries, load_structure, reduce_cell
+from crystalae.voxelize import Density, VoxelizeError, voxelize
+
+__all__ = ["CrystalModel", "load", "as_structures"]
+
+log = logging.getLogger(__name__)
+
+StructureLike = Any  # Structure | ase.Atoms | str | Path (ase is optional, so not named in the type)
+
+
+def load(ref: str | Path, registry: str | Path | None = None, device: str | None = None) -> CrystalModel:
+    """A model ready to use, from `ref`:
+
+    - a shipped model's name (`"perov_5"`, `"carbon_24"`; see `crystalae models`);
+    - a checkpoint folder or `checkpoint.pt` file;
+    - a registry reference (`NAME`, `NAME@3`, an alias such as `champion`) in `registry`
+      (default `runs/registry`, or an `s3://` URI).
+
+    `device` defaults to CUDA when available. Raises `LookupError` when `ref` names nothing,
+    `crystalae.checkpoint.CheckpointError` when the file is not a usable checkpoint.
+    """
+    path = _locate(ref, registry)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return CrystalModel(load_checkpoint(path, device=device), str(ref))
+
+
+def _locate(ref: str | Path, registry: str | Path | None) -> Path:
+    from crystalae.pretrained import pretrained_models
+
+    if Path(ref).exists():
+        return Path(ref)
+    shipped = {m["name"]: m["path"] for m in pretrained_models()}
+    if str(ref) in shipped:
+        return shipped[str(ref)]
+    from crystalae.registry import DEFAULT_ROOT, Registry, RegistryError
+
+    try:
+        return Registry(registry if registry is not None else DEFAULT_ROOT).resolve(str(ref))
+    except RegistryError as exc:
+        names = ", ".join(sorted(shipped)) or "none"
+        raise LookupError(f"{ref!r} is neither a checkpoint path, a shipped model ({names}) "
+                          f"nor a registry reference: {exc}") from None
+
+
+def as_structures(items: StructureLike | Iterable[StructureLike]) -> list[Structure]:
+    """pymatgen Structures from Structures, ASE Atoms (through pymatgen's adaptor) or paths; a path
+    that holds several crystals (a CSV, a folder) gives them all, in order. A single item may be
+    passed bare. Raises `crystalae.sources.StructureError` naming an item that cannot be read."""
+    if isinstance(items, (Structure, str, Path)) or _is_atoms(items):
+        items = [items]
+    structures = []
+    for k, item in enumerate(items):
+        if isinstance(item, Structure):
+            structures.append(item)
+        elif _is_atoms(item):
+            from pymatgen.io.ase import AseAtomsAdaptor
+
+            structures.append(AseAtomsAdaptor.get_structure(item))
+        elif isinstance(item, (str, Path)):
+            for entry in list_entries(item):
+                if entry.error:
+                    raise StructureError(f"{item}: {entry.material_id}: {entry.error}")
+                structures.append(load_structure(entry))
+        else:
+            raise TypeError(f"item {k}: expected a pymatgen Structure, ASE Atoms or a path, got {type(item).__name__}")
+    return structures
+
+
+def _is_atoms(item: Any) -> bool:
+    # ASE is optional: recognise its Atoms by type name rather than importing it
+    return any(cls.__name__ == "Atoms" and cls.__module__.startswith("ase") for cls in type(item).__mro__)
+
+
+class CrystalModel:
+    """A trained crystalae model with the operations a user wants, in crystals.
+
+    `loaded` (a `crystalae.checkpoint.LoadedModel`) gives the network, its voxel settings and the
+    checkpoint's metadata, for anything below this surface.
+    """
+
+    def __init__(self, loaded: LoadedModel, ref: str = ""):
+        self.loaded = loaded
+        self.ref = ref
+        loaded.model.eval()
+
+    def __repr__(self) -> str:
+        config = self.loaded.model_config
+        return (f"CrystalModel({self.ref!r}, latent_dim={config.latent_dim}, grid={self.loaded.voxel.grid}, "
+                f"sigma={self.loaded.voxel.sigma})")
+
+    @property
+    def latent_dim(self) -> int:
+        """Length of one latent vector."""
+        return self.loaded.model_config.latent_dim
+
+    @property
+    def can_generate(self) -> bool:
+        """Whether latents alone decode to crystals (cell models; box models need the input's lattice)."""
+        return self.loaded.model.vae.lattice is not None
+
+    def densities(self, structures: StructureLike | Iterable[StructureLike]) -> list[Density]:
+        """The model's own voxel densities of `structures` (its grid, sigma and cell reduction).
+
+        Raises `crystalae.sources.StructureError` naming the first structure that cannot be used
+        (too many atoms, atoms closer than 0.5 Å, elements outside the model's range).
+        """
+        voxel = self.loaded.voxel
+        known = set(self.loaded.model_config.species)
+        out = []
+        for k, structure in enumerate(as_structures(structures)):
+            try:
+                check_structure(structure)
+                unknown = sorted({site.specie.symbol for site in structure if site.specie.Z not in known})
+                if known and unknown:
+                    raise StructureError(f"elements {', '.join(unknown)} were never in this model's training data")
+                reduced = reduce_cell(structure, voxel.reduce)
+                out.append(voxelize(reduced, voxel, np.eye(3)))  # as given: no augmentation rotation
+            except (StructureError, VoxelizeError) as exc:
+                raise StructureError(f"structure {k} ({structure.composition.reduced_formula}): {exc}") from None
+        return out
+
+    @torch.no_grad()
+    def encode(self, structures: StructureLike | Iterable[StructureLike]) -> np.ndarray:
+        """Posterior means, an array (n, latent_dim), of `structures`."""
+        from crystalae.generate import encode
+
+        densities = self.densities(structures)
+        return np.concatenate([encode(self.loaded, densities[i : i + 64]).float().cpu().numpy()
+                               for i in range(0, len(densities), 64)]) if densities else np.zeros((0, self.latent_dim))
+
+    def decode(self, latents: np.ndarray | torch.Tensor | Sequence[Sequence[float]]) -> list[Structure | None]:
+        """Crystals from latents (n, latent_dim); None where a latent decodes to no atoms or an
+        impossible cell. Raises ValueError for a box model, which needs the input's lattice."""
+        from crystalae.generate import decode_to_structures
+
+        return decode_to_structures(self.loaded, self._latents(latents))
+
+    def reconstruct(self, structures: StructureLike | Iterable[StructureLike]) -> list[Structure | None]:
+        """Each structure encoded and decoded again (what `crystalae reconstruct` scores)."""
+        from crystalae.generate import decode_to_structures, encode
+
+        densities = self.densities(structures)
+        out: list[Structure | None] = []
+        for i in range(0, len(densities), 32):
+            part = densities[i : i + 32]
+            out += decode_to_structures(self.loaded, encode(self.loaded, part), part)
+        return out
+
+    def sample(self, n: int, seed: int | None = None, temperature: float | None = None,
+               prior: str = "auto") -> list[Structure | None]:
+        """`n` new crystals from the latent prior stored with the model (see `crystalae.prior.PRIORS`);
+        `temperature` scales its spread (None: the spread stored with it). `seed` None draws a fresh one."""
+        from crystalae.generate import sample
+
+        if seed is None:
+            seed = int(np.random.default_rng().integers(2**31))
+        return sample(self.loaded, n, seed, prior, temperature)
+
+    def interpolate(self, a: StructureLike, b: StructureLike, steps: int = 8) -> list[Structure | None]:
+        """`steps` crystals decoded along the straight line between the latents of `a` and `b`."""
+        if steps < 2:
+            raise ValueError(f"steps must be at least 2, got {steps}")
+        z = self.encode([*as_structures(a)[:1], *as_structures(b)[:1]])
+        t = np.linspace(0.0, 1.0, steps)[:, None]
+        return self.decode((1 - t) * z[0] + t * z[1])
+
+    def alter(self, structure: StructureLike, scale: float = 0.1, n: int = 1, seed: int = 0) -> list[Structure | None]:
+        """`n` variants of `structure`: its latent moved by `scale` times unit Gaussian noise."""
+        z = self.encode(as_structures(structure)[:1])
+        noise = np.random.default_rng(seed).standard_normal((n, self.latent_dim))
+        return self.decode(z + scale * noise)
+
+    def _latents(self, latents: Any) -> torch.Tensor:
+        z = torch.as_tensor(np.asarray(latents, dtype=np.float32))
+        if z.ndim == 1:
+            z = z[None]
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"latents must have shape (n, {self.latent_dim}), got {tuple(z.shape)}")
+        if not torch.isfinite(z).all():
+            raise ValueError("latents must be finite numbers")
+        return z.to(next(self.loaded.model.parameters()).device)
