@@ -12,6 +12,7 @@ import torch
 from crystalae.config import VoxelConfig
 from crystalae.files import atomic_write, write_json
 from crystalae.models import CrystalAE, ModelConfig
+from crystalae.provenance import versions
 
 FORMAT = "crystalae-checkpoint/1"
 FILENAME = "checkpoint.pt"
@@ -45,7 +46,7 @@ def save_checkpoint(folder: str | Path, model: CrystalAE, voxel: VoxelConfig, *,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "model_config": model.config.as_dict(), "voxel_config": voxel.as_dict(),
         "train_config": train_config, "metrics": _plain(metrics), "dataset_hash": dataset_hash,
-        "history": _plain({"h": history or []})["h"],
+        "history": _plain({"h": history or []})["h"], "versions": versions(),
     }
     if lineage:
         payload["lineage"] = _plain(lineage)

@@ -221,12 +221,17 @@ def _load_model(args: argparse.Namespace):
     return load_checkpoint(path, device=device)
 
 
+def _model_ref(args: argparse.Namespace) -> str:
+    """How the user named the model (recorded in outputs): the checkpoint path or the registry reference."""
+    return str(args.checkpoint) if args.checkpoint is not None else f"{args.model} (registry {args.registry})"
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from crystalae.generate import reconstruct
     from crystalae.roundtrip import metrics_path
 
     check_output_file(args.out)
-    metrics = reconstruct(_load_model(args), args.source, args.out, limit=args.limit)
+    metrics = reconstruct(_load_model(args), args.source, args.out, limit=args.limit, model_ref=_model_ref(args))
     print(format_metrics(metrics))
     print(f"wrote {args.out} and {metrics_path(Path(args.out))}")
     return 0
@@ -234,6 +239,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from crystalae import generate
+    from crystalae.provenance import provenance as make_provenance
 
     generate.check_generate_folder(args.out, args.overwrite)
     if args.reference is not None:
@@ -268,7 +274,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             named += [(f"alter-{k:02d}", s) for k, s in enumerate(variants)]
     if not named:
         raise ValueError("nothing to generate: give --sample N, --interpolate ID_A ID_B or --alter ID")
-    provenance = {}
+    provenance = {"provenance": make_provenance(_model_ref(args), seed=args.seed)}
     if args.relax:
         from crystalae.relax import relax
 

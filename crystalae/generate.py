@@ -109,8 +109,10 @@ def outputs_to_structures(loaded: LoadedModel, outputs: dict[str, Any], densitie
 
 
 def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit: int | None = None,
-                batch_size: int = 32) -> dict[str, Any]:
-    """Encode -> decode -> atoms -> species for every structure; same outputs as `roundtrip`."""
+                batch_size: int = 32, model_ref: str | None = None) -> dict[str, Any]:
+    """Encode -> decode -> atoms -> species for every structure; same outputs as `roundtrip`.
+    `model_ref` (how the model was named) is recorded in the metrics' provenance."""
+    from crystalae.provenance import provenance
     from crystalae.roundtrip import write_results
 
     started = time.perf_counter()
@@ -127,7 +129,7 @@ def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit:
     valid = [r for r in rows if "density" in r]  # read and voxelized; the rest are rejected inputs
     metrics = {"source": str(source), "entries": len(rows), "rejected_inputs": len(rows) - len(valid),
                "decode_failures": sum(1 for r in valid if r["error"]), **summarize(valid),
-               "seconds": round(time.perf_counter() - started, 2)}
+               "seconds": round(time.perf_counter() - started, 2), "provenance": provenance(model_ref)}
     write_results(Path(out), rows, metrics)
     return metrics
 

@@ -1,12 +1,14 @@
-"""Shipped reference models: `pretrained/<name>/` beside the package in the repository, each a normal
-checkpoint folder plus the recipe that trained it (`recipe.yaml`) and its measured figures (`RESULTS.json`)."""
+"""Shipped reference models: `pretrained/<name>/` in the repository, installed as the package data
+`crystalae/_pretrained/<name>/`; each a normal checkpoint folder plus its model card (`README.md`), the
+recipe that trained it (`recipe.yaml`) and its measured figures (`RESULTS.json`)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
-PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
+_INSTALLED = Path(__file__).resolve().parent / "_pretrained"  # a wheel install
+PRETRAINED = _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().parents[1] / "pretrained"
 
 
 def pretrained_models(root: Path = PRETRAINED) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from crystalae import storage
 from crystalae.checkpoint import FILENAME, read_checkpoint
 from crystalae.config import ConfigError, check_name
 from crystalae.files import sha256_file, write_json
+from crystalae.provenance import provenance
 
 DEFAULT_ROOT = Path("runs/registry")
 ALIASES = "aliases.json"
@@ -128,6 +129,8 @@ class Registry:
                     "dataset_hash": payload["dataset_hash"], "lineage": payload.get("lineage"),
                     "source": {"checkpoint": str(Path(checkpoint).resolve()), **(source or {})},
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    # the checkpoint's own versions (what trained it) and this promote's
+                    "provenance": {"trained_with": payload.get("versions"), **provenance()},
                 }
                 write_json(staging / "manifest.json", manifest)
                 os.rename(staging, target)

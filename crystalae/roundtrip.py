@@ -12,6 +12,7 @@ from crystalae.decode import DecodeError, decode
 from crystalae.files import write_json, write_text
 from crystalae.metrics import compare, summarize
 from crystalae.parallel import default_workers, map_chunks
+from crystalae.provenance import provenance
 from crystalae.sources import Entry, StructureError, list_entries, load_structure, reduce_cell
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
@@ -65,7 +66,7 @@ def roundtrip(
         "source": str(source), "config": config.as_dict(), "species": species,
         "entries": len(rows), "rejected_inputs": len(rows) - len(valid),
         "decode_failures": sum(1 for r in valid if r["error"]),
-        **summarize(valid), "seconds": round(time.perf_counter() - started, 2),
+        **summarize(valid), "seconds": round(time.perf_counter() - started, 2), "provenance": provenance(),
     }
     write_results(out, rows, metrics)
     return metrics

@@ -14,6 +14,7 @@ from typing import Any
 
 from crystalae import storage as store
 from crystalae.files import write_json
+from crystalae.provenance import provenance
 from crystalae.search.config import SweepConfig, split_options, trial_overrides
 from crystalae.search.results import (
     DATASETS_DIR,
@@ -255,7 +256,8 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
         if trial_id:
             statuses[str(trial_id)] = "error" if result.error else "finished"
     summary = collect_trials(root, statuses)
-    write_json(work / SUMMARY_FILE, {**summary.as_dict(), "tune_runs": len(tune_dirs(root))})
+    write_json(work / SUMMARY_FILE, {**summary.as_dict(), "tune_runs": len(tune_dirs(root)),
+                                     "provenance": provenance(seed=sweep.seed)})
     publish_driver_files(work, root)
     return summary
 

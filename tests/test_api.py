@@ -93,3 +93,31 @@ def test_the_python_api_page_runs():
     page = (ROOT / "docs" / "python-api.md").read_text()
     [code] = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     exec(compile(code, "docs/python-api.md", "exec"), {})
+
+
+def test_outputs_and_checkpoints_record_their_provenance(tmp_path):
+    """summary.json, metrics.json, checkpoints and registry manifests say which model, seed and versions."""
+    import json
+
+    from crystalae.cli import main
+    from crystalae.registry import Registry
+
+    checkpoint = ROOT / "pretrained" / "perov_5"
+    assert main(["generate", "--checkpoint", str(checkpoint), "--sample", "2", "--seed", "5",
+                 "--out", str(tmp_path / "gen")]) == 0
+    made = json.loads((tmp_path / "gen" / "summary.json").read_text())["provenance"]
+    assert made["model"] == str(checkpoint) and made["seed"] == 5
+    assert made["versions"]["crystalae"] == crystalae.__version__ and made["versions"]["torch"]
+    assert main(["reconstruct", "demo:3", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "r.csv")]) in (0, 1)
+    metrics = json.loads((tmp_path / "r.metrics.json").read_text())
+    assert metrics["provenance"]["model"] == str(checkpoint) and metrics["provenance"]["versions"]["pymatgen"]
+    manifest = Registry(tmp_path / "reg").promote(checkpoint, "perov")
+    assert manifest["provenance"]["versions"]["crystalae"] == crystalae.__version__
+    assert "trained_with" in manifest["provenance"]
+
+
+def test_a_saved_checkpoint_records_the_versions_that_made_it(tiny_checkpoint):
+    import json
+
+    described = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert described["versions"]["crystalae"] == crystalae.__version__ and described["versions"]["torch"]

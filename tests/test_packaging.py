@@ -17,7 +17,7 @@ def test_wheel_installs_only_the_crystalae_import_package(tmp_path):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, project / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("crystalae", "search", "dashboard"):
+    for folder in ("crystalae", "search", "dashboard", "pretrained"):
         shutil.copytree(ROOT / folder, project / folder, ignore=ignore)
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                              "-w", str(tmp_path / "dist"), str(project)], capture_output=True, text=True)
@@ -30,8 +30,10 @@ def test_wheel_installs_only_the_crystalae_import_package(tmp_path):
     roots = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert roots == {"crystalae"}
     for needed in ("crystalae/search/sweep.py", "crystalae/search/configs/demo.yaml", "crystalae/dashboard/app.py",
-                   "crystalae/dashboard/pages/1_Sweeps.py", "crystalae/registry.py"):
-        assert needed in names, needed
+                   "crystalae/dashboard/pages/1_Sweeps.py", "crystalae/registry.py", "crystalae/py.typed",
+                   *(f"crystalae/_pretrained/{model}/{file}" for model in ("perov_5", "carbon_24")
+                     for file in ("checkpoint.pt", "config.json", "README.md"))):
+        assert needed in names, needed  # the shipped models are reachable after `pip install`
 
 
 def test_every_imported_distribution_is_declared():
