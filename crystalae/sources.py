@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import warnings
 from collections.abc import Iterator
@@ -21,7 +22,10 @@ from tqdm.auto import tqdm
 
 from crystalae import storage
 
-STRUCTURE_SUFFIXES = {".cif": "cif", ".json": "json", ".vasp": "poscar", ".poscar": "poscar"}
+STRUCTURE_SUFFIXES = {".cif": "cif", ".json": "json", ".vasp": "poscar", ".poscar": "poscar",
+                      ".extxyz": "extxyz", ".xsf": "xsf"}  # the last two are read by ASE (optional)
+ASE_FORMATS = ("extxyz", "xsf")
+READABLE = ".cif, .cif.gz, .json, .vasp, POSCAR, .extxyz or .xsf"
 
 
 class SourceError(ValueError):
@@ -149,9 +153,13 @@ def _scan(part: str | Path) -> Iterator[tuple[str, Any, dict[str, Any]]]:
     # chunks are read in other processes, maybe on other nodes: a URI as given, a local path made absolute
     where = str(part) if storage.is_remote(part) else str(path.resolve())
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and _format_of(p) is not None)
-        if not files:
-            raise SourceError(f"{path}: no .cif, .json, .vasp or POSCAR files in the folder")
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not any(_format_of(f) is not None for f in files):
+            raise SourceError(f"{path}: no structure files in the folder (crystalae reads {READABLE})")
+        skipped = [f.name for f in files if _format_of(f) is None]
+        if skipped:  # each is also a rejected entry, with this reason
+            warnings.warn(f"{path}: {len(skipped)} files are not in a format crystalae reads and are skipped: "
+                          f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", stacklevel=2)
         for f in files:
             yield _entry_name(f), f.name, {"source": where, "files": ()}
     elif path.suffix.lower() == ".csv":
@@ -166,7 +174,7 @@ def _scan(part: str | Path) -> Iterator[tuple[str, Any, dict[str, Any]]]:
             raise SourceError(f"{path}: not a readable CSV (EmptyDataError: no header row)")
     else:
         if _format_of(path) is None:
-            raise SourceError(f"{path}: unknown structure format (use .cif, .json, .vasp or POSCAR)")
+            raise SourceError(f"{path}: unknown structure format (crystalae reads {READABLE})")
         yield _entry_name(path), None, {"source": where}
 
 
@@ -232,7 +240,7 @@ def _read_slice(piece: SourceSlice) -> list[tuple[int, Entry]]:
         entries = [Entry(mid, "structure", structure=s)
                    for mid, s in demo_structures(piece.start + piece.count, start=piece.start)]
     elif piece.files:
-        entries = [_file_entry(local_source(piece.source) / name) for name in piece.files]
+        entries = [_file_entry(local_source(piece.source) / name, in_folder=True) for name in piece.files]
     elif piece.columns != (-1, -1):
         entries = []
         id_column, cif_column = piece.columns
@@ -252,24 +260,47 @@ def _read_slice(piece: SourceSlice) -> list[tuple[int, Entry]]:
 def _format_of(path: Path) -> str | None:
     if path.name.upper().startswith(("POSCAR", "CONTCAR")):
         return "poscar"
+    if path.name.lower().endswith(".cif.gz"):
+        return "cif"
     return STRUCTURE_SUFFIXES.get(path.suffix.lower())
 
 
 def _entry_name(path: Path) -> str:
+    if path.name.lower().endswith(".cif.gz"):
+        return path.name[:-7]
     return path.stem if _format_of(path) != "poscar" or path.suffix else path.name
 
 
-def _file_entry(path: Path) -> Entry:
+def _file_entry(path: Path, in_folder: bool = False) -> Entry:
+    """One file as an entry; a file of an unknown format in a folder is a rejected entry (saying so)."""
     fmt = _format_of(path)
-    if fmt is None:
-        raise SourceError(f"{path}: unknown structure format (use .cif, .json, .vasp or POSCAR)")
     name = _entry_name(path)
+    if fmt is None:
+        if in_folder:
+            return Entry(path.name, "unknown", error=f"{path.name}: not a format crystalae reads ({READABLE})")
+        raise SourceError(f"{path}: unknown structure format (crystalae reads {READABLE})")
     try:
-        return Entry(name, fmt, path.read_bytes().decode("utf-8"))
+        return Entry(name, fmt, _read_text(path))
     except UnicodeDecodeError as exc:  # binary or latin-1: this file is rejected, the others still load
         return Entry(name, fmt, error=f"{path.name} is not UTF-8 text (byte {exc.start}: {exc.reason})")
-    except OSError as exc:
-        return Entry(name, fmt, error=f"{path.name} cannot be read ({exc.strerror or type(exc).__name__})")
+    except (OSError, EOFError) as exc:
+        return Entry(name, fmt, error=f"{path.name} cannot be read ({getattr(exc, 'strerror', None) or exc})")
+    except StructureError as exc:
+        return Entry(name, fmt, error=f"{path.name}: {exc}")
+
+
+def _read_text(path: Path) -> str:
+    """A structure file's text; a gzipped one decompressed, at most MAX_CIF_TEXT bytes (a gzip bomb
+    stops there)."""
+    if path.suffix.lower() != ".gz":
+        return path.read_bytes().decode("utf-8")
+    import gzip
+
+    with gzip.open(path, "rb") as handle:
+        data = handle.read(MAX_CIF_TEXT + 1)
+    if len(data) > MAX_CIF_TEXT:
+        raise StructureError(f"decompresses to over the {MAX_CIF_TEXT:,} bytes crystalae reads")
+    return data.decode("utf-8")
 
 
 def load_structure(entry: Entry) -> Structure:
@@ -292,6 +323,8 @@ def _parse(entry: Entry) -> Structure:
             warnings.simplefilter("ignore")
             if entry.fmt == "json":
                 return Structure.from_dict(json.loads(entry.text))
+            if entry.fmt in ASE_FORMATS:
+                return _parse_with_ase(entry)
             if entry.fmt == "cif":
                 from pymatgen.io.cif import CifParser
 
@@ -304,6 +337,21 @@ def _parse(entry: Entry) -> Structure:
     except Exception as exc:  # pymatgen raises many types for malformed text
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StructureError(f"unparsable {entry.fmt}: {message}") from None
+
+
+def _parse_with_ase(entry: Entry) -> Structure:
+    try:
+        import ase.io
+    except ImportError:
+        raise StructureError(f"reading .{entry.fmt} files needs ASE: pip install ase") from None
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    atoms = ase.io.read(io.StringIO(entry.text), format=entry.fmt)
+    if len(atoms) > MAX_PARSED_ATOMS:
+        raise StructureError(f"{len(atoms)} atoms, over the {MAX_PARSED_ATOMS} crystalae reads")
+    if not atoms.pbc.all():
+        raise StructureError("not a periodic crystal (the file gives no 3-D cell)")
+    return AseAtomsAdaptor.get_structure(atoms)
 
 
 # More atoms than any crystal crystalae can voxelize (max_atoms is at most a few hundred): a CIF whose

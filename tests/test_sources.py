@@ -37,15 +37,40 @@ def test_every_source_kind_reads(tmp_path):
     GOOD.to(filename=str(folder / "a.cif"))
     GOOD.to(filename=str(folder / "POSCAR"))
     (folder / "c.json").write_text(json.dumps(GOOD.as_dict()))
-    (folder / "notes.txt").write_text("ignored")
-    entries = list_entries(folder)
-    assert sorted(e.fmt for e in entries) == ["cif", "json", "poscar"]
+    (folder / "notes.txt").write_text("not a structure")
+    with pytest.warns(UserWarning, match="1 files are not in a format crystalae reads.*notes.txt"):
+        entries = list_entries(folder)
+    assert sorted(e.fmt for e in entries) == ["cif", "json", "poscar", "unknown"]
     for e in entries:
-        assert load_structure(e).composition.reduced_formula == "NaCl"
+        if e.fmt == "unknown":  # a rejected entry that says why, not a silent skip
+            with pytest.raises(StructureError, match="notes.txt: not a format crystalae reads"):
+                load_structure(e)
+        else:
+            assert load_structure(e).composition.reduced_formula == "NaCl"
     csv_path = write_csv(tmp_path / "s.csv", [("x1", GOOD_CIF), ("x2", GOOD_CIF)])
     assert [e.material_id for e in list_entries(csv_path)] == ["x1", "x2"]
     assert len(list_entries(folder / "a.cif")) == 1
     assert len(list_entries("demo:5")) == 5
+
+
+def test_gzipped_cifs_and_ase_formats_read_in_a_folder(tmp_path):
+    import gzip
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.cif.gz").write_bytes(gzip.compress(GOOD_CIF.encode()))
+    (folder / "bomb.cif.gz").write_bytes(gzip.compress(b" " * (2 << 20)))  # 2 MB of blanks from a few KB
+    ase_io = pytest.importorskip("ase.io")
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    ase_io.write(str(folder / "b.extxyz"), AseAtomsAdaptor.get_atoms(GOOD), format="extxyz")
+    ase_io.write(str(folder / "c.xsf"), AseAtomsAdaptor.get_atoms(GOOD), format="xsf")
+    entries = {e.material_id: e for e in list_entries(folder)}
+    assert set(entries) == {"a", "bomb", "b", "c"}
+    for name in ("a", "b", "c"):
+        assert load_structure(entries[name]).composition.reduced_formula == "NaCl", name
+    with pytest.raises(StructureError, match="decompresses to over"):
+        load_structure(entries["bomb"])
 
 
 def test_missing_or_unusable_source_is_named(tmp_path):
