@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import os
 import sys
 import typing
 from dataclasses import fields
@@ -518,6 +520,8 @@ def number(low: float, high: float):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="crystalae", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only: no warnings, progress lines or bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
     parser.add_argument("--version", action="version", version=f"crystalae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -679,9 +683,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv  # accepted anywhere on the line, not only before the subcommand
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    # accepted anywhere on the line, not only before the subcommand
+    flags = {"--debug", "-q", "--quiet", "-v", "--verbose"}
+    debug = "--debug" in argv
+    verbosity = sum(a in ("-v", "--verbose") for a in argv) - sum(a in ("-q", "--quiet") for a in argv)
+    args = build_parser().parse_args([a for a in argv if a not in flags])
     args.debug = debug
+    configure_logging(verbosity)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -692,6 +700,40 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"crystalae: error: {error_line(exc)}", file=sys.stderr)
         return 2
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (a captured or redirected one too)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"crystalae: {level}{record.getMessage()}"
+
+
+def configure_logging(verbosity: int = 0) -> None:
+    """The `crystalae` logger to stderr: warnings and progress lines by default, only errors with -q,
+    debug records with -v. -q also turns off progress bars (tqdm reads TQDM_DISABLE). Library code
+    only logs; without this (in Python) the records follow the caller's logging setup."""
+    logger = logging.getLogger("crystalae")
+    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(_Formatter())
+        logger.addHandler(handler)
+        logger.propagate = False
+    level = logging.ERROR if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    logger.setLevel(level)
+    if verbosity < 0:
+        os.environ["TQDM_DISABLE"] = "1"
 
 
 def error_line(exc: BaseException) -> str:

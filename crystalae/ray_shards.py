@@ -6,11 +6,14 @@ The output folder must be reachable from every node: object storage (s3://...) o
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from typing import Any
 
 from crystalae.shards import ShardTask, build_shard
+
+log = logging.getLogger(__name__)
 
 
 def _build_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -40,6 +43,6 @@ def build_shards_on_ray(tasks: list[ShardTask], address: str) -> list[dict[str, 
             ray.shutdown()
     by_index = {row["index"]: json.loads(row["record"]) for row in rows}
     nodes = Counter(row["node"] for row in rows)
-    print(f"built {len(rows)} shards on {len(nodes)} node(s) in {time.perf_counter() - started:.1f} s: "
-          + ", ".join(f"{node} {count}" for node, count in sorted(nodes.items())), flush=True)
+    log.info("built %d shards on %d node(s) in %.1f s: %s", len(rows), len(nodes), time.perf_counter() - started,
+             ", ".join(f"{node} {count}" for node, count in sorted(nodes.items())))
     return [by_index[t.index] for t in tasks]

@@ -16,10 +16,10 @@ number is still free just before publishing, which catches most, not all, races.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +30,8 @@ from crystalae.checkpoint import FILENAME, read_checkpoint
 from crystalae.config import ConfigError, check_name
 from crystalae.files import sha256_file, write_json
 from crystalae.provenance import provenance
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("runs/registry")
 ALIASES = "aliases.json"
@@ -230,7 +232,7 @@ class Registry:
         try:
             aliases = self.aliases()
         except RegistryError as exc:
-            print(f"crystalae: warning: {exc}; listing models without aliases", file=sys.stderr)
+            log.warning("%s; listing models without aliases", exc)
             aliases = {}
         by_ref: dict[str, list[str]] = {}
         for alias, ref in aliases.items():
@@ -242,8 +244,7 @@ class Registry:
                     manifest = json.loads(path.read_text(encoding="utf-8"))
                     ref = manifest["ref"]
                 except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-                    print(f"crystalae: warning: skipped {path.parent}: no readable manifest.json "
-                          f"({type(exc).__name__})", file=sys.stderr)
+                    log.warning("skipped %s: no readable manifest.json (%s)", path.parent, type(exc).__name__)
                     continue
                 result.append({**manifest, "aliases": sorted(by_ref.get(ref, []))})
         return result

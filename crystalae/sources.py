@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ STRUCTURE_SUFFIXES = {".cif": "cif", ".json": "json", ".vasp": "poscar", ".posca
                       ".extxyz": "extxyz", ".xsf": "xsf"}  # the last two are read by ASE (optional)
 ASE_FORMATS = ("extxyz", "xsf")
 READABLE = ".cif, .cif.gz, .json, .vasp, POSCAR, .extxyz or .xsf"
+
+log = logging.getLogger(__name__)
 
 
 class SourceError(ValueError):
@@ -158,8 +161,8 @@ def _scan(part: str | Path) -> Iterator[tuple[str, Any, dict[str, Any]]]:
             raise SourceError(f"{path}: no structure files in the folder (crystalae reads {READABLE})")
         skipped = [f.name for f in files if _format_of(f) is None]
         if skipped:  # each is also a rejected entry, with this reason
-            warnings.warn(f"{path}: {len(skipped)} files are not in a format crystalae reads and are skipped: "
-                          f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", stacklevel=2)
+            log.warning("%s: %d files are not in a format crystalae reads and are skipped: %s%s", path, len(skipped),
+                        ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
         for f in files:
             yield _entry_name(f), f.name, {"source": where, "files": ()}
     elif path.suffix.lower() == ".csv":

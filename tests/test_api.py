@@ -121,3 +121,20 @@ def test_a_saved_checkpoint_records_the_versions_that_made_it(tiny_checkpoint):
 
     described = json.loads((tiny_checkpoint / "config.json").read_text())
     assert described["versions"]["crystalae"] == crystalae.__version__ and described["versions"]["torch"]
+
+
+def test_quiet_silences_warnings_and_version_answers(tmp_path, capsys, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "")  # -q sets it; restored after the test
+    from crystalae.cli import main
+    from crystalae.registry import Registry
+
+    registry = Registry(tmp_path / "reg")
+    registry.promote(tiny_checkpoint, "a")
+    (registry.root / "a" / "v1" / "manifest.json").unlink()
+    assert main(["models", "--registry", str(registry.root)]) == 0
+    assert "crystalae: warning: skipped" in capsys.readouterr().err
+    assert main(["models", "-q", "--registry", str(registry.root)]) == 0
+    assert "skipped" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"crystalae {crystalae.__version__}"

@@ -66,7 +66,7 @@ def test_ray_data_prepare_on_two_nodes_gives_the_local_shards_and_resumes(tmp_pa
             result = subprocess.run([sys.executable, "-m", "crystalae", *args, "--out", str(out), "--ray",
                                      "--address", address], env=env, capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, result.stderr[-2000:]
-            return result.stdout
+            return result.stderr  # the progress line is a log record
 
         first = on_ray()
         assert re.search(r"built 9 shards on 2 node\(s\) in [0-9.]+ s: 127\.0\.0\.2 \d+, 127\.0\.0\.3 \d+", first), first
