@@ -175,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_values["use_gpu"] = True
     cfg = TrainConfig.from_dict(train_values)
     result = train(args.data, cfg, spec.get("model") or {}, storage=args.storage, name=args.name or "crystalae",
-                   preset=args.preset or spec.get("preset"))
+                   preset=args.preset or spec.get("preset"), progress=True)
     return _report_training(result)
 
 
@@ -203,7 +203,7 @@ def _retrain(args: argparse.Namespace) -> int:
         overrides["use_gpu"] = True
     result = retrain_trial(args.sweeps, args.from_trial, epochs=args.epochs, data=args.data,
                            train_overrides=overrides, out=args.storage,
-                           name=args.name)
+                           name=args.name, progress=True)
     return _report_training(result)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from pymatgen.core import Structure
+from tqdm.auto import tqdm
 
 from crystalae.checkpoint import LoadedModel
 from crystalae.coverage import COVERAGE_CUTOFFS
@@ -58,7 +59,7 @@ def voxelized_source(loaded: LoadedModel, source: str | Path, ids: list[str] | N
             raise StructureError(f"ids not found in {source}: {missing}")
         entries = [found[i] for i in ids]
     items = []
-    for e in entries:
+    for e in tqdm(entries, desc="voxelize", unit="crystal", disable=None if len(entries) > 64 else True):
         item: dict[str, Any] = {"material_id": e.material_id}
         try:
             item["structure"] = reduce_cell(load_structure(e), voxel.reduce)
@@ -87,8 +88,6 @@ def decode_to_structures(loaded: LoadedModel, z: torch.Tensor, densities: list |
     if loaded.model.vae.lattice is None and densities is None:
         raise ValueError("this model uses the box representation, which carries no lattice: "
                          "it can reconstruct but not generate crystals; train on the cell representation")
-    from tqdm.auto import tqdm
-
     structures: list[Structure | None] = []
     with tqdm(total=len(z), desc="decode", unit="crystal", disable=None if len(z) > batch_size else True) as bar:
         for start in range(0, len(z), batch_size):
@@ -118,13 +117,15 @@ def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit:
     started = time.perf_counter()
     items = voxelized_source(loaded, source, limit=limit)
     good = [it for it in items if "density" in it]
-    for start in range(0, len(good), batch_size):
-        part = good[start : start + batch_size]
-        densities = [it["density"] for it in part]
-        for it, predicted in zip(part, decode_to_structures(loaded, encode(loaded, densities), densities)):
-            it.update(compare(predicted, it["structure"]))
-            it["cif"] = predicted.to(fmt="cif") if predicted is not None else ""
-            it["error"] = "" if predicted is not None else "no atoms decoded"
+    with tqdm(total=len(good), desc="reconstruct", unit="crystal", disable=None) as bar:
+        for start in range(0, len(good), batch_size):
+            part = good[start : start + batch_size]
+            densities = [it["density"] for it in part]
+            for it, predicted in zip(part, decode_to_structures(loaded, encode(loaded, densities), densities)):
+                it.update(compare(predicted, it["structure"]))
+                it["cif"] = predicted.to(fmt="cif") if predicted is not None else ""
+                it["error"] = "" if predicted is not None else "no atoms decoded"
+            bar.update(len(part))
     rows = [{"cif": "", "error": "", **it} for it in items]
     valid = [r for r in rows if "density" in r]  # read and voxelized; the rest are rejected inputs
     metrics = {"source": str(source), "entries": len(rows), "rejected_inputs": len(rows) - len(valid),

@@ -37,6 +37,8 @@ def fit_latent_prior(loaded: LoadedModel, data: str | Path, split: str = "train"
     `shrinkage` (a fraction of the mean variance, added to the diagonal) keeps the covariance positive
     definite when there are fewer crystals than latent dimensions.
     """
+    from tqdm.auto import tqdm
+
     from crystalae.shards import read_table
     from crystalae.training import table_batches
 
@@ -49,9 +51,11 @@ def fit_latent_prior(loaded: LoadedModel, data: str | Path, split: str = "train"
     model, scale = loaded.model, density_scale(loaded.voxel)
     device = next(model.parameters()).device
     codes = []
-    for batch in table_batches(table, batch_size, columns=("density",)):
-        x = batch["density"].unsqueeze(1).to(device) * scale
-        codes.append(model.vae.encode(x)[0].double().cpu())
+    with tqdm(total=table.num_rows, desc="encode", unit="crystal", disable=None) as bar:
+        for batch in table_batches(table, batch_size, columns=("density",)):
+            x = batch["density"].unsqueeze(1).to(device) * scale
+            codes.append(model.vae.encode(x)[0].double().cpu())
+            bar.update(len(x))
     z = torch.cat(codes)
     mean = z.mean(0)
     cov = torch.cov(z.T).reshape(z.shape[1], z.shape[1])

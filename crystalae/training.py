@@ -551,11 +551,13 @@ def build_configs(data: str | Path, model_overrides: dict[str, Any], preset: str
 
 def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: dict[str, Any] | None = None,
           storage: str | Path = "runs/train", name: str = "crystalae", preset: str | None = None,
-          callbacks: list | None = None, score: tuple[str, str] = SCORE, lineage: dict[str, Any] | None = None):
+          callbacks: list | None = None, score: tuple[str, str] = SCORE, lineage: dict[str, Any] | None = None,
+          progress: bool = False):
     """Train with Ray Train's TorchTrainer; rerunning the same storage/name resumes from the latest
     checkpoint. `score` (metric, mode) ranks the kept checkpoints; `lineage` (where this configuration
-    came from, e.g. a sweep trial) is recorded in every checkpoint with the dataset hash. Returns the
-    Ray `Result` (its `checkpoint` is the newest, `best_checkpoints` ranked)."""
+    came from, e.g. a sweep trial) is recorded in every checkpoint with the dataset hash. `progress`
+    logs a line per epoch (local storage). Returns the Ray `Result` (its `checkpoint` is the newest,
+    `best_checkpoints` ranked)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -588,7 +590,12 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
                                                          checkpoint_score_order=score[1]),
             failure_config=ray.train.FailureConfig(max_failures=1)),
     )
-    return trainer.fit()
+    if not progress or storage_is_remote(storage):
+        return trainer.fit()
+    from crystalae.progress import EpochLines
+
+    with EpochLines(Path(storage) / name, cfg.epochs):
+        return trainer.fit()
 
 
 def _check_resume(run_dir: Path | None, model_cfg: ModelConfig, voxel: VoxelConfig) -> None:

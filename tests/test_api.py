@@ -138,3 +138,26 @@ def test_quiet_silences_warnings_and_version_answers(tmp_path, capsys, tiny_chec
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"crystalae {crystalae.__version__}"
+
+
+def test_training_progress_shows_each_new_epoch_once(tmp_path, caplog):
+    import json
+    import logging
+
+    from crystalae.progress import EpochLines
+
+    run = tmp_path / "run"
+
+    def checkpoint(epochs: int) -> None:  # as a training run writes them: the history of every epoch so far
+        folder = run / f"checkpoint_2026-01-01_00-00-{epochs:02d}"
+        folder.mkdir(parents=True)
+        history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 2.0, "val_match_rate": 0.25,
+                    "epoch_seconds": 3.0, "eval_seconds": 1.0} for e in range(epochs)]
+        (folder / "config.json").write_text(json.dumps({"history": history}))
+
+    checkpoint(2)  # a resumed run: epochs already trained are not shown again
+    with caplog.at_level(logging.INFO, logger="crystalae"), EpochLines(run, epochs=5, every=0.05):
+        checkpoint(4)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["epoch 3/5 | loss 0.3333 (val 2) | val match 25.0% | 4.0 s",
+                     "epoch 4/5 | loss 0.25 (val 2) | val match 25.0% | 4.0 s"]

@@ -180,7 +180,10 @@ def test_train_from_trial_retrains_its_configuration_with_lineage(tiny_sweep, tm
                      "--storage", str(tmp_path / "runs"), "--threads", "1"]) == 0
     finally:
         ray.shutdown()
-    assert "best checkpoint:" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "best checkpoint:" in printed.out
+    assert re.search(r"crystalae: epoch 1/1 \| loss [0-9.e+-]+ \(val [0-9.e+-]+\) \| val match [0-9.]+% \| [0-9.]+ s",
+                     printed.err), printed.err  # one line per epoch
     run = tmp_path / "runs" / f"tiny-{best.trial_id}"
     newest = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
     payload = read_checkpoint(newest)
