@@ -175,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_values["use_gpu"] = True
     cfg = TrainConfig.from_dict(train_values)
     result = train(args.data, cfg, spec.get("model") or {}, storage=args.storage, name=args.name or "crystalae",
-                   preset=args.preset or spec.get("preset"), progress=True)
+                   preset=args.preset or spec.get("preset"), progress=True, mlflow=args.mlflow)
     return _report_training(result)
 
 
@@ -203,7 +203,7 @@ def _retrain(args: argparse.Namespace) -> int:
         overrides["use_gpu"] = True
     result = retrain_trial(args.sweeps, args.from_trial, epochs=args.epochs, data=args.data,
                            train_overrides=overrides, out=args.storage,
-                           name=args.name, progress=True)
+                           name=args.name, progress=True, mlflow=args.mlflow)
     return _report_training(result)
 
 
@@ -572,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float)
     tr.add_argument("--threads", type=int, help="torch threads (= CPUs reserved) per worker; default: cores / workers")
     tr.add_argument("--storage", default="runs/train", help="results folder or pyarrow URI (s3://...)")
+    tr.add_argument("--mlflow", metavar="URI", help="also log the run to MLflow at this tracking URI, e.g. "
+                    "sqlite:///mlflow.db (needs crystalae[tracking])")
     tr.add_argument("--name", help="run name; rerunning the same name resumes it (default: crystalae; "
                                   "with --from-trial: SWEEP-TRIAL)")
     tr.set_defaults(func=cmd_train)
@@ -740,7 +742,7 @@ def error_line(exc: BaseException) -> str:
     """Our input errors (ValueError subclasses) speak for themselves; anything else gets its type
     named and a pointer to --debug."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, ValueError):
+    if isinstance(exc, ValueError) or (isinstance(exc, ImportError) and "pip install" in text):
         return text
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.filename}: {exc.strerror or type(exc).__name__}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,10 @@ def epoch_line(entry: dict[str, Any], epochs: int) -> str:
 class EpochLines:
     """While a run trains into `run_dir`, log each new epoch of its history (a context manager)."""
 
-    def __init__(self, run_dir: str | Path, epochs: int, every: float = 2.0):
-        self.run_dir, self.epochs, self.every = Path(run_dir), epochs, every
+    def __init__(self, run_dir: str | Path, epochs: int, every: float = 2.0,
+                 sinks: list[Callable[[dict[str, Any]], None]] | None = None):
+        """`sinks` also receive each new epoch's history entry (e.g. `crystalae.tracking.MlflowRun`)."""
+        self.run_dir, self.epochs, self.every, self.sinks = Path(run_dir), epochs, every, list(sinks or [])
         self.shown = self._last_epoch()  # a resumed run shows only what it trains now
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, daemon=True)
@@ -66,6 +69,8 @@ class EpochLines:
         for entry in self._history():
             if isinstance(entry.get("epoch"), int) and entry["epoch"] > self.shown:
                 log.info(epoch_line(entry, self.epochs))
+                for sink in self.sinks:
+                    sink(entry)
                 self.shown = entry["epoch"]
 
     def _follow(self) -> None:

@@ -552,12 +552,12 @@ def build_configs(data: str | Path, model_overrides: dict[str, Any], preset: str
 def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: dict[str, Any] | None = None,
           storage: str | Path = "runs/train", name: str = "crystalae", preset: str | None = None,
           callbacks: list | None = None, score: tuple[str, str] = SCORE, lineage: dict[str, Any] | None = None,
-          progress: bool = False):
+          progress: bool = False, mlflow: str | None = None):
     """Train with Ray Train's TorchTrainer; rerunning the same storage/name resumes from the latest
     checkpoint. `score` (metric, mode) ranks the kept checkpoints; `lineage` (where this configuration
     came from, e.g. a sweep trial) is recorded in every checkpoint with the dataset hash. `progress`
-    logs a line per epoch (local storage). Returns the Ray `Result` (its `checkpoint` is the newest,
-    `best_checkpoints` ranked)."""
+    logs a line per epoch, and `mlflow` (a tracking URI) logs the run there (local storage). Returns the
+    Ray `Result` (its `checkpoint` is the newest, `best_checkpoints` ranked)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -590,12 +590,20 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
                                                          checkpoint_score_order=score[1]),
             failure_config=ray.train.FailureConfig(max_failures=1)),
     )
-    if not progress or storage_is_remote(storage):
+    if not (progress or mlflow) or storage_is_remote(storage):
         return trainer.fit()
     from crystalae.progress import EpochLines
 
-    with EpochLines(Path(storage) / name, cfg.epochs):
-        return trainer.fit()
+    sinks = []
+    if mlflow:
+        from crystalae.tracking import MlflowRun
+
+        sinks.append(MlflowRun(mlflow, Path(storage) / name, {k: v for k, v in loop_config.items() if k != "data"}))
+    with EpochLines(Path(storage) / name, cfg.epochs, sinks=sinks):
+        result = trainer.fit()
+    for sink in sinks:
+        sink.close(failed=result.error is not None)
+    return result
 
 
 def _check_resume(run_dir: Path | None, model_cfg: ModelConfig, voxel: VoxelConfig) -> None:

@@ -14,6 +14,7 @@
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     max_concurrent: 2
     search: {algorithm: tpe, scheduler: asha, grace_period: 2, seed: 0, warm_start: runs/sweeps/old}
+    tracking: {mlflow: sqlite:///mlflow.db}    # optional: trials as MLflow runs (or wandb_project: NAME)
             # defaults: grace_period half the epochs, reduction_factor 3, startup_trials 8
     train: {batch_size: 8}                        # fixed TrainConfig values
     model: {seg_depth: 1}                         # fixed ModelConfig values
@@ -119,6 +120,12 @@ class SweepConfig(StrictConfig):
     # space) run first, before the sampler proposes its own.
     warm_start: str | None = None
     warm_start_trials: int = 4
+    # Experiment trackers (the `tracking` section): each trial becomes an MLflow run (params, every
+    # epoch's metrics) in experiment `mlflow_experiment` (default: the sweep name) at tracking URI
+    # `mlflow` (e.g. sqlite:///mlflow.db or http://127.0.0.1:5000), and/or a W&B run in `wandb_project`.
+    mlflow: str | None = None
+    mlflow_experiment: str | None = None
+    wandb_project: str | None = None
 
     def problems(self) -> list[str | None]:
         limits = {"trials": 100_000, "epochs": 100_000, "workers_per_trial": 1024, "cpus_per_worker": 1024,
@@ -178,7 +185,10 @@ _SECTIONS = {
     "resources": {"workers_per_trial", "cpus_per_worker", "gpus_per_worker"},
     "search": {"algorithm", "scheduler", "grace_period", "reduction_factor", "startup_trials", "seed", "max_failures",
                "warm_start", "warm_start_trials"},
+    "tracking": {"mlflow", "mlflow_experiment", "wandb_project"},
 }
+#: fields that do not change what a sweep searches (a resumed sweep may change them)
+NOT_IDENTITY = ("trials", *_SECTIONS["tracking"])
 
 
 def load_sweep_config(path: str | Path, name: str | None = None) -> SweepConfig:

@@ -56,13 +56,13 @@ def trial_recipe(storage: str | Path, ref: str) -> dict[str, Any]:
 
 def retrain_trial(storage: str | Path, ref: str, *, epochs: int | None = None, data: str | Path | None = None,
                   train_overrides: dict[str, Any] | None = None, out: str | Path = "runs/train",
-                  name: str | None = None, progress: bool = False):
+                  name: str | None = None, progress: bool = False, mlflow: str | None = None):
     """Train trial `ref`'s configuration again, at `epochs` (default: the sweep's budget).
 
     `data` is a prepared dataset with the trial's voxel config (default: the sweep's own shards for
     it; where the sweep has none, as a committed record, they are prepared under `out/datasets`).
     `train_overrides` replace TrainConfig values (workers, threads, use_gpu...); `progress` logs a
-    line per epoch. Returns the Ray
+    line per epoch, `mlflow` (a tracking URI) logs the run there. Returns the Ray
     `Result` of `crystalae.training.train`.
 
     Raises:
@@ -87,4 +87,4 @@ def retrain_trial(storage: str | Path, ref: str, *, epochs: int | None = None, d
         values["epochs"] = epochs
     cfg = TrainConfig.from_dict(values)
     return train(data, cfg, recipe["model"], storage=out, name=name or f"{sweep.name}-{recipe['trial']}",
-                 lineage={**recipe["lineage"], "epochs": cfg.epochs}, progress=progress)
+                 lineage={**recipe["lineage"], "epochs": cfg.epochs}, progress=progress, mlflow=mlflow)

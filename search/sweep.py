@@ -15,7 +15,7 @@ from typing import Any
 from crystalae import storage as store
 from crystalae.files import write_json
 from crystalae.provenance import provenance
-from crystalae.search.config import SweepConfig, split_options, trial_overrides
+from crystalae.search.config import NOT_IDENTITY, SweepConfig, split_options, trial_overrides
 from crystalae.search.results import (
     DATASETS_DIR,
     LOG_FILE,
@@ -242,7 +242,7 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
                                         time_budget_s=sweep.time_budget_s),
             run_config=tune.RunConfig(
                 name=store.name_of(experiment), storage_path=str(root), verbose=0,
-                callbacks=[console, PublishOnTrialEnd(publish_driver_files, work, root)],
+                callbacks=[console, PublishOnTrialEnd(publish_driver_files, work, root), *tracker_callbacks(sweep)],
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
         )
     with ray_output_to(work / LOG_FILE):
@@ -262,6 +262,28 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
     return summary
 
 
+def tracker_callbacks(sweep: SweepConfig) -> list:
+    """Ray Tune's own MLflow and W&B loggers, as the sweep's `tracking` section asks."""
+    callbacks = []
+    if sweep.mlflow:
+        from crystalae.extras import require
+
+        require("mlflow", "tracking", "tracking: {mlflow: ...}")
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(MLflowLoggerCallback(tracking_uri=sweep.mlflow, save_artifact=False,
+                                              experiment_name=sweep.mlflow_experiment or sweep.name,
+                                              tags={"crystalae.sweep": sweep.name}))
+    if sweep.wandb_project:
+        from crystalae.extras import require
+
+        require("wandb", "wandb", "tracking: {wandb_project: ...}")
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project=sweep.wandb_project, group=sweep.name))
+    return callbacks
+
+
 def publish_driver_files(work: Path, root: str | Path) -> None:
     """For a sweep on object storage: upload the driver's own files (config, Optuna study, log, and
     the summary last), so readers elsewhere see them. A local sweep writes them in place."""
@@ -274,7 +296,7 @@ def _identity(sweep_dict: dict[str, Any]) -> dict[str, Any]:
     """What makes two sweep configs the same sweep: everything but the trial budget (which may grow).
     Fields added since a sweep.json was written take their defaults, so older sweeps still resume."""
     normal = json.loads(json.dumps(SweepConfig.from_dict(sweep_dict).as_dict()))
-    return {k: v for k, v in normal.items() if k != "trials"}
+    return {k: v for k, v in normal.items() if k not in NOT_IDENTITY}
 
 
 def _params_key(params: dict[str, Any]) -> str:

@@ -65,7 +65,8 @@ model: {depth: 1, base_width: 4, max_width: 8, seg_depth: 1, seg_width: 4, resid
 def tiny_sweep(tmp_path_factory):
     """A tiny real sweep (3 trials, 8^3 grid) plus a registry whose best checkpoint is `champion`.
 
-    Returns {"storage", "root" (the sweep folder), "registry", "config" (its YAML path), "summary"}.
+    Returns {"storage", "root" (the sweep folder), "registry", "config" (its YAML path), "summary",
+    "mlflow" (the tracking URI its trials were logged to)}.
     """
     import ray
 
@@ -76,7 +77,10 @@ def tiny_sweep(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("sweep")
     config = base / "tiny.yaml"
-    config.write_text(TINY_SWEEP)
+    # its trials also go to MLflow (tracking section), when the tracking extra is installed
+    from crystalae.extras import available
+
+    config.write_text(TINY_SWEEP + (f"tracking: {{mlflow: 'sqlite:///{base}/mlflow.db'}}\n" if available("mlflow") else ""))
     storage = base / "sweeps"
     try:
         summary = run_sweep(load_sweep_config(config), storage=storage)
@@ -84,7 +88,8 @@ def tiny_sweep(tmp_path_factory):
         ray.shutdown()
     root = sweep_dir(storage, "tiny")
     promote_best(root, Registry(base / "registry"), alias="champion")
-    return {"storage": storage, "root": root, "registry": base / "registry", "config": config, "summary": summary}
+    return {"storage": storage, "root": root, "registry": base / "registry", "config": config, "summary": summary,
+            "mlflow": f"sqlite:///{base}/mlflow.db"}
 
 
 @pytest.fixture(scope="session")

@@ -161,3 +161,31 @@ def test_training_progress_shows_each_new_epoch_once(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["epoch 3/5 | loss 0.3333 (val 2) | val match 25.0% | 4.0 s",
                      "epoch 4/5 | loss 0.25 (val 2) | val match 25.0% | 4.0 s"]
+
+
+def test_a_train_run_logs_its_epochs_to_mlflow_and_a_resume_continues_the_run(tmp_path):
+    pytest.importorskip("mlflow")
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from crystalae.progress import EpochLines
+    from crystalae.tracking import MlflowRun
+
+    uri, run = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "run"
+
+    def checkpoint(epochs: int) -> None:
+        folder = run / f"checkpoint_2026-01-01_00-00-{epochs:02d}"
+        folder.mkdir(parents=True)
+        history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_match_rate": 0.1 * e} for e in range(epochs)]
+        (folder / "config.json").write_text(json.dumps({"history": history}))
+
+    for after in (2, 3):  # a run, then its resume
+        sink = MlflowRun(uri, run, {"train": {"lr": 0.001, "epochs": 3}})
+        with EpochLines(run, epochs=3, every=0.05, sinks=[sink]):
+            checkpoint(after)
+        sink.close()
+    client = MlflowClient(uri)
+    [logged] = client.search_runs([client.get_experiment_by_name("crystalae").experiment_id])
+    assert logged.data.params["train.lr"] == "0.001"
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "val_match_rate")] == [0, 1, 2]

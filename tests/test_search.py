@@ -499,3 +499,16 @@ def test_epochs_done_counts_from_the_trials_start_not_the_resume():
     assert epochs_done({"epochs_done": 18, "epoch": 17, "training_iteration": 1}) == 18
     assert epochs_done({"epoch": 17, "training_iteration": 1}) == 18  # checkpoints from before the field
     assert epochs_done({"training_iteration": 3}) == 3
+
+
+def test_a_sweep_with_mlflow_tracking_logs_each_trial_as_a_run(tiny_sweep):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tiny_sweep["mlflow"])
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == len(tiny_sweep["summary"].trials) == 3
+    for run in runs:
+        assert {"latent_dim", "sigma", "lr"} <= set(run.data.params)
+        assert "val_score" in run.data.metrics and "epochs_done" in run.data.metrics
