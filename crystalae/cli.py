@@ -58,8 +58,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         raise ValueError("--address names the Ray cluster for --ray: add --ray, or drop --address")
     config = voxel_config_from_args(args)  # every option is checked before the folder is touched
     source = args.source[0] if len(args.source) == 1 else args.source
+    executor = None
+    if args.ray:
+        from crystalae.ray_shards import on_ray
+
+        executor = on_ray(args.address or "auto")
     manifest = prepare_dataset(source, args.out, config, options, workers=args.workers, overwrite=args.overwrite,
-                               ray_address=(args.address or "auto") if args.ray else None)
+                               executor=executor)
     counts = manifest["counts"]
     rejects = storage.join(args.out, "rejects.csv")
     skipped = f", {counts['skipped']} skipped by --limit" if counts.get("skipped") else ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +27,8 @@ from crystalae.metrics import compare, summarize
 from crystalae.sources import StructureError, list_entries, load_structure, reduce_cell
 from crystalae.validity import smact_valid, structure_valid
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
+
+log = logging.getLogger(__name__)
 
 
 def validity(structure: Structure | None, min_distance: float = 0.5) -> dict[str, bool | None]:
@@ -117,6 +120,7 @@ def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit:
     started = time.perf_counter()
     items = voxelized_source(loaded, source, limit=limit)
     good = [it for it in items if "density" in it]
+    _warn_unknown_elements(loaded, [it["structure"] for it in good])
     with tqdm(total=len(good), desc="reconstruct", unit="crystal", disable=None) as bar:
         for start in range(0, len(good), batch_size):
             part = good[start : start + batch_size]
@@ -133,6 +137,17 @@ def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit:
                "seconds": round(time.perf_counter() - started, 2), "provenance": provenance(model_ref)}
     write_results(Path(out), rows, metrics)
     return metrics
+
+
+def _warn_unknown_elements(loaded: LoadedModel, structures: list[Structure]) -> None:
+    """Say so when crystals hold elements the model never saw: their reconstructions cannot match."""
+    known = set(loaded.model_config.species)
+    foreign = [s for s in structures if any(el.Z not in known for el in s.composition.elements)]
+    if known and foreign:
+        elements = sorted({el.symbol for s in foreign for el in s.composition.elements if el.Z not in known})
+        log.warning("%d of %d crystals hold elements this model was never trained on (%s%s); their "
+                    "reconstructions cannot match", len(foreign), len(structures), ", ".join(elements[:8]),
+                    " ..." if len(elements) > 8 else "")
 
 
 def sample(loaded: LoadedModel, count: int, seed: int = 0, prior: str = "auto",

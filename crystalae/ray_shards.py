@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from crystalae.shards import ShardTask, build_shard
@@ -21,6 +24,29 @@ def _build_row(row: dict[str, Any]) -> dict[str, Any]:
 
     record = build_shard(row["task"])
     return {"index": row["task"].index, "record": json.dumps(record), "node": ray.util.get_node_ip_address()}
+
+
+def on_ray(address: str = "auto") -> Callable[[list[ShardTask]], list[dict[str, Any]]]:
+    """An executor for `crystalae.shards.prepare_dataset`: shard tasks built on the Ray cluster at
+    `address`. The address is checked here, before preparation writes anything."""
+    check_ray_address(address)
+    return partial(build_shards_on_ray, address=address)
+
+
+def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
+    """Refuse, in one line and within `timeout` seconds, a HOST:PORT (or ray://HOST:PORT) Ray address
+    that nothing answers on; Ray itself retries for minutes. "auto", "local" and None pass through."""
+    if address in (None, "", "auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"Ray address {address!r} is not HOST:PORT (or auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ValueError(f"no Ray cluster answers at {address} ({exc.strerror or type(exc).__name__}); start one "
+                         "with `ray start --head` or check --address") from None
 
 
 def build_shards_on_ray(tasks: list[ShardTask], address: str) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,16 +164,16 @@ def prepare_dataset(
     options: PrepareOptions = PrepareOptions(),
     workers: int | None = None,
     overwrite: bool = False,
-    ray_address: str | None = None,
+    executor: Callable[[list[ShardTask]], Iterable[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Voxelize every structure of `source` into Parquet shards under `out` (a folder or an object
     storage URI); returns the manifest.
 
     The source is streamed: one pass records where each shard's entries are, and each worker reads
-    only its own shard's entries, so memory stays bounded by the shard size. With `ray_address`
-    ("auto", "local" or HOST:PORT) the shards are built as Ray Data tasks across a cluster, into the
-    same bytes. Resumes an interrupted run with the same settings; refuses a folder built with other
-    settings unless `overwrite`.
+    only its own shard's entries, so memory stays bounded by the shard size. `executor` builds the
+    shard tasks instead of local worker processes, into the same bytes (e.g.
+    `crystalae.ray_shards.on_ray(address)`: Ray Data tasks across a cluster). Resumes an interrupted
+    run with the same settings; refuses a folder built with other settings unless `overwrite`.
     """
     check_shard_memory(config, options)
     chunks, kept, listed = plan_chunks(source, options.shard_size, options.limit)
@@ -188,10 +189,8 @@ def prepare_dataset(
     where = str(out) if storage.is_remote(out) else str(Path(out).resolve())
     tasks = [ShardTask(k, chunks[k], config.as_dict(), options, where) for k in records if records[k] is None]
     sizes = [sum(piece.count for piece in task.chunk) for task in tasks]
-    if ray_address is not None:
-        from crystalae.ray_shards import build_shards_on_ray
-
-        built = build_shards_on_ray(tasks, ray_address)
+    if executor is not None:
+        built = executor(tasks)
     else:
         built = map_chunks(build_shard, tasks, workers or default_workers(), "voxelize", sizes=sizes)
     for task, record in zip(tasks, built):

@@ -278,6 +278,9 @@ def _file_entry(path: Path, in_folder: bool = False) -> Entry:
     """One file as an entry; a file of an unknown format in a folder is a rejected entry (saying so)."""
     fmt = _format_of(path)
     name = _entry_name(path)
+    if in_folder and path.is_symlink() and not path.resolve().is_relative_to(path.parent.resolve()):
+        # a folder source reads what is in the folder: a link elsewhere is not read (nor its content echoed)
+        return Entry(name, fmt or "unknown", error=f"{path.name}: a link to a file outside the folder, not read")
     if fmt is None:
         if in_folder:
             return Entry(path.name, "unknown", error=f"{path.name}: not a format crystalae reads ({READABLE})")

@@ -9,12 +9,14 @@ import contextlib
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from crystalae import storage as store
 from crystalae.files import write_json
 from crystalae.provenance import provenance
+from crystalae.ray_shards import check_ray_address
 from crystalae.search.config import NOT_IDENTITY, SweepConfig, split_options, trial_overrides
 from crystalae.search.results import (
     DATASETS_DIR,
@@ -31,7 +33,6 @@ from crystalae.search.results import (
     local_root,
     next_tune_dir,
     recorded_statuses,
-    study_path,
     sweep_dir,
     trial_folder,
     tune_dirs,
@@ -112,50 +113,6 @@ def _maybe_fail_once(trial_id: str) -> None:
             raise RuntimeError(f"injected failure for trial {trial_id} (set by {FAIL_ONCE_ENV})")
 
 
-def _persistent_searcher(sweep: SweepConfig, root: str | Path, points: list[dict[str, Any]] | None = None,
-                         run: int = 0):
-    """OptunaSearch whose study lives in `optuna.db`, tolerant of a study that is ahead of Tune.
-
-    After the driver is killed, Tune restores its state from its last save, which can predate the
-    SQLite study: a trial Optuna already closed is then reported again. Those late updates are dropped
-    (the study keeps the first, complete record) instead of failing the resumed sweep. A later run of
-    trials on the same sweep loads the same study, so the sampler learns from every earlier trial.
-    """
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    from crystalae.search.console import epochs_done
-
-    class PersistentOptunaSearch(OptunaSearch):
-        def on_trial_result(self, trial_id, result):
-            try:
-                # the step Optuna's pruning sees is the trial's epoch count, which survives a resume
-                super().on_trial_result(trial_id, {**result, "training_iteration": epochs_done(result)})
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            try:
-                super().on_trial_complete(trial_id, result, error)
-            except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
-                if "finished" not in str(exc) and "COMPLETE" not in str(exc):
-                    raise
-
-    # a later run of trials on the same study (an extension) gets its own seed: with the sweep's seed
-    # the sampler's random draws would start over and repeat the first run's configurations
-    seed = sweep.seed + 1000 * run
-    # multivariate: lr and beta act together; constant_liar: concurrent trials get different proposals
-    sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=sweep.startup_trials, multivariate=True,
-                                          constant_liar=True) if sweep.algorithm == "tpe"
-               else optuna.samplers.RandomSampler(seed=seed))
-    # several objectives: Optuna's multi-objective TPE keeps a Pareto front (no per-epoch pruning reports)
-    several = sweep.multi_objective
-    return PersistentOptunaSearch(sampler=sampler, study_name=sweep.name, points_to_evaluate=points or None,
-                                  metric=list(sweep.objective_metrics()) if several else None,
-                                  mode=list(sweep.objective_modes()) if several else None,
-                                  storage=optuna.storages.RDBStorage(f"sqlite:///{study_path(root)}"))
-
-
 def warm_start_points(sweep: SweepConfig) -> list[dict[str, Any]]:
     """The best configurations of the sweep named by `warm_start` that this search space can produce."""
     if sweep.warm_start is None:
@@ -178,10 +135,10 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
     """
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from crystalae.search.console import PublishOnTrialEnd, SweepConsole, ray_output_to
+    from crystalae.search.console import SweepConsole, ray_output_to
 
+    check_ray_address(address)  # before anything is written
     root = sweep_dir(storage, sweep.name)
     work = local_root(root)  # the driver's own files; on object storage, a local copy it publishes
     work.mkdir(parents=True, exist_ok=True)
@@ -214,37 +171,15 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: 
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep_dict=sweep_dict, root=str(root)),
                                     {"cpu": 0.01})
-    had = len(collect_trials(root).trials) if runs else 0
-    restorable = bool(runs) and tune.Tuner.can_restore(str(runs[-1]))
-    extend = bool(runs) and ended_runs(root) >= len(runs) and sweep.trials > had
-    new_trials = sweep.trials - had if extend or (runs and not restorable) else sweep.trials
-    console = SweepConsole(sweep.objective_metric, sweep.objective_mode, new_trials, sweep.epochs)
+    plan = _plan_run(runs, restorable=bool(runs) and tune.Tuner.can_restore(str(runs[-1])), ended=ended_runs(root),
+                     had=len(collect_trials(root).trials) if runs else 0, trials=sweep.trials,
+                     next_dir=next_tune_dir(root))
+    console = SweepConsole(sweep.objective_metric, sweep.objective_mode, plan.new_trials, sweep.epochs)
     tuner = None
-    if restorable and not extend:
-        tuner = tune.Tuner.restore(str(runs[-1]), trainable=trainable, resume_errored=True)
-    elif new_trials > 0:
-        # a run killed before Tune saved any state starts over in its own folder
-        experiment = next_tune_dir(root) if extend or not runs else runs[-1]
-        searcher = _persistent_searcher(sweep, root, points=None if runs else warm_start_points(sweep),
-                                        run=len(runs) if extend else 0)
-        several = sweep.multi_objective  # the searcher holds the objectives; ASHA the first
-        primary = {"metric": sweep.objective_metric, "mode": sweep.objective_mode}
-        scheduler = (ASHAScheduler(time_attr="epochs_done", max_t=sweep.epochs,
-                                   grace_period=sweep.asha_grace_period(), reduction_factor=sweep.reduction_factor,
-                                   **(primary if several else {}))
-                     if sweep.scheduler == "asha" else FIFOScheduler())
-        tuner = tune.Tuner(
-            trainable,
-            param_space={p.name: p.to_tune() for p in sweep.search_space},
-            tune_config=tune.TuneConfig(**({} if several else primary),
-                                        search_alg=searcher, scheduler=scheduler, num_samples=new_trials,
-                                        max_concurrent_trials=sweep.max_concurrent,
-                                        time_budget_s=sweep.time_budget_s),
-            run_config=tune.RunConfig(
-                name=store.name_of(experiment), storage_path=str(root), verbose=0,
-                callbacks=[console, PublishOnTrialEnd(publish_driver_files, work, root), *tracker_callbacks(sweep)],
-                failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
-        )
+    if plan.action == "restore":
+        tuner = tune.Tuner.restore(str(plan.experiment), trainable=trainable, resume_errored=True)
+    elif plan.action == "new":
+        tuner = _new_tuner(sweep, root, work, trainable, plan, console)
     with ray_output_to(work / LOG_FILE):
         grid = tuner.fit() if tuner is not None else []
     # A trial that failed before its first report has no trial_id in its metrics: find it by the
@@ -282,6 +217,67 @@ def tracker_callbacks(sweep: SweepConfig) -> list:
 
         callbacks.append(WandbLoggerCallback(project=sweep.wandb_project, group=sweep.name))
     return callbacks
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What `run_sweep` does with a sweep folder: restore its newest Tune run, start a new one, or
+    nothing (every trial of the budget has ended)."""
+
+    action: Literal["restore", "new", "none"]
+    experiment: str | Path  # the Tune run folder to restore or to start in
+    new_trials: int  # trials this run may start
+    warm_start: bool  # a sweep's first run evaluates the warm-start points first
+    study_run: int  # which run of trials on the study (seeds the sampler)
+
+
+def _plan_run(runs: list, restorable: bool, ended: int, had: int, trials: int, next_dir: str | Path) -> RunPlan:
+    """Restore, extend or start new, from what the sweep folder holds: its Tune `runs` (oldest first),
+    whether the newest can be restored, how many `ended`, the trials it `had`, and the `trials` budget.
+
+    - no runs: a new run in `next_dir`;
+    - every run ended and the budget grew: an extension, a new run of the difference in `next_dir`;
+    - the newest run can be restored: it is (a driver that was stopped, or a finished run read back);
+    - otherwise (killed before Tune saved any state): that run's folder starts over with the trials
+      not yet recorded.
+    """
+    if not runs:
+        return RunPlan("new", next_dir, trials, warm_start=True, study_run=0)
+    if ended >= len(runs) and trials > had:
+        return RunPlan("new", next_dir, trials - had, warm_start=False, study_run=len(runs))
+    if restorable:
+        return RunPlan("restore", runs[-1], trials, warm_start=False, study_run=0)
+    left = trials - had
+    return RunPlan("new" if left > 0 else "none", runs[-1], left, warm_start=False, study_run=0)
+
+
+def _new_tuner(sweep: SweepConfig, root: str | Path, work: Path, trainable: Any, plan: RunPlan, console: Any):
+    """A Tuner for a new run of `plan.new_trials` trials: the persistent Optuna searcher, ASHA (or
+    FIFO), the console and the trackers."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from crystalae.search.console import PublishOnTrialEnd
+    from crystalae.search.searcher import persistent_searcher
+
+    searcher = persistent_searcher(sweep, root, points=warm_start_points(sweep) if plan.warm_start else None,
+                                   run=plan.study_run)
+    several = sweep.multi_objective  # the searcher holds the objectives; ASHA the first
+    primary = {"metric": sweep.objective_metric, "mode": sweep.objective_mode}
+    scheduler = (ASHAScheduler(time_attr="epochs_done", max_t=sweep.epochs, grace_period=sweep.asha_grace_period(),
+                               reduction_factor=sweep.reduction_factor, **(primary if several else {}))
+                 if sweep.scheduler == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        trainable,
+        param_space={p.name: p.to_tune() for p in sweep.search_space},
+        tune_config=tune.TuneConfig(**({} if several else primary), search_alg=searcher, scheduler=scheduler,
+                                    num_samples=plan.new_trials, max_concurrent_trials=sweep.max_concurrent,
+                                    time_budget_s=sweep.time_budget_s),
+        run_config=tune.RunConfig(
+            name=store.name_of(plan.experiment), storage_path=str(root), verbose=0,
+            callbacks=[console, PublishOnTrialEnd(publish_driver_files, work, root), *tracker_callbacks(sweep)],
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
+    )
 
 
 def publish_driver_files(work: Path, root: str | Path) -> None:

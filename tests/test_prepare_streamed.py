@@ -6,6 +6,7 @@ import re
 import pytest
 
 from crystalae.config import VoxelConfig
+from crystalae.ray_shards import on_ray
 from crystalae.shards import PrepareOptions, prepare_dataset, read_manifest
 from crystalae.sources import list_entries, plan_chunks, read_chunk
 from tests.test_sources import GOOD_CIF
@@ -87,11 +88,11 @@ def test_prepare_on_a_ray_the_caller_started_leaves_it_running(tmp_path):
     local = prepare_dataset("demo:4", tmp_path / "local", config, options, workers=1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        on_ray = prepare_dataset("demo:4", tmp_path / "ray", config, options, ray_address="local")
+        built = prepare_dataset("demo:4", tmp_path / "ray", config, options, executor=on_ray("local"))
         assert ray.is_initialized()
     finally:
         ray.shutdown()
-    assert on_ray["shards"] == local["shards"]
+    assert built["shards"] == local["shards"]
 
 
 def test_overwrite_removes_the_dataset_not_what_else_is_in_its_folder(tmp_path):

@@ -430,7 +430,7 @@ def test_search_settings_reach_the_sampler(tmp_path):
     """ASHA's grace period defaults to half the epochs; `startup_trials` sets TPE's random start; the
     default TPE models parameters jointly and lies constant for running trials (two trials at a time
     must not get the same proposal)."""
-    from crystalae.search.sweep import _persistent_searcher
+    from crystalae.search.searcher import persistent_searcher
 
     path = tmp_path / "sweep.yaml"
     path.write_text(TINY_SWEEP.replace("search: {grace_period: 1, seed: 0}",
@@ -439,7 +439,7 @@ def test_search_settings_reach_the_sampler(tmp_path):
     assert (sweep.startup_trials, sweep.reduction_factor, sweep.asha_grace_period()) == (3, 3.0, 1)
     # unset, ASHA's first cut comes at half the epochs (the score is flat before densities decode)
     assert [dataclasses.replace(sweep, grace_period=None, epochs=e).asha_grace_period() for e in (1, 6, 9)] == [1, 3, 4]
-    sampler = _persistent_searcher(sweep, tmp_path)._sampler
+    sampler = persistent_searcher(sweep, tmp_path)._sampler
     assert (sampler._n_startup_trials, sampler._multivariate, sampler._constant_liar) == (3, True, True)
 
 
@@ -512,3 +512,20 @@ def test_a_sweep_with_mlflow_tracking_logs_each_trial_as_a_run(tiny_sweep):
     for run in runs:
         assert {"latent_dim", "sigma", "lr"} <= set(run.data.params)
         assert "val_score" in run.data.metrics and "epochs_done" in run.data.metrics
+
+
+def test_a_sweep_folder_plans_restore_extend_or_new_without_ray():
+    from crystalae.search.sweep import _plan_run
+
+    first, second, fresh = Path("tune"), Path("tune-2"), Path("tune-3")
+    new = _plan_run([], restorable=False, ended=0, had=0, trials=8, next_dir=first)
+    assert (new.action, new.experiment, new.new_trials, new.warm_start) == ("new", first, 8, True)
+    stopped = _plan_run([first], restorable=True, ended=0, had=5, trials=8, next_dir=second)
+    assert (stopped.action, stopped.experiment, stopped.warm_start) == ("restore", first, False)
+    grown = _plan_run([first, second], restorable=True, ended=2, had=8, trials=12, next_dir=fresh)
+    assert (grown.action, grown.experiment, grown.new_trials, grown.study_run) == ("new", fresh, 4, 2)
+    ended = _plan_run([first], restorable=True, ended=1, had=8, trials=8, next_dir=second)
+    assert ended.action == "restore"  # read back, nothing trains
+    unsaved = _plan_run([first], restorable=False, ended=0, had=3, trials=8, next_dir=second)
+    assert (unsaved.action, unsaved.experiment, unsaved.new_trials) == ("new", first, 5)
+    assert _plan_run([first], restorable=False, ended=0, had=8, trials=8, next_dir=second).action == "none"
