@@ -8,6 +8,7 @@ when the density follows the model, which is what lets thin, supercell-like carb
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 from pymatgen.core import Composition, Element, Structure
@@ -15,11 +16,13 @@ from scipy.optimize import linear_sum_assignment
 
 from crystalae.voxelize import MAX_Z, Density, atom_sigmas, gaussian_norm, voxelize_arrays
 
-OFFSETS = np.array(list(itertools.product((-1, 0, 1), repeat=3)))  # (27, 3)
-_x, _y, _z = OFFSETS.T
+__all__ = ["MAX_CELL_LENGTH", "MAX_IMAGES", "MIN_VOLUME_PER_ATOM", "SPECIES_FROM", "DecodeError", "decode"]
+
+_OFFSETS = np.array(list(itertools.product((-1, 0, 1), repeat=3)))  # (27, 3)
+_x, _y, _z = _OFFSETS.T
 _DESIGN = np.column_stack([np.ones(27), _x, _y, _z, _x * _x, _y * _y, _z * _z, _x * _y, _x * _z, _y * _z])
 _FIT = np.linalg.pinv(_DESIGN)  # (10, 27): log-values -> quadratic coefficients
-_ALL_Z = np.arange(1, MAX_Z + 1)
+_ALL_NUMBERS = np.arange(1, MAX_Z + 1)
 # Å^3 per atom below which no solid exists (diamond, among the densest: 5.7). A learned lattice head
 # fed a latent far from the data can predict such a cell; reading atoms from it is slow and useless.
 MIN_VOLUME_PER_ATOM = 1.0
@@ -28,6 +31,8 @@ MIN_VOLUME_PER_ATOM = 1.0
 # (16^3 grid, sigma 0.6, 5 sigma); a near-flat cell predicted from a latent far from the data needs millions.
 MAX_CELL_LENGTH = 100.0
 MAX_IMAGES = 4096
+# What `decode(species_from=...)` accepts: where each atom's atomic number comes from.
+SPECIES_FROM = ("labels", "composition", "density")
 
 
 class DecodeError(ValueError):
@@ -36,7 +41,7 @@ class DecodeError(ValueError):
 
 def decode(
     density: Density,
-    species: str = "labels",
+    species_from: str = "labels",
     composition: Composition | str | None = None,
     iterations: int = 8,
     min_height: float | None = None,
@@ -46,26 +51,80 @@ def decode(
 ) -> Structure:
     """Read a crystal back from a density grid.
 
-    species: "labels" takes each atom's Z from `density.labels` at its peak voxel; "composition"
-    assigns the known `composition` to peaks by fitted peak weight; "density" rounds the fitted weight
-    to the nearest atomic number among `elements` (default: all).
+    Steps: refuse inputs no crystal can be read from; find the distinct density peaks (optionally
+    exactly `atoms` of them); refine their positions together; give each an atomic number.
+
+    species_from: where atomic numbers come from (one of `SPECIES_FROM`). "labels" takes each atom's
+        number from `density.labels` at its peak voxel (peaks on label 0 are dropped); "composition"
+        hands the known `composition` out to the peaks by fitted peak height (peaks left over are
+        dropped); "density" rounds each fitted peak height to the nearest atomic number among `elements`.
+    composition: the known composition, for species_from="composition" (ignored otherwise).
+    iterations: at most this many refinement rounds (fewer once no peak moves 1e-6 voxel).
     min_height: electrons / Å^3 a peak must exceed (default: half the peak of a hydrogen atom).
+    elements: atomic numbers the fitted peak heights are rounded to (default: all).
     max_peaks: keep only this many highest peaks (bounds time and memory on a noisy learned density).
     atoms: read exactly this many atoms (periodic grids): the heaviest peaks, or, when peaks are
-    missing (merged in a blurred density), more atoms placed where the density most exceeds the
-    model of those found, one at a time; all are then refined together.
+        missing (merged in a blurred density), more atoms placed where the density most exceeds the
+        model of those found, one at a time; all are then refined together.
+
+    Returns the structure on `density.lattice`, fractional coordinates wrapped into [0, 1), with each
+    site's fitted peak height (e/Å^3) as the "peak_height" site property.
+    Raises DecodeError when no crystal can be read (the message says why) and ValueError for an
+    unknown `species_from`.
     """
-    config = density.config
-    values = np.asarray(density.values)
+    species, min_height = _validate(density, species_from, composition, min_height, atoms)
+    pos, weight, numbers = _find_peaks(density, min_height, max_peaks, species.labels)
+    candidates = _ALL_NUMBERS if elements is None else np.array(sorted(elements), dtype=int)
+    if atoms is not None:
+        pos, weight, numbers = _match_count(density, pos, weight, numbers, atoms, candidates)
+    pos, weight, numbers = _refine(density, pos, weight, numbers, candidates, iterations, climb=atoms is not None)
+    frac, weight, numbers = _fractional(density, pos, weight, numbers)
+    frac, weight, numbers = _assign_species(species, frac, weight, numbers, density.config, candidates)
+    if len(numbers) == 0:
+        raise DecodeError("no atom left after removing copies cut by the box faces")
+    # the fitted peak height (e/Å^3) rides along, so a species reader can weigh it against its own guess
+    return Structure(density.lattice, [Element.from_Z(int(n)) for n in numbers], np.mod(frac, 1.0),
+                     site_properties={"peak_height": [float(w) for w in weight]})
+
+
+@dataclass(frozen=True)
+class _Species:
+    """`decode`'s `species_from`, read once (by `_species`): what the other steps need of it.
+
+    labels: the grid peaks take their atomic numbers from ("labels"); None: numbers follow the
+    fitted peak heights while refining. composition: the known composition handed out at the end
+    ("composition"); None with no labels: fitted heights are rounded to atomic numbers ("density").
+    """
+
+    labels: np.ndarray | None = None
+    composition: Composition | str | None = None
+
+
+def _species(species_from: str, density: Density, composition: Composition | str | None) -> _Species:
+    """The one place `species_from` is read; refuses a mode whose input is missing."""
+    if species_from == "labels":
+        if density.labels is None:
+            raise DecodeError("species_from='labels' needs a labels grid")
+        return _Species(labels=density.labels)
+    if species_from == "composition":
+        if composition is None:
+            raise DecodeError("species_from='composition' needs a composition")
+        return _Species(composition=composition)
+    if species_from == "density":
+        return _Species()
+    raise ValueError(f"species_from must be one of {SPECIES_FROM}, got {species_from!r}")
+
+
+def _validate(density: Density, species_from: str, composition, min_height: float | None,
+              atoms: int | None) -> tuple[_Species, float]:
+    """Refuse, cheaply and before any peak is searched, what no crystal can be read from.
+    Returns the species source and the peak height threshold (its default filled in)."""
     if atoms is not None and (atoms < 1 or not density.periodic):
         raise DecodeError(f"atoms={atoms}: needs a positive count and a periodic (cell) grid")
-    if species == "labels" and density.labels is None:
-        raise DecodeError("species='labels' needs a labels grid")
-    if species == "composition" and composition is None:
-        raise DecodeError("species='composition' needs a composition")
+    species = _species(species_from, density, composition)
     if min_height is None:
-        min_height = 0.5 * float(gaussian_norm(atom_sigmas(np.array([1]), config))[0])
-    if not np.isfinite(values).all():
+        min_height = 0.5 * float(gaussian_norm(atom_sigmas(np.array([1]), density.config))[0])
+    if not np.isfinite(np.asarray(density.values)).all():
         raise DecodeError("density contains NaN or inf")
     volume = abs(np.linalg.det(density.lattice)) if np.isfinite(density.lattice).all() else 0.0
     if volume < 1e-3:  # e.g. a predicted lattice whose angles cannot close a cell
@@ -74,93 +133,114 @@ def decode(
         raise DecodeError(f"{atoms} atoms cannot fit a {volume:.3g} Å^3 cell "
                           f"(under {MIN_VOLUME_PER_ATOM:g} Å^3 per atom)")
     if density.periodic:
-        _check_cell_size(density.lattice, density.step, config)
+        _check_cell_size(density.lattice, density.step, density.config)
+    return species, min_height
 
-    step = density.step
-    periodic = density.periodic
+
+def _find_peaks(density: Density, min_height: float, max_peaks: int | None, labels: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Distinct density peaks: sub-voxel positions (index units), fitted heights, and, given a labels
+    grid, atomic numbers (peaks on label 0 dropped; None without labels)."""
+    values, periodic = np.asarray(density.values), density.periodic
     centres = _local_maxima(values, periodic, min_height)
     if max_peaks is not None and len(centres) > max_peaks:
         heights = values[tuple(centres.T)]
         centres = centres[np.sort(np.argsort(-heights, kind="stable")[:max_peaks])]
-    if species == "labels":
-        z = density.labels[tuple(centres.T)].astype(int)
-        centres, z = centres[z > 0], z[z > 0]
+    numbers = None
+    if labels is not None:
+        numbers = labels[tuple(centres.T)].astype(int)
+        centres, numbers = centres[numbers > 0], numbers[numbers > 0]
     if len(centres) == 0:
         raise DecodeError(f"no density peak above {min_height:.3g} e/Å^3")
-
-    candidates = _ALL_Z if elements is None else np.array(sorted(elements), dtype=int)
-    images = _image_translations(density.lattice, step, config) if periodic else np.zeros((1, 3))
     pos, weight = _fit_peaks(values, centres, np.zeros((len(centres), 27)), periodic)
-    keep = _distinct(pos, weight, step, density.lattice if periodic else None)
-    pos, weight, centres = pos[keep], weight[keep], centres[keep]
-    if species == "labels":
-        z = z[keep]
-    if atoms is not None:
-        pos, weight, labels = _match_count(density, pos, weight, z if species == "labels" else None, atoms,
-                                           candidates)
-        if species == "labels":
-            z = labels
+    keep = _distinct(pos, weight, density.step, density.lattice if periodic else None)
+    return pos[keep], weight[keep], None if numbers is None else numbers[keep]
 
+
+def _refine(density: Density, pos: np.ndarray, weight: np.ndarray, numbers: np.ndarray | None,
+            candidates: np.ndarray, iterations: int, climb: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Refit every peak with the modelled Gaussians of all other atoms and periodic images subtracted,
+    for up to `iterations` rounds (until no peak moves 1e-6 voxel).
+
+    numbers: fixed atomic numbers (from labels), or None: each round reads them (among `candidates`)
+    from the heights fitted by the round before. Returns positions, heights and the numbers the last
+    round modelled. climb: see `_fit_peaks`.
+    """
+    config, periodic, step, values = density.config, density.periodic, density.step, np.asarray(density.values)
+    images = _image_translations(density.lattice, step, config) if periodic else np.zeros((1, 3))
+    from_heights = numbers is None
     for _ in range(iterations):
-        if species != "labels":
-            z = _weight_to_z(weight, config, candidates)
-        sigmas = atom_sigmas(z, config)
+        if from_heights:
+            numbers = _weight_to_z(weight, config, candidates)
+        sigmas = atom_sigmas(numbers, config)
         centres = np.rint(pos).astype(int)
-        others = _neighbour_density(pos, z, sigmas, centres, step, images, config.cutoff_sigmas)
-        new_pos, weight = _fit_peaks(values, centres, others, periodic, climb=atoms is not None)
+        others = _neighbour_density(pos, numbers, sigmas, centres, step, images, config.cutoff_sigmas)
+        new_pos, weight = _fit_peaks(values, centres, others, periodic, climb=climb)
         shift = np.abs(new_pos - pos).max()
         pos = new_pos
         if shift < 1e-6:
             break
-
-    cart = pos @ step + density.voxel_offset
-    frac = (cart - density.origin) @ np.linalg.inv(density.lattice)
-    if not periodic and config.box_mode == "lattice":
-        unique = _unique_lattice_atoms(cart, frac, z, density.lattice, config)
-        frac, weight, z = frac[unique], weight[unique], z[unique]
-    if species == "density":
+    if numbers is None:  # iterations=0: no round has read them
         numbers = _weight_to_z(weight, config, candidates)
-    elif species == "composition":
-        numbers = _assign_composition(Composition(composition), weight, config)
-        frac, weight, numbers = frac[numbers > 0], weight[numbers > 0], numbers[numbers > 0]
-    else:
-        numbers = z
-    if len(numbers) == 0:
-        raise DecodeError("no atom left after removing copies cut by the box faces")
-    # the fitted peak height (e/Å^3) rides along, so a species reader can weigh it against its own guess
-    return Structure(density.lattice, [Element.from_Z(int(n)) for n in numbers], np.mod(frac, 1.0),
-                     site_properties={"peak_height": [float(w) for w in weight]})
+    return pos, weight, numbers
 
 
-def _match_count(density: Density, pos: np.ndarray, weight: np.ndarray, z: np.ndarray | None, atoms: int,
+def _fractional(density: Density, pos: np.ndarray, weight: np.ndarray, numbers: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fractional coordinates of the peaks (index units); a box filled with the lattice keeps one copy
+    of each atom (weights and numbers follow)."""
+    cart = pos @ density.step + density.voxel_offset
+    frac = (cart - density.origin) @ np.linalg.inv(density.lattice)
+    if not density.periodic and density.config.box_mode == "lattice":
+        unique = _unique_lattice_atoms(cart, frac, numbers, density.lattice, density.config)
+        frac, weight, numbers = frac[unique], weight[unique], numbers[unique]
+    return frac, weight, numbers
+
+
+def _assign_species(species: _Species, frac: np.ndarray, weight: np.ndarray, numbers: np.ndarray, config,
+                    candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Final atomic numbers, as `species` says: the refined (label) ones, the known composition handed
+    out by fitted height (peaks it leaves unused are dropped), or the fitted heights rounded among
+    `candidates`. Returns frac, weight and numbers of the atoms kept."""
+    if species.labels is not None:
+        return frac, weight, numbers
+    if species.composition is not None:
+        numbers = _assign_composition(Composition(species.composition), weight, config)
+        used = numbers > 0
+        return frac[used], weight[used], numbers[used]
+    return frac, weight, _weight_to_z(weight, config, candidates)
+
+
+def _match_count(density: Density, pos: np.ndarray, weight: np.ndarray, numbers: np.ndarray | None, atoms: int,
                  candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """`atoms` peaks (index units): the heaviest, or extra ones at the voxel where the density most
-    exceeds the modelled density of the atoms so far. Species labels (if any) follow the new voxels."""
+    exceeds the modelled density of the atoms so far. Atomic numbers from labels (if any) follow the
+    new voxels."""
     order = np.argsort(-weight, kind="stable")[:atoms]
     pos, weight = pos[order], weight[order]
-    z = None if z is None else z[order]
+    numbers = None if numbers is None else numbers[order]
     grid, values = density.config.grid, np.asarray(density.values)
     while len(pos) < atoms:
-        numbers = _weight_to_z(weight, density.config, candidates) if z is None else z
-        model = voxelize_arrays(density.lattice, pos / grid, numbers, density.config).values
+        modelled = _weight_to_z(weight, density.config, candidates) if numbers is None else numbers
+        model = voxelize_arrays(density.lattice, pos / grid, modelled, density.config).values
         residual = values - model
         centre = np.array(np.unravel_index(np.argmax(residual), residual.shape))
         pos = np.vstack([pos, centre[None].astype(float)])
         weight = np.append(weight, residual[tuple(centre)])
-        if z is not None:
+        if numbers is not None:
             label = int(density.labels[tuple(centre)])
-            z = np.append(z, label if label > 0 else np.bincount(z).argmax())
-    return pos, weight, z
+            numbers = np.append(numbers, label if label > 0 else np.bincount(numbers).argmax())
+    return pos, weight, numbers
 
 
-def _unique_lattice_atoms(cart, frac, z, lattice, config) -> np.ndarray:
+def _unique_lattice_atoms(cart, frac, numbers, lattice, config) -> np.ndarray:
     """One copy per atom of a box filled with the lattice: the copy deepest inside the box.
 
     Peaks near the faces sit on Gaussians cut off by the box, so copies within 3 sigma are not used.
     """
     depth = np.minimum(cart, config.box_size - cart).min(axis=1)
     order = np.argsort(-depth)
-    order = order[depth[order] >= 3 * atom_sigmas(z[order], config)]
+    order = order[depth[order] >= 3 * atom_sigmas(numbers[order], config)]
     wrapped = np.mod(frac[order], 1.0) @ lattice
     rank = np.arange(len(order))[::-1].astype(float)  # deeper first
     return order[_distinct(wrapped, rank, np.eye(3), lattice)]
@@ -178,7 +258,7 @@ def _local_maxima(values: np.ndarray, periodic: bool, min_height: float) -> np.n
 def _gather(values: np.ndarray, centres: np.ndarray, periodic: bool) -> np.ndarray:
     """(P, 27) values around each centre voxel (wrapped, or clamped at box edges)."""
     n = values.shape[0]
-    idx = centres[:, None, :] + OFFSETS[None, :, :]
+    idx = centres[:, None, :] + _OFFSETS[None, :, :]
     idx = idx % n if periodic else np.clip(idx, 0, n - 1)
     return values[idx[..., 0], idx[..., 1], idx[..., 2]]
 
@@ -201,14 +281,14 @@ def _fit_peaks(values, centres, others, periodic, climb: bool = False) -> tuple[
     if ok.any():
         delta[ok] = -np.linalg.solve(hess[ok], g[ok][:, :, None])[:, :, 0]
     ok &= np.abs(delta).max(axis=1) < 1.0
-    delta[~ok] = OFFSETS[np.argmax(local[~ok], axis=1)] if climb else 0.0
+    delta[~ok] = _OFFSETS[np.argmax(local[~ok], axis=1)] if climb else 0.0
     height = np.where(ok, np.exp(coef[:, 0] + 0.5 * (g * delta).sum(axis=1)), local[:, 13])
     return centres + delta, height
 
 
 def _image_counts(lattice, step, config) -> np.ndarray:
     """Periodic images needed along each lattice vector for an atom to reach any peak window."""
-    reach = config.cutoff_sigmas * atom_sigmas(_ALL_Z, config).max() + np.linalg.norm(step, axis=1).sum()
+    reach = config.cutoff_sigmas * atom_sigmas(_ALL_NUMBERS, config).max() + np.linalg.norm(step, axis=1).sum()
     return np.ceil(reach * np.linalg.norm(np.linalg.inv(lattice), axis=0)).astype(int) + 1
 
 
@@ -231,14 +311,14 @@ def _image_translations(lattice, step, config) -> np.ndarray:
     return grid.reshape(-1, 3) @ lattice
 
 
-def _neighbour_density(pos, z, sigmas, centres, step, images, cutoff_sigmas, block_elements: int = 1 << 20
+def _neighbour_density(pos, numbers, sigmas, centres, step, images, cutoff_sigmas, block_elements: int = 1 << 20
                        ) -> np.ndarray:
     """(P, 27) modelled density at each peak's window from all *other* atoms and periodic images.
 
     Peaks are taken in blocks so the (block, P, images) distance array stays near `block_elements`:
     memory grows linearly, not quadratically, with the number of atoms.
     """
-    window = OFFSETS @ step  # (27, 3)
+    window = _OFFSETS @ step  # (27, 3)
     atoms = pos @ step
     self_image = np.argmin(np.linalg.norm(images, axis=1))
     reach = cutoff_sigmas * sigmas[None, :, None] + np.linalg.norm(window, axis=1).max()
@@ -251,7 +331,7 @@ def _neighbour_density(pos, z, sigmas, centres, step, images, cutoff_sigmas, blo
         near[np.arange(len(rows)), rows, self_image] = False
         a, b, n = np.nonzero(near)
         r2 = ((q[a, b, n][:, None, :] + window[None, :, :]) ** 2).sum(-1)  # (S, 27)
-        contrib = (z[b] * gaussian_norm(sigmas[b]))[:, None] * np.exp(-0.5 * r2 / sigmas[b, None] ** 2)
+        contrib = (numbers[b] * gaussian_norm(sigmas[b]))[:, None] * np.exp(-0.5 * r2 / sigmas[b, None] ** 2)
         flat = (a[:, None] * 27 + np.arange(27)[None, :]).ravel()
         result[rows] = np.bincount(flat, contrib.ravel(), minlength=len(rows) * 27).reshape(len(rows), 27)
     return result
@@ -274,7 +354,7 @@ def _distinct(pos, weight, step, lattice) -> np.ndarray:
     return np.array(sorted(keep), dtype=int)
 
 
-def _weight_to_z(height: np.ndarray, config, candidates: np.ndarray = _ALL_Z) -> np.ndarray:
+def _weight_to_z(height: np.ndarray, config, candidates: np.ndarray = _ALL_NUMBERS) -> np.ndarray:
     """Atomic number (of `candidates`) whose modelled peak height is closest (log scale) to each fitted height."""
     model = candidates * gaussian_norm(atom_sigmas(candidates, config))
     err = np.abs(np.log(np.maximum(height, 1e-12))[:, None] - np.log(model)[None, :])

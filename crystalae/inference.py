@@ -79,8 +79,8 @@ def to_structure(model: CrystalAE, voxel: VoxelConfig, density: np.ndarray, labe
               "max_peaks": 2 * voxel.max_atoms, "atoms": atoms,
               **({"iterations": 30} if atoms else {})}  # atoms walking out of a merged blob take more rounds
     if mode == "segmenter":
-        return decode(grid, species="labels", **limits)
-    structure = decode(grid, species="density", elements=model.config.species, **limits)
+        return decode(grid, species_from="labels", **limits)
+    structure = decode(grid, species_from="density", elements=model.config.species, **limits)
     if mode == "density":
         return structure
     return assign_sites(model, latent, structure, keep_all=atoms is not None)

@@ -8,15 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from crystalae.config import VoxelConfig
-from crystalae.decode import DecodeError, decode
+from crystalae.decode import SPECIES_FROM, DecodeError, decode
 from crystalae.files import write_json, write_text
 from crystalae.metrics import compare, summarize
 from crystalae.parallel import default_workers, map_chunks
 from crystalae.provenance import provenance
 from crystalae.sources import Entry, StructureError, list_entries, load_structure, reduce_cell
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
-
-SPECIES_MODES = ("labels", "composition", "density")
 
 
 def roundtrip_chunk(task: tuple[list[tuple[int, Entry]], dict, str]) -> list[dict[str, Any]]:
@@ -34,7 +32,7 @@ def roundtrip_chunk(task: tuple[list[tuple[int, Entry]], dict, str]) -> list[dic
             continue
         predicted = None
         try:
-            predicted = decode(density, species=species, composition=true.composition)
+            predicted = decode(density, species_from=species, composition=true.composition)
             row["cif"] = predicted.to(fmt="cif")
         except DecodeError as exc:
             row["error"] = str(exc)
@@ -52,8 +50,8 @@ def roundtrip(
     chunk_size: int = 64,
 ) -> dict[str, Any]:
     """Write OUT (material_id,cif), OUT.details.csv and OUT.metrics.json; return the metrics."""
-    if species not in SPECIES_MODES:
-        raise ValueError(f"species must be one of {SPECIES_MODES}, got {species!r}")
+    if species not in SPECIES_FROM:
+        raise ValueError(f"species must be one of {SPECIES_FROM}, got {species!r}")
     out = Path(out)
     started = time.perf_counter()
     indexed = list(enumerate(list_entries(source, limit=limit)))

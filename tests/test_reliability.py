@@ -449,10 +449,10 @@ def test_h1_decoding_refuses_cells_far_from_any_crystal_in_bounded_time():
     density = voxelize_arrays(Lattice.cubic(4.0).matrix, np.array([[0.0, 0.0, 0.0]]), np.array([6]), config)
     density.lattice = flat  # the grid of a real crystal read in a cell too thin for its Gaussians
     with pytest.raises(DecodeError, match="periodic images"):
-        decode(density, species="density")
+        decode(density, species_from="density")
     density.lattice = Lattice.cubic(150.0).matrix
     with pytest.raises(DecodeError, match="over 100 Å"):
-        decode(density, species="density")
+        decode(density, species_from="density")
 
     folder = PRETRAINED / "carbon_24"
     if not (folder / "checkpoint.pt").exists():
@@ -596,3 +596,53 @@ def test_l8_one_huge_csv_field_rejects_its_row_not_the_file(tmp_path, capsys):
 
 def test_l13_dot_dot_in_an_object_storage_uri_is_refused(tmp_path, capsys):
     fails_to_parse(capsys, ["data", "prepare", "demo:4", "--out", "s3://bkt/x/../../bkt2/y"], "'..' is not allowed")
+
+
+def test_m6_an_unreachable_ray_address_fails_fast_and_writes_nothing(tmp_path, capsys):
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    out = tmp_path / "ds"
+    assert main(["data", "prepare", "demo:4", "--out", str(out), "--ray", "--address", f"127.0.0.1:{port}"]) == 2
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in capsys.readouterr().err
+    assert not out.exists()
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\ndata: {source: 'demo:8', grid: 8}\nmodel: {depth: 1}\n"
+                     "search_space: {lr: {type: loguniform, low: 0.001, high: 0.01}}\n")
+    assert main(["sweep", str(sweep), "--storage", str(tmp_path / "sweeps"), "--address", f"127.0.0.1:{port}"]) == 2
+    assert "no Ray cluster answers" in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()
+    assert time.monotonic() - started < 30
+
+
+def test_l1_reconstructing_elements_the_model_never_saw_warns(tmp_path, capsys, carbon_sample):
+    source = tmp_path / "carbon"
+    source.mkdir()
+    for mid, structure in carbon_sample[:2]:
+        structure.to(filename=str(source / f"{mid}.cif"))
+    from crystalae.pretrained import PRETRAINED
+
+    perov = PRETRAINED / "perov_5"
+    assert main(["reconstruct", "--checkpoint", str(perov), str(source), "--out", str(tmp_path / "r.csv")]) == 0
+    assert "2 of 2 crystals hold elements this model was never trained on (C)" in capsys.readouterr().err
+
+
+def test_l6_a_folder_source_does_not_follow_links_out_of_the_folder(tmp_path):
+    from crystalae.sources import StructureError, list_entries, load_structure
+
+    secret = tmp_path / "secret.cif"
+    secret.write_text("password: hunter2\n")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "leak.cif").symlink_to(secret)
+    (folder / "real.cif").write_text(GOOD_CIF)
+    (folder / "inside.cif").symlink_to(folder / "real.cif")  # a link within the folder is read
+    entries = {e.material_id: e for e in list_entries(folder)}
+    assert load_structure(entries["inside"]).composition.reduced_formula == "NaCl"
+    with pytest.raises(StructureError, match="outside the folder") as refused:
+        load_structure(entries["leak"])
+    assert "hunter2" not in str(refused.value)

@@ -77,9 +77,9 @@ def test_site_head_is_periodic_in_position():
 
 def test_peak_weight_species_restricted_to_known_elements():
     grid = voxelize(SRTIO3, VoxelConfig(grid=24))
-    assert decode(grid, species="density").composition.reduced_formula == "SrTiO3"
+    assert decode(grid, species_from="density").composition.reduced_formula == "SrTiO3"
     # without Ti (22) among the allowed elements, the nearest allowed weight wins: V (23)
-    restricted = decode(grid, species="density", elements=(8, 23, 38))
+    restricted = decode(grid, species_from="density", elements=(8, 23, 38))
     assert restricted.composition.reduced_formula == "SrVO3"
 
 
