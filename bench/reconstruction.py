@@ -4,6 +4,7 @@ crystals, sample from the prior, optionally export the model as a shipped refere
     python bench/reconstruction.py --recipe pretrained/perov_5/recipe.yaml --export pretrained/perov_5
     python bench/reconstruction.py --recipe bench/recipes/perov_5-segmenter.yaml --out bench/results/x.json
     python bench/reconstruction.py --run runs/train/perov_5-TRIAL --export pretrained/perov_5
+    python bench/reconstruction.py --run runs/train/carbon_24-final --select full-val --export /tmp/carbon_24
 
 `--run` scores (and exports) a finished training run instead, e.g. a sweep winner retrained by
 `crystalae train --from-trial`: its dataset is the one its checkpoints name (found among the sweep's
@@ -62,6 +63,9 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--export", type=Path, help="write the trained model here as a reference checkpoint")
     parser.add_argument("--out", type=Path, help="JSON of the figures (default: bench/results/<recipe>.json)")
+    parser.add_argument("--select", choices=("history", "full-val"), default="history",
+                        help="which kept checkpoint of --run to score: the best validation score its history "
+                             "recorded (on eval_limit crystals), or the best match rate on the whole validation split")
     parser.add_argument("--score-only", action="store_true",
                         help="train no further: score (and export) the best checkpoint of the run as it stands")
     args = parser.parse_args()
@@ -70,8 +74,11 @@ def main() -> None:
     if (args.recipe is None) == (args.run is None):
         parser.error("give --recipe (train, then score) or --run (score a finished run)")
     started = time.perf_counter()
+    selection = None
     if args.run is not None:
         best, last = run_checkpoints(args.run)
+        if args.select == "full-val":
+            best, selection = select_on_validation(args.run)
         payload = read_checkpoint(best)
         recipe, name = {"samples": 200, "train": payload["train_config"]}, args.run.name
         data, sources = run_dataset(payload), []
@@ -128,6 +135,7 @@ def main() -> None:
         # validation curve against it: when each validation match rate was first reached
         "train_seconds": round(train_seconds, 1), "prepare_seconds": round(prepare_seconds, 1),
         "time_to_val_match": time_to_match(history), "device": str(device),
+        "checkpoint_selection": selection or "best validation score in the run's history",
         "history": [{k: h.get(k) for k in ("epoch", "epoch_seconds", "lr", "train_loss", "val_loss", "val_match_rate",
                                           "val_species_accuracy", "val_atom_count_rate", "val_score")} for h in history],
     }
@@ -141,6 +149,24 @@ def main() -> None:
         command = f"python bench/reconstruction.py {given} --export {relative(args.export)}"
         write_json(args.export / "RESULTS.json", {"command": command, **figures})  # atomic: temp file + rename
         print(f"exported {best} -> {args.export}")
+
+
+def select_on_validation(folder: Path) -> tuple[str, dict]:
+    """The kept checkpoint of a run with the best match rate on its whole validation split (the run's
+    history scores only `eval_limit` of them, too few to tell close checkpoints apart)."""
+    scored = {}
+    for path in sorted(folder.glob("checkpoint_*/")):
+        payload = read_checkpoint(path)
+        loaded = load_checkpoint(path)
+        val = read_table(run_dataset(payload), split="val")
+        cfg = TrainConfig.from_dict({**payload["train_config"], "eval_limit": val.num_rows})
+        figures = evaluate(loaded.model, val, loaded.voxel, cfg, torch.device("cpu"))
+        scored[str(path)] = {"epoch": payload["epoch"], "val_rows": val.num_rows,
+                             "val_match_rate": figures["match_rate"], "val_rms": figures["rms"]}
+        print(f"  epoch {payload['epoch']}: validation match {figures['match_rate']:.4f} on {val.num_rows}", flush=True)
+    best = max(scored, key=lambda p: (scored[p]["val_match_rate"], scored[p]["epoch"]))
+    return best, {"rule": "best match rate on the whole validation split",
+                  "checkpoints": {relative(Path(p)): v for p, v in scored.items()}}
 
 
 def run_checkpoints(folder: Path) -> tuple[str, int]:

@@ -72,7 +72,10 @@ class Registry:
         self.root = storage.cache_for(root) if self.remote else Path(root)
 
     def _refresh(self) -> None:
-        """Mirror the remote registry's manifests and aliases (the weights come with `resolve`)."""
+        """Mirror the remote registry's manifests and aliases (the weights come with `resolve`); locally,
+        finish what a killed promote left."""
+        if not self.remote:
+            self._recover_if_idle()
         if self.remote:
             storage.download(self.location, self.root,
                              include=lambda name: name == ALIASES or name.endswith("/manifest.json"))
@@ -114,11 +117,13 @@ class Registry:
         folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
         with self._lock():
             self._refresh()
+            self._finish_interrupted()
             aliases = self.aliases() if alias is not None else {}  # a damaged alias file stops us here
             version = 1 + max(self.versions(name), default=0)
             target = self.root / name / f"v{version}"
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{name}-v{version}-", dir=target.parent))
+            pending = _pending_alias_file(target)
             try:
                 shutil.copy2(folder / FILENAME, staging / FILENAME)
                 if (folder / "config.json").exists():
@@ -135,9 +140,12 @@ class Registry:
                     "provenance": {"trained_with": payload.get("versions"), **provenance()},
                 }
                 write_json(staging / "manifest.json", manifest)
+                if alias is not None:  # a promote killed after the rename still moves its alias (next open)
+                    pending.write_text(alias, encoding="utf-8")
                 os.rename(staging, target)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
+                pending.unlink(missing_ok=True)
                 raise
             try:
                 self._publish_version(name, version)
@@ -148,12 +156,42 @@ class Registry:
                 try:
                     write_json(self.root / ALIASES, {**aliases, alias: manifest["ref"]})
                     self._publish_aliases()
+                    pending.unlink(missing_ok=True)
                 except BaseException:  # all or nothing: the version goes again
+                    pending.unlink(missing_ok=True)
                     shutil.rmtree(target, ignore_errors=True)
                     if self.remote:
                         storage.remove_tree(storage.join(self.location, name, f"v{version}"))
                     raise
         return manifest
+
+    def _finish_interrupted(self) -> None:
+        """Under the lock: clean up after promotes that were killed. Their staging copies go; a version
+        that was published but whose alias was not yet moved gets its alias now."""
+        if not self.root.exists():
+            return
+        for staging in self.root.glob("*/.*-v*-*"):
+            if staging.is_dir():  # no promote is running (we hold the lock): a leftover
+                shutil.rmtree(staging, ignore_errors=True)
+        for pending in sorted(self.root.glob("*/.v*.alias")):
+            target = pending.parent / pending.name[1:-len(".alias")]
+            if target.is_dir():
+                alias = pending.read_text(encoding="utf-8").strip()
+                write_json(self.root / ALIASES, {**self.aliases(), alias: f"{target.parent.name}@{target.name[1:]}"})
+                self._publish_aliases()
+            pending.unlink(missing_ok=True)
+
+    def _recover_if_idle(self) -> None:
+        """Finish killed promotes now, unless a promote holds the lock (its files are not leftovers)."""
+        if self.remote or not any(self.root.glob("*/.v*.alias")) and not any(self.root.glob("*/.*-v*-*")):
+            return
+        from filelock import Timeout
+
+        try:
+            with self._lock().acquire(timeout=0):
+                self._finish_interrupted()
+        except Timeout:
+            pass
 
     def versions(self, name: str) -> list[int]:
         folder = self.root / name
@@ -180,6 +218,7 @@ class Registry:
         """Point `alias` at the version `ref` names (NAME is pinned to its latest version now)."""
         check_model_name(alias, "alias")
         with self._lock():
+            self._finish_interrupted()
             folder = self.resolve(ref)
             pinned = f"{folder.parent.name}@{folder.name[1:]}"
             write_json(self.root / ALIASES, {**self.aliases(), alias: pinned})
@@ -248,6 +287,11 @@ class Registry:
                     continue
                 result.append({**manifest, "aliases": sorted(by_ref.get(ref, []))})
         return result
+
+
+def _pending_alias_file(version_folder: Path) -> Path:
+    """Beside the version folder (not in it: it is never published): the alias its promote will move."""
+    return version_folder.parent / f".{version_folder.name}.alias"
 
 
 def lineage_text(entry: dict[str, Any]) -> str:

@@ -646,3 +646,24 @@ def test_l6_a_folder_source_does_not_follow_links_out_of_the_folder(tmp_path):
     with pytest.raises(StructureError, match="outside the folder") as refused:
         load_structure(entries["leak"])
     assert "hunter2" not in str(refused.value)
+
+
+def test_l9_l10_a_promote_killed_after_publishing_still_moves_its_alias_and_leaves_no_staging(tmp_path, tiny_checkpoint):
+    import subprocess
+    import sys
+
+    from crystalae.registry import Registry
+
+    root = tmp_path / "reg"
+    Registry(root).promote(tiny_checkpoint, "m", alias="champion")
+    # killed (os._exit) right after the new version's folder appears, before aliases.json is written
+    killed = ("import os, crystalae.registry as r\n"
+              "real = r.write_json\n"
+              "r.write_json = lambda path, data: os._exit(9) if str(path).endswith('aliases.json') else real(path, data)\n"
+              f"r.Registry({str(root)!r}).promote({str(tiny_checkpoint)!r}, 'm', alias='champion')\n")
+    assert subprocess.run([sys.executable, "-c", killed]).returncode == 9
+    (root / "m" / ".m-v3-leftover").mkdir()  # a staging copy of a promote killed earlier still
+    registry = Registry(root)
+    assert registry.resolve("champion").name == "v2"  # the killed promote's alias, moved on the next open
+    assert not list(root.glob("m/.*"))
+    assert registry.promote(tiny_checkpoint, "m")["version"] == 3
