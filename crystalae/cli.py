@@ -249,21 +249,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from crystalae.provenance import provenance as make_provenance
 
     generate.check_generate_folder(args.out, args.overwrite)
-    if args.reference is not None:
-        from crystalae.coverage import matminer_available
-
-        if not matminer_available():
-            raise ValueError("--reference needs matminer for the coverage fingerprints: pip install 'crystalae[metrics]'")
-    if args.relax:
-        from crystalae.relax import relax_available
-
-        if not relax_available():
-            raise ValueError("--relax needs CHGNet: pip install 'crystalae[relax]'")
+    _check_generate_extras(args)
     loaded = _load_model(args)
+    named, interrupted = _generated(args, loaded)
+    provenance: dict[str, Any] = {"provenance": make_provenance(_model_ref(args), seed=args.seed)}
+    if interrupted:
+        provenance["interrupted"] = f"stopped by the user after {len(named)} of {args.sample} samples"
+    elif args.relax:
+        from crystalae.relax import relax
+
+        relaxed, provenance["relaxation"] = relax([s for _, s in named], steps=args.relax_steps)
+        named = [(name, s) for (name, _), s in zip(named, relaxed)]
+    reference = None
+    if args.reference is not None and not interrupted:
+        reference = generate.reference_structures(args.reference, args.reference_limit)
+    summary = generate.write_generated(args.out, named, overwrite=args.overwrite, reference=reference,
+                                       cutoffs=tuple(args.cutoffs), provenance=provenance)
+    print(f"wrote {summary['decoded']} of {summary['count']} crystals to {args.out}: structural validity "
+          f"{100 * summary['structural_validity']:.1f}%, {format_composition_validity(summary)}")
+    if "distribution" in summary:
+        print(f"against {len(reference)} reference crystals of {args.reference}: "
+              + format_distribution(summary["distribution"]))
+    if interrupted:
+        print(f"crystalae: interrupted: kept the {len(named)} crystals decoded so far", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _check_generate_extras(args: argparse.Namespace) -> None:
+    """Refuse before any work when an option needs an extra that is not installed."""
+    from crystalae.coverage import matminer_available
+    from crystalae.relax import relax_available
+
+    if args.reference is not None and not matminer_available():
+        raise ValueError("--reference needs matminer for the coverage fingerprints: pip install 'crystalae[metrics]'")
+    if args.relax and not relax_available():
+        raise ValueError("--relax needs CHGNet: pip install 'crystalae[relax]'")
+
+
+def _generated(args: argparse.Namespace, loaded) -> tuple[list[tuple[str, Any]], bool]:
+    """(name, crystal) for every --sample, --interpolate and --alter crystal, and whether Ctrl-C stopped
+    the sampling (the crystals decoded until then are kept)."""
+    from crystalae import generate
+
     named: list = []
     if args.sample:
-        named += [(f"sample-{i:04d}", s) for i, s in enumerate(generate.sample(loaded, args.sample, args.seed,
-                                                                                 args.prior, args.temperature))]
+        try:
+            sampled = generate.sample(loaded, args.sample, args.seed, args.prior, args.temperature)
+        except generate.GenerationInterrupted as stop:
+            return [(f"sample-{i:04d}", s) for i, s in enumerate(stop.structures)], True
+        named += [(f"sample-{i:04d}", s) for i, s in enumerate(sampled)]
     if args.interpolate or args.alter:
         if args.source is None:
             raise ValueError("--interpolate and --alter need --source (where the ids are)")
@@ -281,21 +316,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             named += [(f"alter-{k:02d}", s) for k, s in enumerate(variants)]
     if not named:
         raise ValueError("nothing to generate: give --sample N, --interpolate ID_A ID_B or --alter ID")
-    provenance = {"provenance": make_provenance(_model_ref(args), seed=args.seed)}
-    if args.relax:
-        from crystalae.relax import relax
-
-        relaxed, provenance["relaxation"] = relax([s for _, s in named], steps=args.relax_steps)
-        named = [(name, s) for (name, _), s in zip(named, relaxed)]
-    reference = None if args.reference is None else generate.reference_structures(args.reference, args.reference_limit)
-    summary = generate.write_generated(args.out, named, overwrite=args.overwrite, reference=reference,
-                                       cutoffs=tuple(args.cutoffs), provenance=provenance)
-    print(f"wrote {summary['decoded']} of {summary['count']} crystals to {args.out}: structural validity "
-          f"{100 * summary['structural_validity']:.1f}%, {format_composition_validity(summary)}")
-    if "distribution" in summary:
-        print(f"against {len(reference)} reference crystals of {args.reference}: "
-              + format_distribution(summary["distribution"]))
-    return 0
+    return named, False
 
 
 def format_distribution(figures: dict[str, Any]) -> str:

@@ -93,12 +93,23 @@ def decode_to_structures(loaded: LoadedModel, z: torch.Tensor, densities: list |
                          "it can reconstruct but not generate crystals; train on the cell representation")
     structures: list[Structure | None] = []
     with tqdm(total=len(z), desc="decode", unit="crystal", disable=None if len(z) > batch_size else True) as bar:
-        for start in range(0, len(z), batch_size):
-            outputs = decode_latents(loaded.model, loaded.voxel, z[start : start + batch_size])
-            structures += outputs_to_structures(loaded, outputs,
-                                                None if densities is None else densities[start : start + batch_size])
-            bar.update(len(outputs["density"]))
+        try:
+            for start in range(0, len(z), batch_size):
+                outputs = decode_latents(loaded.model, loaded.voxel, z[start : start + batch_size])
+                structures += outputs_to_structures(loaded, outputs,
+                                                    None if densities is None else densities[start : start + batch_size])
+                bar.update(len(outputs["density"]))
+        except KeyboardInterrupt:
+            raise GenerationInterrupted(structures) from None
     return structures
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C while decoding a batch of latents; `structures` holds the crystals decoded until then."""
+
+    def __init__(self, structures: list[Structure | None]):
+        super().__init__(f"interrupted after {len(structures)} crystals")
+        self.structures = structures
 
 
 def outputs_to_structures(loaded: LoadedModel, outputs: dict[str, Any], densities: list | None = None

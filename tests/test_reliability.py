@@ -667,3 +667,26 @@ def test_l9_l10_a_promote_killed_after_publishing_still_moves_its_alias_and_leav
     assert registry.resolve("champion").name == "v2"  # the killed promote's alias, moved on the next open
     assert not list(root.glob("m/.*"))
     assert registry.promote(tiny_checkpoint, "m")["version"] == 3
+
+
+def test_l2_ctrl_c_during_generate_keeps_the_crystals_decoded_so_far(tmp_path, capsys, monkeypatch):
+    import json
+
+    import crystalae.generate as generate
+    from crystalae.pretrained import PRETRAINED
+
+    real, calls = generate.outputs_to_structures, []
+
+    def stop_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "outputs_to_structures", stop_on_the_third_batch)
+    out = tmp_path / "gen"
+    assert main(["generate", "--checkpoint", str(PRETRAINED / "perov_5"), "--sample", "200", "--out", str(out)]) == 130
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["count"] == 128 and "after 128 of 200 samples" in summary["interrupted"]  # two batches of 64
+    assert len(list(out.glob("*.cif"))) == summary["decoded"] > 100
+    assert "kept the 128 crystals decoded so far" in capsys.readouterr().err
