@@ -156,29 +156,39 @@ def _scan(part: str | Path) -> Iterator[tuple[str, Any, dict[str, Any]]]:
     # chunks are read in other processes, maybe on other nodes: a URI as given, a local path made absolute
     where = str(part) if storage.is_remote(part) else str(path.resolve())
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-        if not any(_format_of(f) is not None for f in files):
-            raise SourceError(f"{path}: no structure files in the folder (crystalae reads {READABLE})")
-        skipped = [f.name for f in files if _format_of(f) is None]
-        if skipped:  # each is also a rejected entry, with this reason
-            log.warning("%s: %d files are not in a format crystalae reads and are skipped: %s%s", path, len(skipped),
-                        ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
-        for f in files:
-            yield _entry_name(f), f.name, {"source": where, "files": ()}
+        yield from _scan_folder(path, where)
     elif path.suffix.lower() == ".csv":
-        columns = None
-        for row_number, (offset, row) in enumerate(_csv_rows(path)):
-            if columns is None:
-                columns = _csv_columns(path, row)
-                continue
-            material_id = row[columns[0]] if 0 <= columns[0] < len(row) else str(row_number - 1)
-            yield material_id, (offset, row_number - 1), {"source": where, "columns": columns}
-        if columns is None:
-            raise SourceError(f"{path}: not a readable CSV (EmptyDataError: no header row)")
+        yield from _scan_csv(path, where)
     else:
         if _format_of(path) is None:
             raise SourceError(f"{path}: unknown structure format (crystalae reads {READABLE})")
         yield _entry_name(path), None, {"source": where}
+
+
+def _scan_folder(path: Path, where: str) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """Every visible file of a folder; those in no format crystalae reads become rejected entries."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not any(_format_of(f) is not None for f in files):
+        raise SourceError(f"{path}: no structure files in the folder (crystalae reads {READABLE})")
+    skipped = [f.name for f in files if _format_of(f) is None]
+    if skipped:  # each is also a rejected entry, with this reason
+        log.warning("%s: %d files are not in a format crystalae reads and are skipped: %s%s", path, len(skipped),
+                    ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
+    for f in files:
+        yield _entry_name(f), f.name, {"source": where, "files": ()}
+
+
+def _scan_csv(path: Path, where: str) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """One entry per row of a CDVAE-style CSV, located by its byte offset."""
+    columns = None
+    for row_number, (offset, row) in enumerate(_csv_rows(path)):
+        if columns is None:
+            columns = _csv_columns(path, row)
+            continue
+        material_id = row[columns[0]] if 0 <= columns[0] < len(row) else str(row_number - 1)
+        yield material_id, (offset, row_number - 1), {"source": where, "columns": columns}
+    if columns is None:
+        raise SourceError(f"{path}: not a readable CSV (EmptyDataError: no header row)")
 
 
 def local_source(part: str | Path) -> Path:

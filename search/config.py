@@ -220,19 +220,7 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
     unknown = set(raw) - set(_SECTIONS)
     if unknown:
         fail(f"unknown keys {sorted(map(str, unknown))} (allowed: {sorted(_SECTIONS)})")
-    flat: dict[str, Any] = {}
-    raw = {**raw, "objective": _objectives(raw.get("objective"), fail, flat)} if "objective" in raw else raw
-    for section, keys in _SECTIONS.items():
-        if section not in raw or section in ("name", "max_concurrent"):
-            continue
-        value = raw[section] if raw[section] is not None else {}
-        if not isinstance(value, dict):
-            fail(f"{section} must be a mapping, got {value!r}")
-        bad = set(value) - keys if keys is not None else set()
-        if bad:
-            fail(f"unknown keys in {section}: {sorted(map(str, bad))} (allowed: {sorted(keys)})")
-        if keys is not None:
-            flat.update({("objective_" + k if section == "objective" else k): v for k, v in value.items()})
+    flat = _flat_sections(raw, fail)
     if "name" not in raw:
         fail("missing `name`")
     try:
@@ -261,15 +249,39 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
         split_options(data)
     except ConfigError as exc:
         fail(f"data: {exc}")
-    # every extreme of the search space must make valid configs, or a trial would fail hours later
-    for value_of in [{}] + [{p.name: v} for p in space for v in p.extremes()]:
+    _check_extremes(config, fail)
+    return config
+
+
+def _flat_sections(raw: dict[str, Any], fail) -> dict[str, Any]:
+    """The keyed sections (objective, budget, resources, search, tracking) as SweepConfig fields,
+    refusing keys a section does not have; every section must be a mapping."""
+    flat: dict[str, Any] = {}
+    raw = {**raw, "objective": _objectives(raw.get("objective"), fail, flat)} if "objective" in raw else raw
+    for section, keys in _SECTIONS.items():
+        if section not in raw or section in ("name", "max_concurrent"):
+            continue
+        value = raw[section] if raw[section] is not None else {}
+        if not isinstance(value, dict):
+            fail(f"{section} must be a mapping, got {value!r}")
+        if keys is None:  # data, search_space, train, model: checked against their own configs
+            continue
+        bad = set(value) - keys
+        if bad:
+            fail(f"unknown keys in {section}: {sorted(map(str, bad))} (allowed: {sorted(keys)})")
+        flat.update({("objective_" + k if section == "objective" else k): v for k, v in value.items()})
+    return flat
+
+
+def _check_extremes(config: SweepConfig, fail) -> None:
+    """Every extreme of the search space must make valid configs, or a trial would fail hours later."""
+    for value_of in [{}] + [{p.name: v} for p in config.search_space for v in p.extremes()]:
         where_value = f"search_space.{next(iter(value_of))}={next(iter(value_of.values()))!r}: " if value_of else ""
         try:
             _, model_config, _ = trial_configs(config, value_of)
             _build_on_meta(model_config)
         except (ConfigError, ValueError, RuntimeError) as exc:  # a network torch refuses to build, too
             fail(f"{where_value or 'data/model/train: '}{exc}")
-    return config
 
 
 def _build_on_meta(model_config: ModelConfig) -> None:
