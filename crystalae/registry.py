@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("runs/registry")
 ALIASES = "aliases.json"
+CLAIM = ".claim"  # in a version folder on object storage: which promote took the number
+CLAIM_WAIT_S = 1.0
 _RESERVED_SUFFIXES = (".json", ".lock", ".tmp")  # the registry's own files live beside the model folders
 
 
@@ -76,9 +79,24 @@ class Registry:
         finish what a killed promote left."""
         if not self.remote:
             self._recover_if_idle()
-        if self.remote:
-            storage.download(self.location, self.root,
-                             include=lambda name: name == ALIASES or name.endswith("/manifest.json"))
+            return
+        try:
+            storage.check_bucket(self.location)
+        except FileNotFoundError as missing:
+            raise RegistryError(f"registry {self.location}: the bucket {missing.filename} does not exist") from None
+        storage.download(self.location, self.root,
+                         include=lambda name: name == ALIASES or name.endswith("/manifest.json"))
+        self._prune_mirror()
+
+    def _prune_mirror(self) -> None:
+        """Drop what the local mirror holds and the store no longer does (a version or aliases deleted
+        there): the store is the truth."""
+        on_store = {name for name, _ in storage.list_files(self.location)}
+        for manifest in self.root.glob("*/v*/manifest.json"):
+            if manifest.relative_to(self.root).as_posix() not in on_store:
+                shutil.rmtree(manifest.parent, ignore_errors=True)
+        if ALIASES not in on_store:
+            (self.root / ALIASES).unlink(missing_ok=True)
 
     def _publish_aliases(self) -> None:
         if self.remote:
@@ -89,17 +107,28 @@ class Registry:
         if not self.remote:
             return
         remote = storage.join(self.location, name, f"v{version}")
-        if storage.exists(storage.join(remote, "manifest.json")):
-            raise RegistryError(f"{self.location}: {name}@{version} was published by another writer during "
-                                "this promote; promote again (promote into one registry from one place at a time)")
+        claim, token = storage.join(remote, CLAIM), uuid.uuid4().hex
+        taken = RegistryError(f"{self.location}: {name}@{version} was taken by another writer during this promote; "
+                              "promote again (promote into one registry from one place at a time)")
+        if storage.exists(storage.join(remote, "manifest.json")) or storage.exists(claim):
+            raise taken
+        # Object stores have no "create if absent" here: claim the number, wait for a concurrent writer's
+        # claim to land, and go on only if ours is still the one there (the later claim wins, the other fails).
+        storage.write_text(claim, token)
+        time.sleep(CLAIM_WAIT_S)
+        if storage.read_text(claim) != token:
+            raise taken
         try:
             storage.upload(self.root / name / f"v{version}", remote, last=("manifest.json",))
         except BaseException:  # all or nothing on the store too: no half-published version
             try:
-                storage.remove_tree(remote)
+                if storage.read_text(claim) == token:  # never remove what another writer now owns
+                    storage.remove_tree(remote)
             except OSError:
                 pass  # e.g. the bucket does not exist: nothing was stored
             raise
+        if storage.read_text(claim) != token:  # a claim that landed after our check: the version is theirs
+            raise taken
 
     def _lock(self):
         from filelock import FileLock

@@ -6,7 +6,9 @@ usual environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), read by pyarrow it
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +27,7 @@ from crystalae import files
 Location = str | Path
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+log = logging.getLogger(__name__)
 _ENV_PREFIXES = ("AWS_", "GOOGLE_")  # the variables pyarrow reads when it builds a filesystem
 
 
@@ -204,11 +207,25 @@ def _check_parts(parts: list[str], location: Location) -> list[str]:
 
 
 def cache_for(location: Location) -> Path:
-    """The local mirror folder of a remote location (a local location is its own)."""
+    """The local mirror folder of a remote location (a local location is its own). Mirrors are kept per
+    endpoint: a bucket of the same name on another server (AWS_ENDPOINT_URL) is another store."""
     if not is_remote(location):
         return local_path_of(location)
     parts = urlsplit(str(location))
-    return cache_root().joinpath("remote", parts.scheme.lower(), *_check_parts([parts.netloc, *parts.path.split("/")], location))
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    store = parts.scheme.lower() + (f"@{hashlib.sha256(endpoint.encode()).hexdigest()[:12]}" if endpoint else "")
+    return cache_root().joinpath("remote", store, *_check_parts([parts.netloc, *parts.path.split("/")], location))
+
+
+def check_bucket(location: Location) -> None:
+    """Raise FileNotFoundError naming the bucket when a remote location's bucket does not exist (a
+    listing of it would read as empty)."""
+    if not is_remote(location):
+        return
+    parts = urlsplit(str(location))
+    fs, _ = filesystem(f"{parts.scheme}://{parts.netloc}")
+    if fs.get_file_info(parts.netloc).type == FileType.NotFound:
+        raise FileNotFoundError(2, "no such bucket", f"{parts.scheme}://{parts.netloc}")
 
 
 def _fetch(fs: FileSystem, info: FileInfo, target: Path) -> None:
@@ -234,6 +251,9 @@ def download(location: Location, local: Path | None = None, include: Callable[[s
     local = Path(local) if local is not None else cache_for(location)
     fs, listing = _listing(location)
     for name, info in listing:
+        if ".." in name.split("/"):  # a key that would land outside the mirror: skipped, and named
+            log.warning("skipped the object %s/%s: '..' in a key", str(location).rstrip("/"), name)
+            continue
         if include is None or include(name):
             _fetch(fs, info, local.joinpath(*_check_parts(name.split("/"), location)))
     return local

@@ -53,19 +53,22 @@ class S3Server:
         """The variables that point boto3 and pyarrow at this server."""
         return {"AWS_ENDPOINT_URL": self.endpoint, **ACCESS}
 
-    def create_bucket(self) -> str:
-        """A new, empty bucket with a unique name; returns the name."""
+    def client(self):
+        """A boto3 S3 client of this server (for what pyarrow will not do, e.g. a raw key with '..')."""
         import boto3
 
-        name = f"crystalae-test-{uuid.uuid4().hex[:12]}"
-        client = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
             aws_access_key_id=ACCESS["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=ACCESS["AWS_SECRET_ACCESS_KEY"],
             region_name=ACCESS["AWS_DEFAULT_REGION"],
         )
-        client.create_bucket(Bucket=name)
+
+    def create_bucket(self) -> str:
+        """A new, empty bucket with a unique name; returns the name."""
+        name = f"crystalae-test-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
         return name
 
     def stop(self) -> None:
