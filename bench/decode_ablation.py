@@ -27,10 +27,9 @@ from reconstruction import load_recipe, recipe_dataset  # noqa: E402
 from report import ROOT, relative, report  # noqa: E402
 
 from crystalae.checkpoint import load_checkpoint  # noqa: E402
-from crystalae.inference import decode_latents, density_scale, structures_from_outputs  # noqa: E402
+from crystalae.dataset import column_numpy, read_table, table_batches  # noqa: E402
 from crystalae.metrics import compare, summarize  # noqa: E402
-from crystalae.shards import column_numpy, read_table  # noqa: E402
-from crystalae.training import table_batches  # noqa: E402
+from crystalae.reconstruct import decode_latents, density_scale, structures_from_outputs  # noqa: E402
 
 # row name -> (atom count: "model" | "peaks" | "true", lattice: "model" | "true")
 ROWS = {

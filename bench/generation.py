@@ -33,10 +33,10 @@ from report import relative, report  # noqa: E402  (bench/report.py)
 
 from crystalae.checkpoint import export_checkpoint, load_checkpoint, read_checkpoint  # noqa: E402
 from crystalae.coverage import COVERAGE_CUTOFFS, Fingerprints, distribution_metrics, fingerprints  # noqa: E402
+from crystalae.dataset import config_of, read_manifest, read_table  # noqa: E402
 from crystalae.files import write_json  # noqa: E402
 from crystalae.generate import decode_to_structures, validity  # noqa: E402
 from crystalae.prior import fit_latent_prior, sample_latents  # noqa: E402
-from crystalae.shards import config_of, read_manifest, read_table  # noqa: E402
 
 SETTINGS = [("fitted", 1.0), ("fitted", 0.7), ("fitted", 0.5),
             ("posterior", 0.5), ("posterior", 0.3), ("posterior", 0.2), ("posterior", 0.1), ("posterior", 0.05)]

@@ -24,10 +24,10 @@ from reconstruction import load_recipe, recipe_dataset  # noqa: E402
 from report import report  # noqa: E402  (bench/report.py)
 
 from crystalae.checkpoint import export_checkpoint, load_checkpoint  # noqa: E402
+from crystalae.dataset import read_manifest  # noqa: E402
 from crystalae.files import write_json  # noqa: E402
 from crystalae.generate import sample, validity  # noqa: E402
 from crystalae.prior import fit_latent_prior  # noqa: E402
-from crystalae.shards import read_manifest  # noqa: E402
 
 
 def rates(structures) -> dict[str, float]:

@@ -125,7 +125,7 @@ def _amdahl(serial_fraction: float) -> dict[int, float]:
 def bench_ray(args) -> dict:
     from raycluster import RAY_ENV, two_node_cluster  # tests/raycluster.py: nodes on 127.0.0.2/.3
 
-    from crystalae.shards import read_manifest
+    from crystalae.dataset import read_manifest
     from crystalae.sources import plan_chunks
 
     count = plan_chunks(args.source, None)[1]

@@ -37,8 +37,9 @@ def test_match_rate(root: Path, checkpoint: Path) -> dict[str, float | None]:
     import torch
 
     from crystalae.checkpoint import load_checkpoint
-    from crystalae.shards import read_table
-    from crystalae.training import TrainConfig, evaluate
+    from crystalae.dataset import read_table
+    from crystalae.reconstruct import evaluate
+    from crystalae.training import TrainConfig
 
     loaded = load_checkpoint(checkpoint)
     data = sweep_dataset(root, loaded.meta["dataset_hash"])

@@ -37,11 +37,13 @@ from report import relative, report  # noqa: E402  (bench/report.py)
 
 from crystalae.checkpoint import export_checkpoint, load_checkpoint, read_checkpoint  # noqa: E402
 from crystalae.config import VoxelConfig  # noqa: E402
+from crystalae.dataset import read_manifest, read_table  # noqa: E402
 from crystalae.files import write_json  # noqa: E402
 from crystalae.generate import sample, validity  # noqa: E402
 from crystalae.prior import fit_latent_prior  # noqa: E402
-from crystalae.shards import PrepareOptions, prepare_dataset, read_manifest, read_table  # noqa: E402
-from crystalae.training import TrainConfig, best_checkpoint_path, evaluate, train  # noqa: E402
+from crystalae.reconstruct import evaluate  # noqa: E402
+from crystalae.shards import PrepareOptions, prepare_dataset  # noqa: E402
+from crystalae.training import TrainConfig, best_checkpoint_path, train  # noqa: E402
 
 RECIPE_KEYS = {"dataset", "files", "voxel", "split", "train", "model", "samples"}
 

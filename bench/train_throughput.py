@@ -22,12 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from report import report  # noqa: E402  (bench/report.py)
 
+from crystalae.augment import augment
 from crystalae.checkpoint import read_checkpoint  # noqa: E402
 from crystalae.config import VoxelConfig  # noqa: E402
-from crystalae.inference import class_lookup, density_scale
+from crystalae.dataset import read_table, table_batches
 from crystalae.models import CrystalAE
-from crystalae.shards import PrepareOptions, prepare_dataset, read_table
-from crystalae.training import TrainConfig, augment, build_configs, run_epoch, table_batches, train  # noqa: E402
+from crystalae.reconstruct import class_lookup, density_scale
+from crystalae.shards import PrepareOptions, prepare_dataset
+from crystalae.training import TrainConfig, build_configs, run_epoch, train  # noqa: E402
 
 MODEL = {"depth": 3, "base_width": 16, "latent_dim": 128, "residual": False}  # the perov_5 reference model
 

@@ -10,29 +10,63 @@ import dataclasses
 import logging
 import os
 import sys
-import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from crystalae import __version__
-from crystalae.config import VoxelConfig, field_choices
+from crystalae.cli_args import Parser, add_config_options, count, given, location, number
+from crystalae.config import VoxelConfig
+
+DESCRIPTION = ("crystalae turns crystal structures into 3-D density grids, trains a variational autoencoder "
+               "on them (Ray Train, Ray Tune sweeps) and generates new crystals with the trained models. "
+               "Start with `crystalae demo`; run `crystalae COMMAND --help` for a command's options. "
+               "--debug, -q, -v and --version work anywhere on the line.")
+VOXEL_HELP = {
+    "representation": "cell: the unit cell in fractional coordinates (periodic, lattice kept alongside); "
+                      "box: a fixed Cartesian cube (the paper's)",
+    "grid": "voxels per edge (at most 128)",
+    "sigma": "Gaussian width of each atom, in angstrom",
+    "element_sigma": "scale sigma by each element's atomic radius relative to carbon's",
+    "box_size": "edge of the box cube, in angstrom (box only)",
+    "box_mode": "what fills the box: one centred unit cell, or the repeating lattice (box only)",
+    "rotations": "random rotations per crystal (box only); 0 keeps the crystal unrotated",
+    "label_radius": "voxels this close to an atom (angstrom) carry its atomic number",
+    "cutoff_sigmas": "each Gaussian is summed out to this many sigma",
+    "reduce": "cell reduction applied before voxelizing",
+    "seed": "seed of the random rotations",
+    "max_atoms": "crystals with more atoms are rejected (with the reason)",
+}
+PREPARE_HELP = {
+    "shard_size": "crystals per shard (box rotations multiply the rows)",
+    "val_fraction": "share of the crystals in the validation split (drawn from a hash of the id: stable across runs)",
+    "test_fraction": "share of the crystals in the test split",
+    "limit": "use only the first N entries of the source (default: all)",
+}
+# TrainConfig fields with an option on `train` (the rest come from --config's `train:` section);
+# --gpu sets use_gpu
+TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "workers", "threads")
+TRAIN_HELP = {
+    "epochs": "epochs to train (default {default}; with --from-trial: the sweep's budget)",
+    "batch_size": "crystals per batch on each worker",
+    "lr": "peak learning rate",
+    "workers": "Ray Train workers (data parallel)",
+    "threads": "torch threads (= CPUs reserved) per worker (default {default}: cores / workers)",
+}
+
+
+def _command(sub, name: str, func, help: str) -> Parser:
+    """A subcommand's parser, its --help opening with what it does."""
+    parser = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+    parser.set_defaults(func=func)
+    return parser
 
 
 def _add_voxel_options(parser: argparse.ArgumentParser) -> None:
     """One --option per VoxelConfig field, so the CLI never drifts from the dataclass."""
     group = parser.add_argument_group("voxelization (defaults: VoxelConfig)")
     group.add_argument("--voxel-config", type=Path, help="YAML file of VoxelConfig fields; options below override it")
-    hints = typing.get_type_hints(VoxelConfig)
-    for f in fields(VoxelConfig):
-        flag = "--" + f.name.replace("_", "-")
-        choices = field_choices(f.name)
-        if hints[f.name] is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"default {f.default}")
-        else:
-            kind = type(choices[0]) if choices else hints[f.name]
-            group.add_argument(flag, type=kind, choices=choices or None, default=None, help=f"default {f.default}")
+    add_config_options(group, VoxelConfig, helps=VOXEL_HELP)
 
 
 def voxel_config_from_args(args: argparse.Namespace) -> VoxelConfig:
@@ -41,19 +75,42 @@ def voxel_config_from_args(args: argparse.Namespace) -> VoxelConfig:
         from crystalae.files import read_yaml_mapping
 
         values.update(read_yaml_mapping(args.voxel_config, "--voxel-config"))
-    for f in fields(VoxelConfig):
-        given = getattr(args, f.name)
-        if given is not None:
-            values[f.name] = given
+    values.update(given(args, [f.name for f in fields(VoxelConfig)]))
     return VoxelConfig.from_dict(values)
+
+
+def _add_data(sub) -> None:
+    data = sub.add_parser("data", help="dataset commands", description="Dataset commands.")
+    _add_data_prepare(data.add_subparsers(dest="data_command", required=True))
+
+
+def _add_data_prepare(sub) -> None:
+    prep = _command(sub, "prepare", cmd_data_prepare, "voxelize a structure source into Parquet shards")
+    prep.add_argument("source", nargs="+", help="CDVAE-style CSV, folder of CIF/POSCAR/JSON, one file, or "
+                      "demo[:N]; several are read as one dataset")
+    prep.add_argument("--out", required=True, type=location, help="dataset folder or object-storage URI (s3://...)")
+    prep.add_argument("--workers", type=count(1, 1024), help="processes (default: all cores)")
+    prep.add_argument("--overwrite", action="store_true", help="replace a dataset built with other settings")
+    prep.add_argument("--ray", action="store_true", help="build the shards as Ray Data tasks on a Ray cluster "
+                      "(--out must be reachable from every node: s3://... or a shared mount)")
+    prep.add_argument("--address", help="Ray cluster for --ray: auto (default), HOST:PORT, or local")
+    prep.later(_add_prepare_options)
+    prep.later(_add_voxel_options)  # after the dataset options
+
+
+def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
+    """One --option per PrepareOptions field (added when `data prepare` is parsed: crystalae.shards loads pyarrow)."""
+    from crystalae.shards import PrepareOptions
+
+    group = parser.add_argument_group("dataset (defaults: PrepareOptions)")
+    add_config_options(group, PrepareOptions, helps=PREPARE_HELP, defaults=True)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from crystalae import storage
     from crystalae.shards import DatasetError, PrepareOptions, prepare_dataset
 
-    options = PrepareOptions(shard_size=args.shard_size, val_fraction=args.val_fraction,
-                             test_fraction=args.test_fraction, limit=args.limit)
+    options = PrepareOptions(**given(args, [f.name for f in fields(PrepareOptions)]))
     if args.address and not args.ray:
         raise ValueError("--address names the Ray cluster for --ray: add --ray, or drop --address")
     config = voxel_config_from_args(args)  # every option is checked before the folder is touched
@@ -87,6 +144,18 @@ def check_output_file(path: Path, option: str = "--out") -> Path:
     return path
 
 
+def _add_roundtrip(sub) -> None:
+    rt = _command(sub, "roundtrip", cmd_roundtrip, "voxelize and decode every structure (no learning) and score it")
+    rt.add_argument("source", help="structure source: CDVAE-style CSV, folder of CIF/POSCAR/JSON, one file, or demo[:N]")
+    rt.add_argument("--out", required=True, type=Path, help="CSV of material_id,cif (OUT.details.csv and "
+                    "OUT.metrics.json are written beside it)")
+    rt.add_argument("--species", choices=("labels", "composition", "density"), default="labels",
+                    help="where decoded atoms get their element from")
+    rt.add_argument("--limit", type=count(1), metavar="N", help="only the first N structures of the source")
+    rt.add_argument("--workers", type=count(1, 1024), help="processes (default: all cores)")
+    _add_voxel_options(rt)
+
+
 def cmd_roundtrip(args: argparse.Namespace) -> int:
     from crystalae.roundtrip import metrics_path, roundtrip
 
@@ -107,6 +176,13 @@ def format_metrics(metrics: dict[str, Any]) -> str:
             f"composition {pct(metrics['composition_accuracy'])}, atom count {pct(metrics['atom_count_accuracy'])}"
             f" ({metrics.get('rejected_inputs', 0)} inputs rejected, {metrics.get('decode_failures', 0)} decode failures,"
             f" {metrics.get('seconds', 0)} s)")
+
+
+def _add_demo(sub) -> None:
+    demo = _command(sub, "demo", cmd_demo, "run the main job on the built-in demo data")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"),
+                      help="folder for everything the demo writes; a rerun resumes its sweep (default runs/demo)")
+    demo.add_argument("--workers", type=count(1, 1024), help="processes for the round trip (default: all cores)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -164,6 +240,32 @@ def _sample_pretrained(out: Path, count: int = 8) -> None:
           f"{format_composition_validity(summary)}")
 
 
+def _add_train(sub) -> None:
+    tr = _command(sub, "train", cmd_train, "train the VAE and its species reader with Ray Train")
+    tr.add_argument("--data", type=location, help="dataset folder or URI from `data prepare`")
+    tr.add_argument("--from-trial", metavar="SWEEP/TRIAL",
+                    help="retrain a sweep trial's configuration (its voxel, model and train settings), recording "
+                         "its lineage; --data defaults to the sweep's own shards for it")
+    tr.add_argument("--sweeps", default="runs/sweeps", help="with --from-trial: the sweeps folder or URI")
+    tr.add_argument("--config", type=Path, help="YAML with `train:` / `model:` sections and `preset:`")
+    tr.add_argument("--preset", choices=("paper",), help="paper: Hoffmann et al. architecture")
+    tr.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    tr.add_argument("--storage", default="runs/train", help="results folder or pyarrow URI (s3://...)")
+    tr.add_argument("--mlflow", metavar="URI", help="also log the run to MLflow at this tracking URI, e.g. "
+                    "sqlite:///mlflow.db (needs crystalae[tracking])")
+    tr.add_argument("--name", help="run name; rerunning the same name resumes it (default: crystalae; "
+                                  "with --from-trial: SWEEP-TRIAL)")
+    tr.later(_add_train_options)
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """The TRAIN_OPTIONS from TrainConfig's fields (added when `train` is parsed: crystalae.training loads torch)."""
+    from crystalae.training import TrainConfig
+
+    group = parser.add_argument_group("training (override --config's `train:` section; defaults: TrainConfig)")
+    add_config_options(group, TrainConfig, TRAIN_OPTIONS, helps=TRAIN_HELP)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from crystalae.training import TrainConfig, read_train_spec, train
 
@@ -173,9 +275,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("train needs --data DIR (a prepared dataset) or --from-trial SWEEP/TRIAL")
     spec = read_train_spec(args.config)
     train_values = dict(spec.get("train") or {})
-    for key in ("epochs", "workers", "batch_size", "lr", "threads"):
-        if getattr(args, key) is not None:
-            train_values[key] = getattr(args, key)
+    train_values.update(given(args, TRAIN_OPTIONS))
     if args.gpu:
         train_values["use_gpu"] = True
     cfg = TrainConfig.from_dict(train_values)
@@ -233,6 +333,23 @@ def _model_ref(args: argparse.Namespace) -> str:
     return str(args.checkpoint) if args.checkpoint is not None else f"{args.model} (registry {args.registry})"
 
 
+def _add_model_options(parser: argparse.ArgumentParser, example: str = "") -> None:
+    """--checkpoint or --model (+ --registry), read by _load_model, and --cpu."""
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint folder, e.g. pretrained/perov_5 (or give --model)")
+    parser.add_argument("--model", help="registry model: NAME, NAME@VERSION or an alias" + example)
+    parser.add_argument("--registry", default="runs/registry", help="registry folder or URI that --model names")
+
+
+def _add_reconstruct(sub) -> None:
+    rc = _command(sub, "reconstruct", cmd_reconstruct, "encode and decode a source with a trained model and score it")
+    rc.add_argument("source", help="structure source: CDVAE-style CSV, folder of CIF/POSCAR/JSON, one file, or demo[:N]")
+    _add_model_options(rc)
+    rc.add_argument("--out", required=True, type=Path, help="CSV of material_id,cif (OUT.details.csv and "
+                    "OUT.metrics.json are written beside it)")
+    rc.add_argument("--limit", type=count(1), metavar="N", help="only the first N structures of the source")
+    rc.add_argument("--cpu", action="store_true", help="stay on CPU even when a GPU is present")
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from crystalae.generate import reconstruct
     from crystalae.roundtrip import metrics_path
@@ -242,6 +359,47 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     print(format_metrics(metrics))
     print(f"wrote {args.out} and {metrics_path(Path(args.out))}")
     return 0
+
+
+def _add_generate(sub) -> None:
+    gen = _command(sub, "generate", cmd_generate, "sample, interpolate or alter crystals with a trained model")
+    _add_model_options(gen, " such as champion")
+    gen.add_argument("--out", type=Path, default=Path("runs/generated"),
+                     help="folder for the CIFs and summary.csv/json (default runs/generated)")
+    gen.add_argument("--sample", type=count(0, 100_000), default=0, metavar="N", help="N crystals from the prior")
+    gen.add_argument("--interpolate", nargs=2, metavar=("ID_A", "ID_B"),
+                     help="decode the straight path between two --source crystals' latent codes")
+    gen.add_argument("--steps", type=count(2, 1000), default=5, help="crystals along the --interpolate path, ends "
+                     "included (default 5)")
+    gen.add_argument("--alter", metavar="ID", help="decode variants of this --source crystal: its latent code plus noise")
+    gen.add_argument("--scale", type=number(0, 100), default=0.5, help="latent noise scale for --alter")
+    gen.add_argument("--count", type=count(1, 10_000), default=4, help="variants for --alter")
+    gen.add_argument("--source", help="where --interpolate/--alter ids live (structure source)")
+    gen.add_argument("--prior", choices=("auto", "fitted", "posterior", "normal"), default="auto",
+                     help="--sample from the Gaussian fitted to the training codes (fitted), around the training "
+                          "codes (posterior), or N(0, I) (normal); auto: the kind stored with the checkpoint's prior")
+    gen.add_argument("--temperature", type=number(0, 10),
+                     help="spread of --sample: Gaussian noise scale (default: the one stored with the prior; "
+                          "1 for fitted and normal, 0.1 for posterior)")
+    gen.add_argument("--seed", type=count(0, 2**63 - 1), default=0, help="random seed of --sample and --alter")
+    _add_generate_extras(gen)
+    gen.add_argument("--overwrite", action="store_true", help="replace an earlier run's crystals in --out")
+    gen.add_argument("--cpu", action="store_true", help="stay on CPU even when a GPU is present")
+
+
+def _add_generate_extras(gen: argparse.ArgumentParser) -> None:
+    """generate's options that need an extra: --relax (crystalae[relax]) and --reference (crystalae[metrics])."""
+    gen.add_argument("--relax", action="store_true",
+                     help="relax each crystal (cell and positions) with the CHGNet potential before writing it: "
+                          "physical local geometry (needs crystalae[relax]; ~8 s a small crystal per core)")
+    gen.add_argument("--relax-steps", type=count(1, 10_000), default=100, metavar="N", help="most FIRE steps per crystal")
+    gen.add_argument("--reference", metavar="SOURCE",
+                     help="score the batch against these crystals: COV-R, COV-P, d_rho, d_elem as CDVAE "
+                          "(needs crystalae[metrics]; compare batches of equal size)")
+    gen.add_argument("--reference-limit", type=count(1), metavar="N", help="read only the first N reference crystals")
+    gen.add_argument("--cutoffs", nargs=2, type=number(0, 1000), default=[0.2, 4.0], metavar=("STRUCT", "COMP"),
+                     help="coverage cutoffs on the structure and composition fingerprints "
+                          "(CDVAE: 0.2 4 for perov_5 and carbon_24, 0.4 10 for mp_20)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -337,6 +495,23 @@ def format_composition_validity(summary: dict[str, Any]) -> str:
             f"{100 * summary['composition_validity']:.1f}% (pymatgen oxidation states)")
 
 
+def _add_fit_prior(sub) -> None:
+    fp = _command(sub, "fit-prior", cmd_fit_prior,
+                  "fit the sampling prior of a checkpoint to its training set's latents")
+    fp.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (left as it is: see --out)")
+    fp.add_argument("--data", required=True, type=location, help="dataset folder or URI from `data prepare` (the model's own)")
+    fp.add_argument("--split", default="train", choices=("train", "val", "test"),
+                    help="dataset split whose latent codes are fitted (default train)")
+    fp.add_argument("--out", required=True, type=Path, help="new checkpoint folder (weights copied, prior added)")
+    fp.add_argument("--allow-other-data", action="store_true",
+                    help="fit on a dataset other than the one the checkpoint was trained on (same voxel settings)")
+    fp.add_argument("--kind", choices=("posterior", "fitted"), default="posterior",
+                    help="how `generate` samples by default: around the training codes (posterior, better coverage) "
+                         "or from the fitted Gaussian")
+    fp.add_argument("--temperature", type=number(0, 10),
+                    help="default sampling spread stored with the prior (default: 0.1 posterior, 1 fitted)")
+
+
 def cmd_fit_prior(args: argparse.Namespace) -> int:
     from crystalae.prior import with_latent_prior
 
@@ -350,6 +525,18 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
           f"(|mean| {info['mean_norm']:.3g}, typical std {info['mean_std']:.3g}); samples by default from the "
           f"{info['kind']} prior at spread {info['temperature']:g}; wrote {args.out}")
     return 0
+
+
+def _add_sweep(sub) -> None:
+    sw = _command(sub, "sweep", cmd_sweep, "hyperparameter search with Ray Tune + Optuna")
+    sw.add_argument("config", type=Path, help="sweep YAML (see search/configs/demo.yaml)")
+    sw.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: a local Ray)")
+    sw.add_argument("--name", help="override the sweep name")
+    sw.add_argument("--resume", action="store_true",
+                    help="continue a sweep whose driver stopped; with --trials N, extend an ended sweep to N trials")
+    sw.add_argument("--trials", type=count(1, 100_000), help="trial budget (overrides the YAML's budget.trials)")
+    sw.add_argument("--storage", default="runs/sweeps",
+                    help="results folder or object-storage URI (s3://bucket/sweeps); on a cluster, storage every node reaches")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -390,6 +577,25 @@ def format_budget(budget) -> str:
         line += (f"; best reached after {epochs}, "
                  f"{budget.seconds_to_best / 60:.1f} trial-minutes")
     return line
+
+
+def _add_promote(sub) -> None:
+    pr = _command(sub, "promote", cmd_promote, "copy a checkpoint into the model registry")
+    pr.add_argument("source", help="RUN/TRIAL, a trial or checkpoint folder, or with --best a sweep name/folder")
+    pr.add_argument("--best", action="store_true", help="pick the best checkpoint of the whole sweep")
+    pr.add_argument("--metric", help="metric to rank by (default: the sweep objective)")
+    pr.add_argument("--mode", choices=("min", "max"), help="whether --metric is better low or high "
+                    "(default: the sweep objective's)")
+    pr.add_argument("--within", type=number(0.0, 1e12), metavar="D",
+                    help="with --best: among trials within D of the best objective, take the one best on --prefer")
+    pr.add_argument("--prefer", metavar="METRIC[:MODE]",
+                    help="with --within: what to prefer (default: the sweep's second objective), e.g. parameters:min")
+    pr.add_argument("--fit-prior", action="store_true",
+                    help="with --best: fit the sampling prior on the trial's dataset first (for generation)")
+    pr.add_argument("--name", help="registry name (default: the sweep name)")
+    pr.add_argument("--alias", help="alias to move to the new version, e.g. champion")
+    pr.add_argument("--storage", default="runs/sweeps", help="sweeps folder or URI (s3://...)")
+    pr.add_argument("--registry", default="runs/registry", help="registry folder or URI (s3://...)")
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -451,6 +657,13 @@ def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str 
     raise ValueError(f"{source}: not a checkpoint folder, a trial folder or RUN/TRIAL under {storage}")
 
 
+def _add_alias(sub) -> None:
+    al = _command(sub, "alias", cmd_alias, "point a registry alias (e.g. champion) at an existing version")
+    al.add_argument("alias", help="the alias, e.g. champion")
+    al.add_argument("ref", help="NAME@VERSION (or NAME for its latest version)")
+    al.add_argument("--registry", default="runs/registry", help="registry folder or URI (s3://...)")
+
+
 def cmd_alias(args: argparse.Namespace) -> int:
     from crystalae.registry import Registry
 
@@ -458,6 +671,11 @@ def cmd_alias(args: argparse.Namespace) -> int:
     pinned = registry.set_alias(args.alias, args.ref)
     print(f"alias {args.alias} -> {pinned} ({registry.resolve(args.alias)})")
     return 0
+
+
+def _add_models(sub) -> None:
+    md = _command(sub, "models", cmd_models, "list shipped reference models and registry models, versions and aliases")
+    md.add_argument("--registry", default="runs/registry", help="registry folder or URI (s3://...)")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -476,6 +694,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         aliases = f" [{', '.join(e['aliases'])}]" if e["aliases"] else ""
         print(f"{e['ref']}{aliases}  epoch {e['epoch']}  {shown}\n    from: {lineage_text(e)}")
     return 0
+
+
+def _add_dashboard(sub) -> None:
+    db = _command(sub, "dashboard", cmd_dashboard, "Streamlit app over sweeps and the registry")
+    db.add_argument("--storage", default="runs/sweeps", help="sweeps folder or URI (s3://...)")
+    db.add_argument("--registry", default="runs/registry", help="registry folder or URI (s3://...)")
+    db.add_argument("--port", type=count(1, 65535), default=8501, help="port to serve on (default 8501)")
+    db.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -498,214 +724,16 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2), like every other crystalae error."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def location(text: str) -> str | Path:
-    """argparse type: a local path, or an object-storage URI (s3://bucket/key, gs://...) kept as text."""
-    from crystalae import storage
-
-    if storage.is_remote(text):
-        if ".." in text.split("://", 1)[1].split("/"):  # s3://a/x/../../b/y would leave the bucket named
-            raise argparse.ArgumentTypeError(f"{text!r}: '..' is not allowed in an object-storage URI")
-        return text
-    return storage.local_path_of(text)
-
-
-def count(low: int, high: int | None = None):
-    """argparse type: an integer in [low, high]."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {low}..{high}, got {value}" if high is not None
-                                             else f"must be >= {low}, got {value}")
-        return value
-    return parse
-
-
-def number(low: float, high: float):
-    """argparse type: a finite number in [low, high]."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not low <= value <= high:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="crystalae", description=__doc__.splitlines()[0])
+    parser = Parser(prog="crystalae", description=DESCRIPTION)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("-q", "--quiet", action="store_true", help="errors only: no warnings, progress lines or bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
     parser.add_argument("--version", action="version", version=f"crystalae {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
-    prep = data.add_parser("prepare", help="voxelize a structure source into Parquet shards")
-    prep.add_argument("source", nargs="+", help="CDVAE-style CSV, folder of CIF/POSCAR/JSON, one file, or "
-                      "demo[:N]; several are read as one dataset")
-    prep.add_argument("--out", required=True, type=location, help="dataset folder or object-storage URI (s3://...)")
-    prep.add_argument("--shard-size", type=int, default=256)
-    prep.add_argument("--val-fraction", type=float, default=0.1)
-    prep.add_argument("--test-fraction", type=float, default=0.1)
-    prep.add_argument("--limit", type=int)
-    prep.add_argument("--workers", type=count(1, 1024), help="processes (default: all cores)")
-    prep.add_argument("--overwrite", action="store_true", help="replace a dataset built with other settings")
-    prep.add_argument("--ray", action="store_true", help="build the shards as Ray Data tasks on a Ray cluster "
-                      "(--out must be reachable from every node: s3://... or a shared mount)")
-    prep.add_argument("--address", help="Ray cluster for --ray: auto (default), HOST:PORT, or local")
-    _add_voxel_options(prep)
-    prep.set_defaults(func=cmd_data_prepare)
-
-    rt = sub.add_parser("roundtrip", help="voxelize and decode every structure (no learning) and score it")
-    rt.add_argument("source")
-    rt.add_argument("--out", required=True, type=Path, help="CSV of material_id,cif")
-    rt.add_argument("--species", choices=("labels", "composition", "density"), default="labels",
-                    help="where decoded atoms get their element from")
-    rt.add_argument("--limit", type=count(1))
-    rt.add_argument("--workers", type=count(1, 1024))
-    _add_voxel_options(rt)
-    rt.set_defaults(func=cmd_roundtrip)
-
-    demo = sub.add_parser("demo", help="run the main job on the built-in demo data")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--workers", type=count(1, 1024))
-    demo.set_defaults(func=cmd_demo)
-
-    tr = sub.add_parser("train", help="train the VAE and its species reader with Ray Train")
-    tr.add_argument("--data", type=location, help="dataset folder or URI from `data prepare`")
-    tr.add_argument("--from-trial", metavar="SWEEP/TRIAL",
-                    help="retrain a sweep trial's configuration (its voxel, model and train settings), recording "
-                         "its lineage; --data defaults to the sweep's own shards for it")
-    tr.add_argument("--sweeps", default="runs/sweeps", help="with --from-trial: the sweeps folder or URI")
-    tr.add_argument("--config", type=Path, help="YAML with `train:` / `model:` sections and `preset:`")
-    tr.add_argument("--preset", choices=("paper",), help="paper: Hoffmann et al. architecture")
-    tr.add_argument("--workers", type=int, help="Ray Train workers")
-    tr.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    tr.add_argument("--epochs", type=int)
-    tr.add_argument("--batch-size", type=int)
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--threads", type=int, help="torch threads (= CPUs reserved) per worker; default: cores / workers")
-    tr.add_argument("--storage", default="runs/train", help="results folder or pyarrow URI (s3://...)")
-    tr.add_argument("--mlflow", metavar="URI", help="also log the run to MLflow at this tracking URI, e.g. "
-                    "sqlite:///mlflow.db (needs crystalae[tracking])")
-    tr.add_argument("--name", help="run name; rerunning the same name resumes it (default: crystalae; "
-                                  "with --from-trial: SWEEP-TRIAL)")
-    tr.set_defaults(func=cmd_train)
-
-    rc = sub.add_parser("reconstruct", help="encode and decode a source with a trained model and score it")
-    rc.add_argument("source")
-    rc.add_argument("--checkpoint", type=Path)
-    rc.add_argument("--model", help="registry model: NAME, NAME@VERSION or an alias")
-    rc.add_argument("--registry", default="runs/registry")
-    rc.add_argument("--out", required=True, type=Path)
-    rc.add_argument("--limit", type=count(1))
-    rc.add_argument("--cpu", action="store_true", help="stay on CPU even when a GPU is present")
-    rc.set_defaults(func=cmd_reconstruct)
-
-    gen = sub.add_parser("generate", help="sample, interpolate or alter crystals with a trained model")
-    gen.add_argument("--checkpoint", type=Path)
-    gen.add_argument("--model", help="registry model: NAME, NAME@VERSION or an alias such as champion")
-    gen.add_argument("--registry", default="runs/registry")
-    gen.add_argument("--out", type=Path, default=Path("runs/generated"))
-    gen.add_argument("--sample", type=count(0, 100_000), default=0, metavar="N", help="N crystals from the prior")
-    gen.add_argument("--interpolate", nargs=2, metavar=("ID_A", "ID_B"))
-    gen.add_argument("--steps", type=count(2, 1000), default=5)
-    gen.add_argument("--alter", metavar="ID")
-    gen.add_argument("--scale", type=number(0, 100), default=0.5, help="latent noise scale for --alter")
-    gen.add_argument("--count", type=count(1, 10_000), default=4, help="variants for --alter")
-    gen.add_argument("--source", help="where --interpolate/--alter ids live (structure source)")
-    gen.add_argument("--prior", choices=("auto", "fitted", "posterior", "normal"), default="auto",
-                     help="--sample from the Gaussian fitted to the training codes (fitted), around the training "
-                          "codes (posterior), or N(0, I) (normal); auto: the kind stored with the checkpoint's prior")
-    gen.add_argument("--temperature", type=number(0, 10),
-                     help="spread of --sample: Gaussian noise scale (default: the one stored with the prior; "
-                          "1 for fitted and normal, 0.1 for posterior)")
-    gen.add_argument("--seed", type=count(0, 2**63 - 1), default=0)
-    gen.add_argument("--relax", action="store_true",
-                     help="relax each crystal (cell and positions) with the CHGNet potential before writing it: "
-                          "physical local geometry (needs crystalae[relax]; ~8 s a small crystal per core)")
-    gen.add_argument("--relax-steps", type=count(1, 10_000), default=100, metavar="N", help="most FIRE steps per crystal")
-    gen.add_argument("--reference", metavar="SOURCE",
-                     help="score the batch against these crystals: COV-R, COV-P, d_rho, d_elem as CDVAE "
-                          "(needs crystalae[metrics]; compare batches of equal size)")
-    gen.add_argument("--reference-limit", type=count(1), metavar="N", help="read only the first N reference crystals")
-    gen.add_argument("--cutoffs", nargs=2, type=number(0, 1000), default=[0.2, 4.0], metavar=("STRUCT", "COMP"),
-                     help="coverage cutoffs on the structure and composition fingerprints "
-                          "(CDVAE: 0.2 4 for perov_5 and carbon_24, 0.4 10 for mp_20)")
-    gen.add_argument("--overwrite", action="store_true", help="replace an earlier run's crystals in --out")
-    gen.add_argument("--cpu", action="store_true")
-    gen.set_defaults(func=cmd_generate)
-
-    fp = sub.add_parser("fit-prior", help="fit the sampling prior of a checkpoint to its training set's latents")
-    fp.add_argument("--checkpoint", required=True, type=Path)
-    fp.add_argument("--data", required=True, type=location, help="dataset folder or URI from `data prepare` (the model's own)")
-    fp.add_argument("--split", default="train", choices=("train", "val", "test"))
-    fp.add_argument("--out", required=True, type=Path, help="new checkpoint folder (weights copied, prior added)")
-    fp.add_argument("--allow-other-data", action="store_true",
-                    help="fit on a dataset other than the one the checkpoint was trained on (same voxel settings)")
-    fp.add_argument("--kind", choices=("posterior", "fitted"), default="posterior",
-                    help="how `generate` samples by default: around the training codes (posterior, better coverage) "
-                         "or from the fitted Gaussian")
-    fp.add_argument("--temperature", type=number(0, 10),
-                    help="default sampling spread stored with the prior (default: 0.1 posterior, 1 fitted)")
-    fp.set_defaults(func=cmd_fit_prior)
-
-    sw = sub.add_parser("sweep", help="hyperparameter search with Ray Tune + Optuna")
-    sw.add_argument("config", type=Path, help="sweep YAML (see search/configs/demo.yaml)")
-    sw.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: a local Ray)")
-    sw.add_argument("--name", help="override the sweep name")
-    sw.add_argument("--resume", action="store_true",
-                    help="continue a sweep whose driver stopped; with --trials N, extend an ended sweep to N trials")
-    sw.add_argument("--trials", type=count(1, 100_000), help="trial budget (overrides the YAML's budget.trials)")
-    sw.add_argument("--storage", default="runs/sweeps",
-                    help="results folder or object-storage URI (s3://bucket/sweeps); on a cluster, storage every node reaches")
-    sw.set_defaults(func=cmd_sweep)
-
-    pr = sub.add_parser("promote", help="copy a checkpoint into the model registry")
-    pr.add_argument("source", help="RUN/TRIAL, a trial or checkpoint folder, or with --best a sweep name/folder")
-    pr.add_argument("--best", action="store_true", help="pick the best checkpoint of the whole sweep")
-    pr.add_argument("--metric", help="metric to rank by (default: the sweep objective)")
-    pr.add_argument("--mode", choices=("min", "max"))
-    pr.add_argument("--within", type=number(0.0, 1e12), metavar="D",
-                    help="with --best: among trials within D of the best objective, take the one best on --prefer")
-    pr.add_argument("--prefer", metavar="METRIC[:MODE]",
-                    help="with --within: what to prefer (default: the sweep's second objective), e.g. parameters:min")
-    pr.add_argument("--fit-prior", action="store_true",
-                    help="with --best: fit the sampling prior on the trial's dataset first (for generation)")
-    pr.add_argument("--name", help="registry name (default: the sweep name)")
-    pr.add_argument("--alias", help="alias to move to the new version, e.g. champion")
-    pr.add_argument("--storage", default="runs/sweeps", help="sweeps folder or URI (s3://...)")
-    pr.add_argument("--registry", default="runs/registry", help="registry folder or URI (s3://...)")
-    pr.set_defaults(func=cmd_promote)
-
-    al = sub.add_parser("alias", help="point a registry alias (e.g. champion) at an existing version")
-    al.add_argument("alias")
-    al.add_argument("ref", help="NAME@VERSION (or NAME for its latest version)")
-    al.add_argument("--registry", default="runs/registry")
-    al.set_defaults(func=cmd_alias)
-
-    md = sub.add_parser("models", help="list shipped reference models and registry models, versions and aliases")
-    md.add_argument("--registry", default="runs/registry")
-    md.set_defaults(func=cmd_models)
-
-    db = sub.add_parser("dashboard", help="Streamlit app over sweeps and the registry")
-    db.add_argument("--storage", default="runs/sweeps", help="sweeps folder or URI (s3://...)")
-    db.add_argument("--registry", default="runs/registry")
-    db.add_argument("--port", type=count(1, 65535), default=8501)
-    db.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
-    db.set_defaults(func=cmd_dashboard)
+    sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+    for add in (_add_data, _add_roundtrip, _add_demo, _add_train, _add_reconstruct, _add_generate, _add_fit_prior,
+                _add_sweep, _add_promote, _add_alias, _add_models, _add_dashboard):
+        add(sub)
     return parser
 
 
@@ -715,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     flags = {"--debug", "-q", "--quiet", "-v", "--verbose"}
     debug = "--debug" in argv
     verbosity = sum(a in ("-v", "--verbose") for a in argv) - sum(a in ("-q", "--quiet") for a in argv)
+    if "--version" in argv:
+        argv = ["--version"]  # prints the version and exits, after any subcommand too
     args = build_parser().parse_args([a for a in argv if a not in flags])
     args.debug = debug
     configure_logging(verbosity)

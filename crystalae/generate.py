@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from crystalae.checkpoint import LoadedModel
 from crystalae.coverage import COVERAGE_CUTOFFS
 from crystalae.files import write_json, write_text
-from crystalae.inference import decode_latents, density_scale, structures_from_outputs
 from crystalae.metrics import compare, summarize
+from crystalae.reconstruct import decode_latents, density_scale, structures_from_outputs
 from crystalae.sources import StructureError, list_entries, load_structure, reduce_cell
 from crystalae.validity import smact_valid, structure_valid
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from crystalae.checkpoint import LoadedModel, export_checkpoint
-from crystalae.inference import density_scale
+from crystalae.reconstruct import density_scale
 
 
 @torch.no_grad()
@@ -39,8 +39,7 @@ def fit_latent_prior(loaded: LoadedModel, data: str | Path, split: str = "train"
     """
     from tqdm.auto import tqdm
 
-    from crystalae.shards import read_table
-    from crystalae.training import table_batches
+    from crystalae.dataset import read_table, table_batches
 
     if kind not in ("fitted", "posterior"):
         raise ValueError(f"prior kind must be fitted or posterior, got {kind!r}")
@@ -105,8 +104,7 @@ def check_prior_data(loaded: LoadedModel, data: str | Path, allow_other_data: bo
     Raises:
         ValueError: naming the mismatch.
     """
-    from crystalae.shards import config_of, read_manifest
-    from crystalae.training import dataset_species
+    from crystalae.dataset import config_of, dataset_species, read_manifest
 
     if config_of(data) != loaded.voxel:
         raise ValueError(f"--data {data} was voxelized with {config_of(data)}, but the checkpoint with "

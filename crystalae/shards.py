@@ -1,4 +1,5 @@
-"""Voxelized datasets as sharded Parquet (Arrow fixed-shape tensor columns) with a manifest.
+"""Preparing voxelized datasets: sharded Parquet (Arrow fixed-shape tensor columns) with a manifest.
+`crystalae.dataset` reads what this writes.
 
 Layout of a dataset folder:
     prepare.json            what is being built (source, config, shard size); checked on resume
@@ -25,19 +26,13 @@ import pyarrow.parquet as pq
 
 from crystalae import storage
 from crystalae.config import StrictConfig, VoxelConfig, in_range
-from crystalae.files import sha256_file
+from crystalae.dataset import FORMAT, MANIFEST, DatasetError
 from crystalae.parallel import default_workers, map_chunks
 from crystalae.sources import Chunk, Entry, StructureError, load_structure, plan_chunks, read_chunk, reduce_cell
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
-FORMAT = "crystalae-shards/2"  # 2: per-atom `sites` column
-MANIFEST = "manifest.json"  # written last: a dataset folder is finished iff it holds this
 PLAN = "prepare.json"
 SHARDS_DIR = "shards"
-
-
-class DatasetError(ValueError):
-    """A dataset folder is missing, incomplete or was built with other settings."""
 
 
 @dataclass(frozen=True)
@@ -264,67 +259,3 @@ def _finish(out: str | Path, plan: dict, records: list[dict]) -> dict[str, Any]:
     storage.write_text(storage.join(out, "rejects.csv"), buffer.getvalue())
     storage.write_json(storage.join(out, MANIFEST), manifest)  # last: its presence means the dataset is whole
     return manifest
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = storage.join(folder, MANIFEST)
-    if not storage.exists(path):
-        raise DatasetError(f"{folder} has no manifest.json: not a finished crystalae dataset "
-                           "(run `crystalae data prepare` first, or rerun it to finish)")
-    manifest = storage.read_json(path)
-    if manifest.get("format") != FORMAT:
-        raise DatasetError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
-
-
-def local_dataset(folder: str | Path) -> Path:
-    """A local folder holding the dataset: the folder itself, or for an object-storage URI a cached
-    copy (downloaded once per machine; each shard is checked against the manifest's sha256)."""
-    if not storage.is_remote(folder):
-        return Path(folder)
-    manifest = read_manifest(folder)
-    wanted = {MANIFEST, *(s["file"] for s in manifest["shards"])}
-    local = storage.download(folder, storage.cache_for(folder), include=lambda name: name in wanted)
-    for shard in manifest["shards"]:
-        path = local / shard["file"]
-        stat = path.stat()
-        seen = (str(path), stat.st_size, stat.st_mtime_ns, shard["sha256"])
-        if seen in _VERIFIED:  # a training start reads one dataset several times: hash each file once
-            continue
-        if sha256_file(path) != shard["sha256"]:
-            raise DatasetError(f"{folder}/{shard['file']}: its sha256 differs from the manifest's "
-                               "(changed after the dataset was published?)")
-        _VERIFIED.add(seen)
-    return local
-
-
-_VERIFIED: set[tuple[str, int, int, str]] = set()  # cached shards this process has checked, as they were
-
-
-def shard_paths(folder: str | Path) -> list[Path]:
-    folder = local_dataset(folder)
-    return [folder / s["file"] for s in read_manifest(folder)["shards"]]
-
-
-def read_table(folder: str | Path, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
-    """All rows of a dataset (optionally one split) as one Arrow table."""
-    needed = None if columns is None else list(dict.fromkeys([*columns, *(["split"] if split else [])]))
-    table = pa.concat_tables([pq.read_table(p, columns=needed) for p in shard_paths(folder)])
-    if split is not None:
-        import pyarrow.compute as pc
-
-        table = table.filter(pc.equal(table.column("split"), split))
-    return table if columns is None else table.select(columns)
-
-
-def column_numpy(table: pa.Table, name: str) -> np.ndarray:
-    """One column as a numpy array: tensor columns (density, labels, sites) keep their shape, list
-    columns (lattice, origin) become float64 rows."""
-    column = table.column(name).combine_chunks()
-    if name in ("density", "labels", "sites"):
-        return column.to_numpy_ndarray()
-    return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float64)
-
-
-def config_of(folder: str | Path) -> VoxelConfig:
-    return VoxelConfig.from_dict(read_manifest(folder)["config"])

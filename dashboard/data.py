@@ -267,7 +267,7 @@ def find_dataset(storage: str, voxel_config: dict[str, Any], prefer: str | None 
     """The prepared dataset whose manifest config equals `voxel_config` (the preferred sweep first)."""
     roots = ([prefer] if prefer else []) + [r for r in find_sweeps(storage) if r != prefer]
     for root in roots:
-        from crystalae.shards import read_manifest
+        from crystalae.dataset import read_manifest
 
         for folder in results.dataset_folders(root):
             try:
@@ -280,7 +280,7 @@ def find_dataset(storage: str, voxel_config: dict[str, Any], prefer: str | None 
 
 @st.cache_data(show_spinner="Reading validation ids…")
 def validation_ids(dataset: str) -> list[str]:
-    from crystalae.shards import read_table
+    from crystalae.dataset import read_table
 
     table = read_table(dataset, split="val", columns=["material_id", "split", "rotation"])
     return sorted({m for m, r in zip(table.column("material_id").to_pylist(), table.column("rotation").to_pylist())
@@ -292,7 +292,7 @@ def validation_item(dataset: str, material_id: str) -> dict[str, Any] | None:
     """The stored row of one validation crystal: cif, density, labels, lattice, origin (rotation 0)."""
     import pyarrow.compute as pc
 
-    from crystalae.shards import column_numpy, read_table
+    from crystalae.dataset import column_numpy, read_table
 
     table = read_table(dataset, split="val")
     table = table.filter(pc.and_(pc.equal(table.column("material_id"), material_id),
@@ -310,8 +310,8 @@ def reconstruction(checkpoint: str, dataset: str, material_id: str) -> dict[str,
     from pymatgen.core import Structure
 
     from crystalae.generate import encode, outputs_to_structures
-    from crystalae.inference import decode_latents
     from crystalae.metrics import compare
+    from crystalae.reconstruct import decode_latents
     from crystalae.voxelize import Density
 
     loaded = load_model(checkpoint)

@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 from crystalae.config import ConfigError, StrictConfig, VoxelConfig, check_name, field_names, in_range
 from crystalae.files import load_yaml
-from crystalae.inference import model_config_for
 from crystalae.models import ModelConfig
+from crystalae.reconstruct import model_config_for
 from crystalae.search.results import SWEEP_FILE, is_sweep
 from crystalae.shards import PrepareOptions
 from crystalae.sources import SourceError, demo_count

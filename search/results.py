@@ -312,7 +312,7 @@ def study_path(root: str | Path) -> Path:
 
 def dataset_folders(root: str | Path) -> list[Path]:
     """Finished prepared datasets of a sweep (those with a manifest), as local folders."""
-    from crystalae.shards import MANIFEST, local_dataset
+    from crystalae.dataset import MANIFEST, local_dataset
 
     if is_remote(root):
         return [local_dataset(storage_join(root, DATASETS_DIR, p.parent.name))
@@ -461,7 +461,7 @@ def promote_best(root: str | Path, registry, name: str | None = None, alias: str
 
 def sweep_dataset(root: str | Path, dataset_hash: str) -> str | Path | None:
     """The prepared dataset under the sweep's `datasets/` whose manifest has `dataset_hash` (None: gone)."""
-    from crystalae.shards import MANIFEST
+    from crystalae.dataset import MANIFEST
 
     base = storage_join(root, DATASETS_DIR)
     if is_remote(base):

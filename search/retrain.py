@@ -68,8 +68,8 @@ def retrain_trial(storage: str | Path, ref: str, *, epochs: int | None = None, d
     Raises:
         ValueError: `data` was prepared with another voxel config than the trial's.
     """
+    from crystalae.dataset import MANIFEST, config_of
     from crystalae.search.sweep import dataset_folder, dataset_for
-    from crystalae.shards import MANIFEST, config_of
     from crystalae.training import train
 
     recipe = trial_recipe(storage, ref)

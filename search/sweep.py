@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from crystalae import storage as store
+from crystalae.dataset import MANIFEST
 from crystalae.files import write_json
 from crystalae.provenance import provenance
 from crystalae.ray_shards import check_ray_address
@@ -37,7 +38,7 @@ from crystalae.search.results import (
     trial_folder,
     tune_dirs,
 )
-from crystalae.shards import MANIFEST, prepare_dataset
+from crystalae.shards import prepare_dataset
 from crystalae.training import TrainConfig
 
 FAIL_ONCE_ENV = "CRYSTALAE_FAIL_ONCE_DIR"  # fault injection for tests: each trial raises once

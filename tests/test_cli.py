@@ -61,3 +61,21 @@ def test_configs_read_numbers_as_people_write_them(tmp_path):
     sweep.write_text("name: s\ndata: {source: 'demo:8', grid: 16}\n"
                      "search_space: {lr: {type: loguniform, low: 1e-3, high: 1e-2}}\n")
     assert load_sweep_config(sweep).search_space[0].low == 0.001
+
+
+def test_generated_config_flags_parse_and_help_stays_light():
+    """Train and prepare flags are generated from their dataclasses on first use of their subcommand;
+    `crystalae --help` must not import torch or pyarrow for them."""
+    import subprocess
+    import sys
+
+    from crystalae.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--data", "d", "--epochs", "3", "--batch-size", "8"])
+    assert (args.epochs, args.batch_size, args.lr) == (3, 8, None)
+    args = build_parser().parse_args(["data", "prepare", "demo:4", "--out", "o", "--shard-size", "7", "--grid", "8"])
+    assert (args.shard_size, args.val_fraction, args.grid) == (7, 0.1, 8)
+    code = ("import sys, contextlib, io\nfrom crystalae.cli import build_parser\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "    build_parser().parse_args(['--help'])\nprint('torch' in sys.modules, 'pyarrow' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False", "False"]

@@ -69,7 +69,7 @@ def test_empty_density_is_a_clear_error(demo_set):
 
 
 def test_degenerate_predicted_lattice_is_a_decode_error(demo_set):
-    from crystalae.inference import lattice_from_params
+    from crystalae.reconstruct import lattice_from_params
 
     flat = lattice_from_params(np.array([0.4, 0.4, 0.4, 1 / 3, 1 / 3, 150 / 90]))  # angles cannot close a cell
     density = voxelize(demo_set[0][1], VoxelConfig(grid=16))

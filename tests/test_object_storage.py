@@ -7,7 +7,7 @@ import pytest
 
 from crystalae import storage
 from crystalae.cli import main
-from crystalae.shards import read_manifest
+from crystalae.dataset import read_manifest
 from tests.conftest import TINY_SWEEP
 
 

@@ -6,8 +6,9 @@ import re
 import pytest
 
 from crystalae.config import VoxelConfig
+from crystalae.dataset import read_manifest
 from crystalae.ray_shards import on_ray
-from crystalae.shards import PrepareOptions, prepare_dataset, read_manifest
+from crystalae.shards import PrepareOptions, prepare_dataset
 from crystalae.sources import list_entries, plan_chunks, read_chunk
 from tests.test_sources import GOOD_CIF
 

@@ -19,8 +19,7 @@ def model_and_data(tmp_path_factory):
     base = tmp_path_factory.mktemp("prior")
     voxel = VoxelConfig(grid=8)
     prepare_dataset("demo:24", base / "data", voxel, PrepareOptions(val_fraction=0.2, test_fraction=0.0), workers=1)
-    from crystalae.shards import read_manifest
-    from crystalae.training import dataset_species
+    from crystalae.dataset import dataset_species, read_manifest
 
     species = dataset_species(base / "data")
     torch.manual_seed(0)
@@ -34,10 +33,9 @@ def model_and_data(tmp_path_factory):
 
 def test_fitted_prior_matches_the_training_latents_and_travels_in_the_checkpoint(model_and_data, tmp_path):
     from crystalae.checkpoint import export_checkpoint, load_checkpoint
-    from crystalae.inference import density_scale
+    from crystalae.dataset import read_table, table_batches
     from crystalae.prior import fit_latent_prior, sample_latents
-    from crystalae.shards import read_table
-    from crystalae.training import table_batches
+    from crystalae.reconstruct import density_scale
 
     folder, data = model_and_data
     loaded = load_checkpoint(folder)

@@ -11,9 +11,10 @@ import pytest
 from pymatgen.core import Structure
 
 from crystalae.config import VoxelConfig
+from crystalae.dataset import DatasetError, read_manifest, read_table
 from crystalae.decode import decode
 from crystalae.metrics import compare
-from crystalae.shards import DatasetError, PrepareOptions, prepare_dataset, read_manifest, read_table
+from crystalae.shards import PrepareOptions, prepare_dataset
 from crystalae.voxelize import Density
 
 CONFIG = VoxelConfig(grid=16)

@@ -6,7 +6,8 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 
 from crystalae.config import VoxelConfig
-from crystalae.shards import PrepareOptions, prepare_dataset, read_table
+from crystalae.dataset import read_table
+from crystalae.shards import PrepareOptions, prepare_dataset
 from crystalae.sources import SourceError, StructureError, list_entries, load_structure
 
 GOOD = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])

@@ -4,13 +4,15 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
+from crystalae.augment import augment, substitutes
 from crystalae.config import VoxelConfig
 from crystalae.decode import decode
-from crystalae.inference import density_scale
+from crystalae.losses import site_targets
 from crystalae.metrics import reconstruction_score, site_confusion
 from crystalae.models import CrystalAE, ModelConfig, SiteHead
+from crystalae.reconstruct import density_scale, evaluate
 from crystalae.shards import site_table
-from crystalae.training import TrainConfig, augment, evaluate, lr_factor, run_epoch, site_targets, substitutes
+from crystalae.training import TrainConfig, lr_factor, run_epoch
 from crystalae.voxelize import voxelize
 
 SRTIO3 = Structure(Lattice.cubic(3.9), ["Sr", "Ti", "O", "O", "O"],
@@ -114,8 +116,10 @@ def test_cosine_schedule_warms_up_then_decays():
 
 @pytest.mark.parametrize("species_from", ["site", "segmenter", "density"])
 def test_each_species_path_trains_and_evaluates(species_from, tmp_path):
-    from crystalae.shards import PrepareOptions, prepare_dataset, read_table
-    from crystalae.training import build_configs, class_lookup, table_batches
+    from crystalae.dataset import read_table, table_batches
+    from crystalae.reconstruct import class_lookup
+    from crystalae.shards import PrepareOptions, prepare_dataset
+    from crystalae.training import build_configs
 
     prepare_dataset("demo:24", tmp_path, VoxelConfig(grid=8), PrepareOptions(val_fraction=0.3), workers=1)
     voxel, config = build_configs(tmp_path, {"species_from": species_from, "depth": 1, "base_width": 4,
@@ -147,9 +151,11 @@ def test_periodic_feature_sampling_hits_voxels_and_interpolates():
 
 
 def test_count_head_trains_and_sets_how_many_atoms_are_decoded(tmp_path):
-    from crystalae.inference import decode_latents, structures_from_outputs
-    from crystalae.shards import PrepareOptions, prepare_dataset, read_table
-    from crystalae.training import build_configs, class_lookup, loss_terms, table_batches
+    from crystalae.dataset import read_table, table_batches
+    from crystalae.losses import loss_terms
+    from crystalae.reconstruct import class_lookup, decode_latents, structures_from_outputs
+    from crystalae.shards import PrepareOptions, prepare_dataset
+    from crystalae.training import build_configs
 
     prepare_dataset("demo:16", tmp_path, VoxelConfig(grid=8, max_atoms=12), PrepareOptions(val_fraction=0.3), workers=1)
     voxel, config = build_configs(tmp_path, {"count_head": True, "depth": 1, "base_width": 4, "latent_dim": 8})

@@ -8,9 +8,10 @@ from pymatgen.core import Structure
 
 from crystalae.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from crystalae.config import VoxelConfig
+from crystalae.dataset import WorkerShare
 from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
 from crystalae.shards import PrepareOptions, prepare_dataset
-from crystalae.training import TrainConfig, WorkerShare, train
+from crystalae.training import TrainConfig, train
 
 TINY = {"depth": 1, "base_width": 4, "max_width": 8, "latent_dim": 8, "seg_depth": 1, "seg_width": 4,
         "residual": False}
@@ -37,7 +38,7 @@ def trained(tiny_data, tmp_path_factory):
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("keep", [True, False])
 def test_worker_shares_are_disjoint_equal_and_take_equal_steps(tiny_data, world, keep):
-    from crystalae.shards import column_numpy, read_table
+    from crystalae.dataset import column_numpy, read_table
 
     train_rows = read_table(tiny_data, split="train")
     every = {tuple(row) for row in column_numpy(train_rows, "lattice").round(6)}
@@ -158,7 +159,7 @@ def test_cell_models_are_equivariant_to_periodic_shifts(periodic):
 
 
 def test_background_prefetch_gives_the_same_batches_and_raises_the_producers_error():
-    from crystalae.training import prefetched
+    from crystalae.dataset import prefetched
 
     batches = [{"density": torch.full((2, 3), float(k))} for k in range(7)]
     double = lambda b: {k: v * 2 for k, v in b.items()}  # noqa: E731
