@@ -20,9 +20,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from crystalae.files import write_json
+from crystalae.files import read_yaml_mapping, write_json
 from crystalae.search.config import parse_sweep_config
 from crystalae.search.results import SweepSummary, collect_trials, ended_runs, spearman, sweep_dataset, sweep_dir
 
@@ -91,7 +90,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     from crystalae.search.sweep import run_sweep
 
-    raw = yaml.safe_load(args.recipe.read_text())
+    raw = read_yaml_mapping(args.recipe, "--recipe")
     if args.trials:
         raw["budget"] = {**raw["budget"], "trials": args.trials}
     source = raw["data"]["source"]

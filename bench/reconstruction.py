@@ -29,7 +29,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -38,7 +37,7 @@ from report import relative, report  # noqa: E402  (bench/report.py)
 from crystalae.checkpoint import export_checkpoint, load_checkpoint, read_checkpoint  # noqa: E402
 from crystalae.config import VoxelConfig  # noqa: E402
 from crystalae.dataset import read_manifest, read_table  # noqa: E402
-from crystalae.files import write_json  # noqa: E402
+from crystalae.files import read_yaml_mapping, write_json  # noqa: E402
 from crystalae.generate import sample, validity  # noqa: E402
 from crystalae.prior import fit_latent_prior  # noqa: E402
 from crystalae.reconstruct import evaluate  # noqa: E402
@@ -49,7 +48,7 @@ RECIPE_KEYS = {"dataset", "files", "voxel", "split", "train", "model", "samples"
 
 
 def load_recipe(path: Path) -> dict:
-    recipe = yaml.safe_load(path.read_text()) or {}
+    recipe = read_yaml_mapping(path, "--recipe")
     unknown = set(recipe) - RECIPE_KEYS
     if unknown:
         raise SystemExit(f"{path}: unknown recipe keys {sorted(unknown)} (allowed: {sorted(RECIPE_KEYS)})")

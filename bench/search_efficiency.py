@@ -30,9 +30,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from crystalae.files import write_json
+from crystalae.files import read_yaml_mapping, write_json
 from crystalae.search.config import SweepConfig, parse_sweep_config
 from crystalae.search.results import SweepSummary, collect_trials, ended_runs, sweep_dir
 
@@ -217,7 +216,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--markdown", action="store_true", help="print the README tables from --out; run nothing")
     args = parser.parse_args()
-    raw = yaml.safe_load(args.recipe.read_text())
+    raw = read_yaml_mapping(args.recipe, "--recipe")
     args.trials = args.trials or raw["budget"]["trials"]
     args.epochs = args.epochs or raw["budget"]["epochs"]
     metric = raw.get("objective", {}).get("metric", "val_recovery")

@@ -56,10 +56,11 @@ def _locate(ref: str | Path, registry: str | Path | None) -> Path:
     shipped = {m["name"]: m["path"] for m in pretrained_models()}
     if str(ref) in shipped:
         return shipped[str(ref)]
-    from crystalae.registry import DEFAULT_ROOT, Registry, RegistryError
+    from crystalae.locations import REGISTRY
+    from crystalae.registry import Registry, RegistryError
 
     try:
-        return Registry(registry if registry is not None else DEFAULT_ROOT).resolve(str(ref))
+        return Registry(registry if registry is not None else REGISTRY).resolve(str(ref))
     except RegistryError as exc:
         names = ", ".join(sorted(shipped)) or "none"
         raise LookupError(f"{ref!r} is neither a checkpoint path, a shipped model ({names}) "

@@ -14,6 +14,11 @@ from crystalae.files import atomic_write, write_json
 from crystalae.models import CrystalAE, ModelConfig
 from crystalae.provenance import versions
 
+__all__ = [
+    "CheckpointError", "FILENAME", "FORMAT", "LoadedModel", "export_checkpoint", "load_checkpoint", "read_checkpoint",
+    "save_checkpoint",
+]
+
 FORMAT = "crystalae-checkpoint/1"
 FILENAME = "checkpoint.pt"
 _REQUIRED = ("model", "model_config", "voxel_config", "epoch", "metrics", "train_config", "dataset_hash")

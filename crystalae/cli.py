@@ -17,12 +17,15 @@ from typing import Any
 from crystalae import __version__
 from crystalae.cli_args import Parser, add_config_options, count, given, location, number
 from crystalae.config import VoxelConfig
+from crystalae.locations import DEMO, GENERATED, REGISTRY, SWEEPS, TRAIN
 
-DESCRIPTION = ("crystalae turns crystal structures into 3-D density grids, trains a variational autoencoder "
-               "on them (Ray Train, Ray Tune sweeps) and generates new crystals with the trained models. "
-               "Start with `crystalae demo`; run `crystalae COMMAND --help` for a command's options. "
-               "--debug, -q, -v and --version work anywhere on the line.")
-VOXEL_HELP = {
+__all__ = ["build_parser", "configure_logging", "main", "voxel_config_from_args"]
+
+_DESCRIPTION = ("crystalae turns crystal structures into 3-D density grids, trains a variational autoencoder "
+                "on them (Ray Train, Ray Tune sweeps) and generates new crystals with the trained models. "
+                "Start with `crystalae demo`; run `crystalae COMMAND --help` for a command's options. "
+                "--debug, -q, -v and --version work anywhere on the line.")
+_VOXEL_HELP = {
     "representation": "cell: the unit cell in fractional coordinates (periodic, lattice kept alongside); "
                       "box: a fixed Cartesian cube (the paper's)",
     "grid": "voxels per edge (at most 128)",
@@ -37,7 +40,7 @@ VOXEL_HELP = {
     "seed": "seed of the random rotations",
     "max_atoms": "crystals with more atoms are rejected (with the reason)",
 }
-PREPARE_HELP = {
+_PREPARE_HELP = {
     "shard_size": "crystals per shard (box rotations multiply the rows)",
     "val_fraction": "share of the crystals in the validation split (drawn from a hash of the id: stable across runs)",
     "test_fraction": "share of the crystals in the test split",
@@ -45,8 +48,8 @@ PREPARE_HELP = {
 }
 # TrainConfig fields with an option on `train` (the rest come from --config's `train:` section);
 # --gpu sets use_gpu
-TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "workers", "threads")
-TRAIN_HELP = {
+_TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "workers", "threads")
+_TRAIN_HELP = {
     "epochs": "epochs to train (default {default}; with --from-trial: the sweep's budget)",
     "batch_size": "crystals per batch on each worker",
     "lr": "peak learning rate",
@@ -66,7 +69,7 @@ def _add_voxel_options(parser: argparse.ArgumentParser) -> None:
     """One --option per VoxelConfig field, so the CLI never drifts from the dataclass."""
     group = parser.add_argument_group("voxelization (defaults: VoxelConfig)")
     group.add_argument("--voxel-config", type=Path, help="YAML file of VoxelConfig fields; options below override it")
-    add_config_options(group, VoxelConfig, helps=VOXEL_HELP)
+    add_config_options(group, VoxelConfig, helps=_VOXEL_HELP)
 
 
 def voxel_config_from_args(args: argparse.Namespace) -> VoxelConfig:
@@ -85,7 +88,7 @@ def _add_data(sub) -> None:
 
 
 def _add_data_prepare(sub) -> None:
-    prep = _command(sub, "prepare", cmd_data_prepare, "voxelize a structure source into Parquet shards")
+    prep = _command(sub, "prepare", _cmd_data_prepare, "voxelize a structure source into Parquet shards")
     prep.add_argument("source", nargs="+", help="CDVAE-style CSV, folder of CIF/POSCAR/JSON, one file, or "
                       "demo[:N]; several are read as one dataset")
     prep.add_argument("--out", required=True, type=location, help="dataset folder or object-storage URI (s3://...)")
@@ -103,11 +106,11 @@ def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
     from crystalae.shards import PrepareOptions
 
     group = parser.add_argument_group("dataset (defaults: PrepareOptions)")
-    add_config_options(group, PrepareOptions, helps=PREPARE_HELP, defaults=True)
+    add_config_options(group, PrepareOptions, helps=_PREPARE_HELP, defaults=True)
 
 
-def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from crystalae import storage
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from crystalae import uri_fs
     from crystalae.shards import DatasetError, PrepareOptions, prepare_dataset
 
     options = PrepareOptions(**given(args, [f.name for f in fields(PrepareOptions)]))
@@ -123,7 +126,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     manifest = prepare_dataset(source, args.out, config, options, workers=args.workers, overwrite=args.overwrite,
                                executor=executor)
     counts = manifest["counts"]
-    rejects = storage.join(args.out, "rejects.csv")
+    rejects = uri_fs.join(args.out, "rejects.csv")
     skipped = f", {counts['skipped']} skipped by --limit" if counts.get("skipped") else ""
     print(f"wrote {counts['rows']} rows from {counts['crystals']} of {counts['entries']} structures "
           f"into {len(manifest['shards'])} shards under {args.out} (splits {counts['splits']}); "
@@ -134,7 +137,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_output_file(path: Path, option: str = "--out") -> Path:
+def _check_output_file(path: Path, option: str = "--out") -> Path:
     """Refuse an output that cannot be written before any work is done."""
     path = Path(path)
     if path.is_dir():
@@ -145,7 +148,7 @@ def check_output_file(path: Path, option: str = "--out") -> Path:
 
 
 def _add_roundtrip(sub) -> None:
-    rt = _command(sub, "roundtrip", cmd_roundtrip, "voxelize and decode every structure (no learning) and score it")
+    rt = _command(sub, "roundtrip", _cmd_roundtrip, "voxelize and decode every structure (no learning) and score it")
     rt.add_argument("source", help="structure source: CDVAE-style CSV, folder of CIF/POSCAR/JSON, one file, or demo[:N]")
     rt.add_argument("--out", required=True, type=Path, help="CSV of material_id,cif (OUT.details.csv and "
                     "OUT.metrics.json are written beside it)")
@@ -156,18 +159,18 @@ def _add_roundtrip(sub) -> None:
     _add_voxel_options(rt)
 
 
-def cmd_roundtrip(args: argparse.Namespace) -> int:
+def _cmd_roundtrip(args: argparse.Namespace) -> int:
     from crystalae.roundtrip import metrics_path, roundtrip
 
-    check_output_file(args.out)
+    _check_output_file(args.out)
     metrics = roundtrip(args.source, args.out, voxel_config_from_args(args), species=args.species,
                         workers=args.workers, limit=args.limit)
-    print(format_metrics(metrics))
+    print(_format_metrics(metrics))
     print(f"wrote {args.out} and {metrics_path(Path(args.out))}")
     return 0
 
 
-def format_metrics(metrics: dict[str, Any]) -> str:
+def _format_metrics(metrics: dict[str, Any]) -> str:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.2f}%"
 
@@ -179,13 +182,13 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 def _add_demo(sub) -> None:
-    demo = _command(sub, "demo", cmd_demo, "run the main job on the built-in demo data")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"),
-                      help="folder for everything the demo writes; a rerun resumes its sweep (default runs/demo)")
+    demo = _command(sub, "demo", _cmd_demo, "run the main job on the built-in demo data")
+    demo.add_argument("--out", type=Path, default=DEMO,
+                      help=f"folder for everything the demo writes; a rerun resumes its sweep (default {DEMO})")
     demo.add_argument("--workers", type=count(1, 1024), help="processes for the round trip (default: all cores)")
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the built-in demo data: round trip, sweep, promote the best, generate."""
     from importlib.resources import as_file, files
 
@@ -194,7 +197,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from crystalae.registry import Registry
     from crystalae.roundtrip import roundtrip
     from crystalae.search.config import load_sweep_config
-    from crystalae.search.results import SWEEP_FILE, promote_best, sweep_dir
+    from crystalae.search.results import SWEEP_FILE, promote_trial, sweep_dir
     from crystalae.search.sweep import run_sweep
 
     out = Path(args.out)
@@ -202,21 +205,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config = load_sweep_config(demo_yaml)
     print("1/5 round trip crystal -> density -> crystal on the demo set (no learning)")
     metrics = roundtrip(config.data["source"], out / "roundtrip.csv", config.voxel_config(), workers=args.workers)
-    print("    " + format_metrics(metrics))
+    print("    " + _format_metrics(metrics))
     print(f"2/5 sweep {config.name}: {config.trials} trials x {config.epochs} epochs (Ray Tune + Optuna + ASHA)")
     storage = out / "sweeps"
     root = sweep_dir(storage, config.name)
     summary = run_sweep(config, storage=storage, resume=(root / SWEEP_FILE).exists())
-    print(format_sweep(summary))
+    print(_format_sweep(summary))
     registry = Registry(out / "registry")
-    entry = promote_best(root, registry, alias="champion", fit_prior=True)  # a prior, so it samples well
+    entry = promote_trial(root, registry, alias="champion", fit_prior=True)  # a prior, so it samples well
     print(f"3/5 promoted trial {entry['source']['trial']} epoch {entry['epoch']} as {entry['ref']} (alias champion)")
     loaded = load_checkpoint(registry.resolve("champion"))
     generated = write_generated(out / "generated", [(f"sample-{i:02d}", s) for i, s in enumerate(sample(loaded, 8))],
                                 overwrite=True)  # the demo's own folder: a rerun replaces it
     print(f"4/5 generated {generated['decoded']} of {generated['count']} crystals into {out / 'generated'}: "
           f"structural validity {100 * generated['structural_validity']:.0f}%, "
-          f"{format_composition_validity(generated)}")
+          f"{_format_composition_validity(generated)}")
     _sample_pretrained(out / "pretrained_samples")
     print(f"\nlook at the results: .venv/bin/crystalae dashboard --storage {storage} --registry {out / 'registry'}")
     return 0
@@ -237,20 +240,20 @@ def _sample_pretrained(out: Path, count: int = 8) -> None:
     formulas = ", ".join(s.composition.reduced_formula for _, s in named if s is not None)
     print(f"5/5 sampled {count} crystals from the shipped perov_5 model into {out}: {formulas}; "
           f"structural validity {100 * summary['structural_validity']:.0f}%, "
-          f"{format_composition_validity(summary)}")
+          f"{_format_composition_validity(summary)}")
 
 
 def _add_train(sub) -> None:
-    tr = _command(sub, "train", cmd_train, "train the VAE and its species reader with Ray Train")
+    tr = _command(sub, "train", _cmd_train, "train the VAE and its species reader with Ray Train")
     tr.add_argument("--data", type=location, help="dataset folder or URI from `data prepare`")
     tr.add_argument("--from-trial", metavar="SWEEP/TRIAL",
                     help="retrain a sweep trial's configuration (its voxel, model and train settings), recording "
                          "its lineage; --data defaults to the sweep's own shards for it")
-    tr.add_argument("--sweeps", default="runs/sweeps", help="with --from-trial: the sweeps folder or URI")
+    tr.add_argument("--sweeps", default=str(SWEEPS), help="with --from-trial: the sweeps folder or URI")
     tr.add_argument("--config", type=Path, help="YAML with `train:` / `model:` sections and `preset:`")
     tr.add_argument("--preset", choices=("paper",), help="paper: Hoffmann et al. architecture")
     tr.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    tr.add_argument("--storage", default="runs/train", help="results folder or pyarrow URI (s3://...)")
+    tr.add_argument("--storage", default=str(TRAIN), help="results folder or pyarrow URI (s3://...)")
     tr.add_argument("--mlflow", metavar="URI", help="also log the run to MLflow at this tracking URI, e.g. "
                     "sqlite:///mlflow.db (needs crystalae[tracking])")
     tr.add_argument("--name", help="run name; rerunning the same name resumes it (default: crystalae; "
@@ -259,14 +262,14 @@ def _add_train(sub) -> None:
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    """The TRAIN_OPTIONS from TrainConfig's fields (added when `train` is parsed: crystalae.training loads torch)."""
+    """The _TRAIN_OPTIONS from TrainConfig's fields (added when `train` is parsed: crystalae.training loads torch)."""
     from crystalae.training import TrainConfig
 
     group = parser.add_argument_group("training (override --config's `train:` section; defaults: TrainConfig)")
-    add_config_options(group, TrainConfig, TRAIN_OPTIONS, helps=TRAIN_HELP)
+    add_config_options(group, TrainConfig, _TRAIN_OPTIONS, helps=_TRAIN_HELP)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
     from crystalae.training import TrainConfig, read_train_spec, train
 
     if args.from_trial is not None:
@@ -275,7 +278,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("train needs --data DIR (a prepared dataset) or --from-trial SWEEP/TRIAL")
     spec = read_train_spec(args.config)
     train_values = dict(spec.get("train") or {})
-    train_values.update(given(args, TRAIN_OPTIONS))
+    train_values.update(given(args, _TRAIN_OPTIONS))
     if args.gpu:
         train_values["use_gpu"] = True
     cfg = TrainConfig.from_dict(train_values)
@@ -337,11 +340,11 @@ def _add_model_options(parser: argparse.ArgumentParser, example: str = "") -> No
     """--checkpoint or --model (+ --registry), read by _load_model, and --cpu."""
     parser.add_argument("--checkpoint", type=Path, help="checkpoint folder, e.g. pretrained/perov_5 (or give --model)")
     parser.add_argument("--model", help="registry model: NAME, NAME@VERSION or an alias" + example)
-    parser.add_argument("--registry", default="runs/registry", help="registry folder or URI that --model names")
+    parser.add_argument("--registry", default=str(REGISTRY), help="registry folder or URI that --model names")
 
 
 def _add_reconstruct(sub) -> None:
-    rc = _command(sub, "reconstruct", cmd_reconstruct, "encode and decode a source with a trained model and score it")
+    rc = _command(sub, "reconstruct", _cmd_reconstruct, "encode and decode a source with a trained model and score it")
     rc.add_argument("source", help="structure source: CDVAE-style CSV, folder of CIF/POSCAR/JSON, one file, or demo[:N]")
     _add_model_options(rc)
     rc.add_argument("--out", required=True, type=Path, help="CSV of material_id,cif (OUT.details.csv and "
@@ -350,22 +353,22 @@ def _add_reconstruct(sub) -> None:
     rc.add_argument("--cpu", action="store_true", help="stay on CPU even when a GPU is present")
 
 
-def cmd_reconstruct(args: argparse.Namespace) -> int:
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from crystalae.generate import reconstruct
     from crystalae.roundtrip import metrics_path
 
-    check_output_file(args.out)
+    _check_output_file(args.out)
     metrics = reconstruct(_load_model(args), args.source, args.out, limit=args.limit, model_ref=_model_ref(args))
-    print(format_metrics(metrics))
+    print(_format_metrics(metrics))
     print(f"wrote {args.out} and {metrics_path(Path(args.out))}")
     return 0
 
 
 def _add_generate(sub) -> None:
-    gen = _command(sub, "generate", cmd_generate, "sample, interpolate or alter crystals with a trained model")
+    gen = _command(sub, "generate", _cmd_generate, "sample, interpolate or alter crystals with a trained model")
     _add_model_options(gen, " such as champion")
-    gen.add_argument("--out", type=Path, default=Path("runs/generated"),
-                     help="folder for the CIFs and summary.csv/json (default runs/generated)")
+    gen.add_argument("--out", type=Path, default=GENERATED,
+                     help=f"folder for the CIFs and summary.csv/json (default {GENERATED})")
     gen.add_argument("--sample", type=count(0, 100_000), default=0, metavar="N", help="N crystals from the prior")
     gen.add_argument("--interpolate", nargs=2, metavar=("ID_A", "ID_B"),
                      help="decode the straight path between two --source crystals' latent codes")
@@ -402,7 +405,7 @@ def _add_generate_extras(gen: argparse.ArgumentParser) -> None:
                           "(CDVAE: 0.2 4 for perov_5 and carbon_24, 0.4 10 for mp_20)")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _cmd_generate(args: argparse.Namespace) -> int:
     from crystalae import generate
     from crystalae.provenance import provenance as make_provenance
 
@@ -424,10 +427,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     summary = generate.write_generated(args.out, named, overwrite=args.overwrite, reference=reference,
                                        cutoffs=tuple(args.cutoffs), provenance=provenance)
     print(f"wrote {summary['decoded']} of {summary['count']} crystals to {args.out}: structural validity "
-          f"{100 * summary['structural_validity']:.1f}%, {format_composition_validity(summary)}")
+          f"{100 * summary['structural_validity']:.1f}%, {_format_composition_validity(summary)}")
     if "distribution" in summary:
         print(f"against {len(reference)} reference crystals of {args.reference}: "
-              + format_distribution(summary["distribution"]))
+              + _format_distribution(summary["distribution"]))
     if interrupted:
         print(f"crystalae: interrupted: kept the {len(named)} crystals decoded so far", file=sys.stderr)
         return 130
@@ -477,7 +480,7 @@ def _generated(args: argparse.Namespace, loaded) -> tuple[list[tuple[str, Any]],
     return named, False
 
 
-def format_distribution(figures: dict[str, Any]) -> str:
+def _format_distribution(figures: dict[str, Any]) -> str:
     """COV-R, COV-P, d_ρ and d_elem on one line (CDVAE's generation metrics)."""
     def dist(x):
         return "n/a" if x is None else f"{x:.3f}"
@@ -487,7 +490,7 @@ def format_distribution(figures: dict[str, Any]) -> str:
             f"d_rho {dist(figures['d_rho'])}, d_elem {dist(figures['d_elem'])}")
 
 
-def format_composition_validity(summary: dict[str, Any]) -> str:
+def _format_composition_validity(summary: dict[str, Any]) -> str:
     """The field's composition validity (SMACT, as CDVAE) and pymatgen's stricter check, labelled."""
     smact = summary.get("composition_validity_smact")
     field = "n/a (pip install crystalae[metrics])" if smact is None else f"{100 * smact:.1f}%"
@@ -496,7 +499,7 @@ def format_composition_validity(summary: dict[str, Any]) -> str:
 
 
 def _add_fit_prior(sub) -> None:
-    fp = _command(sub, "fit-prior", cmd_fit_prior,
+    fp = _command(sub, "fit-prior", _cmd_fit_prior,
                   "fit the sampling prior of a checkpoint to its training set's latents")
     fp.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (left as it is: see --out)")
     fp.add_argument("--data", required=True, type=location, help="dataset folder or URI from `data prepare` (the model's own)")
@@ -512,7 +515,7 @@ def _add_fit_prior(sub) -> None:
                     help="default sampling spread stored with the prior (default: 0.1 posterior, 1 fitted)")
 
 
-def cmd_fit_prior(args: argparse.Namespace) -> int:
+def _cmd_fit_prior(args: argparse.Namespace) -> int:
     from crystalae.prior import with_latent_prior
 
     out = Path(args.out)
@@ -528,18 +531,18 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
 
 
 def _add_sweep(sub) -> None:
-    sw = _command(sub, "sweep", cmd_sweep, "hyperparameter search with Ray Tune + Optuna")
+    sw = _command(sub, "sweep", _cmd_sweep, "hyperparameter search with Ray Tune + Optuna")
     sw.add_argument("config", type=Path, help="sweep YAML (see search/configs/demo.yaml)")
     sw.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: a local Ray)")
     sw.add_argument("--name", help="override the sweep name")
     sw.add_argument("--resume", action="store_true",
                     help="continue a sweep whose driver stopped; with --trials N, extend an ended sweep to N trials")
     sw.add_argument("--trials", type=count(1, 100_000), help="trial budget (overrides the YAML's budget.trials)")
-    sw.add_argument("--storage", default="runs/sweeps",
+    sw.add_argument("--storage", default=str(SWEEPS),
                     help="results folder or object-storage URI (s3://bucket/sweeps); on a cluster, storage every node reaches")
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def _cmd_sweep(args: argparse.Namespace) -> int:
     from crystalae.search.config import load_sweep_config
 
     sweep = load_sweep_config(args.config, name=args.name)  # validated before Ray starts
@@ -549,12 +552,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from crystalae.search.sweep import run_sweep
 
     summary = run_sweep(sweep, storage=args.storage, address=args.address, resume=args.resume)
-    print(format_sweep(summary))
+    print(_format_sweep(summary))
     print(f"results in {sweep_dir(args.storage, sweep.name)}")
     return 0
 
 
-def format_sweep(summary) -> str:
+def _format_sweep(summary) -> str:
     """A SweepSummary as a few lines: one per trial, with its status, epochs, best value and params."""
     objective = summary.objective
     lines = [f"sweep {summary.name}: {len(summary.trials)} trials, objective {objective.metric} ({objective.mode})"]
@@ -565,11 +568,11 @@ def format_sweep(summary) -> str:
             value += f" (val match {100 * match:.0f}%)"  # the headline metric, at the same checkpoint
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
         lines.append(f"  {t.trial_id}  {t.status:9s} epochs {t.epochs}  best {value}  {params}")
-    lines.append(format_budget(summary.budget()))
+    lines.append(_format_budget(summary.budget()))
     return "\n".join(lines)
 
 
-def format_budget(budget) -> str:
+def _format_budget(budget) -> str:
     """One line: the compute a sweep spent, and how much of it came before its best result."""
     line = f"compute: {budget.epochs} epochs, {budget.trial_seconds / 60:.1f} trial-minutes"
     if budget.epochs_to_best is not None:
@@ -580,7 +583,7 @@ def format_budget(budget) -> str:
 
 
 def _add_promote(sub) -> None:
-    pr = _command(sub, "promote", cmd_promote, "copy a checkpoint into the model registry")
+    pr = _command(sub, "promote", _cmd_promote, "copy a checkpoint into the model registry")
     pr.add_argument("source", help="RUN/TRIAL, a trial or checkpoint folder, or with --best a sweep name/folder")
     pr.add_argument("--best", action="store_true", help="pick the best checkpoint of the whole sweep")
     pr.add_argument("--metric", help="metric to rank by (default: the sweep objective)")
@@ -594,13 +597,14 @@ def _add_promote(sub) -> None:
                     help="with --best: fit the sampling prior on the trial's dataset first (for generation)")
     pr.add_argument("--name", help="registry name (default: the sweep name)")
     pr.add_argument("--alias", help="alias to move to the new version, e.g. champion")
-    pr.add_argument("--storage", default="runs/sweeps", help="sweeps folder or URI (s3://...)")
-    pr.add_argument("--registry", default="runs/registry", help="registry folder or URI (s3://...)")
+    pr.add_argument("--storage", default=str(SWEEPS), help="sweeps folder or URI (s3://...)")
+    pr.add_argument("--registry", default=str(REGISTRY), help="registry folder or URI (s3://...)")
 
 
-def cmd_promote(args: argparse.Namespace) -> int:
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from crystalae.checkpoint import FILENAME
     from crystalae.registry import Registry
-    from crystalae.search.results import promote_best, sweep_dir
+    from crystalae.search.results import promote_trial, sweep_dir
 
     if (args.within is not None or args.prefer) and not args.best:
         raise ValueError("--within and --prefer choose among a sweep's trials: use them with --best")
@@ -609,62 +613,55 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if args.prefer and args.within is None:
         raise ValueError("--prefer needs --within D (how far below the best objective a trial may be)")
     registry = Registry(args.registry)
+    chosen = dict(name=args.name or None, alias=args.alias, metric=args.metric, mode=args.mode)  # --name '': the default
     if args.best:
         given = location(args.source)
         root = given if isinstance(given, str) or given.is_dir() else sweep_dir(args.storage, args.source)
-        entry = promote_best(root, registry, args.name, args.alias, args.metric, args.mode, args.within, args.prefer,
-                             fit_prior=args.fit_prior)
-    else:
-        path, default = _trial_checkpoint(Path(args.source), args.storage, args.metric, args.mode)
-        if args.name is None and default is None:
+        entry = promote_trial(root, registry, **chosen, within=args.within, prefer=args.prefer, fit_prior=args.fit_prior)
+    elif (Path(args.source) / FILENAME).exists():
+        name = args.name or _checkpoint_name(Path(args.source))
+        if name is None:
             raise ValueError(f"{args.source}: cannot derive a model name from this path; give --name NAME")
-        entry = registry.promote(path, args.name or default, alias=args.alias, source={"given": args.source})
+        entry = registry.promote(args.source, name, alias=args.alias, source={"given": args.source})
+    else:
+        root, trial = _find_trial(Path(args.source), args.storage)
+        entry = promote_trial(root, registry, trial, **chosen)
     print(f"promoted {entry['source']['checkpoint']} as {entry['ref']}" + (f" (alias {args.alias})" if args.alias else ""))
     return 0
 
 
-def _trial_checkpoint(source: Path, storage: str, metric: str | None, mode: str | None) -> tuple[Path, str | None]:
-    """RUN/TRIAL (under the sweep storage), a trial folder, or a checkpoint folder -> (checkpoint
-    folder, default model name): a checkpoint folder is named after itself (pretrained/perov_5 ->
-    perov_5), a trial after its sweep."""
-    from crystalae.checkpoint import FILENAME
+def _checkpoint_name(folder: Path) -> str | None:
+    """The default model name of a checkpoint folder: its own name (pretrained/perov_5 -> perov_5), or for a
+    Ray checkpoint_00003 folder its run's (two levels up); None when that is no valid model name."""
     from crystalae.registry import RegistryError, check_model_name
-    from crystalae.search.results import TRIALS_DIR, collect_trials, is_sweep, local_checkpoint, sweep_dir
-    from crystalae.storage import is_remote
 
-    def named(name: str) -> str | None:
-        try:
-            return check_model_name(name)
-        except RegistryError:
-            return None
+    folder = folder.resolve()
+    try:
+        return check_model_name(folder.parent.parent.name if folder.name.startswith("checkpoint_") else folder.name)
+    except RegistryError:
+        return None
 
-    if (source / FILENAME).exists():
-        folder = source.resolve()
-        # a Ray checkpoint_00003 folder is better named after its run (two levels up)
-        return source, named(folder.parent.parent.name if folder.name.startswith("checkpoint_") else folder.name)
-    if is_remote(storage) and not source.is_dir():  # RUN/TRIAL of a sweep on object storage
-        root = sweep_dir(storage, str(source.parent))
-        if is_sweep(root):
-            summary = collect_trials(root).only(source.name)
-            if summary.trials:
-                return local_checkpoint(root, summary.best_checkpoint(metric, mode)[1].path), named(summary.name)
-    candidates = [source] if source.is_dir() else [sweep_dir(storage, str(source.parent)) / TRIALS_DIR / source.name]
-    for folder in candidates:
-        root = folder.parent.parent
-        if folder.is_dir() and is_sweep(root):
-            summary = collect_trials(root).only(folder.name)
-            return root / summary.best_checkpoint(metric, mode)[1].path, named(summary.name)
+
+def _find_trial(source: Path, storage: str) -> tuple[str | Path, str]:
+    """RUN/TRIAL (under the sweep storage) or a trial folder -> (its sweep folder, the trial id)."""
+    from crystalae.search.results import is_sweep, sweep_dir, trial_folder
+    from crystalae.uri_fs import is_remote, list_files
+
+    root = source.parent.parent if source.is_dir() else sweep_dir(storage, str(source.parent))
+    folder = trial_folder(root, source.name)
+    if (list_files(folder) if is_remote(folder) else Path(folder).is_dir()) and is_sweep(root):
+        return root, source.name
     raise ValueError(f"{source}: not a checkpoint folder, a trial folder or RUN/TRIAL under {storage}")
 
 
 def _add_alias(sub) -> None:
-    al = _command(sub, "alias", cmd_alias, "point a registry alias (e.g. champion) at an existing version")
+    al = _command(sub, "alias", _cmd_alias, "point a registry alias (e.g. champion) at an existing version")
     al.add_argument("alias", help="the alias, e.g. champion")
     al.add_argument("ref", help="NAME@VERSION (or NAME for its latest version)")
-    al.add_argument("--registry", default="runs/registry", help="registry folder or URI (s3://...)")
+    al.add_argument("--registry", default=str(REGISTRY), help="registry folder or URI (s3://...)")
 
 
-def cmd_alias(args: argparse.Namespace) -> int:
+def _cmd_alias(args: argparse.Namespace) -> int:
     from crystalae.registry import Registry
 
     registry = Registry(args.registry)
@@ -674,11 +671,11 @@ def cmd_alias(args: argparse.Namespace) -> int:
 
 
 def _add_models(sub) -> None:
-    md = _command(sub, "models", cmd_models, "list shipped reference models and registry models, versions and aliases")
-    md.add_argument("--registry", default="runs/registry", help="registry folder or URI (s3://...)")
+    md = _command(sub, "models", _cmd_models, "list shipped reference models and registry models, versions and aliases")
+    md.add_argument("--registry", default=str(REGISTRY), help="registry folder or URI (s3://...)")
 
 
-def cmd_models(args: argparse.Namespace) -> int:
+def _cmd_models(args: argparse.Namespace) -> int:
     from crystalae.pretrained import pretrained_models
     from crystalae.registry import Registry, lineage_text
 
@@ -697,14 +694,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _add_dashboard(sub) -> None:
-    db = _command(sub, "dashboard", cmd_dashboard, "Streamlit app over sweeps and the registry")
-    db.add_argument("--storage", default="runs/sweeps", help="sweeps folder or URI (s3://...)")
-    db.add_argument("--registry", default="runs/registry", help="registry folder or URI (s3://...)")
+    db = _command(sub, "dashboard", _cmd_dashboard, "Streamlit app over sweeps and the registry")
+    db.add_argument("--storage", default=str(SWEEPS), help="sweeps folder or URI (s3://...)")
+    db.add_argument("--registry", default=str(REGISTRY), help="registry folder or URI (s3://...)")
     db.add_argument("--port", type=count(1, 65535), default=8501, help="port to serve on (default 8501)")
     db.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
 
 
-def cmd_dashboard(args: argparse.Namespace) -> int:
+def _cmd_dashboard(args: argparse.Namespace) -> int:
     """Start the Streamlit app; it reads sweeps and the registry from disk (no Ray needed).
 
     The process becomes Streamlit (exec), so a SIGTERM or Ctrl-C reaches the server itself and
@@ -725,7 +722,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="crystalae", description=DESCRIPTION)
+    parser = Parser(prog="crystalae", description=_DESCRIPTION)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("-q", "--quiet", action="store_true", help="errors only: no warnings, progress lines or bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
@@ -756,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # every error is one line; --debug shows where it came from
         if args.debug:
             raise
-        print(f"crystalae: error: {error_line(exc)}", file=sys.stderr)
+        print(f"crystalae: error: {_error_line(exc)}", file=sys.stderr)
         return 2
 
 
@@ -787,14 +784,13 @@ def configure_logging(verbosity: int = 0) -> None:
         handler = _CurrentStderr()
         handler.setFormatter(_Formatter())
         logger.addHandler(handler)
-        logger.propagate = False
     level = logging.ERROR if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
     logger.setLevel(level)
     if verbosity < 0:
         os.environ["TQDM_DISABLE"] = "1"
 
 
-def error_line(exc: BaseException) -> str:
+def _error_line(exc: BaseException) -> str:
     """Our input errors (ValueError subclasses) speak for themselves; anything else gets its type
     named and a pointer to --debug."""
     text = " ".join(str(exc).split()) or type(exc).__name__

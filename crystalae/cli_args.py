@@ -10,6 +10,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
+__all__ = ["Parser", "add_config_options", "count", "given", "location", "number"]
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2), like every other crystalae error, and options added on
@@ -46,13 +48,13 @@ class Parser(argparse.ArgumentParser):
 
 def location(text: str) -> str | Path:
     """argparse type: a local path, or an object-storage URI (s3://bucket/key, gs://...) kept as text."""
-    from crystalae import storage
+    from crystalae import uri_fs
 
-    if storage.is_remote(text):
+    if uri_fs.is_remote(text):
         if ".." in text.split("://", 1)[1].split("/"):  # s3://a/x/../../b/y would leave the bucket named
             raise argparse.ArgumentTypeError(f"{text!r}: '..' is not allowed in an object-storage URI")
         return text
-    return storage.local_path_of(text)
+    return uri_fs.local_path_of(text)
 
 
 def count(low: int, high: int | None = None):
@@ -82,7 +84,7 @@ def number(low: float, high: float):
     return parse
 
 
-def option_type(hint: Any) -> tuple[type, tuple[Any, ...]]:
+def _option_type(hint: Any) -> tuple[type, tuple[Any, ...]]:
     """(argparse type, choices) of a config field's annotation: a Literal's values are the choices,
     `X | None` is read as X (None stays the "not given" default)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -91,7 +93,7 @@ def option_type(hint: Any) -> tuple[type, tuple[Any, ...]]:
     if origin in (typing.Union, types.UnionType):
         given = [a for a in args if a is not type(None)]
         if len(given) == 1:
-            return option_type(given[0])
+            return _option_type(given[0])
     if hint in (bool, int, float, str):
         return hint, ()
     raise TypeError(f"no command-line option for a field of type {hint}")
@@ -112,7 +114,7 @@ def add_config_options(group, cls: type, names: Iterable[str] | None = None, hel
             raise TypeError(f"{cls.__name__} has no fields {sorted(missing)}")
         chosen = {name: chosen[name] for name in names}
     for name, f in chosen.items():
-        kind, choices = option_type(hints[name])
+        kind, choices = _option_type(hints[name])
         text = (helps or {}).get(name, "default {default}")
         if "default" not in text:
             text += " (default {default})"

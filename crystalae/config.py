@@ -6,8 +6,15 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+__all__ = [
+    "BoxMode", "ConfigError", "MAX_GRID", "MAX_Z", "NAME", "Objective", "Reduction", "Representation", "StrictConfig",
+    "VoxelConfig", "check_name", "field_choices", "field_names", "grid_problem", "in_range", "is_score", "searchable",
+    "set_by",
+]
 
 Representation = Literal["cell", "box"]
 BoxMode = Literal["unit_cell", "lattice"]
@@ -46,6 +53,49 @@ def check_name(name: Any, what: str = "name") -> str:
         raise ConfigError(f"invalid {what} {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
                           "starting with a letter or digit")
     return name
+
+
+_T = TypeVar("_T")
+
+
+def is_score(value: Any) -> bool:
+    """A metric value that can rank checkpoints: a real number (not a bool), and not NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A metric to rank checkpoints by, and whether lower ("min") or higher ("max") is better."""
+    metric: str
+    mode: str  # "min" or "max"
+
+    def best(self, items: Iterable[_T], value: Callable[[_T], Any]) -> _T | None:
+        """The item whose `value(item)` is best: the one rule for "best" (the checkpoints of a training run,
+        of a trial, of a sweep). A value that is not a number (missing, None, NaN) never counts; of equal
+        values the item listed first wins, so callers list items in the order they reached their value.
+
+        Returns:
+            The best item, or None when no item has a numeric value.
+        """
+        scored = [item for item in items if is_score(value(item))]
+        return (min if self.mode == "min" else max)(scored, key=value) if scored else None
+
+    def at_least_as_good(self, a: float, b: float) -> bool:
+        return a <= b if self.mode == "min" else a >= b
+
+    @classmethod
+    def parse(cls, text: str, known: list[Objective]) -> Objective:
+        """`METRIC[:MODE]`; the mode may be left out for one of the `known` objectives' metrics.
+
+        Raises:
+            ValueError: no mode given, and `known` has no objective on that metric.
+        """
+        metric, _, mode = text.partition(":")
+        if not mode:
+            mode = next((o.mode for o in known if o.metric == metric), "")
+        if mode not in ("min", "max"):
+            raise ValueError(f"{text!r}: give the mode as METRIC:min or METRIC:max")
+        return cls(metric, mode)
 
 
 def grid_problem(grid: int) -> str | None:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from crystalae import storage
+from crystalae import uri_fs
 from crystalae.config import VoxelConfig
 from crystalae.files import sha256_file
 
@@ -36,11 +36,11 @@ class DatasetError(ValueError):
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = storage.join(folder, MANIFEST)
-    if not storage.exists(path):
+    path = uri_fs.join(folder, MANIFEST)
+    if not uri_fs.exists(path):
         raise DatasetError(f"{folder} has no manifest.json: not a finished crystalae dataset "
                            "(run `crystalae data prepare` first, or rerun it to finish)")
-    manifest = storage.read_json(path)
+    manifest = uri_fs.read_json(path)
     if manifest.get("format") != FORMAT:
         raise DatasetError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
@@ -53,11 +53,11 @@ def config_of(folder: str | Path) -> VoxelConfig:
 def local_dataset(folder: str | Path) -> Path:
     """A local folder holding the dataset: the folder itself, or for an object-storage URI a cached
     copy (downloaded once per machine; each shard is checked against the manifest's sha256)."""
-    if not storage.is_remote(folder):
+    if not uri_fs.is_remote(folder):
         return Path(folder)
     manifest = read_manifest(folder)
     wanted = {MANIFEST, *(s["file"] for s in manifest["shards"])}
-    local = storage.download(folder, storage.cache_for(folder), include=lambda name: name in wanted)
+    local = uri_fs.download(folder, uri_fs.cache_for(folder), include=lambda name: name in wanted)
     for shard in manifest["shards"]:
         path = local / shard["file"]
         stat = path.stat()

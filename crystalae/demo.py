@@ -14,6 +14,8 @@ from functools import cache
 import numpy as np
 from pymatgen.core import Composition, Element, Lattice, Structure
 
+__all__ = ["PROTOTYPES", "Prototype", "build_prototype", "demo_ids", "demo_structures"]
+
 
 @dataclass(frozen=True)
 class Prototype:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 
+__all__ = ["available", "require"]
+
 
 def available(module: str) -> bool:
     """Whether `module` can be imported, without importing it (some, like matminer, import slowly)."""

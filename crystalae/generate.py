@@ -28,6 +28,12 @@ from crystalae.sources import StructureError, list_entries, load_structure, redu
 from crystalae.validity import smact_valid, structure_valid
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
+__all__ = [
+    "GenerationInterrupted", "alter", "check_generate_folder", "decode_to_structures", "encode", "interpolate",
+    "outputs_to_structures", "reconstruct", "reference_structures", "sample", "validity", "voxelized_source",
+    "write_generated",
+]
+
 log = logging.getLogger(__name__)
 
 

@@ -19,6 +19,11 @@ from torch import nn
 
 from crystalae.config import MAX_Z, StrictConfig, grid_problem, in_range, set_by
 
+__all__ = [
+    "AttentionGate", "ConvBlock", "CrystalAE", "DensityVAE", "ModelConfig", "PAPER_PRESET", "Segmenter", "SiteHead",
+    "periodic_features", "sample_periodic",
+]
+
 
 @dataclass(frozen=True)
 class ModelConfig(StrictConfig):

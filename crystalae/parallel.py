@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
+__all__ = ["default_workers", "map_chunks"]
+
 T = TypeVar("T")
 
 

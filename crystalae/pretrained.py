@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+__all__ = ["PRETRAINED", "pretrained_models"]
+
 _INSTALLED = Path(__file__).resolve().parent / "_pretrained"  # a wheel install
 PRETRAINED = _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().parents[1] / "pretrained"
 

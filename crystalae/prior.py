@@ -25,6 +25,8 @@ import torch
 from crystalae.checkpoint import LoadedModel, export_checkpoint
 from crystalae.reconstruct import density_scale
 
+__all__ = ["DEFAULT_SPREAD", "PRIORS", "fit_latent_prior", "sample_latents", "with_latent_prior"]
+
 
 @torch.no_grad()
 def fit_latent_prior(loaded: LoadedModel, data: str | Path, split: str = "train", batch_size: int = 64,
@@ -97,7 +99,7 @@ def sample_latents(loaded: LoadedModel, count: int, seed: int = 0, prior: str = 
     return z.to(next(loaded.model.parameters()).device)
 
 
-def check_prior_data(loaded: LoadedModel, data: str | Path, allow_other_data: bool = False) -> None:
+def _check_prior_data(loaded: LoadedModel, data: str | Path, allow_other_data: bool = False) -> None:
     """Refuse to fit a prior on data the model cannot have been trained on: other voxel settings or
     elements the model does not know; another dataset hash unless `allow_other_data`.
 
@@ -123,11 +125,11 @@ def with_latent_prior(source: str | Path, data: str | Path, out: str | Path, spl
                       temperature: float | None = None, kind: str = "posterior",
                       allow_other_data: bool = False) -> dict[str, Any]:
     """Copy checkpoint `source` to `out` (without optimizer state) with a prior fitted on `data`,
-    after `check_prior_data`."""
+    after `_check_prior_data`."""
     from crystalae.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(source)
-    check_prior_data(loaded, data, allow_other_data)
+    _check_prior_data(loaded, data, allow_other_data)
     prior = fit_latent_prior(loaded, data, split, temperature=temperature, kind=kind)
     export_checkpoint(source, out, latent_prior=prior)
     return {"count": prior["count"], "split": split, "kind": kind, "temperature": prior["temperature"],

@@ -13,10 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+__all__ = ["EpochLines"]
+
 log = logging.getLogger(__name__)
 
 
-def epoch_line(entry: dict[str, Any], epochs: int) -> str:
+def _epoch_line(entry: dict[str, Any], epochs: int) -> str:
     """`epoch 12/100 | loss 0.188 (val 0.201) | val match 56.2% | 12.3 s` from one history entry."""
     def number(key: str, fmt: str) -> str | None:
         value = entry.get(key)
@@ -68,7 +70,7 @@ class EpochLines:
     def _show(self) -> None:
         for entry in self._history():
             if isinstance(entry.get("epoch"), int) and entry["epoch"] > self.shown:
-                log.info(epoch_line(entry, self.epochs))
+                log.info(_epoch_line(entry, self.epochs))
                 for sink in self.sinks:
                     sink(entry)
                 self.shown = entry["epoch"]

@@ -9,6 +9,8 @@ import platform
 from importlib import metadata
 from typing import Any
 
+__all__ = ["PACKAGES", "provenance", "versions"]
+
 PACKAGES = ("crystalae", "torch", "pymatgen", "ray", "optuna", "numpy")
 
 

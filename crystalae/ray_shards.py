@@ -16,6 +16,8 @@ from typing import Any
 
 from crystalae.shards import ShardTask, build_shard
 
+__all__ = ["check_ray_address", "on_ray"]
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,7 @@ def on_ray(address: str = "auto") -> Callable[[list[ShardTask]], list[dict[str, 
     """An executor for `crystalae.shards.prepare_dataset`: shard tasks built on the Ray cluster at
     `address`. The address is checked here, before preparation writes anything."""
     check_ray_address(address)
-    return partial(build_shards_on_ray, address=address)
+    return partial(_build_shards_on_ray, address=address)
 
 
 def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
@@ -49,7 +51,7 @@ def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
                          "with `ray start --head` or check --address") from None
 
 
-def build_shards_on_ray(tasks: list[ShardTask], address: str) -> list[dict[str, Any]]:
+def _build_shards_on_ray(tasks: list[ShardTask], address: str) -> list[dict[str, Any]]:
     """Build `tasks` as Ray Data tasks on the cluster at `address` ("auto", HOST:PORT, or "local" for a
     Ray started here); returns the shard records in task order and prints shards per node."""
     import ray

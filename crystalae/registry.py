@@ -26,15 +26,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from crystalae import storage
+from crystalae import uri_fs
 from crystalae.checkpoint import FILENAME, read_checkpoint
 from crystalae.config import ConfigError, check_name
 from crystalae.files import sha256_file, write_json
+from crystalae.locations import REGISTRY
 from crystalae.provenance import provenance
+
+__all__ = ["ALIASES", "CLAIM", "CLAIM_WAIT_S", "Registry", "RegistryError", "check_model_name", "lineage_text"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROOT = Path("runs/registry")
 ALIASES = "aliases.json"
 CLAIM = ".claim"  # in a version folder on object storage: which promote took the number
 CLAIM_WAIT_S = 1.0
@@ -69,10 +71,10 @@ def check_model_name(name: Any, what: str = "model name") -> str:
 
 
 class Registry:
-    def __init__(self, root: str | Path = DEFAULT_ROOT):
+    def __init__(self, root: str | Path = REGISTRY):
         self.location = root  # where the registry lives: a folder or an object-storage URI
-        self.remote = storage.is_remote(root)
-        self.root = storage.cache_for(root) if self.remote else Path(root)
+        self.remote = uri_fs.is_remote(root)
+        self.root = uri_fs.cache_for(root) if self.remote else Path(root)
 
     def _refresh(self) -> None:
         """Mirror the remote registry's manifests and aliases (the weights come with `resolve`); locally,
@@ -81,17 +83,17 @@ class Registry:
             self._recover_if_idle()
             return
         try:
-            storage.check_bucket(self.location)
+            uri_fs.check_bucket(self.location)
         except FileNotFoundError as missing:
             raise RegistryError(f"registry {self.location}: the bucket {missing.filename} does not exist") from None
-        storage.download(self.location, self.root,
-                         include=lambda name: name == ALIASES or name.endswith("/manifest.json"))
+        uri_fs.download(self.location, self.root,
+                        include=lambda name: name == ALIASES or name.endswith("/manifest.json"))
         self._prune_mirror()
 
     def _prune_mirror(self) -> None:
         """Drop what the local mirror holds and the store no longer does (a version or aliases deleted
         there): the store is the truth."""
-        on_store = {name for name, _ in storage.list_files(self.location)}
+        on_store = {name for name, _ in uri_fs.list_files(self.location)}
         for manifest in self.root.glob("*/v*/manifest.json"):
             if manifest.relative_to(self.root).as_posix() not in on_store:
                 shutil.rmtree(manifest.parent, ignore_errors=True)
@@ -100,34 +102,34 @@ class Registry:
 
     def _publish_aliases(self) -> None:
         if self.remote:
-            storage.upload_file(self.root / ALIASES, storage.join(self.location, ALIASES))
+            uri_fs.upload_file(self.root / ALIASES, uri_fs.join(self.location, ALIASES))
 
     def _publish_version(self, name: str, version: int) -> None:
         """Upload a new version, manifest last; refuse if another writer published that number."""
         if not self.remote:
             return
-        remote = storage.join(self.location, name, f"v{version}")
-        claim, token = storage.join(remote, CLAIM), uuid.uuid4().hex
+        remote = uri_fs.join(self.location, name, f"v{version}")
+        claim, token = uri_fs.join(remote, CLAIM), uuid.uuid4().hex
         taken = RegistryError(f"{self.location}: {name}@{version} was taken by another writer during this promote; "
                               "promote again (promote into one registry from one place at a time)")
-        if storage.exists(storage.join(remote, "manifest.json")) or storage.exists(claim):
+        if uri_fs.exists(uri_fs.join(remote, "manifest.json")) or uri_fs.exists(claim):
             raise taken
         # Object stores have no "create if absent" here: claim the number, wait for a concurrent writer's
         # claim to land, and go on only if ours is still the one there (the later claim wins, the other fails).
-        storage.write_text(claim, token)
+        uri_fs.write_text(claim, token)
         time.sleep(CLAIM_WAIT_S)
-        if storage.read_text(claim) != token:
+        if uri_fs.read_text(claim) != token:
             raise taken
         try:
-            storage.upload(self.root / name / f"v{version}", remote, last=("manifest.json",))
+            uri_fs.upload(self.root / name / f"v{version}", remote, last=("manifest.json",))
         except BaseException:  # all or nothing on the store too: no half-published version
             try:
-                if storage.read_text(claim) == token:  # never remove what another writer now owns
-                    storage.remove_tree(remote)
+                if uri_fs.read_text(claim) == token:  # never remove what another writer now owns
+                    uri_fs.remove_tree(remote)
             except OSError:
                 pass  # e.g. the bucket does not exist: nothing was stored
             raise
-        if storage.read_text(claim) != token:  # a claim that landed after our check: the version is theirs
+        if uri_fs.read_text(claim) != token:  # a claim that landed after our check: the version is theirs
             raise taken
 
     def _lock(self):
@@ -138,7 +140,28 @@ class Registry:
 
     def promote(self, checkpoint: str | Path, name: str, alias: str | None = None,
                 source: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Copy `checkpoint` into a new version of `name` (and point `alias` at it)."""
+        """Copy `checkpoint` into a new version of `name` (and point `alias` at it), all or nothing.
+
+        Promote a sweep trial with `crystalae.search.results.promote_trial`, which names the checkpoint
+        and records where it came from in `source`.
+
+        Args:
+            checkpoint: a checkpoint folder (or its `checkpoint.pt`) on this machine.
+            name: the model name; the version is the next free number of `name`.
+            alias: an alias to point at the new version (e.g. champion).
+            source: where the checkpoint came from, stored in the manifest's `source` (its "checkpoint" key
+                defaults to the folder's absolute path).
+
+        Returns:
+            The new version's manifest: name, version, ref (NAME@VERSION), sha256 of the weights, metrics,
+            epoch, configs, dataset hash, lineage, source, created, provenance.
+
+        Raises:
+            RegistryError: an invalid name or alias, a damaged aliases.json (with `alias`), or on object
+                storage a version number another writer took meanwhile, or a missing bucket.
+            CheckpointError: `checkpoint` is missing or not a readable crystalae checkpoint.
+            OSError: the copy or, on object storage, the upload failed (nothing is left published).
+        """
         check_model_name(name)
         if alias is not None:
             check_model_name(alias, "alias")
@@ -190,7 +213,7 @@ class Registry:
                     pending.unlink(missing_ok=True)
                     shutil.rmtree(target, ignore_errors=True)
                     if self.remote:
-                        storage.remove_tree(storage.join(self.location, name, f"v{version}"))
+                        uri_fs.remove_tree(uri_fs.join(self.location, name, f"v{version}"))
                     raise
         return manifest
 
@@ -255,10 +278,19 @@ class Registry:
         return pinned
 
     def resolve(self, ref: str) -> Path:
-        """`alias`, `name@version` or `name` (latest version) -> the version folder.
+        """The version folder that `ref` names: an alias, NAME@VERSION (or NAME@vVERSION), or NAME (its
+        latest version).
 
         `name@version` and `name` still resolve when aliases.json is damaged; only aliases need it.
         On object storage the version's files are downloaded (once) and the local copy returned.
+
+        Returns:
+            The version's folder on this machine (`checkpoint.pt`, `config.json`, `manifest.json`).
+
+        Raises:
+            RegistryError: no such model, version or alias; an invalid name; a damaged aliases.json when
+                `ref` needs it; weights whose sha256 differs from the manifest's (modified after promotion);
+                on object storage, a missing bucket.
         """
         self._refresh()
         try:
@@ -283,7 +315,7 @@ class Registry:
             raise RegistryError(f"model {name} has no version {version!r} (versions: {versions})")
         folder = self.root / name / f"v{number}"
         if self.remote:
-            storage.download(storage.join(self.location, name, f"v{number}"), folder)
+            uri_fs.download(uri_fs.join(self.location, name, f"v{number}"), folder)
         _check_weights(folder, f"{name}@{number}")
         return folder
 

@@ -16,8 +16,10 @@ from crystalae.provenance import provenance
 from crystalae.sources import Entry, StructureError, list_entries, load_structure, reduce_cell
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
+__all__ = ["details_path", "metrics_path", "roundtrip", "write_results"]
 
-def roundtrip_chunk(task: tuple[list[tuple[int, Entry]], dict, str]) -> list[dict[str, Any]]:
+
+def _roundtrip_chunk(task: tuple[list[tuple[int, Entry]], dict, str]) -> list[dict[str, Any]]:
     """Voxelize, decode and score each entry of a chunk; failures become rows with a reason."""
     indexed, config_dict, species = task
     config = VoxelConfig.from_dict(config_dict)
@@ -56,7 +58,7 @@ def roundtrip(
     started = time.perf_counter()
     indexed = list(enumerate(list_entries(source, limit=limit)))
     chunks = [(indexed[i : i + chunk_size], config.as_dict(), species) for i in range(0, len(indexed), chunk_size)]
-    rows = [row for chunk_rows in map_chunks(roundtrip_chunk, chunks, workers or default_workers(),
+    rows = [row for chunk_rows in map_chunks(_roundtrip_chunk, chunks, workers or default_workers(),
                                               "roundtrip", sizes=[len(c[0]) for c in chunks])
             for row in chunk_rows]
     valid = [r for r in rows if r["valid_input"]]

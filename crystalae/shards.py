@@ -24,12 +24,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from crystalae import storage
+from crystalae import uri_fs
 from crystalae.config import StrictConfig, VoxelConfig, in_range
 from crystalae.dataset import FORMAT, MANIFEST, DatasetError
 from crystalae.parallel import default_workers, map_chunks
 from crystalae.sources import Chunk, Entry, StructureError, load_structure, plan_chunks, read_chunk, reduce_cell
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
+
+__all__ = [
+    "MAX_SHARD_BYTES", "PLAN", "PrepareOptions", "SHARDS_DIR", "ShardTask", "build_shard", "prepare_dataset", "schema",
+    "site_table", "split_of",
+]
 
 PLAN = "prepare.json"
 SHARDS_DIR = "shards"
@@ -86,8 +91,8 @@ def site_table(structure, max_atoms: int) -> np.ndarray:
     return table
 
 
-def voxelize_entries(indexed: list[tuple[int, Entry]], config: VoxelConfig, options: PrepareOptions
-                     ) -> tuple[pa.Table, list[dict]]:
+def _voxelize_entries(indexed: list[tuple[int, Entry]], config: VoxelConfig, options: PrepareOptions
+                      ) -> tuple[pa.Table, list[dict]]:
     """Voxelize one shard's entries; bad entries become reject records instead of errors."""
     from pymatgen.io.cif import CifWriter
 
@@ -140,15 +145,15 @@ class ShardTask:
 def build_shard(task: ShardTask) -> dict[str, Any]:
     """Read the chunk from its source, voxelize it, write the shard and then its record; returns the
     record. The same bytes come out wherever it runs."""
-    table, rejects = voxelize_entries(read_chunk(task.chunk), VoxelConfig.from_dict(task.config), task.options)
+    table, rejects = _voxelize_entries(read_chunk(task.chunk), VoxelConfig.from_dict(task.config), task.options)
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer, compression="zstd")
     data = buffer.getvalue().to_pybytes()
     name = f"shard-{task.index:05d}.parquet"
-    storage.write_bytes(storage.join(task.out, SHARDS_DIR, name), data)
+    uri_fs.write_bytes(uri_fs.join(task.out, SHARDS_DIR, name), data)
     record = {"file": name, "rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(),
               "rejects": rejects, "splits": dict(Counter(table.column("split").to_pylist()))}
-    storage.write_json(storage.join(task.out, SHARDS_DIR, name.replace(".parquet", ".json")), record)
+    uri_fs.write_json(uri_fs.join(task.out, SHARDS_DIR, name.replace(".parquet", ".json")), record)
     return record
 
 
@@ -162,26 +167,47 @@ def prepare_dataset(
     executor: Callable[[list[ShardTask]], Iterable[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Voxelize every structure of `source` into Parquet shards under `out` (a folder or an object
-    storage URI); returns the manifest.
+    storage URI).
 
     The source is streamed: one pass records where each shard's entries are, and each worker reads
     only its own shard's entries, so memory stays bounded by the shard size. `executor` builds the
     shard tasks instead of local worker processes, into the same bytes (e.g.
     `crystalae.ray_shards.on_ray(address)`: Ray Data tasks across a cluster). Resumes an interrupted
     run with the same settings; refuses a folder built with other settings unless `overwrite`.
+    Structures that cannot be read or voxelized are rejected, not errors: `rejects.csv` names them.
+
+    Args:
+        source: a CSV, a folder of structure files, a structure file, `demo[:N]`, an object-storage URI
+            of one of these, or a list of them (read as one source).
+        out: the dataset folder or URI; `manifest.json` is written last, so a dataset is whole iff it has one.
+        config: the voxelization settings.
+        options: shard size, split fractions and entry limit.
+        workers: local worker processes (default: all cores); unused with `executor`.
+        overwrite: replace a dataset built with other settings.
+        executor: builds the shard tasks elsewhere (see above).
+
+    Returns:
+        The manifest (also `out/manifest.json`): format, source, config, options, counts (entries,
+        skipped, rejected, crystals, rows, splits), shards (file, rows, sha256) and the dataset hash.
+
+    Raises:
+        SourceError: no source given, a missing one, a folder without structure files, or a file that is
+            not a source crystalae reads (an unknown format, a CSV without a `cif` column).
+        DatasetError: one shard would not fit in memory (lower `shard_size`), or `out` holds another
+            dataset (without `overwrite`) or other files.
     """
-    check_shard_memory(config, options)
+    _check_shard_memory(config, options)
     chunks, kept, listed = plan_chunks(source, options.shard_size, options.limit)
     plan = {"format": FORMAT, "source": [str(p) for p in source] if isinstance(source, (list, tuple)) else str(source),
             "entries": kept, "skipped": listed - kept,
             "config": config.as_dict(), "options": options.as_dict()}
     _claim_folder(out, plan, overwrite)
-    if not storage.is_remote(out):
+    if not uri_fs.is_remote(out):
         for stale in (Path(out) / SHARDS_DIR).glob(".shard-*.tmp"):  # left by a run killed mid-write
             stale.unlink()
     records = _shard_records(out, len(chunks))
     # an absolute folder: Ray tasks on other nodes do not share this process's working directory
-    where = str(out) if storage.is_remote(out) else str(Path(out).resolve())
+    where = str(uri_fs.absolute(out))
     tasks = [ShardTask(k, chunks[k], config.as_dict(), options, where) for k in records if records[k] is None]
     sizes = [sum(piece.count for piece in task.chunk) for task in tasks]
     if executor is not None:
@@ -196,7 +222,7 @@ def prepare_dataset(
 MAX_SHARD_BYTES = 2 * 2**30  # a shard is built in memory before it is written
 
 
-def check_shard_memory(config: VoxelConfig, options: PrepareOptions) -> None:
+def _check_shard_memory(config: VoxelConfig, options: PrepareOptions) -> None:
     """Refuse settings whose shards would not fit in memory, naming the options that set the size."""
     rows = options.shard_size * (max(1, config.rotations) if config.representation == "box" else 1)
     size = rows * config.grid**3 * 5  # float32 density + uint8 labels per voxel
@@ -207,9 +233,9 @@ def check_shard_memory(config: VoxelConfig, options: PrepareOptions) -> None:
 
 
 def _claim_folder(out: str | Path, plan: dict, overwrite: bool) -> None:
-    plan_path = storage.join(out, PLAN)
-    if storage.exists(plan_path):
-        previous = storage.read_json(plan_path)
+    plan_path = uri_fs.join(out, PLAN)
+    if uri_fs.exists(plan_path):
+        previous = uri_fs.read_json(plan_path)
         previous.setdefault("skipped", 0)  # folders prepared before the --limit count was recorded
         if previous == plan:
             return
@@ -217,20 +243,20 @@ def _claim_folder(out: str | Path, plan: dict, overwrite: bool) -> None:
             raise DatasetError(f"{out} holds a dataset built with other settings "
                                f"(see {plan_path}); choose another --out or pass --overwrite")
         for name in (SHARDS_DIR, MANIFEST, "rejects.csv", PLAN):  # the dataset's own files, nothing else
-            storage.remove_tree(storage.join(out, name))
-    elif storage.list_files(out) and not overwrite:
+            uri_fs.remove_tree(uri_fs.join(out, name))
+    elif uri_fs.list_files(out) and not overwrite:
         raise DatasetError(f"{out} is not empty and holds no crystalae dataset; choose another --out")
-    storage.write_json(plan_path, plan)
+    uri_fs.write_json(plan_path, plan)
 
 
 def _shard_records(out: str | Path, count: int) -> dict[int, dict | None]:
     """Each shard's record, None where the shard is unfinished (its record is written after its Parquet
     file, so a shard is done iff both exist); one listing, not a request per shard."""
-    present = {name for name, _ in storage.list_files(storage.join(out, SHARDS_DIR))}
+    present = {name for name, _ in uri_fs.list_files(uri_fs.join(out, SHARDS_DIR))}
     records: dict[int, dict | None] = {}
     for k in range(count):
         done = {f"shard-{k:05d}.json", f"shard-{k:05d}.parquet"} <= present
-        records[k] = storage.read_json(storage.join(out, SHARDS_DIR, f"shard-{k:05d}.json")) if done else None
+        records[k] = uri_fs.read_json(uri_fs.join(out, SHARDS_DIR, f"shard-{k:05d}.json")) if done else None
     return records
 
 
@@ -241,7 +267,7 @@ def _finish(out: str | Path, plan: dict, records: list[dict]) -> dict[str, Any]:
         if "splits" in rec:
             splits.update(rec["splits"])
         else:  # shards built before records counted their splits
-            splits.update(pq.read_table(storage.join(out, SHARDS_DIR, rec["file"]), columns=["split"])
+            splits.update(pq.read_table(uri_fs.join(out, SHARDS_DIR, rec["file"]), columns=["split"])
                           .column("split").to_pylist())
     shards = [{"file": f"{SHARDS_DIR}/{rec['file']}", "rows": rec["rows"], "sha256": rec["sha256"]} for rec in records]
     manifest = {
@@ -256,6 +282,6 @@ def _finish(out: str | Path, plan: dict, records: list[dict]) -> dict[str, Any]:
     writer = csv.DictWriter(buffer, fieldnames=["index", "material_id", "reason"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(sorted(rejects, key=lambda r: r["index"]))
-    storage.write_text(storage.join(out, "rejects.csv"), buffer.getvalue())
-    storage.write_json(storage.join(out, MANIFEST), manifest)  # last: its presence means the dataset is whole
+    uri_fs.write_text(uri_fs.join(out, "rejects.csv"), buffer.getvalue())
+    uri_fs.write_json(uri_fs.join(out, MANIFEST), manifest)  # last: its presence means the dataset is whole
     return manifest

@@ -21,7 +21,13 @@ from pymatgen.core import Structure
 from pymatgen.core.periodic_table import DummySpecies
 from tqdm.auto import tqdm
 
-from crystalae import storage
+from crystalae import uri_fs
+
+__all__ = [
+    "ASE_FORMATS", "Chunk", "Entry", "MAX_CIF_TEXT", "MAX_CSV_FIELD", "MAX_PARSED_ATOMS", "READABLE",
+    "STRUCTURE_SUFFIXES", "SourceError", "SourceSlice", "StructureError", "check_structure", "demo_count",
+    "list_entries", "load_structure", "local_source", "plan_chunks", "read_chunk", "reduce_cell",
+]
 
 STRUCTURE_SUFFIXES = {".cif": "cif", ".json": "json", ".vasp": "poscar", ".poscar": "poscar",
                       ".extxyz": "extxyz", ".xsf": "xsf"}  # the last two are read by ASE (optional)
@@ -154,7 +160,7 @@ def _scan(part: str | Path) -> Iterator[tuple[str, Any, dict[str, Any]]]:
     if not path.exists():
         raise SourceError(f"source {part!s} does not exist")
     # chunks are read in other processes, maybe on other nodes: a URI as given, a local path made absolute
-    where = str(part) if storage.is_remote(part) else str(path.resolve())
+    where = str(uri_fs.absolute(part))
     if path.is_dir():
         yield from _scan_folder(path, where)
     elif path.suffix.lower() == ".csv":
@@ -194,13 +200,13 @@ def _scan_csv(path: Path, where: str) -> Iterator[tuple[str, Any, dict[str, Any]
 def local_source(part: str | Path) -> Path:
     """A source on this machine: the path itself, or for an object-storage URI (s3://bucket/mp.csv, or a
     folder of structure files) a copy in the local cache, fetched once per machine and kept while unchanged."""
-    if not storage.is_remote(part):
+    if not uri_fs.is_remote(part):
         return Path(part)
-    if storage.is_file(part):
-        return storage.download_file(part, storage.cache_for(part))
-    if not storage.list_files(part):
+    if uri_fs.is_file(part):
+        return uri_fs.download_file(part, uri_fs.cache_for(part))
+    if not uri_fs.list_files(part):
         raise SourceError(f"source {part} does not exist")
-    return storage.download(part)
+    return uri_fs.download(part)
 
 
 def _csv_columns(path: Path, header: list[str]) -> tuple[int, int]:

@@ -8,6 +8,8 @@ from typing import Any
 
 from crystalae.extras import require
 
+__all__ = ["MlflowRun"]
+
 
 class MlflowRun:
     """Called with each epoch's history entry (see `crystalae.progress.EpochLines`). A resumed run

@@ -23,12 +23,14 @@ import torch
 
 from crystalae.augment import augment
 from crystalae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from crystalae.config import StrictConfig, VoxelConfig, in_range, set_by
+from crystalae.config import Objective, StrictConfig, VoxelConfig, in_range, set_by
 from crystalae.dataset import WorkerShare, config_of, dataset_species, prefetched, read_manifest, read_table, table_batches
+from crystalae.locations import TRAIN
 from crystalae.losses import loss_terms
 from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
 from crystalae.reconstruct import class_lookup, density_scale, evaluate, model_config_for
-from crystalae.storage import is_remote as storage_is_remote
+from crystalae.uri_fs import absolute
+from crystalae.uri_fs import is_remote as storage_is_remote
 
 __all__ = [
     "REPORTED_METRICS", "SCORE", "TRAIN_SPEC_SECTIONS", "TrainConfig", "best_checkpoint_path", "build_configs",
@@ -304,7 +306,7 @@ def build_configs(data: str | Path, model_overrides: dict[str, Any], preset: str
 
 
 def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: dict[str, Any] | None = None,
-          storage: str | Path = "runs/train", name: str = "crystalae", preset: str | None = None,
+          storage: str | Path = TRAIN, name: str = "crystalae", preset: str | None = None,
           callbacks: list | None = None, score: tuple[str, str] = SCORE, lineage: dict[str, Any] | None = None,
           progress: bool = False, mlflow: str | None = None):
     """Train with Ray Train's TorchTrainer; rerunning the same storage/name resumes from the latest
@@ -319,7 +321,7 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
     manifest = read_manifest(data)
     cfg = cfg.resolved()
     voxel, model_cfg = build_configs(data, model_overrides or {}, preset)
-    storage = storage if storage_is_remote(storage) else Path(storage).resolve()
+    storage = absolute(storage)
     _check_resume(None if storage_is_remote(storage) else Path(storage) / name, model_cfg, voxel)
     if not ray.is_initialized():
         # Logical CPUs must cover the driver and every worker's threads.
@@ -327,7 +329,7 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
                  configure_logging=False)
     # Workers read their share of the shards themselves (WorkerShare): no Ray Data pipeline to start per run.
     loop_config = {"train": cfg.as_dict(), "voxel": voxel.as_dict(), "model": model_cfg.as_dict(),
-                   "data": str(data) if storage_is_remote(data) else str(Path(data).resolve()),
+                   "data": str(absolute(data)),
                    "dataset_hash": manifest["dataset_hash"], "lineage": lineage,
                  "train_rows": manifest["counts"]["splits"].get("train", 0)}
     trainer = TorchTrainer(
@@ -373,11 +375,16 @@ def _check_resume(run_dir: Path | None, model_cfg: ModelConfig, voxel: VoxelConf
 
 
 def best_checkpoint_path(result, metric: str = SCORE[0], mode: str = SCORE[1]) -> str | None:
-    ranked = [(m.get(metric), c) for c, m in (result.best_checkpoints or []) if m.get(metric) is not None
-              and not (isinstance(m.get(metric), float) and math.isnan(m.get(metric)))]
-    if not ranked:
+    """The best of a training run's kept checkpoints on `metric`, by the one rule for "best"
+    (`crystalae.config.Objective.best`: numbers only, NaN never counts; of equal values the earliest epoch,
+    the first to reach it), as the sweep reader ranks a trial's checkpoints.
+
+    Returns:
+        The checkpoint folder's path; the newest checkpoint's when none has a value of `metric`; None when
+        the run kept no checkpoint.
+    """
+    kept = sorted(result.best_checkpoints or [], key=lambda pair: pair[1].get("epoch", math.inf))
+    best = Objective(metric, mode).best(kept, lambda pair: pair[1].get(metric))
+    if best is None:
         return result.checkpoint.path if result.checkpoint else None
-    ranked.sort(key=lambda t: t[0], reverse=(mode == "max"))
-    return ranked[0][1].path
-
-
+    return best[0].path

@@ -16,6 +16,11 @@ from pymatgen.core import Element, Structure
 
 from crystalae.config import MAX_Z, VoxelConfig
 
+__all__ = [
+    "Density", "VoxelizeError", "atom_sigmas", "crystal_arrays", "dense_reference_density", "gaussian_norm",
+    "grid_step", "rotation_matrix", "voxel_offset", "voxelize", "voxelize_arrays",
+]
+
 
 class VoxelizeError(ValueError):
     """The structure cannot be represented with this configuration (the message says why)."""

@@ -24,19 +24,18 @@ from crystalae.checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
+from crystalae.locations import REGISTRY, SWEEPS
 from crystalae.registry import Registry, RegistryError
 from crystalae.search import results
 from crystalae.search.results import SweepSummary
-from crystalae.storage import is_remote, read_json
-from crystalae.storage import join as storage_join
+from crystalae.uri_fs import absolute, is_remote, read_json
+from crystalae.uri_fs import join as storage_join
 
 if TYPE_CHECKING:  # pymatgen and matminer load only on the pages that score crystals
     from crystalae.coverage import Fingerprints
 
 STORAGE_ENV = "CRYSTALAE_STORAGE"
 REGISTRY_ENV = "CRYSTALAE_REGISTRY"
-DEFAULT_STORAGE = "runs/sweeps"
-DEFAULT_REGISTRY = "runs/registry"
 LIVE_TTL = 10  # seconds: sweep folders change while trials run
 RECON_METRICS = ["val_score", "val_recovery", "val_match_rate", "val_rms", "val_atom_count_rate", "val_species_accuracy",
                  "val_density_mse"]
@@ -62,10 +61,10 @@ def app_paths(argv: list[str] | None = None) -> Paths:
     parser.add_argument("--registry")
     # parse_known_args: under pytest (AppTest) sys.argv holds pytest's own options
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    storage = args.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-    registry = args.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY
-    return Paths(Path(mirror_storage(storage)) if is_remote(storage) else Path(storage).expanduser().resolve(),
-                 registry if is_remote(registry) else Path(registry).expanduser().resolve(), storage)
+    storage = args.storage or os.environ.get(STORAGE_ENV) or str(SWEEPS)
+    registry = args.registry or os.environ.get(REGISTRY_ENV) or str(REGISTRY)
+    return Paths(Path(mirror_storage(storage)) if is_remote(storage) else absolute(os.path.expanduser(storage)),
+                 absolute(os.path.expanduser(registry)), storage)
 
 
 @st.cache_data(ttl=LIVE_TTL, show_spinner="Reading sweeps from object storage…")

@@ -24,6 +24,6 @@ def launch_command(storage: str, registry: str, port: int = 8501, host: str = "1
 
 
 def _absolute(location: str) -> str:
-    from crystalae.storage import is_remote
+    from crystalae.uri_fs import absolute
 
-    return location if is_remote(location) else str(Path(location).resolve())  # URIs (s3://...) stay as given
+    return str(absolute(location))  # URIs (s3://...) stay as given

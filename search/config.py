@@ -35,6 +35,11 @@ from crystalae.shards import PrepareOptions
 from crystalae.sources import SourceError, demo_count
 from crystalae.training import REPORTED_METRICS, TrainConfig
 
+__all__ = [
+    "DISTRIBUTIONS", "MODEL_PARAMS", "NOT_IDENTITY", "Param", "SPLIT_KEYS", "SweepConfig", "SweepConfigError",
+    "TRAIN_PARAMS", "VOXEL_PARAMS", "load_sweep_config", "parse_sweep_config", "split_options", "trial_overrides",
+]
+
 DISTRIBUTIONS = {"categorical", "uniform", "loguniform", "int"}
 # Which keys route where comes from the config classes' own field roles (see crystalae.config.set_by)
 VOXEL_PARAMS = field_names(VoxelConfig, searchable=True)
@@ -278,7 +283,7 @@ def _check_extremes(config: SweepConfig, fail) -> None:
     for value_of in [{}] + [{p.name: v} for p in config.search_space for v in p.extremes()]:
         where_value = f"search_space.{next(iter(value_of))}={next(iter(value_of.values()))!r}: " if value_of else ""
         try:
-            _, model_config, _ = trial_configs(config, value_of)
+            _, model_config, _ = _trial_configs(config, value_of)
             _build_on_meta(model_config)
         except (ConfigError, ValueError, RuntimeError) as exc:  # a network torch refuses to build, too
             fail(f"{where_value or 'data/model/train: '}{exc}")
@@ -316,7 +321,7 @@ def trial_overrides(sweep: SweepConfig, params: dict[str, Any]) -> tuple[dict, d
     return voxel, model, train
 
 
-def trial_configs(sweep: SweepConfig, params: dict[str, Any]) -> tuple[VoxelConfig, ModelConfig, TrainConfig]:
+def _trial_configs(sweep: SweepConfig, params: dict[str, Any]) -> tuple[VoxelConfig, ModelConfig, TrainConfig]:
     """The configs one trial builds from the sweep and its sampled `params` (species are the data's
     and are not known here, so a placeholder stands in)."""
     voxel, model, train = trial_overrides(sweep, params)

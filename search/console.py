@@ -15,6 +15,8 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+__all__ = ["PublishOnTrialEnd", "RAY_LOGGERS", "SweepConsole", "epochs_done", "ray_output_to"]
+
 RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data")
 _console: list[TextIO] = []  # the terminal while Ray's stdout goes to the log (innermost last)
 

@@ -20,8 +20,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from crystalae.storage import DamagedFileError, cache_for, download, is_file, is_remote, list_files, name_of, read_json
-from crystalae.storage import join as storage_join
+from crystalae.config import Objective, is_score
+from crystalae.uri_fs import DamagedFileError, absolute, cache_for, download, is_file, is_remote, list_files, name_of, read_json
+from crystalae.uri_fs import join as storage_join
+
+__all__ = [
+    "Budget", "CHECKPOINT_GLOB", "CheckpointRecord", "DATASETS_DIR", "EpochRecord", "LOG_FILE", "Objective",
+    "PARAMS_FILE", "RungRanking", "STUDY_FILE", "SUMMARY_FILE", "SWEEP_FILE", "SweepSummary", "TRIALS_DIR", "TUNE_DIR",
+    "Trial", "best_params", "collect_trials", "dataset_folders", "ended_runs", "export_record", "find_sweeps",
+    "is_sweep", "local_checkpoint", "local_root", "mirror_sweeps", "next_tune_dir", "promote_trial",
+    "recorded_statuses", "resolve_checkpoint", "spearman", "study_path", "sweep_config", "sweep_dataset", "sweep_dir",
+    "trial_folder", "tune_dirs",
+]
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "summary.json"
@@ -32,30 +42,6 @@ TUNE_DIR = "tune"
 PARAMS_FILE = "params.json"
 LOG_FILE = "ray.log"
 CHECKPOINT_GLOB = "checkpoint_*"  # Ray Train's checkpoint folder names
-
-
-@dataclass(frozen=True)
-class Objective:
-    metric: str
-    mode: str  # "min" or "max"
-
-    def best(self, items: list, value) -> Any:
-        """The item whose `value(item)` is best under this objective (None for no items); ties go to the
-        item listed first."""
-        return (min if self.mode == "min" else max)(items, key=value) if items else None
-
-    def at_least_as_good(self, a: float, b: float) -> bool:
-        return a <= b if self.mode == "min" else a >= b
-
-    @classmethod
-    def parse(cls, text: str, known: list[Objective]) -> Objective:
-        """`METRIC[:MODE]`; the mode may be left out for one of the sweep's own objectives."""
-        metric, _, mode = text.partition(":")
-        if not mode:
-            mode = next((o.mode for o in known if o.metric == metric), "")
-        if mode not in ("min", "max"):
-            raise ValueError(f"{text!r}: give the mode as METRIC:min or METRIC:max")
-        return cls(metric, mode)
 
 
 @dataclass(frozen=True)
@@ -136,7 +122,7 @@ class SweepSummary:
         pairs = []
         for t in self.trials:
             record = t.best_record
-            if record is not None and all(_number(record.metrics.get(o.metric)) for o in self.objectives):
+            if record is not None and all(is_score(record.metrics.get(o.metric)) for o in self.objectives):
                 pairs.append((t, record))
         return pairs
 
@@ -157,7 +143,7 @@ class SweepSummary:
         if prefer is None:
             raise ValueError(f"sweep {self.name} has one objective: name the metric to prefer (METRIC:min|max)")
         metric = self.objective.metric
-        pairs = sorted(((t, c) for t, c in self.scored() if _number(c.metrics.get(prefer.metric))),
+        pairs = sorted(((t, c) for t, c in self.scored() if is_score(c.metrics.get(prefer.metric))),
                        key=lambda p: _reached_at(*p, metric))
         if not pairs:
             raise ValueError(f"no checkpoint of sweep {self.name} has both {metric!r} and {prefer.metric!r}")
@@ -166,8 +152,12 @@ class SweepSummary:
         return prefer.best(close, lambda p: p[1].metrics[prefer.metric])
 
     def best_trial(self) -> Trial | None:
-        """The sweep's own rule: the trial whose best kept checkpoint scores best on the objective (on a tie,
-        the first to reach that value, as the live console reports it)."""
+        """The trial holding the sweep's best checkpoint (`best_checkpoint`'s rule, on the objective).
+
+        Returns:
+            The trial whose best kept checkpoint scores best on the objective; of equal values, the first to
+            reach it (as the live console reports it). None while no trial has a scored checkpoint.
+        """
         ranked = self.ranked_trials()
         return ranked[0] if ranked else None
 
@@ -178,13 +168,25 @@ class SweepSummary:
         return sorted(by_time, key=lambda t: t.best_value, reverse=self.objective.mode == "max")  # stable
 
     def best_checkpoint(self, metric: str | None = None, mode: str | None = None) -> tuple[Trial, CheckpointRecord]:
-        """(trial, checkpoint) scoring best on `metric` (default: the objective) over every kept checkpoint."""
+        """The best kept checkpoint of the whole sweep on `metric` (default: the objective), by the one rule
+        for "best" (`Objective.best`): numbers only; of equal values, the one whose trial reached the value
+        first, as the live console reports it. Each `Trial.best_checkpoint` follows the same rule.
+
+        Args:
+            metric: the metric to rank by; default, the sweep's objective.
+            mode: "min" or "max"; default, the objective's mode.
+
+        Returns:
+            (trial, checkpoint): the checkpoint's record and the trial that holds it.
+
+        Raises:
+            ValueError: no kept checkpoint has a numeric value of `metric`.
+        """
         objective = Objective(metric or self.objective.metric, mode or self.objective.mode)
-        pairs = sorted(((t, c) for t in self.trials for c in t.checkpoints if _number(c.metrics.get(objective.metric))),
-                       key=lambda p: _reached_at(*p, objective.metric))  # a tie goes to the first to reach it
-        if not pairs:
+        found = _best_checkpoint(self.trials, objective)
+        if found is None:
             raise ValueError(f"no checkpoint of sweep {self.name} has metric {objective.metric!r}")
-        return objective.best(pairs, lambda p: p[1].metrics[objective.metric])
+        return found
 
     def timeline(self) -> list[EpochRecord]:
         """Every trained epoch in the order it finished (epoch order within a trial; histories from
@@ -196,7 +198,7 @@ class SweepSummary:
                 seconds = float(h.get("epoch_seconds") or 0.0) + float(h.get("eval_seconds") or 0.0)
                 key = (float(h.get("finished_at") or 0.0), order, int(h.get("epoch", 0)))
                 rows.append((key, EpochRecord(t.trial_id, int(h.get("epoch", 0)), seconds,
-                                              float(value) if _number(value) and value == value else None)))
+                                              float(value) if is_score(value) else None)))
         return [record for _, record in sorted(rows, key=lambda r: r[0])]
 
     def rung_ranking(self, rung: int, final: str = "val_match_rate", full_only: bool = True) -> RungRanking:
@@ -210,8 +212,8 @@ class SweepSummary:
             if (full_only and t.status in ("early-stopped", "error")) or len(t.history) < max(rung, 1):
                 continue
             early = t.history[rung - 1].get(metric)
-            ends = [h.get(final) for h in t.history if _number(h.get(final)) and h.get(final) == h.get(final)]
-            if _number(early) and early == early and ends:
+            ends = [h.get(final) for h in t.history if is_score(h.get(final))]
+            if is_score(early) and ends:
                 points.append((t.trial_id, float(early), float(max(ends))))
         return RungRanking(rung, metric, final, points, spearman([p[1] for p in points], [p[2] for p in points]))
 
@@ -242,7 +244,7 @@ class SweepSummary:
 
 def sweep_dir(storage: str | Path, name: str) -> str | Path:
     """The sweep folder: `<storage>/<name>`, a local path or an object-storage URI (s3://...)."""
-    return storage_join(storage, name) if is_remote(storage) else Path(storage).resolve() / name
+    return storage_join(absolute(storage), name)
 
 
 def local_root(root: str | Path) -> Path:
@@ -363,32 +365,42 @@ def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> 
         statuses = recorded_statuses(root)
     objective = Objective(sweep.get("objective_metric", "val_score"), sweep.get("objective_mode", "max"))
     secondary = tuple(Objective(m, o) for m, o in zip(sweep.get("secondary_metrics", ()), sweep.get("secondary_modes", ())))
-    trials = []
     folders = sorted(p for p in (root / TRIALS_DIR).glob("*") if p.is_dir()) if (root / TRIALS_DIR).exists() else []
-    for folder in folders:
-        found = []
-        for config_file in folder.glob(f"{CHECKPOINT_GLOB}/config.json"):
-            try:
-                config = read_json(config_file)
-            except DamagedFileError as exc:  # one damaged checkpoint must not hide the sweep
-                warnings.warn(f"skipped a checkpoint: {exc}", stacklevel=2)
-                continue
-            found.append((CheckpointRecord(str(config_file.parent.relative_to(root)), config["epoch"], config["metrics"]),
-                          config.get("history", [])))
-        found.sort(key=lambda f: f[0].epoch)
-        checkpoints = [record for record, _ in found]
-        history = found[-1][1] if found else []  # the newest checkpoint carries the whole curve
-        best = objective.best([c for c in checkpoints if _number(c.metrics.get(objective.metric))],
-                              lambda c: c.metrics[objective.metric])
-        params_file = folder / PARAMS_FILE
-        trials.append(Trial(
-            trial_id=folder.name, params=read_json(params_file) if params_file.exists() else {},
-            status=_status(statuses, folder.name, len(history), sweep.get("epochs")), epochs=len(history),
-            history=history, checkpoints=checkpoints,
-            best_value=best.metrics.get(objective.metric) if best else None,
-            best_checkpoint=best.path if best else None,
-        ))
+    trials = []
+    for folder in folders:  # a loop, not a comprehension: the warnings' stacklevel names the caller
+        trials.append(_read_trial(root, folder, objective, statuses, sweep.get("epochs")))
     return SweepSummary(sweep.get("name", name), objective, trials, secondary)
+
+
+def _read_trial(root: Path, folder: Path, objective: Objective, statuses: dict[str, str] | None,
+                budget: int | None) -> Trial:
+    """One trial folder: its params, kept checkpoints (by epoch), history and best checkpoint."""
+    found = []
+    for config_file in folder.glob(f"{CHECKPOINT_GLOB}/config.json"):
+        try:
+            config = read_json(config_file)
+        except DamagedFileError as exc:  # one damaged checkpoint must not hide the sweep
+            warnings.warn(f"skipped a checkpoint: {exc}", stacklevel=3)
+            continue
+        found.append((CheckpointRecord(str(config_file.parent.relative_to(root)), config["epoch"], config["metrics"]),
+                      config.get("history", [])))
+    found.sort(key=lambda f: f[0].epoch)
+    history = found[-1][1] if found else []  # the newest checkpoint carries the whole curve
+    params_file = folder / PARAMS_FILE
+    trial = Trial(trial_id=folder.name, params=read_json(params_file) if params_file.exists() else {},
+                  status=_status(statuses, folder.name, len(history), budget), epochs=len(history),
+                  history=history, checkpoints=[record for record, _ in found], best_value=None, best_checkpoint=None)
+    best = _best_checkpoint([trial], objective)
+    if best is None:
+        return trial
+    return replace(trial, best_value=best[1].metrics[objective.metric], best_checkpoint=best[1].path)
+
+
+def _best_checkpoint(trials: list[Trial], objective: Objective) -> tuple[Trial, CheckpointRecord] | None:
+    """The one rule for the best kept checkpoint, of one trial or of a sweep: `objective.best` over the
+    checkpoints listed in the order their values were first reached (a tie goes to the first to reach it)."""
+    pairs = sorted(((t, c) for t in trials for c in t.checkpoints), key=lambda p: _reached_at(*p, objective.metric))
+    return objective.best(pairs, lambda p: p[1].metrics.get(objective.metric))
 
 
 def export_record(root: str | Path, out: str | Path) -> list[Path]:
@@ -426,23 +438,61 @@ def best_params(root: str | Path) -> list[dict[str, Any]]:
     return [t.params for t in collect_trials(root).ranked_trials()]
 
 
-def promote_best(root: str | Path, registry, name: str | None = None, alias: str | None = None,
-                 metric: str | None = None, mode: str | None = None, within: float | None = None,
-                 prefer: str | None = None, fit_prior: bool = False) -> dict[str, Any]:
-    """Promote the sweep's best kept checkpoint into `registry` (a crystalae.registry.Registry); with
-    `within`, the checkpoint `SweepSummary.pick` chooses (`prefer`: METRIC[:MODE]). With `fit_prior`,
-    a checkpoint without a latent prior gets one fitted on its trial's dataset first (see
-    `crystalae.prior`), so the version samples crystals where its decoder was trained."""
-    summary = collect_trials(root)
+def resolve_checkpoint(summary: SweepSummary, trial: str | None = None, metric: str | None = None,
+                       mode: str | None = None, within: float | None = None,
+                       prefer: str | None = None) -> tuple[Trial, CheckpointRecord]:
+    """The checkpoint a promote names: the best kept checkpoint (`SweepSummary.best_checkpoint`) of
+    `trial`, or of the whole sweep; with `within`, the one `SweepSummary.pick` chooses.
+
+    Args:
+        summary: the sweep (`collect_trials`).
+        trial: a trial id; default, every trial of the sweep.
+        metric, mode: what ranks the checkpoints; default, the sweep objective.
+        within: choose among trials within this distance of the best objective value...
+        prefer: ...the one best on this `METRIC[:MODE]` (default: the sweep's second objective).
+
+    Returns:
+        (trial, checkpoint record).
+
+    Raises:
+        ValueError: the sweep has no trial `trial`, or no checkpoint has the metric(s) to rank by.
+    """
+    if trial is not None:
+        if not any(t.trial_id == trial for t in summary.trials):
+            raise ValueError(f"sweep {summary.name} has no trial {trial!r}")
+        summary = summary.only(trial)
     if within is None:
-        trial, checkpoint = summary.best_checkpoint(metric, mode)
-    else:
-        trial, checkpoint = summary.pick(within, Objective.parse(prefer, summary.objectives) if prefer else None)
-    where = {"checkpoint": str(storage_join(root, checkpoint.path))} if is_remote(root) else {}
-    source = {**where, "sweep": summary.name, "trial": trial.trial_id, "epoch": checkpoint.epoch}
+        return summary.best_checkpoint(metric, mode)
+    return summary.pick(within, Objective.parse(prefer, summary.objectives) if prefer else None)
+
+
+def promote_trial(root: str | Path, registry, trial: str | None = None, *, name: str | None = None,
+                  alias: str | None = None, metric: str | None = None, mode: str | None = None,
+                  within: float | None = None, prefer: str | None = None, fit_prior: bool = False) -> dict[str, Any]:
+    """Promote the checkpoint `resolve_checkpoint` names (the best of `trial`, or of the whole sweep) into
+    `registry` (a crystalae.registry.Registry) as a new version of `name` (default: the sweep's name).
+    The CLI (`promote`, `demo`) and the dashboard promote trials only through here, so every version
+    promoted from a sweep records one `source`: {"checkpoint": its folder (absolute) or URI, "sweep",
+    "trial", "epoch"}, plus "latent_prior" when one was fitted.
+
+    With `fit_prior`, a checkpoint without a latent prior gets one fitted on its trial's dataset first
+    (see `crystalae.prior`), so the version samples crystals where its decoder was trained.
+
+    Returns:
+        The new version's manifest (`Registry.promote`).
+
+    Raises:
+        ValueError: as `resolve_checkpoint`, or `Registry.promote` (a bad name or alias, RegistryError; an
+            unreadable checkpoint, CheckpointError).
+    """
+    summary = collect_trials(root)
+    chosen, checkpoint = resolve_checkpoint(summary, trial, metric, mode, within, prefer)
     folder = local_checkpoint(root, checkpoint.path)
+    source = {"checkpoint": str(absolute(storage_join(root, checkpoint.path))), "sweep": summary.name,
+              "trial": chosen.trial_id, "epoch": checkpoint.epoch}
+    name = summary.name if name is None else name
     if not fit_prior:
-        return registry.promote(folder, name or summary.name, alias=alias, source=source)
+        return registry.promote(folder, name, alias=alias, source=source)
     import tempfile
 
     from crystalae.checkpoint import read_checkpoint
@@ -451,12 +501,11 @@ def promote_best(root: str | Path, registry, name: str | None = None, alias: str
     payload = read_checkpoint(folder)
     data = None if payload.get("latent_prior") is not None else sweep_dataset(root, payload["dataset_hash"])
     if data is None:  # it has a prior already, or the trial's dataset is gone: promote it as it is
-        return registry.promote(folder, name or summary.name, alias=alias, source=source)
+        return registry.promote(folder, name, alias=alias, source=source)
     with tempfile.TemporaryDirectory() as tmp:
         with_latent_prior(folder, data, Path(tmp) / "checkpoint")
-        return registry.promote(Path(tmp) / "checkpoint", name or summary.name, alias=alias,
-                                source={"checkpoint": str(where.get("checkpoint") or Path(folder).resolve()),
-                                        **source, "latent_prior": "fitted on the trial dataset's train split"})
+        return registry.promote(Path(tmp) / "checkpoint", name, alias=alias,
+                                source={**source, "latent_prior": "fitted on the trial dataset's train split"})
 
 
 def sweep_dataset(root: str | Path, dataset_hash: str) -> str | Path | None:
@@ -501,12 +550,9 @@ def _reached_at(trial: Trial, record: CheckpointRecord | None, metric: str) -> t
     not recorded)."""
     def time_of(metrics: dict[str, Any] | None) -> float:
         value = metrics.get("finished_at") if metrics else None
-        return float(value) if _number(value) else math.inf
+        return float(value) if is_score(value) else math.inf
 
     own = time_of(record.metrics if record else None)
     first = time_of(trial.first_reached(metric, record.metrics.get(metric))) if record else math.inf
     return min(first, own), own
 
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from crystalae import storage as store
+from crystalae import uri_fs
+from crystalae.locations import TRAIN
 from crystalae.search.config import SweepConfig, trial_overrides
 from crystalae.search.results import PARAMS_FILE, SWEEP_FILE, TRIALS_DIR, collect_trials, is_sweep, sweep_dir
 from crystalae.training import TrainConfig
@@ -39,11 +40,11 @@ def trial_recipe(storage: str | Path, ref: str) -> dict[str, Any]:
         root = sweep_dir(storage, sweep_name)
     if not is_sweep(root):
         raise ValueError(f"--from-trial {ref}: no sweep at {root} (its {SWEEP_FILE} is missing)")
-    params_file = store.join(root, TRIALS_DIR, trial_id, PARAMS_FILE)
-    if not store.is_file(params_file):
-        raise ValueError(f"--from-trial {ref}: sweep {store.name_of(root)} has no trial {trial_id!r} with {PARAMS_FILE}")
-    sweep = SweepConfig.from_dict(store.read_json(store.join(root, SWEEP_FILE)))
-    params = store.read_json(params_file)
+    params_file = uri_fs.join(root, TRIALS_DIR, trial_id, PARAMS_FILE)
+    if not uri_fs.is_file(params_file):
+        raise ValueError(f"--from-trial {ref}: sweep {uri_fs.name_of(root)} has no trial {trial_id!r} with {PARAMS_FILE}")
+    sweep = SweepConfig.from_dict(uri_fs.read_json(uri_fs.join(root, SWEEP_FILE)))
+    params = uri_fs.read_json(params_file)
     voxel, model, train = trial_overrides(sweep, params)
     trial = collect_trials(root).only(trial_id).trials
     best = trial[0].best_value if trial else None
@@ -55,7 +56,7 @@ def trial_recipe(storage: str | Path, ref: str) -> dict[str, Any]:
 
 
 def retrain_trial(storage: str | Path, ref: str, *, epochs: int | None = None, data: str | Path | None = None,
-                  train_overrides: dict[str, Any] | None = None, out: str | Path = "runs/train",
+                  train_overrides: dict[str, Any] | None = None, out: str | Path = TRAIN,
                   name: str | None = None, progress: bool = False, mlflow: str | None = None):
     """Train trial `ref`'s configuration again, at `epochs` (default: the sweep's budget).
 
@@ -77,7 +78,7 @@ def retrain_trial(storage: str | Path, ref: str, *, epochs: int | None = None, d
     wanted = sweep.voxel_config(recipe["voxel"])
     if data is None:  # the sweep's own shards; a sweep record (no datasets) prepares them beside the run
         data = dataset_folder(sweep, recipe["voxel"], recipe["root"])
-        if not store.exists(store.join(data, MANIFEST)):
+        if not uri_fs.exists(uri_fs.join(data, MANIFEST)):
             data = dataset_for(sweep, recipe["voxel"], out)
     elif config_of(data) != wanted:
         raise ValueError(f"--data {data} was prepared with {config_of(data)}, but trial {recipe['trial']} used "

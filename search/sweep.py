@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from crystalae import storage as store
+from crystalae import uri_fs
 from crystalae.dataset import MANIFEST
 from crystalae.files import write_json
+from crystalae.locations import SWEEPS
 from crystalae.provenance import provenance
 from crystalae.ray_shards import check_ray_address
 from crystalae.search.config import NOT_IDENTITY, SweepConfig, split_options, trial_overrides
@@ -41,6 +42,11 @@ from crystalae.search.results import (
 from crystalae.shards import prepare_dataset
 from crystalae.training import TrainConfig
 
+__all__ = [
+    "FAIL_ONCE_ENV", "RunPlan", "dataset_folder", "dataset_for", "publish_driver_files", "run_sweep", "run_trial",
+    "tracker_callbacks", "trial_settings", "warm_start_points",
+]
+
 FAIL_ONCE_ENV = "CRYSTALAE_FAIL_ONCE_DIR"  # fault injection for tests: each trial raises once
 
 
@@ -53,7 +59,7 @@ def dataset_for(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: str |
     """
     folder = dataset_folder(sweep, voxel_overrides, root)
     with _machine_lock(folder):
-        if not store.exists(store.join(folder, MANIFEST)):
+        if not uri_fs.exists(uri_fs.join(folder, MANIFEST)):
             prepare_dataset(sweep.data["source"], folder, sweep.voxel_config(voxel_overrides),
                             split_options(sweep.data), workers=1)
     return folder
@@ -66,12 +72,12 @@ def dataset_folder(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: st
     key = hashlib.sha256(json.dumps({"source": sweep.data["source"], "voxel": voxel.as_dict(),
                                      "options": [options.val_fraction, options.test_fraction]},
                                     sort_keys=True).encode()).hexdigest()[:16]
-    return store.join(root, DATASETS_DIR, key)
+    return uri_fs.join(root, DATASETS_DIR, key)
 
 
 def _machine_lock(folder: str | Path):
     """A file lock beside a local folder; object storage has none (see `dataset_for`)."""
-    if store.is_remote(folder):
+    if uri_fs.is_remote(folder):
         return contextlib.nullcontext()
     from filelock import FileLock
 
@@ -95,10 +101,10 @@ def run_trial(params: dict[str, Any], sweep_dict: dict[str, Any], root: str | Pa
     sweep = SweepConfig.from_dict(sweep_dict)
     trial_id = tune.get_context().get_trial_id()
     voxel, model, train_cfg = trial_settings(sweep, params)
-    store.write_json(store.join(trial_folder(root, trial_id), PARAMS_FILE), params)
+    uri_fs.write_json(uri_fs.join(trial_folder(root, trial_id), PARAMS_FILE), params)
     _maybe_fail_once(trial_id)
     data = dataset_for(sweep, voxel, root)
-    result = train(data, train_cfg, model, storage=store.join(root, TRIALS_DIR), name=trial_id,
+    result = train(data, train_cfg, model, storage=uri_fs.join(root, TRIALS_DIR), name=trial_id,
                    callbacks=[TuneReportCallback()], score=(sweep.objective_metric, sweep.objective_mode))
     if result.error is not None:
         raise result.error
@@ -127,7 +133,7 @@ def warm_start_points(sweep: SweepConfig) -> list[dict[str, Any]]:
     return points[:sweep.warm_start_trials]
 
 
-def run_sweep(sweep: SweepConfig, storage: str | Path = "runs/sweeps", address: str | None = None,
+def run_sweep(sweep: SweepConfig, storage: str | Path = SWEEPS, address: str | None = None,
               resume: bool = False) -> SweepSummary:
     """Run (or resume) a sweep; returns the summary that is also written to summary.json.
 
@@ -275,7 +281,7 @@ def _new_tuner(sweep: SweepConfig, root: str | Path, work: Path, trainable: Any,
                                     num_samples=plan.new_trials, max_concurrent_trials=sweep.max_concurrent,
                                     time_budget_s=sweep.time_budget_s),
         run_config=tune.RunConfig(
-            name=store.name_of(plan.experiment), storage_path=str(root), verbose=0,
+            name=uri_fs.name_of(plan.experiment), storage_path=str(root), verbose=0,
             callbacks=[console, PublishOnTrialEnd(publish_driver_files, work, root), *tracker_callbacks(sweep)],
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
     )
@@ -284,9 +290,9 @@ def _new_tuner(sweep: SweepConfig, root: str | Path, work: Path, trainable: Any,
 def publish_driver_files(work: Path, root: str | Path) -> None:
     """For a sweep on object storage: upload the driver's own files (config, Optuna study, log, and
     the summary last), so readers elsewhere see them. A local sweep writes them in place."""
-    if store.is_remote(root):
+    if uri_fs.is_remote(root):
         driver_files = (SWEEP_FILE, STUDY_FILE, LOG_FILE, SUMMARY_FILE)
-        store.upload(work, root, include=lambda name: name in driver_files, last=(SUMMARY_FILE,))
+        uri_fs.upload(work, root, include=lambda name: name in driver_files, last=(SUMMARY_FILE,))
 
 
 def _identity(sweep_dict: dict[str, Any]) -> dict[str, Any]:
@@ -303,4 +309,4 @@ def _params_key(params: dict[str, Any]) -> str:
 def _absolute_source(source: str | list) -> str | list:
     if isinstance(source, (list, tuple)):
         return [_absolute_source(part) for part in source]
-    return source if str(source).startswith("demo") or "://" in str(source) else str(Path(source).resolve())
+    return source if str(source).startswith("demo") else str(uri_fs.absolute(source))

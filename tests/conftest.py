@@ -72,7 +72,7 @@ def tiny_sweep(tmp_path_factory):
 
     from crystalae.registry import Registry
     from crystalae.search.config import load_sweep_config
-    from crystalae.search.results import promote_best, sweep_dir
+    from crystalae.search.results import promote_trial, sweep_dir
     from crystalae.search.sweep import run_sweep
 
     base = tmp_path_factory.mktemp("sweep")
@@ -87,7 +87,7 @@ def tiny_sweep(tmp_path_factory):
     finally:
         ray.shutdown()
     root = sweep_dir(storage, "tiny")
-    promote_best(root, Registry(base / "registry"), alias="champion")
+    promote_trial(root, Registry(base / "registry"), alias="champion")
     return {"storage": storage, "root": root, "registry": base / "registry", "config": config, "summary": summary,
             "mlflow": f"sqlite:///{base}/mlflow.db"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from crystalae import storage
+from crystalae import uri_fs
 from crystalae.cli import main
 from crystalae.dataset import read_manifest
 from tests.conftest import TINY_SWEEP
@@ -29,8 +29,8 @@ def test_prepare_into_s3_is_the_local_dataset_and_resumes(s3_bucket, tmp_path, f
     local, published = read_manifest(tmp_path / "local"), read_manifest(remote)
     assert published["shards"] == local["shards"] and published["dataset_hash"] == local["dataset_hash"]
     # a run killed after some shards: the manifest and one shard's record are gone, the rest is kept
-    storage.remove_tree(f"{remote}/manifest.json")
-    storage.remove_tree(f"{remote}/shards/shard-00002.json")
+    uri_fs.remove_tree(f"{remote}/manifest.json")
+    uri_fs.remove_tree(f"{remote}/shards/shard-00002.json")
     assert main([*args, "--out", remote]) == 0
     assert read_manifest(remote)["dataset_hash"] == local["dataset_hash"]
     assert main([*args[:3], "--grid", "12", "--out", remote]) == 2  # other settings: refused, nothing lost
@@ -53,7 +53,7 @@ def test_sweep_promote_and_dashboard_on_s3(s3_bucket, tmp_path, fresh_cache, mon
         assert main(["sweep", str(config), "--storage", sweeps]) == 0
     finally:
         ray.shutdown()
-    stored = dict(storage.list_files(f"{sweeps}/s3sweep"))
+    stored = dict(uri_fs.list_files(f"{sweeps}/s3sweep"))
     for name in ("sweep.json", "summary.json", "optuna.db", "ray.log"):
         assert name in stored, sorted(stored)
     assert any(n.startswith("trials/") and n.endswith("/checkpoint.pt") for n in stored)
@@ -65,11 +65,11 @@ def test_sweep_promote_and_dashboard_on_s3(s3_bucket, tmp_path, fresh_cache, mon
     assert all(t.status == "finished" for t in summary.trials)
     assert study_path(f"{sweeps}/s3sweep").is_file()
     assert main(["promote", "--best", "s3sweep", "--storage", sweeps, "--registry", registry, "--alias", "champion"]) == 0
-    assert "manifest.json" in dict(storage.list_files(f"{registry}/s3sweep/v1"))
+    assert "manifest.json" in dict(uri_fs.list_files(f"{registry}/s3sweep/v1"))
     trial = summary.trials[0].trial_id
     assert main(["promote", f"s3sweep/{trial}", "--storage", sweeps, "--registry", registry]) == 0  # RUN/TRIAL form
-    assert "manifest.json" in dict(storage.list_files(f"{registry}/s3sweep/v2"))
-    assert storage.read_json(f"{registry}/aliases.json") == {"champion": "s3sweep@1"}
+    assert "manifest.json" in dict(uri_fs.list_files(f"{registry}/s3sweep/v2"))
+    assert uri_fs.read_json(f"{registry}/aliases.json") == {"champion": "s3sweep@1"}
 
     fresh_cache("cache-c")
     folder = Registry(registry).resolve("champion")
@@ -97,8 +97,8 @@ def test_a_source_on_s3_reads_like_the_local_one(s3_bucket, tmp_path, fresh_cach
     from crystalae.sources import list_entries
 
     local_csv, local_folder, _ = mixed_sources
-    storage.upload_file(local_csv, f"{s3_bucket}/src/mixed.csv")
-    storage.upload(local_folder, f"{s3_bucket}/src/folder")
+    uri_fs.upload_file(local_csv, f"{s3_bucket}/src/mixed.csv")
+    uri_fs.upload(local_folder, f"{s3_bucket}/src/folder")
     remote = [f"{s3_bucket}/src/mixed.csv", f"{s3_bucket}/src/folder"]
     assert [(e.material_id, e.text, e.duplicate_of) for e in list_entries(remote)] == \
         [(e.material_id, e.text, e.duplicate_of) for e in list_entries([local_csv, local_folder])]
@@ -123,7 +123,7 @@ def test_registry_on_s3_versions_aliases_and_a_second_writer(s3_bucket, tmp_path
     stale._refresh = lambda: None
     with pytest.raises(RegistryError, match="another writer"):
         stale.promote(tiny_checkpoint, "m")
-    assert sorted(name for name, _ in storage.list_files(location) if name.endswith("manifest.json")) == \
+    assert sorted(name for name, _ in uri_fs.list_files(location) if name.endswith("manifest.json")) == \
         ["m/v1/manifest.json", "m/v2/manifest.json"]
     assert other.set_alias("champion", "m@2") == "m@2"
     fresh_cache("cache-d")
@@ -160,17 +160,17 @@ def test_m8_m9_l14_l15_registry_on_s3_is_the_store_not_a_stale_mirror(s3_server,
     Registry(location).promote(tiny_checkpoint, "m")
     # M8: a second writer claims v2 while the first waits on its claim: the first fails, v2 is the second's
     first = Registry(location)
-    second_claim = storage.join(location, "m", "v2", registry_module.CLAIM)
-    monkeypatch.setattr(registry_module.time, "sleep", lambda s: storage.write_text(second_claim, "the-other-writer"))
+    second_claim = uri_fs.join(location, "m", "v2", registry_module.CLAIM)
+    monkeypatch.setattr(registry_module.time, "sleep", lambda s: uri_fs.write_text(second_claim, "the-other-writer"))
     with pytest.raises(RegistryError, match="taken by another writer"):
         first.promote(tiny_checkpoint, "m")
-    assert not storage.exists(storage.join(location, "m", "v2", "manifest.json"))
-    assert storage.read_text(second_claim) == "the-other-writer"  # the winner's claim is left alone
+    assert not uri_fs.exists(uri_fs.join(location, "m", "v2", "manifest.json"))
+    assert uri_fs.read_text(second_claim) == "the-other-writer"  # the winner's claim is left alone
     # M9: a version deleted from the store is no longer listed or served by a mirror that had it
     fresh_cache("cache-m9")
     reader = Registry(location)
     assert [e["ref"] for e in reader.entries()] == ["m@1"]
-    storage.remove_tree(storage.join(location, "m", "v1"))
+    uri_fs.remove_tree(uri_fs.join(location, "m", "v1"))
     assert reader.entries() == []
     with pytest.raises(RegistryError):
         reader.resolve("m@1")

@@ -551,7 +551,7 @@ def test_m5_a_cif_symmetry_bomb_is_rejected_before_it_is_built(tmp_path, capsys)
 
 def test_l11_m7_damaged_sweep_files_are_named_and_one_damaged_checkpoint_hides_nothing_else(tmp_path):
     from crystalae.search.results import collect_trials, sweep_config
-    from crystalae.storage import DamagedFileError
+    from crystalae.uri_fs import DamagedFileError
 
     root = tmp_path / "sweeps" / "broken"
     for trial in ("a", "b"):

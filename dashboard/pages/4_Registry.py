@@ -9,6 +9,7 @@ import streamlit as st
 from crystalae.checkpoint import FILENAME
 from crystalae.dashboard import data, views
 from crystalae.registry import Registry, lineage_text
+from crystalae.search.results import promote_trial
 
 st.set_page_config(page_title="Registry · crystalae", page_icon="💎", layout="wide")
 if "promote_message" not in st.session_state:
@@ -81,8 +82,8 @@ st.caption(f"Checkpoint: `{checkpoint}`")
 def promote() -> None:
     """Button callback: runs before the rerun, so it may reset the confirmation checkbox."""
     try:
-        manifest = Registry(paths.registry).promote(checkpoint, name, alias=alias,
-                                                    source={"sweep": summary.name, "trial": trial.trial_id})
+        # the trial's best checkpoint (the one shown above), recorded as every promote from a sweep records it
+        manifest = promote_trial(root, Registry(paths.registry), trial.trial_id, name=name, alias=alias)
     except (ValueError, OSError) as exc:  # bad name/alias (SweepConfigError), CheckpointError
         st.session_state.promote_message = ("error", f"Promotion failed: {exc}")
         return

@@ -1,4 +1,6 @@
-"""Where a location lives: a local path or a pyarrow filesystem URI (s3://, gs://, ...).
+"""Files at a location that is a local path or a pyarrow filesystem URI (s3://, gs://, ...): a small
+filesystem API over both (named `uri_fs`, not `storage`, which is what functions call their folder-or-URI
+parameter).
 
 Every function takes either kind, so callers never branch on it. Credentials and endpoints come from the
 usual environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), read by pyarrow itself.
@@ -23,6 +25,13 @@ import pyarrow as pa
 from pyarrow.fs import FileInfo, FileSelector, FileSystem, FileType, LocalFileSystem, copy_files
 
 from crystalae import files
+
+__all__ = [
+    "DamagedFileError", "Location", "absolute", "cache_for", "cache_root", "check_bucket", "download", "download_file",
+    "exists", "filesystem", "is_file", "is_remote", "join", "list_files", "local_path_of", "name_of", "open_input",
+    "open_output", "read_bytes", "read_json", "read_text", "remove_tree", "upload", "upload_file", "write_bytes",
+    "write_json", "write_text",
+]
 
 Location = str | Path
 
@@ -73,6 +82,12 @@ def filesystem(location: Location) -> tuple[FileSystem, str]:
     fs, root = _remote_root(parts.scheme.lower(), parts.netloc, env)
     path = parts.path.strip("/")
     return fs, f"{root.rstrip('/')}/{path}" if path else root
+
+
+def absolute(location: Location) -> str | Path:
+    """`location` as another process or machine can use it: a URI as given, a local path (or file:// URI)
+    made absolute (a Path)."""
+    return location if is_remote(location) else local_path_of(location).resolve()
 
 
 def exists(location: Location) -> bool:
@@ -141,8 +156,8 @@ def write_text(location: Location, text: str) -> None:
 
 
 def write_json(location: Location, data: Any) -> None:
-    """Write JSON the same way as crystalae.files.write_json."""
-    write_text(location, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write JSON in the one form crystalae writes it (`crystalae.files.json_text`)."""
+    write_text(location, files.json_text(data))
 
 
 @contextmanager
@@ -156,15 +171,8 @@ def open_output(location: Location) -> Iterator[BinaryIO]:
                 yield handle
             upload_file(spool, location)
         return
-    path = local_path_of(location)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-    try:
-        with open(tmp, "xb") as handle:  # not mkstemp: that one makes the file 0600
-            yield handle
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with files.atomic_path(local_path_of(location)) as tmp, open(tmp, "wb") as handle:
+        yield handle
 
 
 def _listing(location: Location) -> tuple[FileSystem, list[tuple[str, FileInfo]]]:
