@@ -180,17 +180,8 @@ class Registry:
                 shutil.copy2(folder / FILENAME, staging / FILENAME)
                 if (folder / "config.json").exists():
                     shutil.copy2(folder / "config.json", staging / "config.json")
-                manifest = {
-                    "name": name, "version": version, "ref": f"{name}@{version}",
-                    "sha256": sha256_file(staging / FILENAME), "metrics": payload["metrics"],
-                    "epoch": payload["epoch"], "model_config": payload["model_config"],
-                    "voxel_config": payload["voxel_config"], "train_config": payload["train_config"],
-                    "dataset_hash": payload["dataset_hash"], "lineage": payload.get("lineage"),
-                    "source": {"checkpoint": str(Path(checkpoint).resolve()), **(source or {})},
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    # the checkpoint's own versions (what trained it) and this promote's
-                    "provenance": {"trained_with": payload.get("versions"), **provenance()},
-                }
+                manifest = _manifest(name, version, payload, sha256_file(staging / FILENAME),
+                                     {"checkpoint": str(Path(checkpoint).resolve()), **(source or {})})
                 write_json(staging / "manifest.json", manifest)
                 if alias is not None:  # a promote killed after the rename still moves its alias (next open)
                     pending.write_text(alias, encoding="utf-8")
@@ -348,6 +339,19 @@ class Registry:
                     continue
                 result.append({**manifest, "aliases": sorted(by_ref.get(ref, []))})
         return result
+
+
+def _manifest(name: str, version: int, payload: dict[str, Any], sha256: str, source: dict[str, Any]) -> dict[str, Any]:
+    """A version's manifest.json: what it is, where it came from, and what made it."""
+    return {
+        "name": name, "version": version, "ref": f"{name}@{version}", "sha256": sha256,
+        "metrics": payload["metrics"], "epoch": payload["epoch"], "model_config": payload["model_config"],
+        "voxel_config": payload["voxel_config"], "train_config": payload["train_config"],
+        "dataset_hash": payload["dataset_hash"], "lineage": payload.get("lineage"), "source": source,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # the checkpoint's own versions (what trained it) and this promote's
+        "provenance": {"trained_with": payload.get("versions"), **provenance()},
+    }
 
 
 def _pending_alias_file(version_folder: Path) -> Path:
