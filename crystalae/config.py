@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 
 __all__ = [
     "BoxMode", "ConfigError", "MAX_GRID", "MAX_Z", "NAME", "Objective", "Reduction", "Representation", "StrictConfig",
-    "VoxelConfig", "check_name", "field_choices", "field_names", "grid_problem", "in_range", "is_score", "searchable",
+    "VoxelConfig", "check_name", "field_names", "grid_problem", "in_range", "is_score", "searchable",
     "set_by",
 ]
 
@@ -240,12 +240,3 @@ class VoxelConfig(StrictConfig):
             in_range(self, "cutoff_sigmas", 2, 10),
             in_range(self, "seed", 0),
         ]
-
-
-def _hint(name: str) -> Any:
-    return typing.get_type_hints(VoxelConfig)[name]
-
-
-def field_choices(name: str) -> tuple[Any, ...]:
-    """Allowed values of a Literal-typed field (empty for free-valued fields)."""
-    return typing.get_args(_hint(name))
