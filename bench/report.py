@@ -18,11 +18,12 @@ def report(figures: dict[str, Any], out: Path | None, hide: tuple[str, ...] = ()
 
 
 def relative(path: Path | str) -> str:
-    """Paths recorded relative to the repository (or its parent, for ../shared)."""
+    """Paths recorded relative to the repository (or its parent, for ../shared); a path elsewhere on
+    this machine keeps only its last two parts (".../train/RUN"), never an absolute path."""
     path = Path(path).resolve()
     for base, prefix in ((ROOT, ""), (ROOT.parent, "../")):
         try:
             return prefix + str(path.relative_to(base))
         except ValueError:
             continue
-    return str(path)
+    return ".../" + "/".join(path.parts[-2:])
