@@ -129,14 +129,15 @@ class CrystalModel:
         Raises `crystalae.sources.StructureError` naming the first structure that cannot be used
         (too many atoms, atoms closer than 0.5 Å, elements outside the model's range).
         """
+        from crystalae.generate import unknown_elements
+
         voxel = self.loaded.voxel
-        known = set(self.loaded.model_config.species)
         out = []
         for k, structure in enumerate(as_structures(structures)):
             try:
                 check_structure(structure)
-                unknown = sorted({site.specie.symbol for site in structure if site.specie.Z not in known})
-                if known and unknown:
+                unknown = unknown_elements(self.loaded, structure)
+                if unknown:
                     raise StructureError(f"elements {', '.join(unknown)} were never in this model's training data")
                 reduced = reduce_cell(structure, voxel.reduce)
                 out.append(voxelize(reduced, voxel, np.eye(3)))  # as given: no augmentation rotation
@@ -162,14 +163,9 @@ class CrystalModel:
 
     def reconstruct(self, structures: StructureLike | Iterable[StructureLike]) -> list[Structure | None]:
         """Each structure encoded and decoded again (what `crystalae reconstruct` scores)."""
-        from crystalae.generate import decode_to_structures, encode
+        from crystalae.generate import reconstruct_densities
 
-        densities = self.densities(structures)
-        out: list[Structure | None] = []
-        for i in range(0, len(densities), 32):
-            part = densities[i : i + 32]
-            out += decode_to_structures(self.loaded, encode(self.loaded, part), part)
-        return out
+        return reconstruct_densities(self.loaded, self.densities(structures))
 
     def sample(self, n: int, seed: int | None = None, temperature: float | None = None,
                prior: str = "auto") -> list[Structure | None]:
@@ -183,17 +179,18 @@ class CrystalModel:
 
     def interpolate(self, a: StructureLike, b: StructureLike, steps: int = 8) -> list[Structure | None]:
         """`steps` crystals decoded along the straight line between the latents of `a` and `b`."""
+        from crystalae.generate import interpolate
+
         if steps < 2:
             raise ValueError(f"steps must be at least 2, got {steps}")
-        z = self.encode([*as_structures(a)[:1], *as_structures(b)[:1]])
-        t = np.linspace(0.0, 1.0, steps)[:, None]
-        return self.decode((1 - t) * z[0] + t * z[1])
+        first, second = self.densities([*as_structures(a)[:1], *as_structures(b)[:1]])
+        return interpolate(self.loaded, first, second, steps)
 
     def alter(self, structure: StructureLike, scale: float = 0.1, n: int = 1, seed: int = 0) -> list[Structure | None]:
         """`n` variants of `structure`: its latent moved by `scale` times unit Gaussian noise."""
-        z = self.encode(as_structures(structure)[:1])
-        noise = np.random.default_rng(seed).standard_normal((n, self.latent_dim))
-        return self.decode(z + scale * noise)
+        from crystalae.generate import alter
+
+        return alter(self.loaded, self.densities(as_structures(structure)[:1])[0], scale, n, seed)
 
     def _latents(self, latents: Any) -> torch.Tensor:
         z = torch.as_tensor(np.asarray(latents, dtype=np.float32))

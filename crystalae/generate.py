@@ -138,15 +138,10 @@ def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit:
     items = voxelized_source(loaded, source, limit=limit)
     good = [it for it in items if "density" in it]
     _warn_unknown_elements(loaded, [it["structure"] for it in good])
-    with tqdm(total=len(good), desc="reconstruct", unit="crystal", disable=None) as bar:
-        for start in range(0, len(good), batch_size):
-            part = good[start : start + batch_size]
-            densities = [it["density"] for it in part]
-            for it, predicted in zip(part, decode_to_structures(loaded, encode(loaded, densities), densities)):
-                it.update(compare(predicted, it["structure"]))
-                it["cif"] = predicted.to(fmt="cif") if predicted is not None else ""
-                it["error"] = "" if predicted is not None else "no atoms decoded"
-            bar.update(len(part))
+    for it, predicted in zip(good, reconstruct_densities(loaded, [it["density"] for it in good], batch_size)):
+        it.update(compare(predicted, it["structure"]))
+        it["cif"] = predicted.to(fmt="cif") if predicted is not None else ""
+        it["error"] = "" if predicted is not None else "no atoms decoded"
     rows = [{"cif": "", "error": "", **it} for it in items]
     valid = [r for r in rows if "density" in r]  # read and voxelized; the rest are rejected inputs
     metrics = {"source": str(source), "entries": len(rows), "rejected_inputs": len(rows) - len(valid),
@@ -156,14 +151,31 @@ def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit:
     return metrics
 
 
+def reconstruct_densities(loaded: LoadedModel, densities: list, batch_size: int = 32) -> list[Structure | None]:
+    """Each density encoded and decoded again, in batches (the input's lattice serves box models)."""
+    out: list[Structure | None] = []
+    with tqdm(total=len(densities), desc="reconstruct", unit="crystal", disable=None) as bar:
+        for start in range(0, len(densities), batch_size):
+            part = densities[start : start + batch_size]
+            out += decode_to_structures(loaded, encode(loaded, part), part)
+            bar.update(len(part))
+    return out
+
+
+def unknown_elements(loaded: LoadedModel, structure: Structure) -> list[str]:
+    """Symbols of the elements of `structure` the model was never trained on (none for a model that
+    records no species)."""
+    known = set(loaded.model_config.species)
+    return sorted(el.symbol for el in structure.composition.elements if known and el.Z not in known)
+
+
 def _warn_unknown_elements(loaded: LoadedModel, structures: list[Structure]) -> None:
     """Say so when crystals hold elements the model never saw: their reconstructions cannot match."""
-    known = set(loaded.model_config.species)
-    foreign = [s for s in structures if any(el.Z not in known for el in s.composition.elements)]
-    if known and foreign:
-        elements = sorted({el.symbol for s in foreign for el in s.composition.elements if el.Z not in known})
+    foreign = [unknown_elements(loaded, s) for s in structures]
+    if any(foreign):
+        elements = sorted({symbol for found in foreign for symbol in found})
         log.warning("%d of %d crystals hold elements this model was never trained on (%s%s); their "
-                    "reconstructions cannot match", len(foreign), len(structures), ", ".join(elements[:8]),
+                    "reconstructions cannot match", sum(map(bool, foreign)), len(structures), ", ".join(elements[:8]),
                     " ..." if len(elements) > 8 else "")
 
 
