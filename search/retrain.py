@@ -48,11 +48,23 @@ def trial_recipe(storage: str | Path, ref: str) -> dict[str, Any]:
     voxel, model, train = trial_overrides(sweep, params)
     trial = collect_trials(root).only(trial_id).trials
     best = trial[0].best_value if trial else None
-    lineage = {"sweep": sweep.name, "sweep_dir": str(root), "trial": trial_id, "params": params,
+    lineage = {"sweep": sweep.name, "sweep_dir": _recorded(root), "trial": trial_id, "params": params,
                "objective": {"metric": sweep.objective_metric, "mode": sweep.objective_mode, "trial_best": best},
                "trial_epochs": sweep.epochs}
     return {"sweep": sweep, "root": root, "trial": trial_id, "params": params, "voxel": voxel, "model": model,
             "train": train, "lineage": lineage}
+
+
+def _recorded(root: str | Path) -> str:
+    """How lineage names the sweep folder: relative to the working directory where it lies below it,
+    so a checkpoint exported from a project records no path of the machine that trained it."""
+    if uri_fs.is_remote(root):
+        return str(root)
+    path = Path(root).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def retrain_trial(storage: str | Path, ref: str, *, epochs: int | None = None, data: str | Path | None = None,

@@ -2,6 +2,7 @@
 crystals (our test split of the shared data) at about the rate their RESULTS.json records."""
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 from conftest import shared_csv
@@ -82,3 +83,16 @@ def test_shipped_models_sample_from_their_fitted_prior(name):
     assert loaded.meta["latent_prior"] is not None
     valid = [validity(s)["structural_valid"] for s in sample(loaded, 40, seed=11)]
     assert sum(valid) / len(valid) >= 0.85
+
+
+def test_shipped_perov_lineage_names_the_committed_sweep_record(monkeypatch):
+    """The retrain command's lineage, rebuilt from the committed sweep record, names that record by a
+    path inside the project (no folder of the machine that ran it), and matches the shipped model's."""
+    from crystalae.search.retrain import trial_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = json.loads((root / "pretrained/perov_5/RESULTS.json").read_text())["lineage"]
+    monkeypatch.chdir(root)
+    recipe = trial_recipe(root / "search/sweeps", f"{shipped['sweep']}/{shipped['trial']}")
+    assert recipe["lineage"]["sweep_dir"] == shipped["sweep_dir"] == "search/sweeps/perov_5"
+    assert recipe["params"] == shipped["params"]
