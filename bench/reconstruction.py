@@ -55,7 +55,7 @@ def load_recipe(path: Path) -> dict:
     return recipe
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path)
     parser.add_argument("--run", type=Path, help="score a finished training run folder instead of a recipe")
@@ -70,37 +70,66 @@ def main() -> None:
     parser.add_argument("--score-only", action="store_true",
                         help="train no further: score (and export) the best checkpoint of the run as it stands")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-
     if (args.recipe is None) == (args.run is None):
         parser.error("give --recipe (train, then score) or --run (score a finished run)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    warnings.filterwarnings("ignore")
     started = time.perf_counter()
+    job = finished_run(args) if args.run is not None else recipe_run(args)
+    job["prepare_seconds"] = time.perf_counter() - started
+    if args.run is None:  # a recipe: train it (or take its run as it stands)
+        job["best"], job["last"] = trained(args, job)
+    figures, loaded = score(args, job)
+    out = args.out or ROOT / "bench/results" / f"reconstruction_{job['name']}.json"
+    report(figures, out, hide=("history", "test_per_element_accuracy"))
+    if args.export:
+        export(args, job["best"], figures, latent_prior=loaded.meta.get("latent_prior") if args.run else None)
+
+
+def finished_run(args: argparse.Namespace) -> dict:
+    """What --run scores: its best kept checkpoint (by the chosen rule) and the dataset it trained on."""
+    best, last = run_checkpoints(args.run)
     selection = None
-    if args.run is not None:
-        best, last = run_checkpoints(args.run)
-        if args.select == "full-val":
-            best, selection = select_on_validation(args.run)
-        payload = read_checkpoint(best)
-        recipe, name = {"samples": 200, "train": payload["train_config"]}, args.run.name
-        data, sources = run_dataset(payload), []
-        voxel = VoxelConfig.from_dict(payload["voxel_config"])
-    else:
-        recipe = load_recipe(args.recipe)
-        name = args.recipe.stem if args.recipe.stem != "recipe" else args.recipe.parent.name
-        data, sources = recipe_dataset(recipe, args.datasets, args.work)
-        voxel = VoxelConfig.from_dict(recipe.get("voxel") or {})
-    prepare_seconds = time.perf_counter() - started
-    cfg = TrainConfig.from_dict({**(recipe.get("train") or {}), **({"use_gpu": True} if args.gpu else {})})
-    if args.run is not None:
-        pass  # scored as it stands
-    elif args.score_only:
-        best, last = run_checkpoints(args.work / "runs" / name)
-    else:
-        result = train(data, cfg, recipe.get("model") or {}, storage=args.work / "runs", name=name)
-        if result.error:
-            raise SystemExit(f"training failed: {result.error}")
-        best = best_checkpoint_path(result)
-        last = read_checkpoint(result.checkpoint.path)["epoch"] + 1
+    if args.select == "full-val":
+        best, selection = select_on_validation(args.run)
+    payload = read_checkpoint(best)
+    return {"recipe": {"samples": 200, "train": payload["train_config"]}, "name": args.run.name,
+            "data": run_dataset(payload), "sources": [], "voxel": VoxelConfig.from_dict(payload["voxel_config"]),
+            "best": best, "last": last, "selection": selection}
+
+
+def recipe_run(args: argparse.Namespace) -> dict:
+    """What --recipe trains: its dataset, prepared once under --work."""
+    recipe = load_recipe(args.recipe)
+    data, sources = recipe_dataset(recipe, args.datasets, args.work)
+    return {"recipe": recipe, "name": args.recipe.stem if args.recipe.stem != "recipe" else args.recipe.parent.name,
+            "data": data, "sources": sources, "voxel": VoxelConfig.from_dict(recipe.get("voxel") or {}),
+            "selection": None}
+
+
+def train_config(args: argparse.Namespace, recipe: dict) -> TrainConfig:
+    return TrainConfig.from_dict({**(recipe.get("train") or {}), **({"use_gpu": True} if args.gpu else {})})
+
+
+def trained(args: argparse.Namespace, job: dict) -> tuple[str, int]:
+    """(best checkpoint, epochs run) of the recipe's run: trained (or resumed) here, or as it stands."""
+    if args.score_only:
+        return run_checkpoints(args.work / "runs" / job["name"])
+    cfg = train_config(args, job["recipe"])
+    result = train(job["data"], cfg, job["recipe"].get("model") or {}, storage=args.work / "runs", name=job["name"])
+    if result.error:
+        raise SystemExit(f"training failed: {result.error}")
+    return best_checkpoint_path(result), read_checkpoint(result.checkpoint.path)["epoch"] + 1
+
+
+def score(args: argparse.Namespace, job: dict):
+    """The figures of the job's best checkpoint on the test split, and the loaded model."""
+    best, data, recipe = job["best"], job["data"], job["recipe"]
+    cfg = train_config(args, recipe)
     payload = read_checkpoint(best)
     history = payload.get("history") or []
     device = torch.device("cuda" if args.gpu and torch.cuda.is_available() else "cpu")
@@ -115,10 +144,10 @@ def main() -> None:
     figures = {
         "recipe": relative(args.recipe) if args.recipe else None, "run": relative(args.run) if args.run else None,
         "lineage": {**lineage, "sweep_dir": relative(lineage["sweep_dir"])} if (lineage := payload.get("lineage")) else None,
-        "dataset": [relative(s) for s in sources],
+        "dataset": [relative(s) for s in job["sources"]],
         "dataset_hash": read_manifest(data)["dataset_hash"], "species_from": loaded.model_config.species_from,
-        "grid": voxel.grid, "sigma": voxel.sigma, "epochs_trained": payload["epoch"] + 1, "epochs_run": last,
-        "epochs_scheduled": cfg.epochs, "seed": cfg.seed,
+        "grid": job["voxel"].grid, "sigma": job["voxel"].sigma, "epochs_trained": payload["epoch"] + 1,
+        "epochs_run": job["last"], "epochs_scheduled": cfg.epochs, "seed": cfg.seed,
         "train_rows": read_table(data, split="train", columns=["split"]).num_rows, "test_rows": test.num_rows,
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "test_match_rate": metrics["match_rate"], "test_rms": metrics["rms"],
@@ -134,22 +163,24 @@ def main() -> None:
         else sum(v["smact_valid"] for v in valid) / max(count, 1),
         # training time as recorded per epoch by the run (all resumed pieces together), and the
         # validation curve against it: when each validation match rate was first reached
-        "train_seconds": round(train_seconds, 1), "prepare_seconds": round(prepare_seconds, 1),
+        "train_seconds": round(train_seconds, 1), "prepare_seconds": round(job["prepare_seconds"], 1),
         "time_to_val_match": time_to_match(history), "device": str(device),
-        "checkpoint_selection": selection or "best validation score in the run's history",
+        "checkpoint_selection": job["selection"] or "best validation score in the run's history",
         "history": [{k: h.get(k) for k in ("epoch", "epoch_seconds", "lr", "train_loss", "val_loss", "val_match_rate",
                                           "val_species_accuracy", "val_atom_count_rate", "val_score")} for h in history],
     }
-    out = args.out or ROOT / "bench/results" / f"reconstruction_{name}.json"
-    report(figures, out, hide=("history", "test_per_element_accuracy"))
-    if args.export:
-        export_checkpoint(best, args.export, latent_prior=loaded.meta.get("latent_prior") if args.run else None)
-        if args.recipe and args.recipe.resolve() != (args.export / "recipe.yaml").resolve():
-            shutil.copyfile(args.recipe, args.export / "recipe.yaml")
-        given = f"--recipe {relative(args.recipe)}" if args.recipe else f"--run {relative(args.run)}"
-        command = f"python bench/reconstruction.py {given} --export {relative(args.export)}"
-        write_json(args.export / "RESULTS.json", {"command": command, **figures})  # atomic: temp file + rename
-        print(f"exported {best} -> {args.export}")
+    return figures, loaded
+
+
+def export(args: argparse.Namespace, best: str, figures: dict, latent_prior) -> None:
+    """The scored checkpoint as a reference model folder, with its recipe and RESULTS.json."""
+    export_checkpoint(best, args.export, latent_prior=latent_prior)
+    if args.recipe and args.recipe.resolve() != (args.export / "recipe.yaml").resolve():
+        shutil.copyfile(args.recipe, args.export / "recipe.yaml")
+    given = f"--recipe {relative(args.recipe)}" if args.recipe else f"--run {relative(args.run)}"
+    command = f"python bench/reconstruction.py {given} --export {relative(args.export)}"
+    write_json(args.export / "RESULTS.json", {"command": command, **figures})  # atomic: temp file + rename
+    print(f"exported {best} -> {args.export}")
 
 
 def select_on_validation(folder: Path) -> tuple[str, dict]:
@@ -187,7 +218,9 @@ def run_dataset(payload: dict) -> Path:
     from crystalae.search.results import sweep_dataset
 
     lineage = payload.get("lineage") or {}
-    for root in (lineage.get("sweep_dir"), *(str(p.parents[2]) for p in ROOT.glob("runs/*/datasets/*/manifest.json"))):
+    recorded = lineage.get("sweep_dir")  # relative to the project where the retrain ran there
+    recorded = str(ROOT / recorded) if recorded and not Path(recorded).is_absolute() and "://" not in recorded else recorded
+    for root in (recorded, *(str(p.parents[2]) for p in ROOT.glob("runs/*/datasets/*/manifest.json"))):
         found = sweep_dataset(root, payload["dataset_hash"]) if root else None
         if found is not None:
             return Path(found)
