@@ -28,6 +28,7 @@ from crystalae.dataset import WorkerShare, config_of, dataset_species, prefetche
 from crystalae.locations import TRAIN
 from crystalae.losses import loss_terms
 from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
+from crystalae.ray_env import runtime_env
 from crystalae.reconstruct import class_lookup, density_scale, evaluate, model_config_for
 from crystalae.uri_fs import absolute
 from crystalae.uri_fs import is_remote as storage_is_remote
@@ -326,7 +327,7 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
     if not ray.is_initialized():
         # Logical CPUs must cover the driver and every worker's threads.
         ray.init(num_cpus=max(4, cfg.workers * cfg.threads + 2), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+                 configure_logging=False, runtime_env=runtime_env())
     # Workers read their share of the shards themselves (WorkerShare): no Ray Data pipeline to start per run.
     loop_config = {"train": cfg.as_dict(), "voxel": voxel.as_dict(), "model": model_cfg.as_dict(),
                    "data": str(absolute(data)),

@@ -18,6 +18,7 @@ from crystalae.dataset import MANIFEST
 from crystalae.files import write_json
 from crystalae.locations import SWEEPS
 from crystalae.provenance import provenance
+from crystalae.ray_env import runtime_env
 from crystalae.ray_shards import check_ray_address
 from crystalae.search.config import NOT_IDENTITY, SweepConfig, split_options, trial_overrides
 from crystalae.search.results import (
@@ -165,7 +166,7 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = SWEEPS, address: str | N
 
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env())
         else:
             per_trial = sweep.workers_per_trial * sweep.cpus_per_worker
             # Logical CPUs must cover trial drivers and Train workers, or trials wait for resources.
@@ -174,7 +175,7 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = SWEEPS, address: str | N
             # whole sweep, until the sweep hangs waiting for resources.
             ray.init(num_cpus=max(4, sweep.max_concurrent * (per_trial + 2) + 2), include_dashboard=True,
                      dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False,
-                     runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == FAIL_ONCE_ENV}})
+                     runtime_env=runtime_env(passed=(FAIL_ONCE_ENV,)))
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep_dict=sweep_dict, root=str(root)),
                                     {"cpu": 0.01})

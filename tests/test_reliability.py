@@ -690,3 +690,16 @@ def test_l2_ctrl_c_during_generate_keeps_the_crystals_decoded_so_far(tmp_path, c
     assert summary["count"] == 128 and "after 128 of 200 samples" in summary["interrupted"]  # two batches of 64
     assert len(list(out.glob("*.cif"))) == summary["decoded"] > 100
     assert "kept the 128 crystals decoded so far" in capsys.readouterr().err
+
+
+def test_ray_processes_get_a_worker_start_timeout_a_busy_machine_can_meet(monkeypatch):
+    """Ray Train's 60 s worker-group start timeout, exceeded on 2 busy cores, leaked a placement group per
+    timed-out start until a sweep hung: the Ray processes crystalae starts get 600 s unless the user says."""
+    from crystalae.ray_env import START_TIMEOUT_ENV, runtime_env
+
+    monkeypatch.delenv(START_TIMEOUT_ENV, raising=False)
+    assert runtime_env() == {"env_vars": {START_TIMEOUT_ENV: "600"}}
+    monkeypatch.setenv(START_TIMEOUT_ENV, "30")
+    monkeypatch.setenv("CRYSTALAE_PASSED", "1")
+    assert runtime_env(passed=("CRYSTALAE_PASSED", "UNSET_HERE")) == {
+        "env_vars": {START_TIMEOUT_ENV: "30", "CRYSTALAE_PASSED": "1"}}
