@@ -177,7 +177,7 @@ def export(args: argparse.Namespace, best: str, figures: dict, latent_prior) -> 
     export_checkpoint(best, args.export, latent_prior=latent_prior)
     if args.recipe and args.recipe.resolve() != (args.export / "recipe.yaml").resolve():
         shutil.copyfile(args.recipe, args.export / "recipe.yaml")
-    given = f"--recipe {relative(args.recipe)}" if args.recipe else f"--run {relative(args.run)}"
+    given = f"--recipe {relative(args.recipe)}" if args.recipe else f"--run {relative(args.run)} --select {args.select}"
     command = f"python bench/reconstruction.py {given} --export {relative(args.export)}"
     write_json(args.export / "RESULTS.json", {"command": command, **figures})  # atomic: temp file + rename
     print(f"exported {best} -> {args.export}")
