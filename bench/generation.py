@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 from reconstruction import load_recipe, recipe_dataset, run_dataset  # noqa: E402
-from report import relative, report  # noqa: E402  (bench/report.py)
+from report import lineage_sweep_dir, relative, report  # noqa: E402  (bench/report.py)
 
 from crystalae.checkpoint import export_checkpoint, load_checkpoint, read_checkpoint  # noqa: E402
 from crystalae.coverage import COVERAGE_CUTOFFS, Fingerprints, distribution_metrics, fingerprints  # noqa: E402
@@ -55,7 +55,7 @@ def model_dataset(model: Path, datasets: Path, work: Path) -> Path:
         from crystalae.search.retrain import trial_recipe
         from crystalae.search.sweep import dataset_for
 
-        sweep_dir = ROOT / lineage["sweep_dir"] if not Path(lineage["sweep_dir"]).is_absolute() else Path(lineage["sweep_dir"])
+        sweep_dir = Path(lineage_sweep_dir(lineage))
         recipe = trial_recipe(sweep_dir.parent, f"{sweep_dir.name}/{lineage['trial']}")
         data = Path(dataset_for(recipe["sweep"], recipe["voxel"], work))
     else:

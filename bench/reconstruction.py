@@ -32,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from report import relative, report  # noqa: E402  (bench/report.py)
+from report import lineage_sweep_dir, relative, report  # noqa: E402  (bench/report.py)
 
 from crystalae.checkpoint import export_checkpoint, load_checkpoint, read_checkpoint  # noqa: E402
 from crystalae.config import VoxelConfig  # noqa: E402
@@ -218,9 +218,7 @@ def run_dataset(payload: dict) -> Path:
     from crystalae.search.results import sweep_dataset
 
     lineage = payload.get("lineage") or {}
-    recorded = lineage.get("sweep_dir")  # relative to the project where the retrain ran there
-    recorded = str(ROOT / recorded) if recorded and not Path(recorded).is_absolute() and "://" not in recorded else recorded
-    for root in (recorded, *(str(p.parents[2]) for p in ROOT.glob("runs/*/datasets/*/manifest.json"))):
+    for root in (lineage_sweep_dir(lineage), *(str(p.parents[2]) for p in ROOT.glob("runs/*/datasets/*/manifest.json"))):
         found = sweep_dataset(root, payload["dataset_hash"]) if root else None
         if found is not None:
             return Path(found)

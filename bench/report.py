@@ -17,6 +17,17 @@ def report(figures: dict[str, Any], out: Path | None, hide: tuple[str, ...] = ()
         write_json(out, figures)  # atomic: an interrupted run never leaves half a results file
 
 
+def lineage_sweep_dir(lineage: dict) -> str | None:
+    """The sweep folder a checkpoint's lineage names: a relative path is the project's (where
+    `train --from-trial` records it from), a URI or an absolute path as it is."""
+    from crystalae import uri_fs
+
+    recorded = lineage.get("sweep_dir")
+    if not recorded or uri_fs.is_remote(recorded) or Path(recorded).is_absolute():
+        return recorded
+    return str(ROOT / recorded)
+
+
 def relative(path: Path | str) -> str:
     """Paths recorded relative to the repository (or its parent, for ../shared); a path elsewhere on
     this machine keeps only its last two parts (".../train/RUN"), never an absolute path."""

@@ -7,8 +7,9 @@ from collections.abc import Iterable
 __all__ = ["START_TIMEOUT_ENV", "runtime_env"]
 
 # Ray Train gives a worker group 60 s to start. On a busy small machine a start takes longer (70 s was
-# measured on 2 shared cores); each timed-out start left its placement group reserved until a sweep
-# had no CPU left and hung. Ten minutes, unless the user set it.
+# measured on 2 shared cores), and a sweep whose starts timed out hung with its CPUs held by
+# placement groups. Ten minutes, unless the user set it. This is not the whole cure: a sweep on a
+# loaded machine also hung once with this setting (see the issue notes).
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 START_TIMEOUT_S = "600"
 
