@@ -15,7 +15,7 @@
     max_concurrent: 2
     search: {algorithm: tpe, scheduler: asha, grace_period: 2, seed: 0, warm_start: runs/sweeps/old}
     tracking: {mlflow: sqlite:///mlflow.db}    # optional: trials as MLflow runs (or wandb_project: NAME)
-            # defaults: grace_period half the epochs, reduction_factor 3, startup_trials 8
+            # defaults: grace_period an eighth of the epochs (at least 3), reduction_factor 2, startup_trials 8
     train: {batch_size: 8}                        # fixed TrainConfig values
     model: {seg_depth: 1}                         # fixed ModelConfig values
 """
@@ -36,7 +36,8 @@ from crystalae.sources import SourceError, demo_count
 from crystalae.training import REPORTED_METRICS, TrainConfig
 
 __all__ = [
-    "DISTRIBUTIONS", "MODEL_PARAMS", "NOT_IDENTITY", "Param", "SPLIT_KEYS", "SweepConfig", "SweepConfigError",
+    "DISTRIBUTIONS", "MODEL_PARAMS", "NOT_IDENTITY", "Param", "SAMPLER_ONLY",
+    "SCHEDULER_ONLY", "SPLIT_KEYS", "SweepConfig", "SweepConfigError",
     "TRAIN_PARAMS", "VOXEL_PARAMS", "load_sweep_config", "parse_sweep_config", "split_options", "trial_overrides",
 ]
 
@@ -108,13 +109,14 @@ class SweepConfig(StrictConfig):
     max_concurrent: int = 2
     algorithm: Literal["tpe", "random"] = "tpe"
     scheduler: Literal["asha", "fifo"] = "asha"
-    # ASHA's first cut, in epochs. None: half the epoch budget. The default objective stays near 0 until
-    # densities decode into crystals, so early epochs rank trials by chance (bench/search_efficiency.py:
-    # rank correlation with a trial's best ~0.1 after epoch 1 of 6, ~0.75 after epoch 3).
+    # ASHA's first cut, in epochs. None: an eighth of the epoch budget, at least 3 (at most all of it).
+    # Epoch 1 ranks trials poorly (val_recovery's rank correlation with a trial's final value: 0.18 after
+    # epoch 1 of 30, 0.66 after epoch 3; bench/search_efficiency.py), and replaying ASHA over random
+    # search's full curves put the first cut at 3-5 epochs of 30 (bench/asha_replay.py).
     grace_period: int | None = None
     # ASHA keeps the best 1/reduction_factor of the trials at each rung (grace_period * rf^k epochs);
-    # 3 as in Hyperband (Ray's 4 cut all but a quarter after one noisy epoch)
-    reduction_factor: float = 3.0
+    # 2 keeps enough trials past the early, noisy rungs (the same replay: 3 or 4 lost random's best)
+    reduction_factor: float = 2.0
     # TPE's random trials before it models the results; Optuna's 10 is a third of a 32-trial sweep
     startup_trials: int = 8
     seed: int = 0
@@ -156,7 +158,7 @@ class SweepConfig(StrictConfig):
 
     def asha_grace_period(self) -> int:
         """The epochs every trial trains before ASHA may stop it."""
-        return self.grace_period if self.grace_period is not None else max(1, self.epochs // 2)
+        return self.grace_period if self.grace_period is not None else min(self.epochs, max(3, self.epochs // 8))
 
     def objective_metrics(self) -> tuple[str, ...]:
         return (self.objective_metric, *self.secondary_metrics)
@@ -194,6 +196,9 @@ _SECTIONS = {
 }
 #: fields that do not change what a sweep searches (a resumed sweep may change them)
 NOT_IDENTITY = ("trials", *_SECTIONS["tracking"])
+#: fields that only the ASHA scheduler / the TPE sampler read: not part of the identity of a sweep without it
+SCHEDULER_ONLY = ("grace_period", "reduction_factor")
+SAMPLER_ONLY = ("startup_trials",)
 
 
 def load_sweep_config(path: str | Path, name: str | None = None) -> SweepConfig:

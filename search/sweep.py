@@ -18,9 +18,9 @@ from crystalae.dataset import MANIFEST
 from crystalae.files import write_json
 from crystalae.locations import SWEEPS
 from crystalae.provenance import provenance
-from crystalae.ray_env import runtime_env
+from crystalae.ray_env import free_local_port, runtime_env
 from crystalae.ray_shards import check_ray_address
-from crystalae.search.config import NOT_IDENTITY, SweepConfig, split_options, trial_overrides
+from crystalae.search.config import NOT_IDENTITY, SAMPLER_ONLY, SCHEDULER_ONLY, SweepConfig, split_options, trial_overrides
 from crystalae.search.results import (
     DATASETS_DIR,
     LOG_FILE,
@@ -168,14 +168,7 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = SWEEPS, address: str | N
         if address:
             ray.init(address=address, log_to_driver=False, runtime_env=runtime_env())
         else:
-            per_trial = sweep.workers_per_trial * sweep.cpus_per_worker
-            # Logical CPUs must cover trial drivers and Train workers, or trials wait for resources.
-            # The dashboard (on loopback) serves the State API that Ray Train's PlacementGroupCleaner polls:
-            # without it a trial ASHA stops keeps its workers' CPUs, and its cleaner process, for the
-            # whole sweep, until the sweep hangs waiting for resources.
-            ray.init(num_cpus=max(4, sweep.max_concurrent * (per_trial + 2) + 2), include_dashboard=True,
-                     dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False,
-                     runtime_env=runtime_env(passed=(FAIL_ONCE_ENV,)))
+            start_local_ray(sweep)
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep_dict=sweep_dict, root=str(root)),
                                     {"cpu": 0.01})
@@ -203,6 +196,21 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = SWEEPS, address: str | N
                                      "provenance": provenance(seed=sweep.seed)})
     publish_driver_files(work, root)
     return summary
+
+
+def start_local_ray(sweep: SweepConfig) -> None:
+    """A Ray instance on this machine for the sweep: enough logical CPUs, its dashboard on loopback."""
+    import ray
+
+    per_trial = sweep.workers_per_trial * sweep.cpus_per_worker
+    # Logical CPUs must cover trial drivers and Train workers, or trials wait for resources.
+    # The dashboard serves the State API that Ray Train's PlacementGroupCleaner polls: without it, or
+    # without its address (ray_env.API_SERVER_ENV) when another Ray runs on the machine, a trial ASHA
+    # stops keeps its workers' CPUs for the whole sweep, until the sweep hangs waiting for resources.
+    port = free_local_port()
+    ray.init(num_cpus=max(4, sweep.max_concurrent * (per_trial + 2) + 2), include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False, configure_logging=False,
+             runtime_env=runtime_env(passed=(FAIL_ONCE_ENV,), api_server=f"http://127.0.0.1:{port}"))
 
 
 def tracker_callbacks(sweep: SweepConfig) -> list:
@@ -297,10 +305,13 @@ def publish_driver_files(work: Path, root: str | Path) -> None:
 
 
 def _identity(sweep_dict: dict[str, Any]) -> dict[str, Any]:
-    """What makes two sweep configs the same sweep: everything but the trial budget (which may grow).
-    Fields added since a sweep.json was written take their defaults, so older sweeps still resume."""
+    """What makes two sweep configs the same sweep: everything but the trial budget (which may grow) and
+    settings its scheduler or sampler never reads (a FIFO sweep has no grace period). Fields added since a
+    sweep.json was written take their defaults, so older sweeps still resume."""
     normal = json.loads(json.dumps(SweepConfig.from_dict(sweep_dict).as_dict()))
-    return {k: v for k, v in normal.items() if k not in NOT_IDENTITY}
+    unread = (*NOT_IDENTITY, *(SCHEDULER_ONLY if normal["scheduler"] == "fifo" else ()),
+              *(SAMPLER_ONLY if normal["algorithm"] == "random" else ()))
+    return {k: v for k, v in normal.items() if k not in unread}
 
 
 def _params_key(params: dict[str, Any]) -> str:

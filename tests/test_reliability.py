@@ -693,13 +693,16 @@ def test_l2_ctrl_c_during_generate_keeps_the_crystals_decoded_so_far(tmp_path, c
 
 
 def test_ray_processes_get_a_worker_start_timeout_a_busy_machine_can_meet(monkeypatch):
-    """Ray Train's 60 s worker-group start timeout, exceeded on 2 busy cores, leaked a placement group per
-    timed-out start until a sweep hung: the Ray processes crystalae starts get 600 s unless the user says."""
-    from crystalae.ray_env import START_TIMEOUT_ENV, runtime_env
+    """A worker-group start took 70 s on 2 busy cores, past Ray Train's 60 s: the Ray processes crystalae
+    starts get 600 s unless the user says; and the State API address it names (the user's if set)."""
+    from crystalae.ray_env import API_SERVER_ENV, START_TIMEOUT_ENV, runtime_env
 
     monkeypatch.delenv(START_TIMEOUT_ENV, raising=False)
+    monkeypatch.delenv(API_SERVER_ENV, raising=False)
     assert runtime_env() == {"env_vars": {START_TIMEOUT_ENV: "600"}}
+    assert runtime_env(api_server="http://127.0.0.1:1234")["env_vars"][API_SERVER_ENV] == "http://127.0.0.1:1234"
     monkeypatch.setenv(START_TIMEOUT_ENV, "30")
+    monkeypatch.setenv(API_SERVER_ENV, "http://10.0.0.1:8265")
     monkeypatch.setenv("CRYSTALAE_PASSED", "1")
-    assert runtime_env(passed=("CRYSTALAE_PASSED", "UNSET_HERE")) == {
-        "env_vars": {START_TIMEOUT_ENV: "30", "CRYSTALAE_PASSED": "1"}}
+    assert runtime_env(passed=("CRYSTALAE_PASSED", "UNSET_HERE"), api_server="http://127.0.0.1:1234") == {
+        "env_vars": {START_TIMEOUT_ENV: "30", API_SERVER_ENV: "http://10.0.0.1:8265", "CRYSTALAE_PASSED": "1"}}

@@ -15,7 +15,7 @@ import yaml
 from conftest import TINY_SWEEP
 
 from crystalae.registry import Registry, RegistryError
-from crystalae.search.config import SweepConfigError, load_sweep_config
+from crystalae.search.config import SweepConfigError, load_sweep_config, parse_sweep_config
 from crystalae.search.results import collect_trials
 
 
@@ -427,7 +427,7 @@ def test_promote_within_takes_the_smallest_good_enough_model(tiny_sweep, tmp_pat
 
 
 def test_search_settings_reach_the_sampler(tmp_path):
-    """ASHA's grace period defaults to half the epochs; `startup_trials` sets TPE's random start; the
+    """ASHA's grace period defaults to an eighth of the epochs (at least 3); `startup_trials` sets TPE's random start; the
     default TPE models parameters jointly and lies constant for running trials (two trials at a time
     must not get the same proposal)."""
     from crystalae.search.searcher import persistent_searcher
@@ -436,9 +436,10 @@ def test_search_settings_reach_the_sampler(tmp_path):
     path.write_text(TINY_SWEEP.replace("search: {grace_period: 1, seed: 0}",
                                        "search: {grace_period: 1, seed: 0, startup_trials: 3}"))
     sweep = load_sweep_config(path)
-    assert (sweep.startup_trials, sweep.reduction_factor, sweep.asha_grace_period()) == (3, 3.0, 1)
-    # unset, ASHA's first cut comes at half the epochs (the score is flat before densities decode)
-    assert [dataclasses.replace(sweep, grace_period=None, epochs=e).asha_grace_period() for e in (1, 6, 9)] == [1, 3, 4]
+    assert (sweep.startup_trials, sweep.reduction_factor, sweep.asha_grace_period()) == (3, 2.0, 1)
+    # unset, ASHA's first cut comes after an eighth of the epochs, at least 3 (epoch 1 ranks trials poorly)
+    unset = [dataclasses.replace(sweep, grace_period=None, epochs=e) for e in (1, 2, 6, 30, 54)]
+    assert [s.asha_grace_period() for s in unset] == [1, 2, 3, 3, 6]
     sampler = persistent_searcher(sweep, tmp_path)._sampler
     assert (sampler._n_startup_trials, sampler._multivariate, sampler._constant_liar) == (3, True, True)
 
@@ -531,3 +532,55 @@ def test_a_sweep_folder_plans_restore_extend_or_new_without_ray():
     unsaved = _plan_run([first], restorable=False, ended=0, had=3, trials=8, next_dir=second)
     assert (unsaved.action, unsaved.experiment, unsaved.new_trials) == ("new", first, 5)
     assert _plan_run([first], restorable=False, ended=0, had=8, trials=8, next_dir=second).action == "none"
+
+
+def test_a_sweep_is_the_same_sweep_whatever_its_unread_search_settings():
+    """A FIFO sweep reads no grace period or reduction factor, random search no start-up trials: changing
+    them (or their defaults) keeps it resumable; for ASHA + TPE they are part of what the sweep is."""
+    from crystalae.search.sweep import _identity
+
+    def identity(**search):
+        raw = {**yaml.safe_load(TINY_SWEEP), "search": {"seed": 0, **search}}
+        return _identity(parse_sweep_config(raw).as_dict())
+
+    fifo = {"algorithm": "random", "scheduler": "fifo"}
+    assert identity(**fifo, grace_period=1, reduction_factor=3, startup_trials=2) == identity(**fifo)
+    assert identity(grace_period=1) != identity(grace_period=2)
+    assert identity(reduction_factor=3) != identity()
+    assert identity(startup_trials=2) != identity()
+
+
+def test_ray_trains_cleaner_finds_the_sweeps_state_api_while_another_ray_runs():
+    """Ray Train's PlacementGroupCleaner (what frees a stopped trial's CPUs) asks the State API, found by
+    address: with a second Ray instance on the machine an address-less lookup raised, the cleaner died,
+    and a search-efficiency sweep hung with 7 of 8 CPUs held. Asked as the cleaner asks, from a worker."""
+    import ray
+
+    from crystalae.search.sweep import start_local_ray
+
+    other = subprocess.Popen([sys.executable, "-c", "import ray, sys, time\n"
+                              "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+                              "print('up', flush=True)\ntime.sleep(600)"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        start_local_ray(parse_sweep_config(yaml.safe_load(TINY_SWEEP)))
+
+        @ray.remote(num_cpus=0)
+        class Controller:
+            def ready(self) -> bool:
+                return True
+
+        @ray.remote(num_cpus=0)
+        def state_of(actor_id: str) -> str:
+            from ray.util.state import get_actor  # what the cleaner calls, with no address
+
+            return get_actor(actor_id, timeout=30).state
+
+        controller = Controller.remote()
+        ray.get(controller.ready.remote())
+        assert ray.get(state_of.remote(controller._actor_id.hex())) == "ALIVE"
+    finally:
+        ray.shutdown()
+        other.kill()
+        other.wait()
