@@ -84,11 +84,14 @@ def test_an_ended_sweep_extends_on_its_study_and_a_new_sweep_warm_starts(tiny_sw
         # dashboard, to see a controller die; without it a stopped trial kept its CPUs for good)
         from ray.util.state import list_actors
 
+        def cleaners() -> list:  # this sweep's Ray by address: another Ray may run on the machine
+            return list_actors(address=ray.get_runtime_context().gcs_address,
+                               filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
+
         deadline = time.time() + 30
-        while list_actors(filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")]) \
-                and time.time() < deadline:
+        while cleaners() and time.time() < deadline:
             time.sleep(1)
-        assert not list_actors(filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
+        assert not cleaners()
     finally:
         ray.shutdown()
     before = {t.trial_id: t.status for t in tiny_sweep["summary"].trials}
