@@ -110,9 +110,9 @@ class SweepConfig(StrictConfig):
     algorithm: Literal["tpe", "random"] = "tpe"
     scheduler: Literal["asha", "fifo"] = "asha"
     # ASHA's first cut, in epochs. None: an eighth of the epoch budget, at least 3 (at most all of it).
-    # Epoch 1 ranks trials poorly (val_recovery's rank correlation with a trial's final value: 0.18 after
-    # epoch 1 of 30, 0.66 after epoch 3; bench/search_efficiency.py), and replaying ASHA over random
-    # search's full curves put the first cut at 3-5 epochs of 30 (bench/asha_replay.py).
+    # Epoch 1 ranks trials poorly (val_recovery's rank correlation with a trial's final value, median of 6
+    # seeds: 0.37 after epoch 1 of 30, 0.53 after epoch 3; bench/search_efficiency.py), and replaying ASHA
+    # over random search's full curves put the first cut at 3-5 epochs of 30 (bench/asha_replay.py).
     grace_period: int | None = None
     # ASHA keeps the best 1/reduction_factor of the trials at each rung (grace_period * rf^k epochs);
     # 2 keeps enough trials past the early, noisy rungs (the same replay: 3 or 4 lost random's best)
