@@ -127,6 +127,9 @@ class SweepConfig(StrictConfig):
     # space) run first, before the sampler proposes its own.
     warm_start: str | None = None
     warm_start_trials: int = 4
+    # Configurations (every searched parameter, each a value the space can produce) that the sweep's
+    # first run evaluates before any other, e.g. a known hand-tuned recipe the search should have to beat.
+    points: tuple[dict[str, Any], ...] = ()
     # Experiment trackers (the `tracking` section): each trial becomes an MLflow run (params, every
     # epoch's metrics) in experiment `mlflow_experiment` (default: the sweep name) at tracking URI
     # `mlflow` (e.g. sqlite:///mlflow.db or http://127.0.0.1:5000), and/or a W&B run in `wandb_project`.
@@ -191,7 +194,7 @@ _SECTIONS = {
     "budget": {"trials", "epochs", "time_budget_s"},
     "resources": {"workers_per_trial", "cpus_per_worker", "gpus_per_worker"},
     "search": {"algorithm", "scheduler", "grace_period", "reduction_factor", "startup_trials", "seed", "max_failures",
-               "warm_start", "warm_start_trials"},
+               "warm_start", "warm_start_trials", "points"},
     "tracking": {"mlflow", "mlflow_experiment", "wandb_project"},
 }
 #: fields that do not change what a sweep searches (a resumed sweep may change them)
@@ -253,14 +256,35 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
                              model=fixed_model, max_concurrent=raw.get("max_concurrent", 2), **flat)
     except ConfigError as exc:
         fail(str(exc))
-    if config.warm_start is not None and not is_sweep(config.warm_start):
-        fail(f"search.warm_start {config.warm_start} is not a sweep folder (it has no {SWEEP_FILE})")
+    _check_first_points(config, fail)
     try:
         split_options(data)
     except ConfigError as exc:
         fail(f"data: {exc}")
     _check_extremes(config, fail)
     return config
+
+
+def _check_first_points(config: SweepConfig, fail) -> None:
+    """The configurations a sweep evaluates first must exist: a warm-start sweep, points inside the space."""
+    if config.warm_start is not None and not is_sweep(config.warm_start):
+        fail(f"search.warm_start {config.warm_start} is not a sweep folder (it has no {SWEEP_FILE})")
+    for index, point in enumerate(config.points):
+        problem = point_problem(config.search_space, point)
+        if problem:
+            fail(f"search.points[{index}]: {problem}")
+
+
+def point_problem(space: tuple[Param, ...], point: Any) -> str | None:
+    """Why `point` is not a configuration this search space can produce (None when it is)."""
+    if not isinstance(point, dict):
+        return f"must be a mapping of parameter: value, got {point!r}"
+    names = {p.name: p for p in space}
+    missing, extra = sorted(set(names) - set(point)), sorted(map(str, set(point) - set(names)))
+    if missing or extra:
+        return (f"must give every searched parameter and no other (missing {missing}, not searched {extra})")
+    outside = [f"{k}={v!r}" for k, v in point.items() if not names[k].contains(v)]
+    return f"values outside the search space: {', '.join(outside)}" if outside else None
 
 
 def _flat_sections(raw: dict[str, Any], fail) -> dict[str, Any]:

@@ -20,7 +20,15 @@ from crystalae.locations import SWEEPS
 from crystalae.provenance import provenance
 from crystalae.ray_env import free_local_port, runtime_env
 from crystalae.ray_shards import check_ray_address
-from crystalae.search.config import NOT_IDENTITY, SAMPLER_ONLY, SCHEDULER_ONLY, SweepConfig, split_options, trial_overrides
+from crystalae.search.config import (
+    NOT_IDENTITY,
+    SAMPLER_ONLY,
+    SCHEDULER_ONLY,
+    SweepConfig,
+    point_problem,
+    split_options,
+    trial_overrides,
+)
 from crystalae.search.results import (
     DATASETS_DIR,
     LOG_FILE,
@@ -122,16 +130,18 @@ def _maybe_fail_once(trial_id: str) -> None:
 
 
 def warm_start_points(sweep: SweepConfig) -> list[dict[str, Any]]:
-    """The best configurations of the sweep named by `warm_start` that this search space can produce."""
+    """What a sweep's first run evaluates before the sampler proposes: the configured `points`, then the
+    best configurations of the sweep named by `warm_start` that this search space can produce."""
+    points = [dict(p) for p in sweep.points]
     if sweep.warm_start is None:
-        return []
+        return points
     space = {p.name: p for p in sweep.search_space}
-    points = []
+    earlier: list[dict[str, Any]] = []
     for params in best_params(sweep.warm_start):
         point = {k: v for k, v in params.items() if k in space}
-        if set(point) == set(space) and all(space[k].contains(v) for k, v in point.items()) and point not in points:
-            points.append(point)
-    return points[:sweep.warm_start_trials]
+        if point_problem(sweep.search_space, point) is None and point not in points + earlier:
+            earlier.append(point)
+    return points + earlier[:sweep.warm_start_trials]
 
 
 def run_sweep(sweep: SweepConfig, storage: str | Path = SWEEPS, address: str | None = None,

@@ -15,7 +15,7 @@ import yaml
 from conftest import TINY_SWEEP
 
 from crystalae.registry import Registry, RegistryError
-from crystalae.search.config import SweepConfigError, load_sweep_config, parse_sweep_config
+from crystalae.search.config import SweepConfig, SweepConfigError, load_sweep_config, parse_sweep_config
 from crystalae.search.results import collect_trials
 
 
@@ -587,3 +587,32 @@ def test_ray_trains_cleaner_finds_the_sweeps_state_api_while_another_ray_runs():
         ray.shutdown()
         other.kill()
         other.wait()
+
+
+def test_configured_points_run_first_then_the_warm_start_sweeps_best(tiny_sweep):
+    """`search.points` (say, a hand-tuned recipe) come before the earlier sweep's best, never twice."""
+    from crystalae.search.sweep import warm_start_points
+
+    best = tiny_sweep["summary"].best_trial().params
+    hand = {"latent_dim": 4, "sigma": 0.6, "lr": 2.0e-3}
+    raw = yaml.safe_load(TINY_SWEEP)
+    config = parse_sweep_config({**raw, "search": {"warm_start": str(tiny_sweep["root"]), "warm_start_trials": 1,
+                                                   "points": [hand, best]}})
+    assert warm_start_points(config) == [hand, best]  # the earlier best is already a point: not repeated
+    alone = parse_sweep_config({**raw, "search": {"points": [hand]}})
+    assert warm_start_points(alone) == [hand]
+    stored = json.loads(json.dumps(config.as_dict()))  # as sweep.json keeps it
+    assert SweepConfig.from_dict(stored).points == config.points
+    assert parse_sweep_config(raw).points == ()
+
+
+@pytest.mark.parametrize("point, message", [
+    ({"latent_dim": 4, "sigma": 0.6}, "points\\[0\\]: must give every searched parameter.*missing \\['lr'\\]"),
+    ({"latent_dim": 4, "sigma": 0.6, "lr": 2.0e-3, "depth": 2}, "not searched \\['depth'\\]"),
+    ({"latent_dim": 5, "sigma": 0.6, "lr": 0.5}, "outside the search space: latent_dim=5, lr=0.5"),
+    ([4, 0.6, 2.0e-3], "must be a mapping"),
+])
+def test_a_point_the_search_space_cannot_produce_is_refused(point, message):
+    raw = yaml.safe_load(TINY_SWEEP)
+    with pytest.raises(SweepConfigError, match=message):
+        parse_sweep_config({**raw, "search": {"points": [point]}})
