@@ -591,14 +591,16 @@ def test_ray_trains_cleaner_finds_the_sweeps_state_api_while_another_ray_runs():
 
 def test_configured_points_run_first_then_the_warm_start_sweeps_best(tiny_sweep):
     """`search.points` (say, a hand-tuned recipe) come before the earlier sweep's best, never twice."""
+    from crystalae.search.results import best_params
     from crystalae.search.sweep import warm_start_points
 
-    best = tiny_sweep["summary"].best_trial().params
+    best, second = best_params(tiny_sweep["root"])[:2]
     hand = {"latent_dim": 4, "sigma": 0.6, "lr": 2.0e-3}
     raw = yaml.safe_load(TINY_SWEEP)
     config = parse_sweep_config({**raw, "search": {"warm_start": str(tiny_sweep["root"]), "warm_start_trials": 1,
                                                    "points": [hand, best]}})
-    assert warm_start_points(config) == [hand, best]  # the earlier best is already a point: not repeated
+    # the earlier best is already a point: not repeated, the warm start takes the next best
+    assert warm_start_points(config) == [hand, best, second]
     alone = parse_sweep_config({**raw, "search": {"points": [hand]}})
     assert warm_start_points(alone) == [hand]
     stored = json.loads(json.dumps(config.as_dict()))  # as sweep.json keeps it
