@@ -48,11 +48,12 @@ _PREPARE_HELP = {
 }
 # TrainConfig fields with an option on `train` (the rest come from --config's `train:` section);
 # --gpu sets use_gpu
-_TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "workers", "threads")
+_TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "grad_clip", "workers", "threads")
 _TRAIN_HELP = {
     "epochs": "epochs to train (default {default}; with --from-trial: the sweep's budget)",
     "batch_size": "crystals per batch on each worker",
     "lr": "peak learning rate",
+    "grad_clip": "clip the gradients' global norm to this before each step (default {default}: no clipping)",
     "workers": "Ray Train workers (data parallel)",
     "threads": "torch threads (= CPUs reserved) per worker (default {default}: cores / workers)",
 }

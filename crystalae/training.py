@@ -70,6 +70,9 @@ class TrainConfig(StrictConfig):
     threads: int = set_by(0, "sweep resources")
     seed: int = 0
     keep_checkpoints: int = 2  # best k by the score metric
+    # Clip the gradients' global norm to this before each step (None: no clipping). A carbon_24 retrain
+    # at a peak lr of 1.8e-3 blew up in one epoch (every loss term x10-30) and never came back.
+    grad_clip: float | None = None
     eval_limit: int = 64  # validation crystals decoded end to end per epoch (StructureMatcher is slow)
     # learning rate: "cosine" (linear warm-up, cosine decay to min_lr) or "constant"
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -96,6 +99,7 @@ class TrainConfig(StrictConfig):
                         "eval_limit": 100_000, "warmup_epochs": None, "min_lr": None, "negatives": 1024,
                         "species_smoothing": 100.0, "z_weight": None}
         return [
+            None if self.grad_clip is None or self.grad_clip > 0 else f"grad_clip must be > 0, got {self.grad_clip}",
             *(in_range(self, k, 1, high) for k, high in positive.items()),
             *(in_range(self, k, 0, high) for k, high in non_negative.items()),
             in_range(self, "lr", 0, 10, low_open=True),
@@ -161,6 +165,8 @@ def run_epoch(model, batches: Iterable[dict], cfg: TrainConfig, scale: float, lu
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
         n = len(batch["density"])
         count += n

@@ -187,3 +187,27 @@ def test_any_base_width_builds_and_runs():
                                   n_classes=3, residual=False, seg_depth=1, seg_width=6))
     out = model(torch.rand(2, 1, 8, 8, 8))
     assert out["recon"].shape == (2, 1, 8, 8, 8) and torch.isfinite(out["recon"]).all()
+
+
+def test_grad_clip_bounds_each_step_and_is_off_by_default(tiny_data):
+    """With plain SGD at lr 1 a step moves the weights by the gradient itself: clipped, its norm is the clip."""
+    from crystalae.dataset import read_table, table_batches
+    from crystalae.reconstruct import class_lookup, density_scale
+    from crystalae.training import build_configs, run_epoch
+
+    voxel, config = build_configs(tiny_data, TINY)
+    batch = next(table_batches(read_table(tiny_data, split="train"), 8))
+
+    def step_norm(cfg: TrainConfig) -> float:
+        torch.manual_seed(0)
+        model = CrystalAE(config)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        run_epoch(model, [batch], cfg, density_scale(voxel), class_lookup(config.species), torch.device("cpu"),
+                  torch.optim.SGD(model.parameters(), lr=1.0))
+        return float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm())
+
+    free = step_norm(TrainConfig(batch_size=8))
+    assert TrainConfig().grad_clip is None and free > 1e-2
+    assert step_norm(TrainConfig(batch_size=8, grad_clip=1e-3)) == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(Exception, match="grad_clip must be > 0"):
+        TrainConfig(grad_clip=0.0)
