@@ -307,7 +307,8 @@ def _retrain(args: argparse.Namespace) -> int:
 
     if args.config or args.preset or args.batch_size is not None or args.lr is not None:
         raise ValueError("--from-trial takes the trial's own configuration: drop --config, --preset, --batch-size, --lr")
-    overrides = {k: getattr(args, k) for k in ("workers", "threads") if getattr(args, k) is not None}
+    # how the run trains, not what the trial found: these the command line may set
+    overrides = {k: getattr(args, k) for k in ("workers", "threads", "grad_clip") if getattr(args, k) is not None}
     if args.gpu:
         overrides["use_gpu"] = True
     result = retrain_trial(args.sweeps, args.from_trial, epochs=args.epochs, data=args.data,

@@ -180,7 +180,7 @@ def test_train_from_trial_retrains_its_configuration_with_lineage(tiny_sweep, tm
     ref = f"tiny/{best.trial_id}"
     try:
         assert main(["train", "--from-trial", ref, "--sweeps", str(tiny_sweep["storage"]), "--epochs", "1",
-                     "--storage", str(tmp_path / "runs"), "--threads", "1"]) == 0
+                     "--storage", str(tmp_path / "runs"), "--threads", "1", "--grad-clip", "5"]) == 0
     finally:
         ray.shutdown()
     printed = capsys.readouterr()
@@ -196,6 +196,7 @@ def test_train_from_trial_retrains_its_configuration_with_lineage(tiny_sweep, tm
     trial_payload = read_checkpoint(tiny_sweep["root"] / best.best_checkpoint)
     assert payload["dataset_hash"] == trial_payload["dataset_hash"]  # the sweep's own shards for its sigma
     assert payload["model_config"] == trial_payload["model_config"]
+    assert payload["train_config"]["grad_clip"] == 5.0  # a run setting the command line adds to the trial's
     registry = tmp_path / "reg"
     assert main(["promote", str(newest), "--name", "final", "--registry", str(registry)]) == 0
     assert Registry(registry).entries()[0]["lineage"]["trial"] == best.trial_id
