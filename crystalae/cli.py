@@ -683,8 +683,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     for m in pretrained_models():
         shown = {k: round(v, 4) for k, v in m["test"].items() if k in ("match_rate", "rms", "species_accuracy")}
+        made = f"\n    from: {lineage_text(m)}" if m["lineage"] else ""
         print(f"pretrained {m['name']}: --checkpoint {m['path']}  test {shown}  "
-              f"(import: crystalae promote {m['path']} --name {m['name']})")
+              f"(import: crystalae promote {m['path']} --name {m['name']}){made}")
     entries = Registry(args.registry).entries()
     if not entries:
         print(f"no models in {args.registry} yet (promote one with `crystalae promote`)")

@@ -14,11 +14,13 @@ PRETRAINED = _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().par
 
 
 def pretrained_models(root: Path = PRETRAINED) -> list[dict[str, Any]]:
-    """Name, folder and recorded test figures of every shipped model (empty outside a checkout)."""
+    """Name, folder, recorded test figures and lineage (the sweep and trial a model was retrained from, with
+    its dataset hash; empty for a hand-tuned model) of every shipped model (empty outside a checkout)."""
     models = []
     for file in sorted(root.glob("*/checkpoint.pt")):
         results = file.parent / "RESULTS.json"
         figures = json.loads(results.read_text()) if results.exists() else {}
         models.append({"name": file.parent.name, "path": file.parent,
-                       "test": {k[5:]: v for k, v in figures.items() if k.startswith("test_") and isinstance(v, float)}})
+                       "test": {k[5:]: v for k, v in figures.items() if k.startswith("test_") and isinstance(v, float)},
+                       "lineage": figures.get("lineage") or {}, "dataset_hash": figures.get("dataset_hash")})
     return models

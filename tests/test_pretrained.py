@@ -56,6 +56,9 @@ def test_models_command_lists_shipped_models(capsys):
     out = capsys.readouterr().out
     for m in pretrained_models():
         assert f"pretrained {m['name']}" in out
+        if m["lineage"]:  # a model the platform found names its sweep, trial and data
+            assert f"retrain of sweep {m['lineage']['sweep']} trial {m['lineage']['trial']}" in out
+            assert f"dataset {m['dataset_hash'][:12]}" in out
 
 
 def test_demo_ends_by_sampling_the_shipped_perov_model(tmp_path, capsys):
