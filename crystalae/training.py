@@ -99,7 +99,7 @@ class TrainConfig(StrictConfig):
                         "eval_limit": 100_000, "warmup_epochs": None, "min_lr": None, "negatives": 1024,
                         "species_smoothing": 100.0, "z_weight": None}
         return [
-            None if self.grad_clip is None or self.grad_clip > 0 else f"grad_clip must be > 0, got {self.grad_clip}",
+            None if self.grad_clip is None else in_range(self, "grad_clip", 0, low_open=True),
             *(in_range(self, k, 1, high) for k, high in positive.items()),
             *(in_range(self, k, 0, high) for k, high in non_negative.items()),
             in_range(self, "lr", 0, 10, low_open=True),

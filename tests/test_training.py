@@ -7,7 +7,7 @@ import torch
 from pymatgen.core import Structure
 
 from crystalae.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from crystalae.config import VoxelConfig
+from crystalae.config import ConfigError, VoxelConfig
 from crystalae.dataset import WorkerShare
 from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
 from crystalae.shards import PrepareOptions, prepare_dataset
@@ -209,5 +209,5 @@ def test_grad_clip_bounds_each_step_and_is_off_by_default(tiny_data):
     free = step_norm(TrainConfig(batch_size=8))
     assert TrainConfig().grad_clip is None and free > 1e-2
     assert step_norm(TrainConfig(batch_size=8, grad_clip=1e-3)) == pytest.approx(1e-3, rel=1e-3)
-    with pytest.raises(Exception, match="grad_clip must be > 0"):
+    with pytest.raises(ConfigError, match="grad_clip must be > 0, got 0.0"):
         TrainConfig(grad_clip=0.0)
