@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -408,7 +409,9 @@ def export_record(root: str | Path, out: str | Path) -> list[Path]:
     kept checkpoint's `config.json` (metrics and per-epoch history), but no weights and no datasets.
 
     The copy reads like the sweep itself (`collect_trials`, the dashboard, `train --from-trial`), so a
-    sweep can be committed beside the model it found. Returns the files written.
+    sweep can be committed beside the model it found. Local data sources, which a sweep stores as absolute
+    paths, are written relative to the current directory (as a sweep config's own sources are read), so
+    the record names no folder of this machine. Returns the files written.
     """
     import shutil
 
@@ -420,11 +423,21 @@ def export_record(root: str | Path, out: str | Path) -> list[Path]:
         if (root / relative).is_file():
             (out / relative).parent.mkdir(parents=True, exist_ok=True)
             if relative.endswith(".json"):  # compact: the sweep's own files are indented for people
-                (out / relative).write_text(json.dumps(json.loads((root / relative).read_text()), separators=(",", ":")))
+                data = json.loads((root / relative).read_text())
+                if relative == SWEEP_FILE:
+                    data["data"]["source"] = _portable_source(data["data"]["source"])
+                (out / relative).write_text(json.dumps(data, separators=(",", ":")))
             else:
                 shutil.copy2(root / relative, out / relative)
             written.append(out / relative)
     return written
+
+
+def _portable_source(source: str | list) -> str | list:
+    """A sweep's stored source with its absolute local paths made relative to the current directory."""
+    if isinstance(source, list):
+        return [_portable_source(part) for part in source]
+    return os.path.relpath(source) if os.path.isabs(source) else source
 
 
 def recorded_statuses(root: str | Path) -> dict[str, str]:

@@ -497,6 +497,19 @@ def test_a_sweeps_small_files_export_as_a_record_that_reads_like_the_sweep(tiny_
     assert not (tmp_path / "record" / "datasets").exists()
 
 
+def test_a_record_names_its_local_sources_relative_to_the_current_directory(tmp_path, monkeypatch):
+    from crystalae.search.results import export_record
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    data = tmp_path / "shared" / "val.csv"
+    (sweep / "sweep.json").write_text(json.dumps({"name": "s", "data": {"source": [str(data), "demo:20", "s3://b/x.csv"]}}))
+    monkeypatch.chdir(tmp_path / "sweep")
+    export_record(sweep, tmp_path / "record")
+    stored = json.loads((tmp_path / "record" / "sweep.json").read_text())
+    assert stored["data"]["source"] == ["../shared/val.csv", "demo:20", "s3://b/x.csv"]
+
+
 def test_epochs_done_counts_from_the_trials_start_not_the_resume():
     from crystalae.search.console import epochs_done
 
