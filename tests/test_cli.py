@@ -28,6 +28,13 @@ def test_bad_input_gives_a_clear_error_not_a_traceback(tmp_path):
     assert result.returncode == 2 and "sigma must be > 0" in result.stderr
 
 
+def test_a_bad_grad_clip_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "crystalae", "train", "--data", str(tmp_path), "--grad-clip", "0"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["crystalae: error: invalid TrainConfig: grad_clip must be > 0, got 0.0"]
+
+
 def test_voxel_config_yaml_with_cli_override(tmp_path):
     from crystalae.cli import build_parser, voxel_config_from_args
 
