@@ -49,22 +49,15 @@ def load(ref: str | Path, registry: str | Path | None = None, device: str | None
 
 
 def _locate(ref: str | Path, registry: str | Path | None) -> Path:
-    from crystalae.pretrained import pretrained_models
-
     if Path(ref).exists():
         return Path(ref)
-    shipped = {m["name"]: m["path"] for m in pretrained_models()}
-    if str(ref) in shipped:
-        return shipped[str(ref)]
     from crystalae.locations import REGISTRY
-    from crystalae.registry import Registry, RegistryError
+    from crystalae.registry import RegistryError, find_model
 
-    try:
-        return Registry(registry if registry is not None else REGISTRY).resolve(str(ref))
+    try:  # the same lookup as `--model`: a shipped name, then the registry
+        return find_model(str(ref), registry if registry is not None else REGISTRY)
     except RegistryError as exc:
-        names = ", ".join(sorted(shipped)) or "none"
-        raise LookupError(f"{ref!r} is neither a checkpoint path, a shipped model ({names}) "
-                          f"nor a registry reference: {exc}") from None
+        raise LookupError(f"{ref!r} is not a checkpoint path: {exc}") from None
 
 
 def as_structures(items: StructureLike | Iterable[StructureLike]) -> list[Structure]:

@@ -185,7 +185,13 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
 def _add_demo(sub) -> None:
     demo = _command(sub, "demo", _cmd_demo, "run the main job on the built-in demo data")
     demo.add_argument("--out", type=Path, default=DEMO,
-                      help=f"folder for everything the demo writes; a rerun resumes its sweep (default {DEMO})")
+                      help=f"folder for the round trip and the generated crystals (default {DEMO})")
+    # the sweep and its champion go where every other command looks by default, so that `generate --model
+    # champion`, `models`, `crystalae.load("champion")` and `dashboard` find them with no flag
+    demo.add_argument("--storage", type=Path, default=SWEEPS,
+                      help=f"sweeps folder for the demo's sweep; a rerun resumes it (default {SWEEPS})")
+    demo.add_argument("--registry", type=Path, default=REGISTRY,
+                      help=f"registry the champion is promoted into (default {REGISTRY})")
     demo.add_argument("--workers", type=count(1, 1024), help="processes for the round trip (default: all cores)")
 
 
@@ -208,11 +214,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     metrics = roundtrip(config.data["source"], out / "roundtrip.csv", config.voxel_config(), workers=args.workers)
     print("    " + _format_metrics(metrics))
     print(f"2/5 sweep {config.name}: {config.trials} trials x {config.epochs} epochs (Ray Tune + Optuna + ASHA)")
-    storage = out / "sweeps"
+    storage = args.storage
     root = sweep_dir(storage, config.name)
     summary = run_sweep(config, storage=storage, resume=(root / SWEEP_FILE).exists())
     print(_format_sweep(summary))
-    registry = Registry(out / "registry")
+    registry = Registry(args.registry)
     entry = promote_trial(root, registry, alias="champion", fit_prior=True)  # a prior, so it samples well
     print(f"3/5 promoted trial {entry['source']['trial']} epoch {entry['epoch']} as {entry['ref']} (alias champion)")
     loaded = load_checkpoint(registry.resolve("champion"))
@@ -222,8 +228,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"structural validity {100 * generated['structural_validity']:.0f}%, "
           f"{_format_composition_validity(generated)}")
     _sample_pretrained(out / "pretrained_samples")
-    print(f"\nlook at the results: .venv/bin/crystalae dashboard --storage {storage} --registry {out / 'registry'}")
+    print("\nnext:\n" + _demo_next_steps(storage, args.registry))
     return 0
+
+
+def _demo_next_steps(storage: Path, registry: Path) -> str:
+    """The commands that pick up the demo's results, with only the flags that differ from the defaults."""
+    on_registry = "" if Path(registry) == REGISTRY else f" --registry {registry}"
+    on_storage = "" if Path(storage) == SWEEPS else f" --storage {storage}"
+    return "\n".join(f"  .venv/bin/crystalae {command}" for command in (
+        f"generate --model champion --sample 4{on_registry}", f"models{on_registry}",
+        f"dashboard{on_storage}{on_registry}"))
 
 
 def _sample_pretrained(out: Path, count: int = 8) -> None:
@@ -326,22 +341,30 @@ def _load_model(args: argparse.Namespace):
         raise ValueError("give exactly one of --checkpoint PATH or --model NAME[@VERSION]|ALIAS")
     path = args.checkpoint
     if path is None:
-        from crystalae.registry import Registry
+        from crystalae.registry import find_model
 
-        path = Registry(args.registry).resolve(args.model)
+        path = find_model(args.model, args.registry)
     device = "cuda" if torch.cuda.is_available() and not getattr(args, "cpu", False) else "cpu"
     return load_checkpoint(path, device=device)
 
 
 def _model_ref(args: argparse.Namespace) -> str:
-    """How the user named the model (recorded in outputs): the checkpoint path or the registry reference."""
-    return str(args.checkpoint) if args.checkpoint is not None else f"{args.model} (registry {args.registry})"
+    """How the user named the model (recorded in outputs): the checkpoint path, the shipped name or the registry
+    reference."""
+    from crystalae.pretrained import pretrained_models
+
+    if args.checkpoint is not None:
+        return str(args.checkpoint)
+    if args.model in {m["name"] for m in pretrained_models()}:
+        return f"{args.model} (shipped)"
+    return f"{args.model} (registry {args.registry})"
 
 
 def _add_model_options(parser: argparse.ArgumentParser, example: str = "") -> None:
     """--checkpoint or --model (+ --registry), read by _load_model, and --cpu."""
     parser.add_argument("--checkpoint", type=Path, help="checkpoint folder, e.g. pretrained/perov_5 (or give --model)")
-    parser.add_argument("--model", help="registry model: NAME, NAME@VERSION or an alias" + example)
+    parser.add_argument("--model", help="a shipped model (perov_5, carbon_24) or a registry model: NAME, "
+                        "NAME@VERSION or an alias" + example)
     parser.add_argument("--registry", default=str(REGISTRY), help="registry folder or URI that --model names")
 
 
@@ -682,18 +705,30 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from crystalae.registry import Registry, lineage_text
 
     for m in pretrained_models():
-        shown = {k: round(v, 4) for k, v in m["test"].items() if k in ("match_rate", "rms", "species_accuracy")}
+        shown = _format_figures({k: v for k, v in m["test"].items() if k in ("match_rate", "rms", "species_accuracy")})
         made = f"\n    from: {lineage_text(m)}" if m["lineage"] else ""
-        print(f"pretrained {m['name']}: --checkpoint {m['path']}  test {shown}  "
-              f"(import: crystalae promote {m['path']} --name {m['name']}){made}")
+        print(f"pretrained {m['name']}: --model {m['name']} (or --checkpoint {m['path']})  test: {shown}{made}")
     entries = Registry(args.registry).entries()
     if not entries:
         print(f"no models in {args.registry} yet (promote one with `crystalae promote`)")
     for e in entries:
-        shown = {k: round(v, 4) for k, v in e["metrics"].items() if k.startswith("val_") and isinstance(v, float)}
+        shown = _format_figures({k.removeprefix("val_"): v for k, v in e["metrics"].items()
+                                 if k in _MODEL_FIGURES and isinstance(v, float)})
         aliases = f" [{', '.join(e['aliases'])}]" if e["aliases"] else ""
-        print(f"{e['ref']}{aliases}  epoch {e['epoch']}  {shown}\n    from: {lineage_text(e)}")
+        print(f"{e['ref']}{aliases}  epoch {e['epoch']}  validation: {shown}\n    from: {lineage_text(e)}")
     return 0
+
+
+_MODEL_FIGURES = ("val_match_rate", "val_rms", "val_species_accuracy", "val_recovery", "val_score")
+
+
+def _format_figures(figures: dict[str, float]) -> str:
+    """`match rate 61.5%, rms 0.0961` : rates (names ending in rate, accuracy, recovery) as percentages."""
+    def shown(name: str, value: float) -> str:
+        percent = name.endswith(("rate", "accuracy", "recovery"))
+        return f"{name.replace('_', ' ')} {100 * value:.1f}%" if percent else f"{name.replace('_', ' ')} {value:.3g}"
+
+    return ", ".join(shown(k, v) for k, v in figures.items()) or "no figures recorded"
 
 
 def _add_dashboard(sub) -> None:

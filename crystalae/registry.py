@@ -33,7 +33,8 @@ from crystalae.files import sha256_file, write_json
 from crystalae.locations import REGISTRY
 from crystalae.provenance import provenance
 
-__all__ = ["ALIASES", "CLAIM", "CLAIM_WAIT_S", "Registry", "RegistryError", "check_model_name", "lineage_text"]
+__all__ = ["ALIASES", "CLAIM", "CLAIM_WAIT_S", "Registry", "RegistryError", "check_model_name", "find_model",
+           "lineage_text"]
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +340,27 @@ class Registry:
                     continue
                 result.append({**manifest, "aliases": sorted(by_ref.get(ref, []))})
         return result
+
+
+def find_model(ref: str, registry: str | Path = REGISTRY) -> Path:
+    """The checkpoint folder a model name means: a shipped model's name (`perov_5`, see `crystalae models`)
+    first, then a registry reference (NAME, NAME@VERSION or an alias) in `registry`. The one lookup of
+    `--model`, `crystalae.load` and the demo's closing hint, so a name works the same everywhere.
+
+    Raises:
+        RegistryError: neither a shipped model nor anything in the registry (the message lists both).
+    """
+    from crystalae.pretrained import pretrained_models
+
+    shipped = {m["name"]: m["path"] for m in pretrained_models()}
+    if ref in shipped:
+        return shipped[ref]
+    try:
+        return Registry(registry).resolve(ref)
+    except RegistryError as exc:
+        names = ", ".join(sorted(shipped)) or "none in this install"
+        raise RegistryError(f"{exc}; nor is {ref!r} a shipped model ({names}); "
+                            "a checkpoint folder is named by its path (--checkpoint PATH)") from None
 
 
 def _manifest(name: str, version: int, payload: dict[str, Any], sha256: str, source: dict[str, Any]) -> dict[str, Any]:

@@ -86,3 +86,45 @@ def test_generated_config_flags_parse_and_help_stays_light():
             "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
             "    build_parser().parse_args(['--help'])\nprint('torch' in sys.modules, 'pyarrow' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False", "False"]
+
+
+def test_the_demo_promotes_where_model_load_and_dashboard_look(tmp_path, monkeypatch, tiny_checkpoint, capsys):
+    """After `make demo`, `generate --model champion` and `crystalae.load("champion")` need no other flag:
+    the demo's registry and sweeps are every other command's defaults."""
+    from pathlib import Path
+
+    import crystalae
+    from crystalae.cli import _demo_next_steps, build_parser
+    from crystalae.locations import REGISTRY, SWEEPS
+    from crystalae.registry import Registry
+
+    parser = build_parser()
+    demo = parser.parse_args(["demo"])
+    for command in ("generate", "models", "dashboard", "promote x", "reconstruct x --out o.csv"):
+        assert Path(parser.parse_args(command.split()).registry) == Path(demo.registry) == REGISTRY, command
+    assert Path(parser.parse_args(["dashboard"]).storage) == Path(demo.storage) == SWEEPS
+    assert "crystalae generate --model champion --sample 4\n" in _demo_next_steps(demo.storage, demo.registry) + "\n"
+
+    monkeypatch.chdir(tmp_path)
+    Registry(REGISTRY).promote(tiny_checkpoint, "demo", alias="champion")  # what the demo's step 3 does
+    assert main(["generate", "--model", "champion", "--sample", "2", "--prior", "normal", "--out", "g"]) == 0
+    assert json.loads(Path("g/summary.json").read_text())["count"] == 2
+    assert crystalae.load("champion", device="cpu").latent_dim == 4
+    assert main(["models"]) == 0
+    assert "demo@1 [champion]" in capsys.readouterr().out
+
+
+def test_model_takes_shipped_names_and_a_wrong_name_says_what_exists(tmp_path, capsys):
+    import pytest
+
+    from crystalae.pretrained import pretrained_models
+
+    shipped = [m["name"] for m in pretrained_models()]
+    if "perov_5" not in shipped:
+        pytest.skip("no shipped perov_5 model in this checkout")
+    empty = str(tmp_path / "no-registry")
+    assert main(["generate", "--model", "perov_5", "--registry", empty, "--sample", "2", "--out", str(tmp_path / "g")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", "perov5", "--registry", empty, "--sample", "2", "--out", str(tmp_path / "h")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "perov_5" in error and "--checkpoint PATH" in error
