@@ -19,9 +19,12 @@ def test_wheel_installs_only_the_crystalae_import_package(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for folder in ("crystalae", "search", "dashboard", "pretrained"):
         shutil.copytree(ROOT / folder, project / folder, ignore=ignore)
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
                              "-w", str(tmp_path / "dist"), str(project)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+    # setuptools' warnings (a folder it would have to guess is a package) are 40-line walls at install time
+    warned = [line for line in (result.stdout + result.stderr).splitlines() if "Warning:" in line]
+    assert not warned, warned
     [wheel] = list((tmp_path / "dist").glob("crystalae-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
@@ -34,6 +37,28 @@ def test_wheel_installs_only_the_crystalae_import_package(tmp_path):
                    *(f"crystalae/_pretrained/{model}/{file}" for model in ("perov_5", "carbon_24")
                      for file in ("checkpoint.pt", "config.json", "README.md"))):
         assert needed in names, needed  # the shipped models are reachable after `pip install`
+    from crystalae.pretrained import PRETRAINED
+
+    for model in PRETRAINED.glob("*/checkpoint.pt"):  # a new shipped model is named in pyproject's packages
+        assert f"crystalae/_pretrained/{model.parent.name}/checkpoint.pt" in names, model
+    with zipfile.ZipFile(wheel) as archive:
+        [metadata] = [n for n in names if n.endswith(".dist-info/METADATA")]
+        text = archive.read(metadata).decode()
+    assert "Author: The crystalae authors" in text and "Classifier: Intended Audience :: Science/Research" in text
+    assert "Project-URL:" in text and "Provides-Extra: all" in text
+
+
+def test_the_all_extra_holds_every_extra_and_dev_repeats_none():
+    import re
+
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    [everything] = extras["all"]
+    named = set(re.fullmatch(r"crystalae\[(.*)\]", everything).group(1).split(","))
+    assert named == set(extras) - {"all", "dev"}
+    repeated = {d for d in extras["dev"] for name in named if d in extras[name]}
+    assert not repeated, f"dev repeats the lists of other extras: {sorted(repeated)}"
 
 
 def test_every_imported_distribution_is_declared():
