@@ -91,11 +91,12 @@ def read_table(folder: str | Path, split: str | None = None, columns: list[str] 
 
 
 def column_numpy(table: pa.Table, name: str) -> np.ndarray:
-    """One column as a numpy array: tensor columns (density, labels, sites) keep their shape, list
+    """One column as a writable numpy array: tensor columns (density, labels, sites) keep their shape, list
     columns (lattice, origin) become float64 rows."""
     column = table.column(name).combine_chunks()
     if name in ("density", "labels", "sites"):
-        return column.to_numpy_ndarray()
+        # a copy: Arrow's buffer is read-only, and torch.from_numpy warns on (and must not write to) one
+        return np.array(column.to_numpy_ndarray())
     return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float64)
 
 

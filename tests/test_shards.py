@@ -106,3 +106,16 @@ def test_read_table_filters_a_split_without_its_column(dataset):
     counts = read_manifest(dataset)["counts"]["splits"]
     train = read_table(dataset, split="train", columns=["density"])
     assert train.column_names == ["density"] and train.num_rows == counts["train"]
+
+
+def test_training_batches_come_without_a_not_writable_warning(dataset):
+    """torch.from_numpy warns on Arrow's read-only buffers ("The given NumPy array is not writable")."""
+    import warnings
+
+    from crystalae.dataset import WorkerShare, table_batches
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = next(table_batches(read_table(dataset, split="train"), 4))
+        shared = next(WorkerShare(dataset, 0, 1, 4, keep=False).batches(0))
+    assert batch["density"].shape[1:] == (16, 16, 16) and shared["density"].shape[0] == 4
