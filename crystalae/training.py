@@ -322,18 +322,38 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
     logs a line per epoch, and `mlflow` (a tracking URI) logs the run there (local storage). Returns the
     Ray `Result` (its `checkpoint` is the newest, `best_checkpoints` ranked)."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
+
+    from crystalae.library_logs import library_logs_to
 
     manifest = read_manifest(data)
     cfg = cfg.resolved()
     voxel, model_cfg = build_configs(data, model_overrides or {}, preset)
     storage = absolute(storage)
     _check_resume(None if storage_is_remote(storage) else Path(storage) / name, model_cfg, voxel)
-    if not ray.is_initialized():
-        # Logical CPUs must cover the driver and every worker's threads.
-        ray.init(num_cpus=max(4, cfg.workers * cfg.threads + 2), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, runtime_env=runtime_env())
+    with library_logs_to(_library_log(storage, name), ("ray", *(("mlflow",) if mlflow else ()))) as route_logs:
+        if not ray.is_initialized():
+            # Logical CPUs must cover the driver and every worker's threads.
+            ray.init(num_cpus=max(4, cfg.workers * cfg.threads + 2), include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, runtime_env=runtime_env())
+            route_logs()
+        return _fit(data, cfg, voxel, model_cfg, manifest, storage, name, callbacks, score, lineage, progress, mlflow)
+
+
+def _library_log(storage: str | Path, name: str) -> Path:
+    """Where Ray's and MLflow's own log lines go during a run: `ray.log` in a local run folder; for a run on
+    object storage, a file in this machine's temp folder."""
+    if storage_is_remote(storage):
+        return Path(tempfile.gettempdir()) / f"crystalae-{name}-ray.log"
+    return Path(storage) / name / "ray.log"
+
+
+def _fit(data, cfg: TrainConfig, voxel: VoxelConfig, model_cfg: ModelConfig, manifest: dict[str, Any],
+         storage: str | Path, name: str, callbacks: list | None, score: tuple[str, str],
+         lineage: dict[str, Any] | None, progress: bool, mlflow: str | None):
+    """`train` once Ray is up: the TorchTrainer, followed by the epoch lines and MLflow when asked."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     # Workers read their share of the shards themselves (WorkerShare): no Ray Data pipeline to start per run.
     loop_config = {"train": cfg.as_dict(), "voxel": voxel.as_dict(), "model": model_cfg.as_dict(),
                    "data": str(absolute(data)),

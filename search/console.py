@@ -6,18 +6,19 @@ Imported only inside `run_sweep`, so Ray stays a lazy import.
 """
 from __future__ import annotations
 
-import logging
 import sys
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any, TextIO
 
 from ray.tune import Callback
 
-__all__ = ["PublishOnTrialEnd", "RAY_LOGGERS", "SweepConsole", "epochs_done", "ray_output_to"]
+from crystalae.library_logs import library_logs_to
 
-RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data")
+__all__ = ["PublishOnTrialEnd", "SweepConsole", "epochs_done", "ray_output_to"]
+
 _console: list[TextIO] = []  # the terminal while Ray's stdout goes to the log (innermost last)
 
 
@@ -39,12 +40,14 @@ class SweepConsole(Callback):
         # no stream is held: the callback is pickled with the sweep state
         self.metric, self.mode, self.trials, self.epochs = metric, mode, trials, epochs
         self.started = time.monotonic()
+        self.rate_from: tuple[float, int] | None = None  # (time, epochs done) at the first result
         self.best: tuple[float, str] | None = None
         self.done_epochs: dict[str, int] = {}
         self.ended: set[str] = set()
 
     def setup(self, **info: Any) -> None:
         self.started = time.monotonic()  # also on a resumed sweep
+        self.rate_from = None
 
     def _say(self, text: str) -> None:
         stream = _console[-1] if _console else sys.stdout
@@ -56,7 +59,13 @@ class SweepConsole(Callback):
         # Unfinished trials may still train to the full budget; ASHA usually stops some, so this is an upper bound.
         left = sum(self.epochs - n for t, n in self.done_epochs.items() if t not in self.ended)
         left += (self.trials - len(self.done_epochs)) * self.epochs
-        eta = "–" if not spent else _clock((time.monotonic() - self.started) / spent * left)
+        # The pace is measured from the first result on: the time before it (preparing the data, starting
+        # worker groups) is paid once, and counting it against one epoch gave a first estimate 10x too long.
+        now = time.monotonic()
+        if self.rate_from is None and spent:
+            self.rate_from = (now, spent)
+        since, at = self.rate_from or (now, spent)
+        eta = "–" if spent <= at else _clock((now - since) / (spent - at) * left)
         return f"best {self.metric} {best} | trials {len(self.ended)}/{self.trials} done | ≤{eta} left"
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
@@ -87,26 +96,17 @@ class SweepConsole(Callback):
 
 
 @contextmanager
-def ray_output_to(log_file: Path):
-    """Send Ray's Python loggers and everything it prints to `log_file` (appending) while a sweep runs;
-    `SweepConsole` keeps writing to the terminal."""
-    handler = logging.FileHandler(log_file, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    saved = []
-    for name in RAY_LOGGERS:
-        logger = logging.getLogger(name)
-        saved.append((logger, list(logger.handlers), logger.propagate))
-        logger.handlers = [handler]
-        logger.propagate = False
+def ray_output_to(log_file: Path, libraries: Iterable[str] = ("ray", "optuna")):
+    """Send the Python loggers of Ray and the other `libraries` (`crystalae.library_logs`) and everything
+    Ray prints to `log_file` (appending) while a sweep runs; `SweepConsole` keeps writing to the terminal.
+    Yields the function that routes the loggers again after `ray.init` (see `library_logs_to`)."""
     _console.append(sys.stdout)
     try:
-        with open(log_file, "a", encoding="utf-8") as printed, redirect_stdout(printed):
-            yield
+        with library_logs_to(log_file, libraries) as route, open(log_file, "a", encoding="utf-8") as printed, \
+                redirect_stdout(printed):
+            yield route
     finally:
         _console.pop()
-        for logger, handlers, propagate in saved:
-            logger.handlers, logger.propagate = handlers, propagate
-        handler.close()
 
 
 def _clock(seconds: float) -> str:

@@ -152,9 +152,8 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = SWEEPS, address: str | N
     a larger `trials` budget than it has trials runs the difference as a new run on the same study.
     """
     import ray
-    from ray import tune
 
-    from crystalae.search.console import SweepConsole, ray_output_to
+    from crystalae.search.console import ray_output_to
 
     check_ray_address(address)  # before anything is written
     root = sweep_dir(storage, sweep.name)
@@ -174,11 +173,43 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = SWEEPS, address: str | N
     write_json(previous, sweep_dict)
     publish_driver_files(work, root)
 
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env())
-        else:
+    # Ray, Optuna and the trackers log to ray.log from the start: Ray's start-up notices and Optuna's
+    # "new study" line included, so the console holds only the sweep's own lines
+    libraries = ("ray", "optuna", *(("mlflow",) if sweep.mlflow else ()), *(("wandb",) if sweep.wandb_project else ()))
+    with ray_output_to(work / LOG_FILE, libraries) as route_logs:
+        own_ray = not ray.is_initialized()
+        if own_ray and address:
+            ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env())
+        elif own_ray:
             start_local_ray(sweep)
+        route_logs()
+        try:
+            ended = _run_trials(sweep, root, work, sweep_dict, runs)
+        finally:
+            if own_ray:  # a Ray left running printed its raylet's warnings after the command's last line
+                ray.shutdown()
+    # A trial that failed before its first report has no trial_id in its metrics: find it by the
+    # params it wrote (each trial's sampled config), never by parsing Ray's folder names.
+    by_params = {_params_key(t.params): t.trial_id for t in collect_trials(root).trials}
+    statuses = recorded_statuses(root)  # earlier runs' trials keep their status
+    for metrics, config, failed in ended:
+        trial_id = metrics.get("trial_id") or by_params.get(_params_key(config))
+        if trial_id:
+            statuses[str(trial_id)] = "error" if failed else "finished"
+    summary = collect_trials(root, statuses)
+    write_json(work / SUMMARY_FILE, {**summary.as_dict(), "tune_runs": len(tune_dirs(root)),
+                                     "provenance": provenance(seed=sweep.seed)})
+    publish_driver_files(work, root)
+    return summary
+
+
+def _run_trials(sweep: SweepConfig, root: str | Path, work: Path, sweep_dict: dict[str, Any], runs: list
+                ) -> list[tuple[dict[str, Any], dict[str, Any], bool]]:
+    """Restore, extend or start the sweep's Tune run on the Ray now connected and run it to the end;
+    (metrics, config, failed) of each trial the run ended."""
+    from ray import tune
+
+    from crystalae.search.console import SweepConsole
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep_dict=sweep_dict, root=str(root)),
                                     {"cpu": 0.01})
@@ -186,26 +217,15 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = SWEEPS, address: str | N
                      had=len(collect_trials(root).trials) if runs else 0, trials=sweep.trials,
                      next_dir=next_tune_dir(root))
     console = SweepConsole(sweep.objective_metric, sweep.objective_mode, plan.new_trials, sweep.epochs)
-    tuner = None
     if plan.action == "restore":
         tuner = tune.Tuner.restore(str(plan.experiment), trainable=trainable, resume_errored=True)
     elif plan.action == "new":
         tuner = _new_tuner(sweep, root, work, trainable, plan, console)
-    with ray_output_to(work / LOG_FILE):
-        grid = tuner.fit() if tuner is not None else []
-    # A trial that failed before its first report has no trial_id in its metrics: find it by the
-    # params it wrote (each trial's sampled config), never by parsing Ray's folder names.
-    by_params = {_params_key(t.params): t.trial_id for t in collect_trials(root).trials}
-    statuses = recorded_statuses(root)  # earlier runs' trials keep their status
-    for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id") or by_params.get(_params_key(result.config or {}))
-        if trial_id:
-            statuses[str(trial_id)] = "error" if result.error else "finished"
-    summary = collect_trials(root, statuses)
-    write_json(work / SUMMARY_FILE, {**summary.as_dict(), "tune_runs": len(tune_dirs(root)),
-                                     "provenance": provenance(seed=sweep.seed)})
-    publish_driver_files(work, root)
-    return summary
+    else:
+        return []
+    # read while Ray is up; the tuner and its tracker callbacks go with this frame, not at interpreter exit
+    # (W&B's callback printed a traceback from __del__ there)
+    return [(r.metrics or {}, r.config or {}, r.error is not None) for r in tuner.fit()]
 
 
 def start_local_ray(sweep: SweepConfig) -> None:
