@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from crystalae.config import VoxelConfig
 from crystalae.locations import DEMO, GENERATED, REGISTRY, SWEEPS, TRAIN
 
 __all__ = ["build_parser", "configure_logging", "main", "voxel_config_from_args"]
+
+log = logging.getLogger("crystalae")
 
 _DESCRIPTION = ("crystalae turns crystal structures into 3-D density grids, trains a variational autoencoder "
                 "on them (Ray Train, Ray Tune sweeps) and generates new crystals with the trained models. "
@@ -345,7 +348,12 @@ def _load_model(args: argparse.Namespace):
 
         path = find_model(args.model, args.registry)
     device = "cuda" if torch.cuda.is_available() and not getattr(args, "cpu", False) else "cpu"
-    return load_checkpoint(path, device=device)
+    loaded = load_checkpoint(path, device=device)
+    voxel, prior = loaded.voxel, loaded.meta.get("latent_prior")
+    log.debug("model %s: %s, epoch %s, latent %d, grid %d^3, sigma %.3g A, %s representation, on %s, prior %s",
+              _model_ref(args), path, loaded.meta.get("epoch"), loaded.model_config.latent_dim, voxel.grid, voxel.sigma,
+              voxel.representation, device, prior.get("kind", "fitted") if isinstance(prior, dict) else "none")
+    return loaded
 
 
 def _model_ref(args: argparse.Namespace) -> str:
@@ -437,7 +445,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     generate.check_generate_folder(args.out, args.overwrite)
     _check_generate_extras(args)
     loaded = _load_model(args)
+    started = time.monotonic()
     named, interrupted = _generated(args, loaded)
+    log.debug("decoded %d crystals in %.1f s", len(named), time.monotonic() - started)
     provenance: dict[str, Any] = {"provenance": make_provenance(_model_ref(args), seed=args.seed)}
     if interrupted:
         provenance["interrupted"] = f"stopped by the user after {len(named)} of {args.sample} samples"

@@ -72,3 +72,18 @@ def test_a_sweep_start_prints_nothing_of_ray_optuna_or_mlflow(tmp_path):
     assert result.stdout.strip() == "done" and result.stderr.strip() == "", result.stderr[-3000:]
     log = (tmp_path / "s" / "ray.log").read_text()
     assert "Token authentication" in log and "mlflow" in log
+
+
+def test_v_adds_crystalaes_debug_lines_to_generate(tmp_path, capsys, tiny_checkpoint):
+    from crystalae.cli import main
+
+    command = ["generate", "--checkpoint", str(tiny_checkpoint), "--sample", "1", "--prior", "normal"]
+    try:
+        assert main([*command, "--out", str(tmp_path / "a"), "-v"]) in (0, 1)  # 1: the untrained model decoded nothing
+        verbose = capsys.readouterr().err
+    finally:
+        main(["models", "--registry", str(tmp_path / "none")])  # back to the default verbosity
+    assert "crystalae: debug: model" in verbose and "grid 8^3" in verbose and "decoded 1 crystals" in verbose
+    capsys.readouterr()
+    main([*command, "--out", str(tmp_path / "b")])
+    assert "debug" not in capsys.readouterr().err
