@@ -86,4 +86,4 @@ def test_v_adds_crystalaes_debug_lines_to_generate(tmp_path, capsys, tiny_checkp
     assert "crystalae: debug: model" in verbose and "grid 8^3" in verbose and "decoded 1 crystals" in verbose
     capsys.readouterr()
     main([*command, "--out", str(tmp_path / "b")])
-    assert "debug" not in capsys.readouterr().err
+    assert "crystalae: debug:" not in capsys.readouterr().err
