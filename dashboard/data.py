@@ -172,6 +172,7 @@ class ModelChoice:
     path: str  # checkpoint folder
     sweep_root: str | None = None  # where to look for its dataset first
     origin: str | None = None  # registry versions: the checkpoint folder it was promoted from
+    shipped: bool = False  # a shipped reference model (crystalae.pretrained)
 
 
 @st.cache_data(ttl=LIVE_TTL, show_spinner=False)
@@ -181,7 +182,8 @@ def registry_entries(registry: str) -> list[dict[str, Any]]:
 
 
 def model_choices(paths: Paths) -> tuple[list[ModelChoice], list[str]]:
-    """(choices, problems): registry versions first, then each trial's best checkpoint of every sweep."""
+    """(choices, problems): registry versions first, then each trial's best checkpoint of every sweep, then
+    the shipped reference models (`crystalae.pretrained`), which every install has."""
     choices, problems = [], []
     try:
         for e in registry_entries(str(paths.registry)):
@@ -203,6 +205,9 @@ def model_choices(paths: Paths) -> tuple[list[ModelChoice], list[str]]:
                 epoch = "?" if t.best_epoch is None else t.best_epoch
                 choices.append(ModelChoice(f"{name}/{t.trial_id} (best, epoch {epoch})",
                                            str(Path(root) / t.best_checkpoint), sweep_root=root))
+    from crystalae.pretrained import pretrained_models
+
+    choices += [ModelChoice(f"{m['name']} (shipped)", str(m["path"]), shipped=True) for m in pretrained_models()]
     return choices, problems
 
 

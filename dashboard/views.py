@@ -1,7 +1,7 @@
 """Plotly figures and small Streamlit widgets shared by the pages (no file access here)."""
 from __future__ import annotations
 
-import hashlib
+from functools import cache
 
 import numpy as np
 import pandas as pd
@@ -179,9 +179,33 @@ def isosurface(values: np.ndarray, level: float, title: str) -> go.Figure:
     return fig
 
 
+@cache
+def _jmol_colors() -> dict[str, tuple[int, int, int]]:
+    """Jmol's element colours (the CPK convention most crystal viewers use), from pymatgen's colour schemes."""
+    from importlib.resources import files
+
+    import yaml
+
+    for package in ("pymatgen.core", "pymatgen.vis"):  # the file moved between pymatgen releases
+        try:
+            text = (files(package) / "ElementColorSchemes.yaml").read_text()
+        except (ModuleNotFoundError, FileNotFoundError):
+            continue
+        return {k: tuple(v) for k, v in yaml.safe_load(text)["Jmol"].items()}
+    return {}
+
+
 def element_color(symbol: str) -> str:
-    """A stable colour per element (same element, same colour on every page)."""
-    return PALETTE[int(hashlib.md5(symbol.encode()).hexdigest(), 16) % len(PALETTE)]
+    """An element's Jmol (CPK) colour, as every crystal viewer shows it: S yellow, O red, C grey; a symbol
+    without one (a placeholder) gets a stable grey."""
+    rgb = _jmol_colors().get(symbol)
+    return "#{:02x}{:02x}{:02x}".format(*rgb) if rgb else "#808080"
+
+
+def slice_through_atoms(values: np.ndarray) -> int:
+    """The z index of the grid plane holding the highest density, i.e. through an atom's centre (the middle
+    plane of a cell whose atoms sit on its corners, such as bcc, shows nothing)."""
+    return int(np.argmax(values.max(axis=(0, 1))))
 
 
 def structure_view(structure, title: str) -> go.Figure:
@@ -245,12 +269,14 @@ def sidebar(paths: data.Paths) -> None:
 
 
 def available_models(paths: data.Paths, empty_message: str) -> list[data.ModelChoice]:
-    """Registry models and trial checkpoints to pick from; warns about unreadable ones and stops
-    the page with `empty_message` when there is none."""
+    """Registry models, trial checkpoints and the shipped models to pick from; warns about unreadable ones.
+    Shows `empty_message` when there is no model of the user's own (the shipped ones still listed), and
+    stops the page when there is none at all."""
     choices, problems = data.model_choices(paths)
     for problem in problems:
         st.warning(problem)
+    if all(c.shipped for c in choices):
+        st.info(empty_message + (" Meanwhile the shipped reference models are listed." if choices else ""))
     if not choices:
-        st.info(empty_message)
         st.stop()
     return choices

@@ -6,6 +6,7 @@ whole process, so every test that changes files works on its own copy (a fresh p
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -300,3 +301,55 @@ def test_failed_trial_and_deleted_checkpoints(tiny_sweep, monkeypatch, tmp_path)
     at.multiselect(key="compare_models").set_value(["tiny@1 [champion] (registry)", *picked]).run()
     assert_clean(at)
     assert "missing" in messages(at) and "Pick two or more" not in messages(at)
+
+
+# ---- crystal views ----------------------------------------------------------------------------------
+
+def test_elements_wear_their_jmol_colours_and_s_and_tl_differ():
+    from pymatgen.core import Lattice, Structure
+
+    from crystalae.dashboard.views import element_color, structure_view
+
+    assert element_color("S") == "#ffff30" and element_color("O") == "#ff0d0d" and element_color("Tl") == "#a6544d"
+    common = ["H", "C", "N", "O", "F", "Na", "Mg", "Al", "Si", "P", "S", "Cl", "K", "Ca", "Ti", "Fe", "Cu", "Zn",
+              "Cd", "Tl", "Ba", "Pb", "Sr", "La"]
+    assert len({element_color(e) for e in common}) == len(common)  # the md5 palette gave S and Tl, Cd and K one colour
+    fig = structure_view(Structure(Lattice.cubic(4.0), ["Tl", "S"], [[0, 0, 0], [0.5, 0.5, 0.5]]), "TlS")
+    colours = {t.name: t.marker.color for t in fig.data if t.mode == "markers"}
+    assert colours == {"S": "#ffff30", "Tl": "#a6544d"}
+
+
+def test_the_first_slice_goes_through_an_atom():
+    """A one-atom (primitive bcc) cell holds its atom on the corner: the middle plane is empty."""
+    from pymatgen.core import Lattice, Structure
+
+    from crystalae.config import VoxelConfig
+    from crystalae.dashboard.views import slice_through_atoms
+    from crystalae.voxelize import voxelize
+
+    values = voxelize(Structure(Lattice.cubic(3.0), ["Fe"], [[0, 0, 0]]), VoxelConfig(grid=16)).values
+    k = slice_through_atoms(values)
+    assert values[:, :, 16 // 2].max() < 0.05 * values.max() and values[:, :, k].max() == values.max()
+
+
+def test_pickers_list_the_shipped_models_and_promote_starts_on_the_best_trial(tiny_sweep, monkeypatch, tmp_path):
+    from crystalae.pretrained import pretrained_models
+
+    shipped = [f"{m['name']} (shipped)" for m in pretrained_models()]
+    if not shipped:
+        pytest.skip("no shipped models in this checkout")
+    at = open_page("generate", monkeypatch, tiny_sweep["storage"], tiny_sweep["registry"])
+    assert_clean(at)
+    options = at.selectbox(key="generate_model").options
+    assert "champion" in options[0] and set(shipped) <= set(options)
+    at = open_page("compare", monkeypatch, tiny_sweep["storage"], tiny_sweep["registry"])
+    assert set(shipped) <= set(at.multiselect(key="compare_models").options)
+    (tmp_path / "sweeps").mkdir()
+    at = open_page("generate", monkeypatch, tmp_path / "sweeps", tmp_path / "no-registry")  # nothing of the user's
+    assert_clean(at)
+    assert "shipped reference models are listed" in messages(at) and at.selectbox(key="generate_model").value in shipped
+    assert re.search(r"sigma \d+(\.\d{1,3})? Å", " ".join(c.value for c in at.caption))  # rounded, not 0.41027633760716437
+
+    at = open_page("registry", monkeypatch, tiny_sweep["storage"], tiny_sweep["registry"])
+    best = tiny_sweep["summary"].best_trial().trial_id
+    assert at.selectbox(key="promote_trial").value.startswith(best)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from crystalae.dashboard.snapshot import CHROMIUM, PAGES, browser, open_page, screenshot, serve
+from crystalae.dashboard.views import element_color
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,14 @@ def test_page_renders_in_browser(name, server, chromium, tmp_path):
             page.locator('[data-testid="stHeading"]', has_text="Pareto front").wait_for(timeout=30_000)
             page.locator(".js-plotly-plot .legendtext", has_text="Pareto front").first.wait_for(timeout=30_000)
             page.locator('[data-testid="stHeading"]', has_text="Does the objective rank").wait_for(timeout=30_000)
+        if name == "home":  # the sidebar names the home page, not its script ("app")
+            nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
+            assert "Overview" in nav and "app" not in nav.split(), nav
+        if name == "compare":  # atoms wear their Jmol colours as the browser draws them
+            drawn = page.evaluate("""Array.from(document.querySelectorAll('.js-plotly-plot')).flatMap(plot =>
+                (plot.data || []).filter(t => t.type === 'scatter3d' && t.mode === 'markers')
+                                 .map(t => [t.name, t.marker.color]))""")
+            assert drawn and all(color == element_color(symbol) for symbol, color in drawn), drawn
         screenshot(page, tmp_path / f"{name}.png")
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
     finally:

@@ -17,7 +17,7 @@ st.title("Compare models")
 choices = views.available_models(paths, "No model to compare yet: no trial has written a checkpoint "
                                   f"under `{paths.storage}` and the registry `{paths.registry}` is empty.")
 
-picked = views.model_picker(choices, "Models (trial best checkpoints and registry versions)", "compare_models",
+picked = views.model_picker(choices, "Models (registry versions, trial best checkpoints, shipped models)", "compare_models",
                             multi=True, default_count=2)
 if len(picked) < 2:
     st.info("Pick two or more models to compare them side by side.")
@@ -90,7 +90,8 @@ if not results:
 first = next(iter(results.values()))
 left, mid, right = st.columns(3)
 n = first["input"].shape[2]
-k = left.slider("z-slice (voxel index)", 0, n - 1, n // 2, key="compare_slice")
+k = left.slider("z-slice (voxel index)", 0, n - 1, views.slice_through_atoms(first["input"]), key="compare_slice",
+                help="Starts on the plane through the densest atom of the original")
 level_share = mid.slider("Isosurface level (share of max density)", 0.05, 0.95, 0.3, key="compare_level")
 show_iso = right.toggle("Show 3-D isosurfaces", value=True, key="compare_iso")
 st.plotly_chart(views.structure_view(Structure.from_str(first["true_cif"], fmt="cif"), "Original"), key="true_atoms")

@@ -29,7 +29,7 @@ choices = views.available_models(paths, f"No model yet: the registry `{paths.reg
                                   f"trial under `{paths.storage}` has a checkpoint. Run a sweep and promote its "
                                   "best checkpoint first.")
 
-choice = views.model_picker(choices, "Model (registry alias / name@version, or a trial's best checkpoint)",
+choice = views.model_picker(choices, "Model (registry alias / name@version, a trial's best checkpoint, or a shipped model)",
                             "generate_model")[0]
 try:
     loaded = data.load_model(choice.path)
@@ -38,7 +38,7 @@ except data.MISSING_ERRORS as exc:  # e.g. the checkpoint folder was deleted aft
     st.stop()
 cfg, voxel = loaded.model_config, loaded.voxel
 st.caption(f"latent_dim {cfg.latent_dim} · grid {voxel.grid}³ · {voxel.representation} representation · "
-           f"sigma {voxel.sigma} Å · epoch {loaded.meta.get('epoch')}")
+           f"sigma {voxel.sigma:.3g} Å · epoch {loaded.meta.get('epoch')}")
 
 
 def run(title: str, make) -> None:

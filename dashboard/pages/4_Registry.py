@@ -71,7 +71,11 @@ candidates = {f"{t.trial_id} ({t.status}, best {t.best_value:.4g})": t
 if not candidates:
     st.info("No trial of this sweep has a checkpoint yet (running, or every trial failed before an epoch).")
     st.stop()
-trial = candidates[st.selectbox("Trial", list(candidates), key="promote_trial")]
+best = summary.best_trial()  # preselected: the one `promote --best` would take
+labels = list(candidates)
+start = next((i for i, t in enumerate(candidates.values()) if best and t.trial_id == best.trial_id), 0)
+trial = candidates[st.selectbox("Trial", labels, index=start, key="promote_trial",
+                                help="Starts on the sweep's best trial by its objective")]
 left, right = st.columns(2)
 name = left.text_input("Model name", value=summary.name, key="promote_name")
 alias = right.text_input("Alias (optional)", placeholder="e.g. champion", key="promote_alias").strip() or None
