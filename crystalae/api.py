@@ -51,6 +51,10 @@ def load(ref: str | Path, registry: str | Path | None = None, device: str | None
 def _locate(ref: str | Path, registry: str | Path | None) -> Path:
     if Path(ref).exists():
         return Path(ref)
+    text = str(ref)
+    if isinstance(ref, Path) or "/" in text or "\\" in text or text.startswith(("~", ".")) or text.endswith(".pt"):
+        # a path, not a model name (names hold no slashes): say it is missing, not that the name is invalid
+        raise LookupError(f"{text}: no such checkpoint folder or file (the path does not exist)")
     from crystalae.locations import REGISTRY
     from crystalae.registry import RegistryError, find_model
 
@@ -76,9 +80,10 @@ def as_structures(items: StructureLike | Iterable[StructureLike]) -> list[Struct
             structures.append(AseAtomsAdaptor.get_structure(item))
         elif isinstance(item, (str, Path)):
             for entry in list_entries(item):
-                if entry.error:
-                    raise StructureError(f"{item}: {entry.material_id}: {entry.error}")
-                structures.append(load_structure(entry))
+                try:
+                    structures.append(load_structure(entry))
+                except StructureError as exc:  # named by the path given and the entry in it
+                    raise StructureError(f"{item}: {entry.material_id}: {exc}") from None
         else:
             raise TypeError(f"item {k}: expected a pymatgen Structure, ASE Atoms or a path, got {type(item).__name__}")
     return structures
@@ -163,7 +168,9 @@ class CrystalModel:
     def sample(self, n: int, seed: int | None = None, temperature: float | None = None,
                prior: str = "auto") -> list[Structure | None]:
         """`n` new crystals from the latent prior stored with the model (see `crystalae.prior.PRIORS`);
-        `temperature` scales its spread (None: the spread stored with it). `seed` None draws a fresh one."""
+        `temperature` scales its spread (None: the spread stored with it). `seed` None draws a fresh one.
+        Raises ValueError for a negative or fractional `n`, and for a model without a fitted prior unless
+        `prior="normal"` (the message names `crystalae fit-prior`)."""
         from crystalae.generate import sample
 
         if seed is None:

@@ -171,7 +171,18 @@ def _cmd_roundtrip(args: argparse.Namespace) -> int:
                         workers=args.workers, limit=args.limit)
     print(_format_metrics(metrics))
     print(f"wrote {args.out} and {metrics_path(Path(args.out))}")
+    _refuse_if_all_rejected(metrics, args.out)
     return 0
+
+
+def _refuse_if_all_rejected(metrics: dict[str, Any], out: Path) -> None:
+    """A run whose every input was refused did nothing it could score: one line with the first reason, exit 2."""
+    from crystalae.roundtrip import details_path
+
+    if metrics["entries"] and metrics["rejected_inputs"] == metrics["entries"]:
+        many = f"every one of the {metrics['entries']} structures was" if metrics["entries"] > 1 else "the structure was"
+        raise ValueError(f"{metrics['source']}: {many} rejected ({metrics['first_rejection']}); "
+                         f"reasons in {details_path(Path(out))}")
 
 
 def _format_metrics(metrics: dict[str, Any]) -> str:
@@ -394,6 +405,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     metrics = reconstruct(_load_model(args), args.source, args.out, limit=args.limit, model_ref=_model_ref(args))
     print(_format_metrics(metrics))
     print(f"wrote {args.out} and {metrics_path(Path(args.out))}")
+    _refuse_if_all_rejected(metrics, args.out)
     return 0
 
 
@@ -445,10 +457,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     generate.check_generate_folder(args.out, args.overwrite)
     _check_generate_extras(args)
     loaded = _load_model(args)
+    provenance: dict[str, Any] = {"provenance": make_provenance(_model_ref(args), seed=args.seed)}
+    if args.sample:  # refused here, before any sampling, when the model has no prior for it
+        from crystalae.prior import resolve_prior
+
+        kind, spread = resolve_prior(loaded, args.prior, args.temperature, str(args.checkpoint or "CKPT"))
+        provenance["prior"] = {"kind": kind, "temperature": spread}
+        print(f"sampling {args.sample} latents from the {kind} prior at spread {spread:g}"
+              + (" (the kind stored with the model)" if args.prior == "auto" else ""))
     started = time.monotonic()
     named, interrupted = _generated(args, loaded)
     log.debug("decoded %d crystals in %.1f s", len(named), time.monotonic() - started)
-    provenance: dict[str, Any] = {"provenance": make_provenance(_model_ref(args), seed=args.seed)}
     if interrupted:
         provenance["interrupted"] = f"stopped by the user after {len(named)} of {args.sample} samples"
     elif args.relax:
@@ -469,6 +488,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if interrupted:
         print(f"crystalae: interrupted: kept the {len(named)} crystals decoded so far", file=sys.stderr)
         return 130
+    if summary["count"] and not summary["decoded"]:  # a run that made nothing did not succeed
+        print(f"crystalae: error: none of the {summary['count']} latents decoded to a crystal "
+              f"(wrote only {args.out / 'summary.csv'} and summary.json)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -628,8 +651,9 @@ def _add_promote(sub) -> None:
                     help="with --best: among trials within D of the best objective, take the one best on --prefer")
     pr.add_argument("--prefer", metavar="METRIC[:MODE]",
                     help="with --within: what to prefer (default: the sweep's second objective), e.g. parameters:min")
-    pr.add_argument("--fit-prior", action="store_true",
-                    help="with --best: fit the sampling prior on the trial's dataset first (for generation)")
+    pr.add_argument("--fit-prior", action=argparse.BooleanOptionalAction,
+                    help="fit the sampling prior on a sweep trial's own dataset first, so the version generates "
+                         "(default: on for sweep trials; a checkpoint folder needs `crystalae fit-prior`)")
     pr.add_argument("--name", help="registry name (default: the sweep name)")
     pr.add_argument("--alias", help="alias to move to the new version, e.g. champion")
     pr.add_argument("--storage", default=str(SWEEPS), help="sweeps folder or URI (s3://...)")
@@ -640,24 +664,30 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     from crystalae.checkpoint import FILENAME
     from crystalae.registry import Registry
     from crystalae.search.results import promote_trial, sweep_dir
+    from crystalae.uri_fs import read_json
 
     if (args.within is not None or args.prefer) and not args.best:
         raise ValueError("--within and --prefer choose among a sweep's trials: use them with --best")
-    if args.fit_prior and not args.best:
-        raise ValueError("--fit-prior fits on the trial's sweep dataset: use it with --best (or run `crystalae fit-prior`)")
     if args.prefer and args.within is None:
         raise ValueError("--prefer needs --within D (how far below the best objective a trial may be)")
     registry = Registry(args.registry)
-    chosen = dict(name=args.name or None, alias=args.alias, metric=args.metric, mode=args.mode)  # --name '': the default
+    chosen = dict(name=args.name or None, alias=args.alias, metric=args.metric, mode=args.mode,  # --name '': the default
+                  fit_prior=args.fit_prior is not False)  # on by default: a trial's dataset is known
     if args.best:
         given = location(args.source)
         root = given if isinstance(given, str) or given.is_dir() else sweep_dir(args.storage, args.source)
-        entry = promote_trial(root, registry, **chosen, within=args.within, prefer=args.prefer, fit_prior=args.fit_prior)
+        entry = promote_trial(root, registry, **chosen, within=args.within, prefer=args.prefer)
     elif (Path(args.source) / FILENAME).exists():
+        if args.fit_prior:
+            raise ValueError(f"--fit-prior fits on a sweep trial's dataset, which {args.source} does not name: run "
+                             f"`crystalae fit-prior --checkpoint {args.source} --data ITS_DATASET --out NEW` first")
         name = args.name or _checkpoint_name(Path(args.source))
         if name is None:
             raise ValueError(f"{args.source}: cannot derive a model name from this path; give --name NAME")
         entry = registry.promote(args.source, name, alias=args.alias, source={"given": args.source})
+        if "latent_prior" not in read_json(Path(args.source) / "config.json"):
+            log.warning("%s has no latent prior, so `generate` refuses it until `crystalae fit-prior` adds one",
+                        entry["ref"])
     else:
         root, trial = _find_trial(Path(args.source), args.storage)
         entry = promote_trial(root, registry, trial, **chosen)

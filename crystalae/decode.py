@@ -14,7 +14,17 @@ import numpy as np
 from pymatgen.core import Composition, Element, Structure
 from scipy.optimize import linear_sum_assignment
 
-from crystalae.voxelize import MAX_Z, Density, atom_sigmas, gaussian_norm, voxelize_arrays
+from crystalae.voxelize import (
+    MAX_CELL_LENGTH,
+    MAX_IMAGES,
+    MAX_Z,
+    Density,
+    atom_sigmas,
+    cell_problem,
+    gaussian_norm,
+    image_counts,
+    voxelize_arrays,
+)
 
 __all__ = ["MAX_CELL_LENGTH", "MAX_IMAGES", "MIN_VOLUME_PER_ATOM", "SPECIES_FROM", "DecodeError", "decode"]
 
@@ -26,11 +36,8 @@ _ALL_NUMBERS = np.arange(1, MAX_Z + 1)
 # Å^3 per atom below which no solid exists (diamond, among the densest: 5.7). A learned lattice head
 # fed a latent far from the data can predict such a cell; reading atoms from it is slow and useless.
 MIN_VOLUME_PER_ATOM = 1.0
-# Bounds that keep decoding a hostile or far-off prediction cheap: no dataset cell is 100 Å long (a 16^3
-# grid would then be 6 Å per voxel), and no perov_5 or carbon_24 cell needs more than 343 periodic images
-# (16^3 grid, sigma 0.6, 5 sigma); a near-flat cell predicted from a latent far from the data needs millions.
-MAX_CELL_LENGTH = 100.0
-MAX_IMAGES = 4096
+# MAX_CELL_LENGTH and MAX_IMAGES (crystalae.voxelize, re-exported) keep decoding a hostile or far-off
+# prediction cheap: the lattice a latent predicts gets the same `cell_problem` check as a file's.
 # What `decode(species_from=...)` accepts: where each atom's atomic number comes from.
 SPECIES_FROM = ("labels", "composition", "density")
 
@@ -132,8 +139,9 @@ def _validate(density: Density, species_from: str, composition, min_height: floa
     if atoms is not None and volume < MIN_VOLUME_PER_ATOM * atoms:
         raise DecodeError(f"{atoms} atoms cannot fit a {volume:.3g} Å^3 cell "
                           f"(under {MIN_VOLUME_PER_ATOM:g} Å^3 per atom)")
-    if density.periodic:
-        _check_cell_size(density.lattice, density.step, density.config)
+    problem = cell_problem(density.lattice, density.config if density.periodic else None)
+    if problem is not None:
+        raise DecodeError(problem + (" (a latent far from the training data?)" if density.periodic else ""))
     return species, min_height
 
 
@@ -167,7 +175,7 @@ def _refine(density: Density, pos: np.ndarray, weight: np.ndarray, numbers: np.n
     round modelled. climb: see `_fit_peaks`.
     """
     config, periodic, step, values = density.config, density.periodic, density.step, np.asarray(density.values)
-    images = _image_translations(density.lattice, step, config) if periodic else np.zeros((1, 3))
+    images = _image_translations(density.lattice, config) if periodic else np.zeros((1, 3))
     from_heights = numbers is None
     for _ in range(iterations):
         if from_heights:
@@ -286,27 +294,9 @@ def _fit_peaks(values, centres, others, periodic, climb: bool = False) -> tuple[
     return centres + delta, height
 
 
-def _image_counts(lattice, step, config) -> np.ndarray:
-    """Periodic images needed along each lattice vector for an atom to reach any peak window."""
-    reach = config.cutoff_sigmas * atom_sigmas(_ALL_NUMBERS, config).max() + np.linalg.norm(step, axis=1).sum()
-    return np.ceil(reach * np.linalg.norm(np.linalg.inv(lattice), axis=0)).astype(int) + 1
-
-
-def _check_cell_size(lattice, step, config) -> None:
-    """Refuse cells that would make decoding slow or memory-hungry (see MAX_CELL_LENGTH, MAX_IMAGES)."""
-    lengths = np.linalg.norm(lattice, axis=1)
-    if lengths.max() > MAX_CELL_LENGTH:
-        raise DecodeError(f"cell length {lengths.max():.4g} Å is over {MAX_CELL_LENGTH:g} Å "
-                          "(a latent far from the training data?)")
-    images = int(np.prod(2.0 * _image_counts(lattice, step, config) + 1))
-    if images > MAX_IMAGES:
-        raise DecodeError(f"cell too thin for its atoms' Gaussians: {images} periodic images (over {MAX_IMAGES}); "
-                          f"lengths {np.round(lengths, 2).tolist()} Å, volume {abs(np.linalg.det(lattice)):.3g} Å^3")
-
-
-def _image_translations(lattice, step, config) -> np.ndarray:
+def _image_translations(lattice, config) -> np.ndarray:
     """Cartesian lattice translations that can bring an atom within reach of a peak window."""
-    counts = _image_counts(lattice, step, config)
+    counts = image_counts(lattice, config).astype(int)
     grid = np.stack(np.meshgrid(*[np.arange(-c, c + 1) for c in counts], indexing="ij"), -1)
     return grid.reshape(-1, 3) @ lattice
 

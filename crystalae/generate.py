@@ -132,7 +132,7 @@ def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit:
     """Encode -> decode -> atoms -> species for every structure; same outputs as `roundtrip`.
     `model_ref` (how the model was named) is recorded in the metrics' provenance."""
     from crystalae.provenance import provenance
-    from crystalae.roundtrip import write_results
+    from crystalae.roundtrip import first_rejection, write_results
 
     started = time.perf_counter()
     items = voxelized_source(loaded, source, limit=limit)
@@ -145,6 +145,7 @@ def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit:
     rows = [{"cif": "", "error": "", **it} for it in items]
     valid = [r for r in rows if "density" in r]  # read and voxelized; the rest are rejected inputs
     metrics = {"source": str(source), "entries": len(rows), "rejected_inputs": len(rows) - len(valid),
+               "first_rejection": first_rejection(rows),
                "decode_failures": sum(1 for r in valid if r["error"]), **summarize(valid),
                "seconds": round(time.perf_counter() - started, 2), "provenance": provenance(model_ref)}
     write_results(Path(out), rows, metrics)

@@ -25,7 +25,7 @@ import torch
 from crystalae.checkpoint import LoadedModel, export_checkpoint
 from crystalae.reconstruct import density_scale
 
-__all__ = ["DEFAULT_SPREAD", "PRIORS", "fit_latent_prior", "sample_latents", "with_latent_prior"]
+__all__ = ["DEFAULT_SPREAD", "PRIORS", "fit_latent_prior", "resolve_prior", "sample_latents", "with_latent_prior"]
 
 
 @torch.no_grad()
@@ -74,19 +74,13 @@ def sample_latents(loaded: LoadedModel, count: int, seed: int = 0, prior: str = 
                    temperature: float | None = None) -> torch.Tensor:
     """(count, latent_dim) latents from one of the `PRIORS`: "fitted" (the Gaussian fitted to the
     training codes), "posterior" (a training code plus that Gaussian's noise), "normal" (N(0, I)), or
-    "auto": the kind stored with the checkpoint's prior, N(0, I) without one. `temperature` scales the
-    noise; None takes the spread stored with the prior for its kind (`DEFAULT_SPREAD` otherwise)."""
-    if prior not in PRIORS:
-        raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+    "auto": the kind stored with the checkpoint's prior (refused without one: see `resolve_prior`).
+    `temperature` scales the noise; None takes the spread stored with the prior for its kind
+    (`DEFAULT_SPREAD` otherwise). Raises ValueError for a negative or fractional `count`."""
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise ValueError(f"the number of samples must be a whole number >= 0, got {count!r}")
+    kind, temperature = resolve_prior(loaded, prior, temperature)
     fitted = loaded.meta.get("latent_prior")
-    kind = prior if prior != "auto" else "normal" if fitted is None else fitted.get("kind", "fitted")
-    if kind != "normal" and fitted is None:
-        raise ValueError("this checkpoint has no fitted latent prior (add one with `crystalae fit-prior`)")
-    if kind == "posterior" and fitted.get("codes") is None:
-        raise ValueError("this checkpoint's prior keeps no training codes (refit it with `crystalae fit-prior`)")
-    if temperature is None:
-        stored = fitted is not None and fitted.get("kind", "fitted") == kind and "temperature" in fitted
-        temperature = float(fitted["temperature"]) if stored else DEFAULT_SPREAD[kind]
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(count, loaded.model.config.latent_dim, generator=generator)
     if kind == "normal":
@@ -97,6 +91,31 @@ def sample_latents(loaded: LoadedModel, count: int, seed: int = 0, prior: str = 
         picked = torch.randint(len(fitted["codes"]), (count,), generator=generator)
         z = fitted["codes"][picked].float() + temperature * noise @ fitted["scale_tril"].T
     return z.to(next(loaded.model.parameters()).device)
+
+
+def resolve_prior(loaded: LoadedModel, prior: str = "auto", temperature: float | None = None,
+                  checkpoint: str = "CKPT") -> tuple[str, float]:
+    """(kind, spread) that `sample_latents` samples with for `prior` and `temperature` (see there).
+
+    Raises:
+        ValueError: an unknown `prior`; "auto", "fitted" or "posterior" for a checkpoint without a fitted
+            prior (N(0, I) samples of a VAE trained with a small KL weight decode mostly to nothing, so
+            "auto" does not fall back to them: the message names `crystalae fit-prior` for `checkpoint`).
+    """
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+    fitted = loaded.meta.get("latent_prior")
+    if prior != "normal" and fitted is None:
+        raise ValueError(f"this model has no fitted latent prior, and N(0, I) latents decode mostly to nothing: fit "
+                         f"one with `crystalae fit-prior --checkpoint {checkpoint} --data ITS_DATASET --out NEW` "
+                         "(promoting a sweep trial fits it), or ask for --prior normal")
+    kind = prior if prior != "auto" else fitted.get("kind", "fitted")
+    if kind == "posterior" and fitted.get("codes") is None:
+        raise ValueError("this checkpoint's prior keeps no training codes (refit it with `crystalae fit-prior`)")
+    if temperature is None:
+        stored = fitted is not None and fitted.get("kind", "fitted") == kind and "temperature" in fitted
+        temperature = float(fitted["temperature"]) if stored else DEFAULT_SPREAD[kind]
+    return kind, float(temperature)
 
 
 def _check_prior_data(loaded: LoadedModel, data: str | Path, allow_other_data: bool = False) -> None:

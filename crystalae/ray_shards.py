@@ -35,7 +35,7 @@ def on_ray(address: str = "auto") -> Callable[[list[ShardTask]], list[dict[str, 
     return partial(_build_shards_on_ray, address=address)
 
 
-def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
+def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
     """Refuse, in one line and within `timeout` seconds, a HOST:PORT (or ray://HOST:PORT) Ray address
     that nothing answers on; Ray itself retries for minutes. "auto", "local" and None pass through."""
     if address in (None, "", "auto", "local"):
@@ -45,10 +45,28 @@ def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"Ray address {address!r} is not HOST:PORT (or auto)")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as connection:
+            speaks = _speaks_grpc(connection)
     except OSError as exc:
         raise ValueError(f"no Ray cluster answers at {address} ({exc.strerror or type(exc).__name__}); start one "
                          "with `ray start --head` or check --address") from None
+    if not speaks:
+        raise ValueError(f"no Ray cluster answers at {address} (something accepts connections there but does not "
+                         "speak gRPC, as Ray does); check --address (Ray's GCS port, 6379 by default)")
+
+
+def _speaks_grpc(connection: socket.socket) -> bool:
+    """Whether the server answers an HTTP/2 client preface with a SETTINGS frame, as every gRPC server
+    (Ray's GCS, the Ray client server) does first; a port that accepts and stays silent would make
+    `ray.init` retry for minutes."""
+    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(3) + b"\x04" + bytes(5))  # + empty SETTINGS
+    header = b""
+    while len(header) < 9:
+        chunk = connection.recv(9 - len(header))
+        if not chunk:
+            break
+        header += chunk
+    return len(header) == 9 and header[3] == 4
 
 
 def _build_shards_on_ray(tasks: list[ShardTask], address: str) -> list[dict[str, Any]]:

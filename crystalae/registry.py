@@ -84,9 +84,9 @@ class Registry:
             self._recover_if_idle()
             return
         try:
-            uri_fs.check_bucket(self.location)
+            uri_fs.check_bucket(self.location, "registry")
         except FileNotFoundError as missing:
-            raise RegistryError(f"registry {self.location}: the bucket {missing.filename} does not exist") from None
+            raise RegistryError(missing.strerror) from None
         uri_fs.download(self.location, self.root,
                         include=lambda name: name == ALIASES or name.endswith("/manifest.json"))
         self._prune_mirror()

@@ -16,7 +16,7 @@ from crystalae.provenance import provenance
 from crystalae.sources import Entry, StructureError, list_entries, load_structure, reduce_cell
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
-__all__ = ["details_path", "metrics_path", "roundtrip", "write_results"]
+__all__ = ["details_path", "first_rejection", "metrics_path", "roundtrip", "write_results"]
 
 
 def _roundtrip_chunk(task: tuple[list[tuple[int, Entry]], dict, str]) -> list[dict[str, Any]]:
@@ -64,12 +64,19 @@ def roundtrip(
     valid = [r for r in rows if r["valid_input"]]
     metrics = {
         "source": str(source), "config": config.as_dict(), "species": species,
-        "entries": len(rows), "rejected_inputs": len(rows) - len(valid),
+        "entries": len(rows), "rejected_inputs": len(rows) - len(valid), "first_rejection": first_rejection(rows),
         "decode_failures": sum(1 for r in valid if r["error"]),
         **summarize(valid), "seconds": round(time.perf_counter() - started, 2), "provenance": provenance(),
     }
     write_results(out, rows, metrics)
     return metrics
+
+
+def first_rejection(rows: list[dict[str, Any]]) -> str | None:
+    """"ID: reason" of the first input that was refused before scoring (rows without a density, or
+    marked invalid), or None."""
+    rejected = (r for r in rows if not r.get("valid_input", "density" in r))
+    return next((f"{r['material_id']}: {r['error']}" for r in rejected), None)
 
 
 def write_results(out: Path, rows: list[dict[str, Any]], metrics: dict[str, Any]) -> None:

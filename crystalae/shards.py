@@ -197,6 +197,10 @@ def prepare_dataset(
             dataset (without `overwrite`) or other files.
     """
     _check_shard_memory(config, options)
+    try:  # before the source is read: a write would fail only after it, deep in the store's client
+        uri_fs.check_bucket(out, "--out")
+    except FileNotFoundError as missing:
+        raise DatasetError(missing.strerror) from None
     chunks, kept, listed = plan_chunks(source, options.shard_size, options.limit)
     plan = {"format": FORMAT, "source": [str(p) for p in source] if isinstance(source, (list, tuple)) else str(source),
             "entries": kept, "skipped": listed - kept,

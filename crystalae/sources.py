@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import warnings
@@ -22,6 +23,7 @@ from pymatgen.core.periodic_table import DummySpecies
 from tqdm.auto import tqdm
 
 from crystalae import uri_fs
+from crystalae.voxelize import cell_problem
 
 __all__ = [
     "ASE_FORMATS", "Chunk", "Entry", "MAX_CIF_TEXT", "MAX_CSV_FIELD", "MAX_PARSED_ATOMS", "READABLE",
@@ -411,17 +413,29 @@ def check_structure(structure: Structure, min_distance: float = 0.5) -> None:
             raise StructureError(f"unknown element {site.species_string!r}")
     if not np.isfinite(structure.lattice.matrix).all() or not np.isfinite(structure.frac_coords).all():
         raise StructureError("NaN or infinite coordinates or lattice")
-    if structure.volume < 1e-3:
-        raise StructureError(f"degenerate lattice (volume {structure.volume:.3g} Å^3)")
+    problem = cell_problem(structure.lattice.matrix)  # size first: reducing a 1e8 Å cell takes GBs
+    if problem is not None:
+        raise StructureError(problem)
     if len(structure) > MAX_PARSED_ATOMS:  # before the N^2 distance matrix
         raise StructureError(f"{len(structure)} atoms, over the {MAX_PARSED_ATOMS} crystalae reads")
+    shortest = _shortest_lattice_vector(structure.lattice.matrix)
+    if shortest < min_distance:  # a near-flat cell: every atom sits on its own image (and reducing it is slow)
+        raise StructureError(f"atom closer than {min_distance} Å to its own image ({shortest:.3g} Å: "
+                             f"lattice lengths {np.round(structure.lattice.abc, 3).tolist()} Å)")
     if len(structure) > 1:
         d = structure.distance_matrix
         np.fill_diagonal(d, np.inf)
         if d.min() < min_distance:
             raise StructureError(f"atoms closer than {min_distance} Å ({d.min():.3f} Å)")
-    elif min(structure.lattice.abc) < min_distance:
-        raise StructureError(f"atom closer than {min_distance} Å to its own image")
+
+
+def _shortest_lattice_vector(matrix: np.ndarray) -> float:
+    """Length (Å) of the shortest lattice vector: the shortest of the LLL-reduced basis's small sums."""
+    from pymatgen.core import Lattice
+
+    basis = Lattice(matrix).get_lll_reduced_lattice().matrix
+    combos = np.array([c for c in itertools.product((-1, 0, 1), repeat=3) if any(c)])
+    return float(np.linalg.norm(combos @ basis, axis=1).min())
 
 
 def reduce_cell(structure: Structure, method: str) -> Structure:

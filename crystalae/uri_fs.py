@@ -225,15 +225,17 @@ def cache_for(location: Location) -> Path:
     return cache_root().joinpath("remote", store, *_check_parts([parts.netloc, *parts.path.split("/")], location))
 
 
-def check_bucket(location: Location) -> None:
+def check_bucket(location: Location, role: str = "") -> None:
     """Raise FileNotFoundError naming the bucket when a remote location's bucket does not exist (a
-    listing of it would read as empty)."""
+    listing of it would read as empty, and a write fails deep in the store's client); its message is
+    the one line "ROLE LOCATION: the bucket s3://B does not exist" (`role`, e.g. "registry", "--out")."""
     if not is_remote(location):
         return
     parts = urlsplit(str(location))
     fs, _ = filesystem(f"{parts.scheme}://{parts.netloc}")
     if fs.get_file_info(parts.netloc).type == FileType.NotFound:
-        raise FileNotFoundError(2, "no such bucket", f"{parts.scheme}://{parts.netloc}")
+        bucket = f"{parts.scheme}://{parts.netloc}"
+        raise FileNotFoundError(2, f"{role} {location}: the bucket {bucket} does not exist".strip(), bucket)
 
 
 def _fetch(fs: FileSystem, info: FileInfo, target: Path) -> None:

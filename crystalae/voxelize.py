@@ -17,9 +17,23 @@ from pymatgen.core import Element, Structure
 from crystalae.config import MAX_Z, VoxelConfig
 
 __all__ = [
-    "Density", "VoxelizeError", "atom_sigmas", "crystal_arrays", "dense_reference_density", "gaussian_norm",
-    "grid_step", "rotation_matrix", "voxel_offset", "voxelize", "voxelize_arrays",
+    "MAX_CELL_LENGTH", "MAX_COPIES", "MAX_IMAGES", "MAX_TERMS", "Density", "VoxelizeError", "atom_sigmas",
+    "cell_problem", "crystal_arrays", "dense_reference_density", "gaussian_norm", "grid_step", "image_counts",
+    "rotation_matrix", "voxel_offset", "voxelize", "voxelize_arrays",
 ]
+
+# Limits that keep the work one crystal costs bounded whatever a file or a latent says, checked (by
+# `cell_problem`) before anything is allocated. No dataset cell is 100 Å long (a 16^3 grid would then
+# be 6 Å per voxel), and pymatgen's Niggli reduction of a 1e6 Å cell alone takes 5 s and 1 GB. No
+# perov_5 or carbon_24 cell needs more than 343 periodic images (16^3 grid, sigma 0.6, 5 sigma); a
+# near-flat cell needs millions.
+MAX_CELL_LENGTH = 100.0
+MAX_IMAGES = 4096
+# Gaussian terms the `cell` voxelizer may sum for one crystal (~5 s; a carbon_24 crystal at the largest
+# grid, 128^3, needs up to ~2.4e8), and atom copies a `box` filled with the lattice may place.
+MAX_TERMS = 1 << 28
+MAX_COPIES = 1 << 22
+_FLUSH = 1 << 22  # Gaussian terms held before they are summed into the grid (memory stays ~100 MB)
 
 
 class VoxelizeError(ValueError):
@@ -111,6 +125,63 @@ def rotation_matrix(config: VoxelConfig, material_id: str, index: int) -> np.nda
     )
 
 
+def image_counts(lattice: np.ndarray, config: VoxelConfig) -> np.ndarray:
+    """Periodic images needed along each lattice vector of a `cell` grid for an atom of any element to
+    reach any voxel's 3x3x3 neighbourhood (what decoding sums over)."""
+    step = np.asarray(lattice, dtype=float) / config.grid
+    reach = config.cutoff_sigmas * atom_sigmas(np.arange(1, MAX_Z + 1), config).max() + np.linalg.norm(step, axis=1).sum()
+    return np.ceil(reach * np.linalg.norm(np.linalg.inv(lattice), axis=0)) + 1
+
+
+def cell_problem(lattice: np.ndarray, config: VoxelConfig | None = None, numbers: np.ndarray | None = None
+                 ) -> str | None:
+    """Why a cell is refused, or None: the one check of a cell's size and shape, made before anything is
+    sized by it (reading a file, voxelizing, decoding a predicted lattice).
+
+    Without `config`: finite, no length over `MAX_CELL_LENGTH`, a volume. With it: the periodic images a
+    `cell` grid needs (at most `MAX_IMAGES`), and with the atoms' `numbers` the work of voxelizing them
+    (`MAX_TERMS` Gaussian terms; `MAX_COPIES` atom copies in a `box` filled with the lattice).
+    """
+    lattice = np.asarray(lattice, dtype=float)
+    if lattice.shape != (3, 3) or not np.isfinite(lattice).all():
+        return "NaN or infinite lattice"
+    lengths = np.linalg.norm(lattice, axis=1)
+    if lengths.max() > MAX_CELL_LENGTH:
+        return (f"cell length {lengths.max():.4g} Å is over {MAX_CELL_LENGTH:g} Å, the longest crystalae "
+                "voxelizes")
+    volume = abs(float(np.linalg.det(lattice)))
+    if volume < 1e-3:
+        return f"degenerate lattice (volume {volume:.3g} Å^3)"
+    if config is None:
+        return None
+    reciprocal = np.linalg.norm(np.linalg.inv(lattice), axis=0)  # 1 / interplanar spacing
+    shape = f"lengths {np.round(lengths, 3).tolist()} Å, volume {volume:.3g} Å^3"
+    if config.representation == "cell":
+        images = float(np.prod(2.0 * image_counts(lattice, config) + 1))
+        if images > MAX_IMAGES:
+            return f"cell too thin for its atoms' Gaussians: {images:.4g} periodic images (over {MAX_IMAGES}); {shape}"
+        if numbers is not None:
+            terms = _cell_terms(reciprocal, atom_sigmas(numbers, config), config)
+            if terms > MAX_TERMS:
+                return (f"voxelizing this cell sums {terms:.3g} Gaussian terms (over {MAX_TERMS:.3g}): lower --grid or "
+                        f"--sigma; {shape}")
+    elif config.box_mode == "lattice" and numbers is not None:
+        span = np.sqrt(3) * config.box_size + 2 * config.cutoff_sigmas * atom_sigmas(numbers, config).max()
+        copies = float(np.prod(np.ceil(span * reciprocal) + 3)) * len(numbers)
+        if copies > MAX_COPIES:
+            return (f"cell too small for the {config.box_size:g} Å box: {copies:.3g} copies of its atoms "
+                    f"(over {MAX_COPIES:.3g}); {shape}")
+    return None
+
+
+def _cell_terms(reciprocal: np.ndarray, sigmas: np.ndarray, config: VoxelConfig) -> float:
+    """Gaussian terms `_general_cell_density` and `_labels` sum: each atom's window of voxels."""
+    n = config.grid
+    density = np.ceil(config.cutoff_sigmas * sigmas[:, None] * reciprocal[None, :] * n)
+    labels = np.ceil(config.label_radius * reciprocal * n)
+    return float(np.prod(2 * density + 2, axis=1).sum() + len(sigmas) * np.prod(2 * labels + 2))
+
+
 def voxelize(
     structure: Structure, config: VoxelConfig = VoxelConfig(), rotation: np.ndarray | None = None
 ) -> Density:
@@ -133,6 +204,9 @@ def voxelize_arrays(
         raise VoxelizeError(f"{len(numbers)} atoms, more than max_atoms={config.max_atoms}")
     if numbers.max() > MAX_Z or numbers.min() < 1:
         raise VoxelizeError(f"atomic numbers must be in 1..{MAX_Z}, got {sorted(set(numbers))}")
+    problem = cell_problem(lattice, config, numbers)
+    if problem is not None:
+        raise VoxelizeError(problem)
     sigmas = atom_sigmas(numbers, config)
     frac = np.mod(frac, 1.0)
     if config.representation == "cell":
@@ -233,17 +307,29 @@ def _general_cell_density(lattice, frac, weights, sigmas, config: VoxelConfig) -
     n = config.grid
     metric = lattice @ lattice.T
     reciprocal_norms = np.linalg.norm(np.linalg.inv(lattice), axis=0)  # 1 / interplanar spacing
-    flat_index, flat_value = [], []
+    flat_index, flat_value = [np.arange(n**3)], [np.zeros(n**3)]
+    held = 0
     for f, w, s in zip(frac, weights, sigmas):
         half = np.ceil(config.cutoff_sigmas * s * reciprocal_norms * n).astype(int)
         i0, i1, i2 = _window(f * n, half)
-        d = [(i0 / n - f[0])[:, None, None], (i1 / n - f[1])[None, :, None], (i2 / n - f[2])[None, None, :]]
-        r2 = _quadratic_form(metric, d)
-        flat_value.append((w * np.exp(-0.5 * r2 / s**2)).ravel())
-        idx = ((i0 % n)[:, None, None] * n + (i1 % n)[None, :, None]) * n + (i2 % n)[None, None, :]
-        flat_index.append(idx.ravel())
-    values = np.bincount(np.concatenate(flat_index), np.concatenate(flat_value), minlength=n**3)
-    return values.reshape(n, n, n)
+        rows = max(1, _FLUSH // (len(i1) * len(i2)))  # a thin cell's window is cut into slabs of i0
+        for start in range(0, len(i0), rows):
+            j0 = i0[start : start + rows]
+            d = [(j0 / n - f[0])[:, None, None], (i1 / n - f[1])[None, :, None], (i2 / n - f[2])[None, None, :]]
+            r2 = _quadratic_form(metric, d)
+            flat_value.append((w * np.exp(-0.5 * r2 / s**2)).ravel())
+            idx = ((j0 % n)[:, None, None] * n + (i1 % n)[None, :, None]) * n + (i2 % n)[None, None, :]
+            flat_index.append(idx.ravel())
+            held += idx.size
+            if held > _FLUSH:  # the grid so far leads the next batch, so the sums come out bit for bit the same
+                flat_index, flat_value = [np.arange(n**3)], [_sum_terms(flat_index, flat_value, n)]
+                held = 0
+    return _sum_terms(flat_index, flat_value, n).reshape(n, n, n)
+
+
+def _sum_terms(flat_index: list[np.ndarray], flat_value: list[np.ndarray], n: int) -> np.ndarray:
+    """The grid (n^3,) summed from voxel indices and values, in their order."""
+    return np.bincount(np.concatenate(flat_index), np.concatenate(flat_value), minlength=n**3)
 
 
 def _fill_box(placed, origin, cart, numbers, sigmas, config: VoxelConfig):

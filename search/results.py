@@ -14,6 +14,7 @@ Layout of a sweep folder (`<storage>/<name>/`, a local folder or an object-stora
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
@@ -24,6 +25,8 @@ from typing import Any
 from crystalae.config import Objective, is_score
 from crystalae.uri_fs import DamagedFileError, absolute, cache_for, download, is_file, is_remote, list_files, name_of, read_json
 from crystalae.uri_fs import join as storage_join
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Budget", "CHECKPOINT_GLOB", "CheckpointRecord", "DATASETS_DIR", "EpochRecord", "LOG_FILE", "Objective",
@@ -481,15 +484,16 @@ def resolve_checkpoint(summary: SweepSummary, trial: str | None = None, metric: 
 
 def promote_trial(root: str | Path, registry, trial: str | None = None, *, name: str | None = None,
                   alias: str | None = None, metric: str | None = None, mode: str | None = None,
-                  within: float | None = None, prefer: str | None = None, fit_prior: bool = False) -> dict[str, Any]:
+                  within: float | None = None, prefer: str | None = None, fit_prior: bool = True) -> dict[str, Any]:
     """Promote the checkpoint `resolve_checkpoint` names (the best of `trial`, or of the whole sweep) into
     `registry` (a crystalae.registry.Registry) as a new version of `name` (default: the sweep's name).
     The CLI (`promote`, `demo`) and the dashboard promote trials only through here, so every version
     promoted from a sweep records one `source`: {"checkpoint": its folder (absolute) or URI, "sweep",
     "trial", "epoch"}, plus "latent_prior" when one was fitted.
 
-    With `fit_prior`, a checkpoint without a latent prior gets one fitted on its trial's dataset first
-    (see `crystalae.prior`), so the version samples crystals where its decoder was trained.
+    With `fit_prior` (the default: the trial's dataset is known), a checkpoint without a latent prior gets
+    one fitted on its trial's dataset first (see `crystalae.prior`), so the version samples crystals where
+    its decoder was trained; without a prior, `generate` refuses the version.
 
     Returns:
         The new version's manifest (`Registry.promote`).
@@ -514,6 +518,9 @@ def promote_trial(root: str | Path, registry, trial: str | None = None, *, name:
     payload = read_checkpoint(folder)
     data = None if payload.get("latent_prior") is not None else sweep_dataset(root, payload["dataset_hash"])
     if data is None:  # it has a prior already, or the trial's dataset is gone: promote it as it is
+        if payload.get("latent_prior") is None:
+            log.warning("trial %s: its dataset is gone from %s, so no latent prior was fitted; `generate` refuses "
+                        "the version until `crystalae fit-prior` adds one", chosen.trial_id, root)
         return registry.promote(folder, name, alias=alias, source=source)
     with tempfile.TemporaryDirectory() as tmp:
         with_latent_prior(folder, data, Path(tmp) / "checkpoint")

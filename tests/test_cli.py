@@ -107,7 +107,8 @@ def test_the_demo_promotes_where_model_load_and_dashboard_look(tmp_path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     Registry(REGISTRY).promote(tiny_checkpoint, "demo", alias="champion")  # what the demo's step 3 does
-    assert main(["generate", "--model", "champion", "--sample", "2", "--prior", "normal", "--out", "g"]) == 0
+    # the untrained model may decode none of them, which exits 1 (issue 37); the lookup is what is tested
+    assert main(["generate", "--model", "champion", "--sample", "2", "--prior", "normal", "--out", "g"]) in (0, 1)
     assert json.loads(Path("g/summary.json").read_text())["count"] == 2
     assert crystalae.load("champion", device="cpu").latent_dim == 4
     assert main(["models"]) == 0

@@ -1,0 +1,197 @@
+"""Issue 37: one-line messages for the raw cases the third probe found, no false success, and hostile
+cases for the surfaces added since the second probe (the Python API, `search.points`, the `tracking:`
+section, `.cif.gz` / `.extxyz` / `.xsf` sources, `generate --relax`). Each test says what must happen:
+a clear error, nothing lost, nothing half-written that looks complete."""
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import time
+
+import pytest
+from test_reliability import GOOD_CIF, fails
+
+from crystalae.cli import main
+
+# --- item 3: raw messages ---------------------------------------------------------------------------
+
+
+def test_prepare_into_a_missing_bucket_is_the_registry_s_one_line(s3_bucket, tmp_path, capsys):
+    missing = s3_bucket.replace("s3://", "s3://no-such-")
+    fails(capsys, ["data", "prepare", "demo:2", "--out", f"{missing}/ds", "--grid", "8", "--workers", "1"],
+          f"--out {missing}/ds: the bucket {missing} does not exist")
+    from crystalae.registry import Registry, RegistryError
+
+    with pytest.raises(RegistryError, match=f"registry {missing}/reg: the bucket {missing} does not exist"):
+        Registry(f"{missing}/reg").entries()
+
+
+@pytest.fixture
+def dropping_address():
+    """HOST:PORT on 127.0.0.x whose listen queue is full, so the kernel drops every new SYN (a host that
+    drops packets: a connect hangs until its timeout)."""
+    server = socket.socket()
+    server.bind(("127.0.0.5", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    held = []
+    for _ in range(4):  # fill the accept queue; nothing ever accepts
+        client = socket.socket()
+        client.setblocking(False)
+        try:
+            client.connect(("127.0.0.5", port))
+        except BlockingIOError:
+            pass
+        held.append(client)
+    time.sleep(0.1)
+    yield f"127.0.0.5:{port}"
+    for client in held:
+        client.close()
+    server.close()
+
+
+def test_a_ray_address_that_drops_packets_is_one_line_within_the_timeout(dropping_address, tmp_path, capsys):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\ndata: {source: 'demo:8', grid: 8}\nmodel: {depth: 1}\n"
+                     "search_space: {lr: {type: loguniform, low: 0.001, high: 0.01}}\n")
+    started = time.monotonic()
+    fails(capsys, ["sweep", str(sweep), "--storage", str(tmp_path / "sweeps"), "--address", dropping_address],
+          f"no Ray cluster answers at {dropping_address}", "TimeoutError")
+    assert time.monotonic() - started < 20  # the connect timeout, not Ray's minutes of retries
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_port_that_accepts_but_is_not_ray_is_one_line_within_the_timeout(tmp_path, capsys):
+    """Ray's own client retries such a port for minutes (the probe's 'unexpected ConnectionError')."""
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.6", 0))
+    server.listen(8)
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+    address = f"127.0.0.6:{server.getsockname()[1]}"
+    started = time.monotonic()
+    fails(capsys, ["data", "prepare", "demo:2", "--out", str(tmp_path / "ds"), "--ray", "--address", address],
+          f"no Ray cluster answers at {address}")
+    assert time.monotonic() - started < 20 and not (tmp_path / "ds").exists()
+    server.close()
+
+
+def test_load_names_a_missing_path_and_sample_refuses_a_negative_count(tmp_path):
+    import crystalae
+    from crystalae.pretrained import PRETRAINED
+
+    for ref in ("/nope/ckpt", str(tmp_path / "gone"), "./ckpt", "model.pt"):
+        with pytest.raises(LookupError, match="the path does not exist") as info:
+            crystalae.load(ref)
+        assert "invalid model name" not in str(info.value)
+    if not (PRETRAINED / "perov_5" / "checkpoint.pt").exists():
+        pytest.skip("no shipped perov_5 model in this checkout")
+    model = crystalae.load(PRETRAINED / "perov_5", device="cpu")
+    for n in (-1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="number of samples"):
+            model.sample(n)
+    assert model.sample(0) == []
+
+
+# --- item 1: no false success -----------------------------------------------------------------------
+
+
+def test_generate_refuses_a_model_without_a_prior_and_says_which_prior_it_used(tmp_path, capsys, tiny_checkpoint):
+    from crystalae.pretrained import PRETRAINED
+
+    line = fails(capsys, ["generate", "--checkpoint", str(tiny_checkpoint), "--sample", "2", "--out",
+                          str(tmp_path / "g")], "no fitted latent prior", "crystalae fit-prior --checkpoint",
+                 str(tiny_checkpoint))
+    assert "--prior normal" in line and not (tmp_path / "g").exists()  # refused before anything is written
+    # asked for N(0, I) explicitly: it runs; the untrained model decodes nothing, so it does not exit 0
+    assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--sample", "2", "--prior", "normal",
+                 "--out", str(tmp_path / "n")]) == 1
+    captured = capsys.readouterr()
+    assert "wrote 0 of 2" in captured.out and "none of the 2 latents decoded" in captured.err
+    assert json.loads((tmp_path / "n" / "summary.json").read_text())["prior"] == {"kind": "normal", "temperature": 1.0}
+    if not (PRETRAINED / "perov_5" / "checkpoint.pt").exists():
+        pytest.skip("no shipped perov_5 model in this checkout")
+    assert main(["generate", "--checkpoint", str(PRETRAINED / "perov_5"), "--sample", "2", "--out",
+                 str(tmp_path / "p")]) == 0
+    assert "from the posterior prior at spread 0.05 (the kind stored with the model)" in capsys.readouterr().out
+
+
+def test_promoting_a_checkpoint_folder_without_a_prior_warns_and_fit_prior_there_is_refused(tmp_path, capsys,
+                                                                                           tiny_checkpoint):
+    registry = str(tmp_path / "reg")
+    assert main(["promote", str(tiny_checkpoint), "--registry", registry]) == 0
+    assert "no latent prior" in capsys.readouterr().err
+    fails(capsys, ["promote", str(tiny_checkpoint), "--registry", registry, "--fit-prior"],
+          "--fit-prior", "crystalae fit-prior --checkpoint")
+
+
+# --- item 4: hostile cases for the newer surfaces ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name, data, needle", [
+    ("bomb.cif.gz", gzip.compress(b"#" * (2 << 20)), "decompresses to over"),  # a gzip bomb stops at 1 MB
+    ("cut.cif.gz", gzip.compress(GOOD_CIF.encode())[:40], "cannot be read"),  # a truncated download
+    ("plain.cif.gz", GOOD_CIF.encode(), "cannot be read"),  # not gzip at all
+    ("nan.extxyz", b"1\nLattice=\"nan 0 0 0 4 0 0 0 4\" Properties=species:S:1:pos:R:3 pbc=\"T T T\"\nNa 0 0 0\n",
+     "NaN or infinite"),
+    ("flat.xsf", b"CRYSTAL\nPRIMVEC\n4 0 0\n0 4 0\n4 4 1e-9\nPRIMCOORD\n1 1\n11 0 0 0\n", "degenerate lattice"),
+    ("molecule.extxyz", b"1\nProperties=species:S:1:pos:R:3\nNa 0 0 0\n", "not a periodic crystal"),
+    ("huge.xsf", b"CRYSTAL\nPRIMVEC\n1e9 0 0\n0 1e9 0\n0 0 1e9\nPRIMCOORD\n1 1\n11 0 0 0\n", "over 100 Å"),
+])
+def test_hostile_structure_files_are_rejected_as_their_row_and_the_rest_is_written(tmp_path, capsys, name, data,
+                                                                                   needle):
+    if name.endswith((".extxyz", ".xsf")):
+        pytest.importorskip("ase")
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / name).write_bytes(data)
+    (source / "good.cif").write_text(GOOD_CIF)
+    assert main(["data", "prepare", str(source), "--out", str(tmp_path / "ds"), "--grid", "8", "--workers", "1"]) == 0
+    rejects = (tmp_path / "ds" / "rejects.csv").read_text()
+    assert needle in rejects and len(rejects.splitlines()) == 2, rejects
+    assert "1 rejected" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("section, needle", [
+    ("search: {points: [{lr: .nan}]}", "lr"),  # NaN is no point of a log-uniform range
+    ("search: {points: [{lr: .inf}]}", "lr"),
+    ("search: {points: [{lr: 0.005, depth: 3}]}", "depth"),  # a key the search space does not have
+    ("search: {points: [{}]}", "point"),
+    ("search: {points: {lr: 0.005}}", "points"),  # a mapping, not a list
+    ("search: {points: [{lr: 1.0e+300}]}", "lr"),
+    ("tracking: {mlflow: 42}", "mlflow"),
+    ("tracking: {nope: x}", "nope"),
+    ("tracking: [sqlite:///m.db]", "tracking"),
+])
+def test_hostile_search_points_and_tracking_sections_are_refused_before_ray_starts(tmp_path, capsys, section, needle):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\ndata: {source: 'demo:8', grid: 8}\nmodel: {depth: 1}\n"
+                     f"search_space: {{lr: {{type: loguniform, low: 0.001, high: 0.01}}}}\n{section}\n")
+    fails(capsys, ["sweep", str(sweep), "--storage", str(tmp_path / "sweeps")], needle)
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_hostile_api_inputs_are_clear_errors(tmp_path, tiny_checkpoint):
+    import numpy as np
+
+    import crystalae
+    from crystalae.sources import SourceError, StructureError
+
+    model = crystalae.load(tiny_checkpoint, device="cpu")
+    for latents in (np.full((1, 4), np.nan), np.full((1, 4), np.inf), np.zeros((2, 5)), np.zeros((2, 2, 4))):
+        with pytest.raises(ValueError, match="latents must"):
+            model.decode(latents)
+    assert model.decode(np.full((1, 4), 1e30)) == [None]  # far from any crystal: nothing, quickly
+    with pytest.raises(TypeError, match="item 0"):
+        model.encode([42])
+    with pytest.raises(SourceError, match="does not exist"):
+        model.encode(str(tmp_path / "missing.cif"))
+    (tmp_path / "bad.cif").write_text("data_x\n_cell_length_a oops\n")
+    with pytest.raises(StructureError, match="bad.cif"):
+        model.reconstruct(tmp_path / "bad.cif")
+    with pytest.raises(ValueError, match="steps"):
+        model.interpolate(tmp_path / "bad.cif", tmp_path / "bad.cif", steps=1)
+    assert model.encode([]).shape == (0, 4)
