@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -24,11 +24,15 @@ from crystalae.checkpoint import LoadedModel, load_checkpoint
 from crystalae.sources import StructureError, check_structure, list_entries, load_structure, reduce_cell
 from crystalae.voxelize import Density, VoxelizeError, voxelize
 
-__all__ = ["CrystalModel", "load", "as_structures"]
+if TYPE_CHECKING:  # ASE is optional: named for type checkers, not imported
+    from ase import Atoms
+
+__all__ = ["CrystalModel", "StructureLike", "load", "as_structures"]
 
 log = logging.getLogger(__name__)
 
-StructureLike = Any  # Structure | ase.Atoms | str | Path (ase is optional, so not named in the type)
+# what every method takes as a crystal: a pymatgen Structure, ASE Atoms, or the path of a file or folder of them
+StructureLike = Union[Structure, "Atoms", str, Path]  # noqa: UP007 (a string member cannot take part in X | Y)
 
 
 def load(ref: str | Path, registry: str | Path | None = None, device: str | None = None) -> CrystalModel:

@@ -1,9 +1,12 @@
-"""Augmentation of training batches (cell grids): exact whole-voxel periodic shifts, and element
+"""Augmentation of training batches (cell grids): exact whole-voxel periodic shifts, lattice-vector
+permutations (the same crystal, its axes in another order), and element
 substitution within shared oxidation states, re-voxelized, so species are read from peak heights
-rather than recalled from element combinations. `TrainConfig.shift` and `.substitute` switch them.
+rather than recalled from element combinations. `TrainConfig.shift`, `.permute_axes` and `.substitute`
+switch them.
 """
 from __future__ import annotations
 
+import itertools
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -30,7 +33,8 @@ def substitutes(species: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
 
 def augment(batch: dict[str, torch.Tensor], cfg: TrainConfig, voxel: VoxelConfig, species: tuple[int, ...],
             rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """Element substitution (re-voxelized) and exact periodic shifts of a training batch (cell grids)."""
+    """Element substitution (re-voxelized), exact periodic shifts and lattice-vector permutations of a
+    training batch (cell grids)."""
     if voxel.representation != "cell" or "sites" not in batch:
         return batch
     batch = dict(batch)
@@ -57,5 +61,18 @@ def augment(batch: dict[str, torch.Tensor], cfg: TrainConfig, voxel: VoxelConfig
             labels[i] = torch.roll(labels[i], shift, dims=(0, 1, 2))
             sites[i, :, :3] = torch.remainder(sites[i, :, :3] + torch.tensor(s, dtype=sites.dtype) / n, 1.0)
         batch["density"], batch["labels"] = density, labels
+    if cfg.permute_axes:
+        density, labels, lattice = batch["density"].clone(), batch["labels"].clone(), batch["lattice"].clone()
+        for i, k in enumerate(rng.integers(0, len(_PERMUTATIONS), size=len(sites))):
+            order = _PERMUTATIONS[k]
+            density[i] = density[i].permute(order).clone()
+            labels[i] = labels[i].permute(order).clone()
+            lattice[i] = lattice[i].reshape(3, 3)[list(order)].reshape(-1)
+            sites[i, :, :3] = sites[i, :, list(order)].clone()
+        batch["density"], batch["labels"], batch["lattice"] = density, labels, lattice
     batch["sites"] = sites
     return batch
+
+
+# grid axis k of a cell grid runs along lattice vector k: permuting both describes the same crystal
+_PERMUTATIONS = tuple(itertools.permutations(range(3)))

@@ -83,6 +83,10 @@ class TrainConfig(StrictConfig):
     # oxidation state, re-voxelized, so species are read from peak heights, not recalled from combinations.
     shift: bool = True
     substitute: float = 0.5
+    # Each training crystal described with its lattice vectors in a random order (the grid's axes
+    # permuted to match): the same crystal, so six views of every cell for heads that overfit a few
+    # thousand cells (carbon_24's lattice and count heads).
+    permute_axes: bool = False
     negatives: int = 8  # random empty positions per crystal that teach the site head "no atom here"
     # Site-head targets spread over elements of nearby Z (Gaussian, this many Z units; 0 = one-hot), so
     # rare elements learn from their neighbours; plus a Z regression term of this weight.

@@ -183,3 +183,40 @@ def test_count_head_trains_and_sets_how_many_atoms_are_decoded(tmp_path):
 def test_count_head_needs_the_cell_grid():
     with pytest.raises(ValueError, match="count_head"):
         ModelConfig(grid=16, depth=2, periodic=False, species_from="segmenter", count_head=True)
+
+
+def test_axis_permutation_augmentation_describes_the_same_crystal():
+    cell = Structure(Lattice.from_parameters(3.1, 4.2, 5.3, 80, 95, 110), ["Sr", "Ti", "O"],
+                     [[0.1, 0.2, 0.3], [0.6, 0.5, 0.9], [0.3, 0.8, 0.55]])
+    cfg = TrainConfig(shift=False, substitute=0.0, permute_axes=True)
+    out = augment(_batch([cell] * 6), cfg, VOXEL, (8, 22, 38), np.random.default_rng(1))
+    orders = set()
+    for i in range(6):
+        lattice = out["lattice"][i].reshape(3, 3).double().numpy()
+        moved = Structure(lattice, cell.species, out["sites"][i, :3, :3].double().numpy())
+        assert moved.matches(cell)  # the same crystal
+        expected = voxelize(moved, VOXEL)
+        np.testing.assert_allclose(out["density"][i].numpy(), expected.values, atol=1e-4)
+        np.testing.assert_array_equal(out["labels"][i].numpy(), expected.labels)
+        orders.add(tuple(np.round(np.linalg.norm(lattice, axis=1), 3)))
+    assert len(orders) > 1  # the seed does permute
+
+
+def test_evaluate_reports_symmetrized_figures_and_per_crystal_records(tmp_path):
+    from crystalae.dataset import read_table
+    from crystalae.shards import PrepareOptions, prepare_dataset
+    from crystalae.training import build_configs
+
+    prepare_dataset("demo:12", tmp_path, VoxelConfig(grid=8), PrepareOptions(val_fraction=0.5), workers=1)
+    voxel, config = build_configs(tmp_path, {"depth": 1, "base_width": 4, "latent_dim": 8})
+    val = read_table(tmp_path, split="val")
+    cfg = TrainConfig(batch_size=4, eval_limit=val.num_rows)
+    plain = evaluate(CrystalAE(config), val, voxel, cfg, torch.device("cpu"))
+    assert "symmetrized" not in plain and "records" not in plain
+    torch.manual_seed(0)
+    metrics = evaluate(CrystalAE(config), val, voxel, cfg, torch.device("cpu"), symprec=0.3, records=True)
+    assert metrics["symmetrized"]["symprec"] == 0.3
+    assert 0 <= metrics["symmetrized"]["match_rate"] <= 1
+    assert len(metrics["records"]) == val.num_rows
+    assert [r["material_id"] for r in metrics["records"]] == val.column("material_id").to_pylist()
+    assert all("symmetrized_match" in r and r["n_atoms"] >= 1 for r in metrics["records"])
