@@ -92,13 +92,17 @@ def _write(folder: Path, payload: dict[str, Any]) -> Path:
     return folder
 
 
-def export_checkpoint(source: str | Path, folder: str | Path, latent_prior: dict[str, Any] | None = None) -> Path:
+def export_checkpoint(source: str | Path, folder: str | Path, latent_prior: dict[str, Any] | None = None,
+                      decoding: dict[str, Any] | None = None) -> Path:
     """Copy a checkpoint without its optimizer state (a shipped model: about a third of the size),
-    optionally adding a fitted latent prior (see `crystalae.prior`)."""
+    optionally adding a fitted latent prior (see `crystalae.prior`) or decoding settings chosen on
+    validation (`{"symprec": Å}`: snap decoded crystals to their symmetry, see `crystalae.symmetry`)."""
     payload = read_checkpoint(source)
     payload["optimizer"] = None
     if latent_prior is not None:
         payload["latent_prior"] = latent_prior
+    if decoding is not None:
+        payload["decoding"] = decoding
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return _write(folder, payload)
@@ -120,7 +124,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         raise CheckpointError(f"checkpoint {path}: weights do not fit its model config: {exc}") from None
     model.to(device).eval()
     meta = {k: payload.get(k) for k in ("epoch", "metrics", "train_config", "dataset_hash", "history", "latent_prior",
-                                        "lineage")}
+                                        "lineage", "decoding")}
     if meta["latent_prior"] is not None and not _prior_fits(meta["latent_prior"], config.latent_dim):
         raise CheckpointError(f"checkpoint {path}: latent_prior does not fit latent_dim {config.latent_dim}")
     return LoadedModel(model, voxel, meta)

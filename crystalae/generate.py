@@ -120,11 +120,13 @@ class GenerationInterrupted(KeyboardInterrupt):
 
 def outputs_to_structures(loaded: LoadedModel, outputs: dict[str, Any], densities: list | None = None
                           ) -> list[Structure | None]:
-    """Decoder outputs (`decode_latents`) -> crystals; box models take lattice and origin from `densities`."""
+    """Decoder outputs (`decode_latents`) -> crystals; box models take lattice and origin from `densities`.
+    Crystals are snapped to their symmetry where the model's decoding settings say so (`symprec`)."""
+    symprec = (loaded.meta.get("decoding") or {}).get("symprec")
     if loaded.model.vae.lattice is not None:
-        return structures_from_outputs(loaded.model, loaded.voxel, outputs)
+        return structures_from_outputs(loaded.model, loaded.voxel, outputs, symprec=symprec)
     return structures_from_outputs(loaded.model, loaded.voxel, outputs, np.stack([d.lattice for d in densities]),
-                                   np.stack([d.origin for d in densities]))
+                                   np.stack([d.origin for d in densities]), symprec=symprec)
 
 
 def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit: int | None = None,
