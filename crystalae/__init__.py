@@ -17,14 +17,28 @@ try:
 except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["CrystalModel", "as_structures", "load", "__version__"]
+__all__ = ["CrystalModel", "StructureLike", "as_structures", "load", "__version__"]
+
+
+def _import_tqdm_quietly() -> None:
+    """In a Jupyter kernel without ipywidgets, tqdm.auto's first import warns "IProgress not found" and then
+    uses its text bar anyway; import it once here with that warning off, so crystalae's bars (every module
+    imports tqdm.auto) come without it. Installing ipywidgets gives the notebook widget instead."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import tqdm.auto  # noqa: F401
+
+
+_import_tqdm_quietly()
 
 if TYPE_CHECKING:
-    from crystalae.api import CrystalModel, as_structures, load
+    from crystalae.api import CrystalModel, StructureLike, as_structures, load
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("CrystalModel", "as_structures", "load"):
+    if name in ("CrystalModel", "StructureLike", "as_structures", "load"):
         from crystalae import api
 
         return getattr(api, name)

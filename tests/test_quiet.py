@@ -87,3 +87,43 @@ def test_v_adds_crystalaes_debug_lines_to_generate(tmp_path, capsys, tiny_checkp
     capsys.readouterr()
     main([*command, "--out", str(tmp_path / "b")])
     assert "crystalae: debug:" not in capsys.readouterr().err
+
+
+NOTEBOOK = """
+import sys, types, warnings
+caught = warnings.catch_warnings(record=True)
+seen = caught.__enter__()
+warnings.simplefilter("always")
+sys.modules["ipykernel.zmqshell"] = types.ModuleType("ipykernel.zmqshell")  # tqdm.auto: "inside a Jupyter kernel"
+shell = type("ZMQInteractiveShell", (), {})()
+sys.modules["IPython"] = types.SimpleNamespace(get_ipython=lambda: shell)
+SKIP_CRYSTALAE = len(sys.argv) > 1
+if not SKIP_CRYSTALAE:
+    import crystalae
+    import crystalae.api  # every module's `from tqdm.auto import tqdm`
+from tqdm.auto import tqdm
+print(sum("IProgress not found" in str(w.message) for w in seen))
+"""
+
+
+def test_progress_bars_in_a_notebook_without_ipywidgets_come_without_a_warning():
+    from crystalae.extras import available
+
+    if available("ipywidgets"):
+        pytest.skip("ipywidgets is installed: tqdm draws its notebook widget")
+    bare = subprocess.run([sys.executable, "-c", NOTEBOOK, "bare"], capture_output=True, text=True, timeout=120)
+    assert bare.stdout.strip() == "1", bare.stderr[-2000:]  # tqdm.auto alone warns in this kernel
+    result = subprocess.run([sys.executable, "-c", NOTEBOOK], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "0", result.stderr[-2000:]
+
+
+def test_structure_like_is_a_type_naming_what_the_api_takes():
+    import typing
+    from pathlib import Path
+
+    from pymatgen.core import Structure
+
+    import crystalae
+
+    members = typing.get_args(crystalae.StructureLike)
+    assert {Structure, str, Path} <= set(members) and typing.ForwardRef("Atoms") in members
