@@ -3,6 +3,7 @@ generated from the config dataclasses (so the command line never drifts from the
 from __future__ import annotations
 
 import argparse
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -42,8 +43,41 @@ class Parser(argparse.ArgumentParser):
         self.complete()
         return super().format_help()
 
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{_did_you_mean(extras, _options_used(self, parsed))}")
+        return parsed
+
     def error(self, message: str):
+        choice = re.match(r"argument .*: invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:  # a misspelt subcommand or choice
+            message += _did_you_mean([choice.group(1)], re.findall(r"'?([^',\s]+)'?", choice.group(2)))
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _options_used(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> list[str]:
+    """The option strings of `parser` and of each subcommand `parsed` went into (e.g. `data prepare`)."""
+    options: list[str] = []
+    while parser is not None:
+        options += [o for action in parser._actions for o in action.option_strings]
+        chosen = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(parsed, chosen[0].dest, None) if chosen else None
+        parser = chosen[0].choices.get(name) if name else None
+        if isinstance(parser, Parser):
+            parser.complete()  # options generated on first use
+    return options
+
+
+def _did_you_mean(given: list[str], known: list[str]) -> str:
+    """` (did you mean --sample?)` for the first of `given` close to one of `known`, else ''."""
+    import difflib
+
+    for word in given:
+        close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.75)
+        if close:
+            return f" (did you mean {close[0]}?)"
+    return ""
 
 
 def location(text: str) -> str | Path:
