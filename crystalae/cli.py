@@ -481,7 +481,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     summary = generate.write_generated(args.out, named, overwrite=args.overwrite, reference=reference,
                                        cutoffs=tuple(args.cutoffs), provenance=provenance)
     print(f"wrote {summary['decoded']} of {summary['count']} crystals to {args.out}: structural validity "
-          f"{100 * summary['structural_validity']:.1f}%, {_format_composition_validity(summary)}")
+          f"{100 * summary['structural_validity']:.1f}%, {_format_composition_validity(summary)}, "
+          f"{100 * summary['uniqueness']:.0f}% unique (space groups and symmetrized CIFs in summary.csv)")
     if "distribution" in summary:
         print(f"against {len(reference)} reference crystals of {args.reference}: "
               + _format_distribution(summary["distribution"]))

@@ -225,7 +225,7 @@ def _earlier_run_files(out: Path) -> list[Path]:
     if not summary.is_file():
         return []
     with open(summary, newline="", encoding="utf-8", errors="replace") as handle:
-        names = [row.get("cif") or "" for row in csv.DictReader(handle)]
+        names = [row.get(column) or "" for row in csv.DictReader(handle) for column in ("cif", "symmetrized_cif")]
     cifs = [out / name for name in names if name.endswith(".cif") and Path(name).name == name]  # no paths
     return [*cifs, summary, out / "summary.json"]
 
@@ -243,6 +243,37 @@ def reference_structures(source: str | Path, limit: int | None = None) -> list[S
     return structures
 
 
+SYMPREC = 0.1  # Å: spglib's tolerance for a decoded crystal's space group (decoded positions are good to ~0.1 Å)
+
+
+def _symmetry(structure: Structure, path: Path) -> dict[str, Any]:
+    """summary.csv's space-group columns of one crystal, and its symmetrized CIF (the ideal crystal of that
+    group, written to `path`) when spglib finds one within SYMPREC."""
+    from crystalae.symmetry import spacegroup, symmetrize
+
+    found = spacegroup(structure, SYMPREC)
+    if found is None:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cif = symmetrize(structure, SYMPREC).to(fmt="cif", symprec=SYMPREC)  # a CIF with its symmetry operations
+    write_text(path, cif)
+    return {"spacegroup": found[0], "spacegroup_number": found[1], "symmetrized_cif": path.name}
+
+
+def _first_of_kind(structures: list[Structure | None]) -> list[bool | None]:
+    """For each crystal, whether it is the first of its kind in the batch (StructureMatcher with CDVAE's
+    settings); None where nothing was decoded. The batch's uniqueness is the share of True."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    decoded = [s for s in structures if s is not None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = StructureMatcher(stol=0.5, ltol=0.3, angle_tol=10).group_structures(decoded) if decoded else []
+    first = {id(group[0]) for group in groups}
+    return [None if s is None else id(s) in first for s in structures]
+
+
 def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], overwrite: bool = False,
                     reference: list[Structure] | None = None,
                     cutoffs: tuple[float, float] = COVERAGE_CUTOFFS["perov_5"],
@@ -258,12 +289,15 @@ def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], 
     for stale in _earlier_run_files(out):
         stale.unlink(missing_ok=True)
     rows = []
-    for name, structure in named:
-        row = {"name": name, "formula": "", "n_atoms": 0, **validity(structure), "cif": ""}
+    first = _first_of_kind([s for _, s in named])
+    for (name, structure), unique in zip(named, first):
+        row = {"name": name, "formula": "", "n_atoms": 0, **validity(structure), "spacegroup": "",
+               "spacegroup_number": "", "unique": unique, "cif": "", "symmetrized_cif": ""}
         if structure is not None:
             row.update(formula=structure.composition.reduced_formula, n_atoms=len(structure),
                        cif=f"{name}.cif")
             write_text(out / row["cif"], structure.to(fmt="cif"))
+            row.update(_symmetry(structure, out / f"{name}.sym.cif"))
         rows.append(row)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["name"], lineterminator="\n")
@@ -274,6 +308,7 @@ def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], 
     summary = {"count": len(rows), "decoded": sum(1 for r in rows if r["cif"]),
                "structural_validity": sum(r["structural_valid"] for r in rows) / n,
                "composition_validity": sum(r["composition_valid"] for r in rows) / n,
+               "uniqueness": sum(r["unique"] is True for r in rows) / n,  # distinct crystals among all samples
                # the field's figure (CDVAE's SMACT check); None where SMACT is not installed
                "composition_validity_smact": None if any(r["smact_valid"] is None for r in rows)
                else sum(r["smact_valid"] for r in rows) / n, **(provenance or {})}
