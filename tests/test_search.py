@@ -166,9 +166,12 @@ def test_promote_best_can_fit_the_sampling_prior_on_the_trials_dataset(tiny_swee
     assert entry["source"]["trial"] == tiny_sweep["summary"].best_trial().trial_id
     assert loaded.meta["latent_prior"]["mean"].shape == (loaded.model_config.latent_dim,)
     assert load_checkpoint(tiny_sweep["root"] / tiny_sweep["summary"].best_checkpoint()[1].path).meta["latent_prior"] is None
+    # issue 37: fitting is the default for a trial (its dataset is known); --no-fit-prior opts out
+    assert main(["promote", str(tiny_sweep["root"]), "--best", "--no-fit-prior", "--registry", str(registry)]) == 0
+    assert load_checkpoint(Registry(registry).resolve(Registry(registry).entries()[-1]["ref"])).meta["latent_prior"] is None
     assert main(["promote", "tiny/x", "--fit-prior", "--storage", str(tiny_sweep["storage"]),
                  "--registry", str(registry)]) == 2
-    assert "--fit-prior" in capsys.readouterr().err
+    assert "tiny/x: not a checkpoint folder" in capsys.readouterr().err
 
 
 def test_train_from_trial_retrains_its_configuration_with_lineage(tiny_sweep, tmp_path, capsys):
