@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 StructureLike = Union[Structure, "Atoms", str, Path]  # noqa: UP007 (a string member cannot take part in X | Y)
 
 
-def load(ref: str | Path, registry: str | Path | None = None, device: str | None = None) -> CrystalModel:
+def load(ref: str | Path, registry: str | Path | None = None, device: str | None = None,
+         symprec: float | None = None) -> CrystalModel:
     """A model ready to use, from `ref`:
 
     - a shipped model's name (`"perov_5"`, `"carbon_24"`; see `crystalae models`);
@@ -43,13 +44,17 @@ def load(ref: str | Path, registry: str | Path | None = None, device: str | None
     - a registry reference (`NAME`, `NAME@3`, an alias such as `champion`) in `registry`
       (default `runs/registry`, or an `s3://` URI).
 
-    `device` defaults to CUDA when available. Raises `LookupError` when `ref` names nothing,
-    `crystalae.checkpoint.CheckpointError` when the file is not a usable checkpoint.
+    `device` defaults to CUDA when available. `symprec` (Å) snaps decoded crystals to their symmetry
+    (`crystalae.symmetry`; 0: the raw decode; default: the model's own setting). Raises `LookupError`
+    when `ref` names nothing, `crystalae.checkpoint.CheckpointError` when the file is not a usable
+    checkpoint.
     """
+    from crystalae.symmetry import set_symprec
+
     path = _locate(ref, registry)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return CrystalModel(load_checkpoint(path, device=device), str(ref))
+    return CrystalModel(set_symprec(load_checkpoint(path, device=device), symprec), str(ref))
 
 
 def _locate(ref: str | Path, registry: str | Path | None) -> Path:

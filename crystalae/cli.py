@@ -350,6 +350,7 @@ def _load_model(args: argparse.Namespace):
     import torch
 
     from crystalae.checkpoint import load_checkpoint
+    from crystalae.symmetry import set_symprec
 
     if (args.checkpoint is None) == (getattr(args, "model", None) is None):
         raise ValueError("give exactly one of --checkpoint PATH or --model NAME[@VERSION]|ALIAS")
@@ -359,7 +360,7 @@ def _load_model(args: argparse.Namespace):
 
         path = find_model(args.model, args.registry)
     device = "cuda" if torch.cuda.is_available() and not getattr(args, "cpu", False) else "cpu"
-    loaded = load_checkpoint(path, device=device)
+    loaded = set_symprec(load_checkpoint(path, device=device), getattr(args, "symprec", None))
     voxel, prior = loaded.voxel, loaded.meta.get("latent_prior")
     log.debug("model %s: %s, epoch %s, latent %d, grid %d^3, sigma %.3g A, %s representation, on %s, prior %s",
               _model_ref(args), path, loaded.meta.get("epoch"), loaded.model_config.latent_dim, voxel.grid, voxel.sigma,
@@ -385,6 +386,9 @@ def _add_model_options(parser: argparse.ArgumentParser, example: str = "") -> No
     parser.add_argument("--model", help="a shipped model (perov_5, carbon_24) or a registry model: NAME, "
                         "NAME@VERSION or an alias" + example)
     parser.add_argument("--registry", default=str(REGISTRY), help="registry folder or URI that --model names")
+    parser.add_argument("--symprec", type=float, metavar="ANGSTROM",
+                        help="snap decoded crystals to the space group they have within this many Å (default: the "
+                             "model's own setting, chosen on its validation split; 0: raw decode)")
 
 
 def _add_reconstruct(sub) -> None:

@@ -10,11 +10,15 @@ its validation split (`bench/symmetry.py --update`).
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 from pymatgen.core import Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-__all__ = ["ANGLE_TOLERANCE", "crystal_system", "spacegroup", "symmetrize"]
+if TYPE_CHECKING:
+    from crystalae.checkpoint import LoadedModel
+
+__all__ = ["ANGLE_TOLERANCE", "crystal_system", "set_symprec", "spacegroup", "symmetrize"]
 
 ANGLE_TOLERANCE = 5.0  # degrees, spglib's tolerance on lattice angles (pymatgen's default)
 
@@ -54,3 +58,13 @@ def crystal_system(structure: Structure, symprec: float = 0.1) -> str:
             return SpacegroupAnalyzer(structure, symprec=symprec).get_crystal_system()
         except Exception:  # noqa: BLE001
             return "unknown"
+
+
+def set_symprec(loaded: LoadedModel, symprec: float | None) -> LoadedModel:
+    """`loaded` decoding with this snapping tolerance from now on (Å; 0: the raw decode; None: keep the
+    model's own setting). Raises ValueError for a negative or non-finite tolerance."""
+    if symprec is not None:
+        if not 0 <= symprec < float("inf"):
+            raise ValueError(f"symprec {symprec}: give a tolerance in Å, or 0 for the raw decode")
+        loaded.meta["decoding"] = {**(loaded.meta.get("decoding") or {}), "symprec": symprec or None}
+    return loaded

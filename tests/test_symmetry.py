@@ -1,4 +1,6 @@
 """Symmetry snapping of decoded crystals."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
@@ -41,3 +43,36 @@ def test_a_tolerance_below_the_noise_keeps_the_crystal_as_decoded():
 def test_snapping_refuses_a_tolerance_that_is_not_a_positive_length():
     with pytest.raises(ValueError, match="symprec"):
         symmetrize(DIAMOND, 0.0)
+
+
+def test_a_models_snapping_tolerance_applies_to_what_it_decodes_and_zero_means_raw():
+    import torch
+
+    import crystalae
+    from crystalae.generate import decode_to_structures
+
+    raw = crystalae.load("carbon_24", device="cpu", symprec=0)
+    assert raw.loaded.meta["decoding"]["symprec"] is None
+    snapped = crystalae.load("carbon_24", device="cpu", symprec=0.5)
+    z = torch.from_numpy(np.random.default_rng(0).normal(0, 0.05, (3, raw.loaded.model_config.latent_dim))).float()
+    mean = raw.loaded.meta["latent_prior"]["mean"].float()
+    as_decoded = decode_to_structures(raw.loaded, mean + z)
+    as_snapped = decode_to_structures(snapped.loaded, mean + z)
+    assert any(s is not None for s in as_decoded)
+    for a, b in zip(as_decoded, as_snapped):
+        if a is not None:
+            assert b == symmetrize(a, 0.5)
+    with pytest.raises(ValueError, match="symprec"):
+        crystalae.load("carbon_24", device="cpu", symprec=-0.1)
+
+
+def test_reconstruct_refuses_a_negative_tolerance_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "crystalae", "reconstruct", "--checkpoint", "pretrained/perov_5",
+                          "demo:2", "--out", str(tmp_path / "r.csv"), "--symprec", "-1"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "symprec" in run.stderr
+    assert not (tmp_path / "r.csv").exists()
