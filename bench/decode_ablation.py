@@ -3,7 +3,8 @@
     python bench/decode_ablation.py --model pretrained/carbon_24 [--limit 351] [--out JSON]
 
 Every row decodes the same latents (the encoder's means) and differs only in what the decoder is
-given: the model's own predictions (the shipped path), atoms read one per density peak instead of
+given: the model's own predictions (the shipped path; also snapped to symmetry with the model's
+tolerance, where it has one), atoms read one per density peak instead of
 the count head's number, or the true atom count and/or the true lattice in place of the heads'
 predictions. The oracle rows are not results: they bound what a better count or lattice head would
 give, so they say where the next lever is. Scored like `bench/reconstruction.py` (StructureMatcher
@@ -23,6 +24,7 @@ from pymatgen.core import Structure
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generation import model_dataset  # noqa: E402
 from reconstruction import load_recipe, recipe_dataset  # noqa: E402
 from report import ROOT, relative, report  # noqa: E402
 
@@ -31,21 +33,23 @@ from crystalae.dataset import column_numpy, read_table, table_batches  # noqa: E
 from crystalae.metrics import compare, summarize  # noqa: E402
 from crystalae.reconstruct import decode_latents, density_scale, structures_from_outputs  # noqa: E402
 
-# row name -> (atom count: "model" | "peaks" | "true", lattice: "model" | "true")
+# row name -> (atom count: "model" | "peaks" | "true", lattice: "model" | "true", snapped to symmetry)
 ROWS = {
-    "the model's own heads": ("model", "model"),
-    "one atom per density peak": ("peaks", "model"),
-    "true atom count": ("true", "model"),
-    "true lattice": ("model", "true"),
-    "true atom count and lattice": ("true", "true"),
+    "the model's own heads": ("model", "model", False),
+    "the model's own heads, symmetrized": ("model", "model", True),
+    "one atom per density peak": ("peaks", "model", False),
+    "true atom count": ("true", "model", False),
+    "true lattice": ("model", "true", False),
+    "true atom count and lattice": ("true", "true", False),
 }
 
 
-def decode_rows(model, voxel, table, batch_size: int = 32) -> dict[str, list[dict]]:
-    """Per row, one `compare` record per crystal of `table`."""
+def decode_rows(model, voxel, table, symprec: float | None, batch_size: int = 32) -> dict[str, list[dict]]:
+    """Per row, one `compare` record per crystal of `table`; `symprec`: the model's snapping tolerance
+    (None: no symmetrized row)."""
     has_count = model.vae.count is not None
     # without a count head the model's own count is one atom per peak: that row would repeat
-    rows = {name: spec for name, spec in ROWS.items() if has_count or spec[0] != "peaks"}
+    rows = {name: spec for name, spec in ROWS.items() if (has_count or spec[0] != "peaks") and (symprec or not spec[2])}
     records: dict[str, list[dict]] = {name: [] for name in rows}
     with torch.no_grad(), tqdm(total=table.num_rows, desc="decoding", unit="crystal") as progress:
         for index, batch in enumerate(table_batches(table, batch_size)):
@@ -54,14 +58,15 @@ def decode_rows(model, voxel, table, batch_size: int = 32) -> dict[str, list[dic
             mu, _ = model.vae.encode(batch["density"].unsqueeze(1) * density_scale(voxel))
             outputs = decode_latents(model, voxel, mu)
             lattices = column_numpy(part, "lattice")
-            for name, (count, lattice) in rows.items():
+            for name, (count, lattice, snapped) in rows.items():
                 variant = dict(outputs)
                 variant.pop("atoms", None)
                 if count == "model" and has_count:
                     variant["atoms"] = outputs["atoms"]
                 elif count == "true":
                     variant["atoms"] = np.array([len(t) for t in truths])
-                decoded = structures_from_outputs(model, voxel, variant, lattices if lattice == "true" else None)
+                decoded = structures_from_outputs(model, voxel, variant, lattices if lattice == "true" else None,
+                                                  symprec=symprec if snapped else None)
                 records[name] += [compare(p, t) for p, t in zip(decoded, truths)]
             progress.update(len(truths))
     return records
@@ -70,7 +75,8 @@ def decode_rows(model, voxel, table, batch_size: int = 32) -> dict[str, list[dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a checkpoint folder with its recipe.yaml")
-    parser.add_argument("--recipe", type=Path, help="default: MODEL/recipe.yaml")
+    parser.add_argument("--recipe", type=Path, help="a bench recipe for the model's dataset (default: found by "
+                        "the model's dataset hash, or prepared from its lineage)")
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared/datasets")
     parser.add_argument("--work", type=Path, default=ROOT / "runs/bench")
     parser.add_argument("--limit", type=int, help="first N test crystals (default: all)")
@@ -78,14 +84,16 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
-    recipe = load_recipe(args.recipe or args.model / "recipe.yaml")
-    data, _ = recipe_dataset(recipe, args.datasets, args.work)
+    if args.recipe:
+        data, _ = recipe_dataset(load_recipe(args.recipe), args.datasets, args.work)
+    else:
+        data = model_dataset(args.model, args.datasets, args.work)
     loaded = load_checkpoint(args.model)
     loaded.model.eval()
     test = read_table(data, split="test")
     test = test.slice(0, args.limit or test.num_rows)
     started = time.perf_counter()
-    records = decode_rows(loaded.model, loaded.voxel, test)
+    records = decode_rows(loaded.model, loaded.voxel, test, (loaded.meta.get("decoding") or {}).get("symprec"))
     rows = []
     for name, recs in records.items():
         summary = summarize(recs)
@@ -95,7 +103,7 @@ def main() -> None:
     for r in rows:
         rms = "–" if r["rms"] is None else f"{r['rms']:.4f}"
         print(f"| {r['decoder']} | {100 * r['match_rate']:.1f}% | {rms} | {100 * r['atom_count_rate']:.1f}% |")
-    figures = {"model": relative(args.model), "recipe": relative(args.recipe or args.model / "recipe.yaml"),
+    figures = {"model": relative(args.model), "recipe": relative(args.recipe) if args.recipe else None,
                "test_rows": test.num_rows, "seconds": round(time.perf_counter() - started, 1), "rows": rows}
     report(figures, args.out or ROOT / "bench/results" / f"decode_ablation_{args.model.name}.json", hide=("rows",))
 

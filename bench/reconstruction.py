@@ -137,7 +137,9 @@ def score(args: argparse.Namespace, job: dict):
     if args.run is not None and loaded.meta.get("latent_prior") is None:  # sample where the decoder was trained
         loaded.meta["latent_prior"] = fit_latent_prior(loaded, data)
     test = read_table(data, split="test")
-    metrics = evaluate(loaded.model, test, loaded.voxel, TrainConfig(**{**cfg.as_dict(), "eval_limit": test.num_rows}), device)
+    symprec = (loaded.meta.get("decoding") or {}).get("symprec")
+    metrics = evaluate(loaded.model, test, loaded.voxel, TrainConfig(**{**cfg.as_dict(), "eval_limit": test.num_rows}),
+                       device, symprec=symprec, records=True)
     count = int(recipe.get("samples", 200))
     valid = [validity(s) for s in sample(loaded, count, seed=0)]
     train_seconds = sum(h.get("epoch_seconds", 0) + h.get("eval_seconds", 0) for h in history)
@@ -156,6 +158,9 @@ def score(args: argparse.Namespace, job: dict):
         "test_species_accuracy": metrics["species_accuracy"], "test_atom_count_rate": metrics["atom_count_rate"],
         "test_score": metrics["score"], "test_density_mse": metrics["density_mse"],
         "test_per_element_accuracy": metrics["per_element_accuracy"],
+        # the model's own decoding setting: crystals snapped to their symmetry, beside the raw figures
+        "test_symmetrized": metrics.get("symmetrized"),
+        "test_breakdown": breakdown(metrics["records"], test, read_manifest(data)["dataset_hash"]),
         "prior_samples": count,
         "sample_structural_validity": sum(v["structural_valid"] for v in valid) / max(count, 1),
         "sample_composition_validity": sum(v["composition_valid"] for v in valid) / max(count, 1),
@@ -236,6 +241,44 @@ def recipe_dataset(recipe: dict, datasets: Path, work: Path) -> tuple[Path, list
     data = work / f"{recipe['dataset']}-{key}"
     prepare_dataset(sources, data, voxel, options)
     return data, sources
+
+
+SIZE_BINS = ((1, 8), (9, 16), (17, 24), (25, 10_000))
+
+
+def breakdown(records: list[dict], test, dataset_hash: str) -> dict:
+    """Where reconstruction fails: the match rate by atoms per cell and by the true crystal's crystal
+    system, and on the test crystals with no StructureMatcher twin in the training split (from
+    `bench/twins.py`, when its result for this dataset exists)."""
+    from pymatgen.core import Structure
+
+    from crystalae.symmetry import crystal_system
+
+    systems = [crystal_system(Structure.from_str(c, fmt="cif")) for c in test.column("cif").to_pylist()]
+    by_size = {f"{lo}-{hi}" if hi < 10_000 else f"{lo}+": [r for r in records if lo <= r["n_atoms"] <= hi]
+               for lo, hi in SIZE_BINS}
+    by_system = {name: [r for r, s in zip(records, systems) if s == name] for name in sorted(set(systems))}
+    result = {"by_atoms": _rates(by_size), "by_crystal_system": _rates(by_system)}
+    for twins_file in sorted((ROOT / "bench/results").glob("twins_*.json")):
+        found = json.loads(twins_file.read_text())
+        if found.get("dataset_hash") == dataset_hash:
+            result["twins"] = {"source": relative(twins_file), **_rates({
+                "with a training twin": [r for r in records if r["material_id"] in found["twins"]],
+                "no training twin": [r for r in records if r["material_id"] not in found["twins"]]})}
+    return result
+
+
+def _rates(groups: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per group: crystals, raw match rate and (where scored) the symmetrized one."""
+    out = {}
+    for name, group in groups.items():
+        if not group:
+            continue
+        row = {"crystals": len(group), "match_rate": sum(r["match"] for r in group) / len(group)}
+        if "symmetrized_match" in group[0]:
+            row["symmetrized_match_rate"] = sum(r["symmetrized_match"] for r in group) / len(group)
+        out[name] = row
+    return out
 
 
 def time_to_match(history: list[dict]) -> dict[str, float]:
