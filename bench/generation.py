@@ -13,7 +13,9 @@ highest mean of COV-R and COV-P among settings with structural validity ≥99% a
 needs) in the model's checkpoint. Writes bench/results/generation_<model>.json and a trade-off plot
 generation_<model>.png (coverage and validity against spread). `--relax` relaxes every sample with
 CHGNet first (`crystalae.relax`; ~8 s a small crystal per core, so measure few settings) and writes
-generation_<model>_relaxed.json; `--settings KIND:SPREAD ...` measures only those.
+generation_<model>_relaxed.json; `--settings KIND:SPREAD ...` measures only those. Samples are
+snapped to their symmetry as the model's decoding settings say (`bench/symmetry.py`); `--symprec 0`
+scores the raw decode.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from crystalae.dataset import config_of, read_manifest, read_table  # noqa: E402
 from crystalae.files import write_json  # noqa: E402
 from crystalae.generate import decode_to_structures, validity  # noqa: E402
 from crystalae.prior import fit_latent_prior, sample_latents  # noqa: E402
+from crystalae.symmetry import set_symprec  # noqa: E402
 
 SETTINGS = [("fitted", 1.0), ("fitted", 0.7), ("fitted", 0.5),
             ("posterior", 0.5), ("posterior", 0.3), ("posterior", 0.2), ("posterior", 0.1), ("posterior", 0.05)]
@@ -158,9 +161,12 @@ def main() -> None:
     parser.add_argument("--relax", action="store_true", help="relax the samples with CHGNet before scoring")
     parser.add_argument("--update", action="store_true", help="store the chosen prior and spread in the model")
     parser.add_argument("--markdown", action="store_true", help="print the README table of an earlier run")
+    parser.add_argument("--symprec", type=float, help="snap the samples at this tolerance in Å instead of the "
+                        "model's own (0: the raw decode; crystalae.symmetry)")
+    parser.add_argument("--out", type=Path, help="default: bench/results/generation_<model>[_relaxed].json")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    out = ROOT / "bench/results" / f"generation_{args.model.name}{'_relaxed' if args.relax else ''}.json"
+    out = args.out or ROOT / "bench/results" / f"generation_{args.model.name}{'_relaxed' if args.relax else ''}.json"
     if args.markdown:
         print(markdown(json.loads(out.read_text())))
         return
@@ -169,7 +175,7 @@ def main() -> None:
     data = model_dataset(args.model, args.datasets, args.work)
     name = args.dataset_name or args.model.name.split("-")[0]
     cutoffs = COVERAGE_CUTOFFS.get(name, COVERAGE_CUTOFFS["perov_5"])
-    loaded = load_checkpoint(args.model)
+    loaded = set_symprec(load_checkpoint(args.model), args.symprec)
     loaded.meta["latent_prior"] = fit_latent_prior(loaded, data)  # with the codes the posterior kind samples
     train = split_crystals(data, "train")
     train_formulas = {s.composition.reduced_formula for s in train}
@@ -197,7 +203,8 @@ def main() -> None:
     figures = {"model": relative(args.model), "dataset_hash": read_manifest(data)["dataset_hash"],
                "samples": args.samples, "reference": f"test split ({len(test)} crystals)", "cutoffs": list(cutoffs),
                "scaler": "crystalae.coverage: random inorganic compositions (not CDVAE's constants)",
-               "relaxation": relaxation, "chosen": chosen["setting"],
+               "relaxation": relaxation, "symprec": (loaded.meta.get("decoding") or {}).get("symprec"),
+               "chosen": chosen["setting"],
                "choice_rule": "best mean validation COV-R/COV-P with structural >=99% and SMACT >=97%",
                "baseline": baseline, "settings": rows,
                "seconds": round(time.perf_counter() - started, 1)}

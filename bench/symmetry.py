@@ -72,14 +72,22 @@ def main() -> None:
                "seconds": round(time.perf_counter() - started, 1)}
     report(figures, args.out or ROOT / "bench/results" / f"symmetry_{args.model.name}.json", hide=("validation",))
     if args.update:
-        export_checkpoint(args.model, args.model, decoding={"symprec": chosen, "chosen_by": "bench/symmetry.py",
-                                                             "validation_match_rate": best["match_rate"]})
-        results_path = args.model / "RESULTS.json"
-        results = json.loads(results_path.read_text())
-        results["symmetrized"] = {k: figures[k] for k in ("chosen_symprec", "test_symmetrized_match_rate",
-                                                          "test_symmetrized_rms", "choice_rule")}
-        write_json(results_path, results)
-        print(f"rewrote {args.model}: decoded crystals snapped at symprec {chosen}")
+        store_choice(args.model, figures)
+
+
+def store_choice(model: Path, figures: dict) -> None:
+    """The chosen tolerance into the model's checkpoint (`decoding`) and its RESULTS.json."""
+    chosen = figures["chosen_symprec"]
+    val_match = max([r["match_rate"] for r in figures["validation"] if r["symprec"] == chosen] or [None],
+                    key=lambda v: v or 0)
+    export_checkpoint(model, model, decoding={"symprec": chosen, "chosen_by": "bench/symmetry.py",
+                                              "validation_match_rate": val_match})
+    results_path = model / "RESULTS.json"
+    results = json.loads(results_path.read_text())
+    results["symmetrized"] = {k: figures[k] for k in ("chosen_symprec", "test_symmetrized_match_rate",
+                                                      "test_symmetrized_rms", "choice_rule")}
+    write_json(results_path, results)
+    print(f"rewrote {model}: decoded crystals snapped at symprec {chosen}")
 
 
 if __name__ == "__main__":
