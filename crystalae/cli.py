@@ -312,7 +312,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.gpu:
         train_values["use_gpu"] = True
     cfg = TrainConfig.from_dict(train_values)
-    result = train(args.data, cfg, spec.get("model") or {}, storage=args.storage, name=args.name or "crystalae",
+    result = train(args.data, cfg, spec.get("model") or {}, storage=args.storage,
+                   name="crystalae" if args.name is None else args.name,
                    preset=args.preset or spec.get("preset"), progress=True, mlflow=args.mlflow)
     return _report_training(result)
 
@@ -479,6 +480,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
         relaxed, provenance["relaxation"] = relax([s for _, s in named], steps=args.relax_steps)
         named = [(name, s) for (name, _), s in zip(named, relaxed)]
+        print(_relaxation_line(provenance["relaxation"], sum(s is not None for _, s in named)))
     reference = None
     if args.reference is not None and not interrupted:
         reference = generate.reference_structures(args.reference, args.reference_limit)
@@ -498,6 +500,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               f"(wrote only {args.out / 'summary.csv'} and summary.json)", file=sys.stderr)
         return 1
     return 0
+
+
+def _relaxation_line(record: dict[str, Any], decoded: int) -> str:
+    """What --relax did, crystals that could not be relaxed (written as decoded) counted apart."""
+    failed = record.get("failed", 0)
+    converged = record.get("converged")
+    return (f"relaxed {record.get('relaxed', 0)} of {decoded} decoded crystals with {record.get('potential')}"
+            + ("" if converged is None else f" ({converged} converged within {record.get('steps')} steps)")
+            + (f"; {failed} could not be relaxed and are written as decoded" if failed else ""))
 
 
 def _check_generate_extras(args: argparse.Namespace) -> None:

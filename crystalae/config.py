@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 
 __all__ = [
     "BoxMode", "ConfigError", "MAX_GRID", "MAX_Z", "NAME", "Objective", "Reduction", "Representation", "StrictConfig",
-    "VoxelConfig", "check_name", "field_names", "grid_problem", "in_range", "is_score", "searchable",
+    "VoxelConfig", "blank_problem", "check_name", "field_names", "grid_problem", "in_range", "is_score", "searchable",
     "set_by",
 ]
 
@@ -53,6 +53,14 @@ def check_name(name: Any, what: str = "name") -> str:
         raise ConfigError(f"invalid {what} {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
                           "starting with a letter or digit")
     return name
+
+
+def blank_problem(value: Any, what: str, example: str = "sqlite:///mlflow.db") -> str | None:
+    """A problem message when an optional text setting is given but empty (`--mlflow ''`, `mlflow: ''`):
+    left as is, an empty tracking URI would turn tracking off without a word."""
+    if isinstance(value, str) and not value.strip():
+        return f"{what} is empty: give a value (e.g. {example}) or leave it out"
+    return None
 
 
 _T = TypeVar("_T")

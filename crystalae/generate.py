@@ -232,14 +232,17 @@ def _earlier_run_files(out: Path) -> list[Path]:
 
 def reference_structures(source: str | Path, limit: int | None = None) -> list[Structure]:
     """The crystals of a reference source, as they are (entries that cannot be read are left out)."""
-    structures = []
+    structures, problems = [], []
     for entry in list_entries(source, limit=limit):
         try:
             structures.append(load_structure(entry))
-        except StructureError:
-            continue
+        except StructureError as exc:
+            problems.append(str(exc) if entry.material_id in str(exc) else f"{entry.material_id}: {exc}")
     if not structures:
-        raise StructureError(f"reference {source}: no readable crystal")
+        why = f" ({len(problems)} unreadable, the first: {problems[0]})" if problems else " (it holds no entries)"
+        raise StructureError(f"reference {source}: no readable crystal{why}")
+    if problems:
+        log.warning("reference %s: left out %d unreadable entries (the first: %s)", source, len(problems), problems[0])
     return structures
 
 

@@ -23,7 +23,7 @@ import torch
 
 from crystalae.augment import augment
 from crystalae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from crystalae.config import Objective, StrictConfig, VoxelConfig, in_range, set_by
+from crystalae.config import ConfigError, Objective, StrictConfig, VoxelConfig, blank_problem, check_name, in_range, set_by
 from crystalae.dataset import WorkerShare, config_of, dataset_species, prefetched, read_manifest, read_table, table_batches
 from crystalae.locations import TRAIN
 from crystalae.losses import loss_terms
@@ -34,7 +34,7 @@ from crystalae.uri_fs import absolute
 from crystalae.uri_fs import is_remote as storage_is_remote
 
 __all__ = [
-    "REPORTED_METRICS", "SCORE", "TRAIN_SPEC_SECTIONS", "TrainConfig", "best_checkpoint_path", "build_configs",
+    "REPORTED_METRICS", "SCORE", "TRAIN_SPEC_SECTIONS", "TrainConfig", "best_checkpoint_path", "build_configs", "check_run",
     "dataset_species", "lr_factor", "read_train_spec", "run_epoch", "train", "train_loop_per_worker",
 ]
 
@@ -316,6 +316,19 @@ def build_configs(data: str | Path, model_overrides: dict[str, Any], preset: str
     return voxel, model_config_for(voxel, dataset_species(data), **overrides)
 
 
+def check_run(name: Any, mlflow: str | None = None) -> None:
+    """Refuse a run `name` that is no plain folder name (no '..', no absolute path: the run lives under its
+    storage) and an empty `mlflow` tracking URI (it would log nowhere without a word).
+
+    Raises:
+        ConfigError: naming the setting.
+    """
+    check_name(name, "run name")
+    problem = blank_problem(mlflow, "--mlflow")
+    if problem:
+        raise ConfigError(problem)
+
+
 def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: dict[str, Any] | None = None,
           storage: str | Path = TRAIN, name: str = "crystalae", preset: str | None = None,
           callbacks: list | None = None, score: tuple[str, str] = SCORE, lineage: dict[str, Any] | None = None,
@@ -329,6 +342,7 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
 
     from crystalae.library_logs import library_logs_to
 
+    check_run(name, mlflow)
     manifest = read_manifest(data)
     cfg = cfg.resolved()
     voxel, model_cfg = build_configs(data, model_overrides or {}, preset)

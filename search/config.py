@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from crystalae.config import ConfigError, StrictConfig, VoxelConfig, check_name, field_names, in_range
+from crystalae.config import ConfigError, StrictConfig, VoxelConfig, blank_problem, check_name, field_names, in_range
 from crystalae.files import load_yaml
 from crystalae.models import ModelConfig
 from crystalae.reconstruct import model_config_for
@@ -157,6 +157,9 @@ class SweepConfig(StrictConfig):
             f"objectives name a metric twice: {list(self.objective_metrics())}",
             None if len(self.secondary_metrics) == len(self.secondary_modes) else
             "secondary_metrics and secondary_modes must have the same length",
+            *(blank_problem(getattr(self, key), f"tracking.{key}", example) for key, example in (
+                ("mlflow", "sqlite:///mlflow.db"), ("mlflow_experiment", "the sweep's name"),
+                ("wandb_project", "crystalae"))),
         ]
 
     def asha_grace_period(self) -> int:

@@ -390,8 +390,15 @@ def _read_trial(root: Path, folder: Path, objective: Objective, statuses: dict[s
                       config.get("history", [])))
     found.sort(key=lambda f: f[0].epoch)
     history = found[-1][1] if found else []  # the newest checkpoint carries the whole curve
-    params_file = folder / PARAMS_FILE
-    trial = Trial(trial_id=folder.name, params=read_json(params_file) if params_file.exists() else {},
+    params_file, params = folder / PARAMS_FILE, {}
+    try:
+        params = read_json(params_file) if params_file.exists() else {}
+    except DamagedFileError as exc:  # nor a damaged params.json (a trial killed mid-write by an old version)
+        warnings.warn(f"trial {folder.name} shown without its params: {exc}", stacklevel=3)
+    if not isinstance(params, dict):
+        warnings.warn(f"trial {folder.name} shown without its params: {params_file} holds no mapping", stacklevel=3)
+        params = {}
+    trial = Trial(trial_id=folder.name, params=params,
                   status=_status(statuses, folder.name, len(history), budget), epochs=len(history),
                   history=history, checkpoints=[record for record, _ in found], best_value=None, best_checkpoint=None)
     best = _best_checkpoint([trial], objective)

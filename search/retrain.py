@@ -8,12 +8,14 @@ the dataset hash, and a promote copies it into the registry manifest.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 from crystalae import uri_fs
+from crystalae.config import ConfigError, check_name
 from crystalae.locations import TRAIN
-from crystalae.search.config import SweepConfig, trial_overrides
+from crystalae.search.config import SweepConfig, point_problem, trial_overrides
 from crystalae.search.results import PARAMS_FILE, SWEEP_FILE, TRIALS_DIR, collect_trials, is_sweep, sweep_dir
 from crystalae.training import TrainConfig
 
@@ -28,7 +30,8 @@ def trial_recipe(storage: str | Path, ref: str) -> dict[str, Any]:
         (the sampled values), `voxel`/`model`/`train` (the overrides a trial built) and `lineage`.
 
     Raises:
-        ValueError: `ref` names no trial of a sweep, or the trial never wrote its params.
+        ValueError: `ref` names no trial of a sweep (or climbs out of `storage` with '..'), the trial never
+            wrote its params, or they are not a point of the sweep's search space.
     """
     given = Path(ref)
     if given.is_dir() and given.parent.name == TRIALS_DIR and is_sweep(given.parent.parent):
@@ -37,16 +40,31 @@ def trial_recipe(storage: str | Path, ref: str) -> dict[str, Any]:
         sweep_name, _, trial_id = ref.rstrip("/").rpartition("/")
         if not sweep_name or not trial_id:
             raise ValueError(f"--from-trial {ref}: give SWEEP/TRIAL (e.g. demo/1a2b3c4d) or a trial folder")
+        for part in (*sweep_name.split("/"), trial_id):  # names below --sweeps: no '..', no absolute path
+            try:
+                check_name(part, "sweep or trial name")
+            except ConfigError as exc:
+                raise ValueError(f"--from-trial {ref}: {exc}") from None
         root = sweep_dir(storage, sweep_name)
     if not is_sweep(root):
         raise ValueError(f"--from-trial {ref}: no sweep at {root} (its {SWEEP_FILE} is missing)")
     params_file = uri_fs.join(root, TRIALS_DIR, trial_id, PARAMS_FILE)
     if not uri_fs.is_file(params_file):
         raise ValueError(f"--from-trial {ref}: sweep {uri_fs.name_of(root)} has no trial {trial_id!r} with {PARAMS_FILE}")
-    sweep = SweepConfig.from_dict(uri_fs.read_json(uri_fs.join(root, SWEEP_FILE)))
+    try:
+        sweep = SweepConfig.from_dict(uri_fs.read_json(uri_fs.join(root, SWEEP_FILE)))
+    except (KeyError, TypeError, AttributeError, ConfigError) as exc:  # valid JSON, but no sweep's settings
+        raise ValueError(f"--from-trial {ref}: {uri_fs.join(root, SWEEP_FILE)} holds no sweep configuration "
+                         f"({type(exc).__name__}: {exc})") from None
     params = uri_fs.read_json(params_file)
+    problem = point_problem(sweep.search_space, params)  # a hand-edited or damaged trial: NaN, a list, extra keys
+    if problem:
+        raise ValueError(f"--from-trial {ref}: {params_file} does not fit sweep {sweep.name}'s search space "
+                         f"({problem})")
     voxel, model, train = trial_overrides(sweep, params)
-    trial = collect_trials(root).only(trial_id).trials
+    with warnings.catch_warnings():  # the other trials' damaged files are not this command's business
+        warnings.simplefilter("ignore")
+        trial = collect_trials(root).only(trial_id).trials
     best = trial[0].best_value if trial else None
     lineage = {"sweep": sweep.name, "sweep_dir": _recorded(root), "trial": trial_id, "params": params,
                "objective": {"metric": sweep.objective_metric, "mode": sweep.objective_mode, "trial_best": best},
@@ -79,14 +97,21 @@ def retrain_trial(storage: str | Path, ref: str, *, epochs: int | None = None, d
     `Result` of `crystalae.training.train`.
 
     Raises:
-        ValueError: `data` was prepared with another voxel config than the trial's.
+        ValueError: `data` was prepared with another voxel config than the trial's; as `trial_recipe`, or
+            `crystalae.training.check_run`, TrainConfig (a bad `epochs`), before anything is written.
     """
     from crystalae.dataset import MANIFEST, config_of
     from crystalae.search.sweep import dataset_folder, dataset_for
-    from crystalae.training import train
+    from crystalae.training import check_run, train
 
     recipe = trial_recipe(storage, ref)
     sweep: SweepConfig = recipe["sweep"]
+    name = f"{sweep.name}-{recipe['trial']}" if name is None else name
+    values = {**recipe["train"], "threads": 0, **(train_overrides or {})}
+    if epochs is not None:
+        values["epochs"] = epochs
+    cfg = TrainConfig.from_dict(values)
+    check_run(name, mlflow)  # bad settings are refused before any shards are prepared for the run
     wanted = sweep.voxel_config(recipe["voxel"])
     if data is None:  # the sweep's own shards; a sweep record (no datasets) prepares them beside the run
         data = dataset_folder(sweep, recipe["voxel"], recipe["root"])
@@ -95,9 +120,5 @@ def retrain_trial(storage: str | Path, ref: str, *, epochs: int | None = None, d
     elif config_of(data) != wanted:
         raise ValueError(f"--data {data} was prepared with {config_of(data)}, but trial {recipe['trial']} used "
                          f"{wanted}; prepare it with the trial's voxel settings")
-    values = {**recipe["train"], "threads": 0, **(train_overrides or {})}
-    if epochs is not None:
-        values["epochs"] = epochs
-    cfg = TrainConfig.from_dict(values)
-    return train(data, cfg, recipe["model"], storage=out, name=name or f"{sweep.name}-{recipe['trial']}",
+    return train(data, cfg, recipe["model"], storage=out, name=name,
                  lineage={**recipe["lineage"], "epochs": cfg.epochs}, progress=progress, mlflow=mlflow)

@@ -163,6 +163,10 @@ def test_hostile_structure_files_are_rejected_as_their_row_and_the_rest_is_writt
     ("search: {points: {lr: 0.005}}", "points"),  # a mapping, not a list
     ("search: {points: [{lr: 1.0e+300}]}", "lr"),
     ("tracking: {mlflow: 42}", "mlflow"),
+    ("tracking: {mlflow: ''}", "tracking.mlflow is empty"),  # would run the sweep untracked, without a word
+    ("tracking: {mlflow: '   '}", "tracking.mlflow is empty"),
+    ("tracking: {wandb_project: ''}", "tracking.wandb_project is empty"),
+    ("tracking: {mlflow: 'sqlite:///m.db', mlflow_experiment: ''}", "tracking.mlflow_experiment is empty"),
     ("tracking: {nope: x}", "nope"),
     ("tracking: [sqlite:///m.db]", "tracking"),
 ])
@@ -195,3 +199,152 @@ def test_hostile_api_inputs_are_clear_errors(tmp_path, tiny_checkpoint):
     with pytest.raises(ValueError, match="steps"):
         model.interpolate(tmp_path / "bad.cif", tmp_path / "bad.cif", steps=1)
     assert model.encode([]).shape == (0, 4)
+
+
+# --- item 4: `train --from-trial` -------------------------------------------------------------------
+
+
+@pytest.fixture
+def sweep_storage(tmp_path):
+    """A sweeps folder holding `tiny` (its sweep.json as a real sweep writes it) with one good trial and
+    trials whose params.json is missing, damaged, not a mapping, NaN, negative or has a key the space lacks;
+    `hollow`, whose sweep.json is valid JSON but no configuration. No Ray, no training."""
+    from conftest import TINY_SWEEP
+
+    from crystalae.files import load_yaml
+    from crystalae.search.config import parse_sweep_config
+
+    root = tmp_path / "sweeps" / "tiny"
+    trials = {"a1": {"latent_dim": 4, "sigma": 0.5, "lr": 0.005}, "np": None, "bad": "{not json",
+              "list": [1, 2], "nan": '{"latent_dim": 4, "sigma": NaN, "lr": 0.005}',
+              "neg": {"latent_dim": -4, "sigma": 0.5, "lr": 0.005},
+              "extra": {"latent_dim": 4, "sigma": 0.5, "lr": 0.005, "evil": 1}}
+    for trial, params in trials.items():
+        (root / "trials" / trial).mkdir(parents=True)
+        if params is not None:
+            (root / "trials" / trial / "params.json").write_text(params if isinstance(params, str) else json.dumps(params))
+    (root / "sweep.json").write_text(json.dumps(parse_sweep_config(load_yaml(TINY_SWEEP)).as_dict()))
+    (tmp_path / "sweeps" / "hollow" / "trials" / "a1").mkdir(parents=True)
+    (tmp_path / "sweeps" / "hollow" / "sweep.json").write_text("{}")
+    (tmp_path / "sweeps" / "hollow" / "trials" / "a1" / "params.json").write_text("{}")
+    return tmp_path / "sweeps"
+
+
+@pytest.mark.parametrize("ref, options, needle", [
+    ("tiny", [], "give SWEEP/TRIAL"),
+    ("", [], "give SWEEP/TRIAL"),
+    ("../x/y", [], "invalid sweep or trial name '..'"),  # traversal out of --sweeps
+    ("tiny/../tiny/a1", [], "invalid sweep or trial name '..'"),
+    ("tiny/..", [], "invalid sweep or trial name '..'"),
+    ("nope/a1", [], "no sweep at"),  # a missing sweep
+    ("tiny/zz", [], "sweep tiny has no trial 'zz'"),
+    ("tiny/np", [], "sweep tiny has no trial 'np' with params.json"),  # a trial that never wrote its params
+    ("tiny/bad", [], "params.json is damaged"),
+    ("tiny/list", [], "must be a mapping"),
+    ("tiny/nan", [], "sigma=nan"),
+    ("tiny/neg", [], "latent_dim=-4"),
+    ("tiny/extra", [], "not searched ['evil']"),
+    ("hollow/a1", [], "holds no sweep configuration"),
+    ("tiny/a1", ["--epochs", "0"], "epochs must be >= 1"),
+    ("tiny/a1", ["--epochs", "-5"], "epochs must be >= 1"),
+    ("tiny/a1", ["--name", "../evil"], "invalid run name '../evil'"),  # the run folder stays under --storage
+    ("tiny/a1", ["--name", "/tmp/evil"], "invalid run name '/tmp/evil'"),
+    ("tiny/a1", ["--name", ""], "invalid run name ''"),  # not silently the default name
+    ("tiny/a1", ["--mlflow", ""], "--mlflow is empty"),  # would train without tracking, without a word
+    ("tiny/a1", ["--lr", "0.1"], "drop --config"),
+])
+def test_hostile_from_trial_refs_and_options_are_one_line_before_anything_is_written(sweep_storage, tmp_path, capsys,
+                                                                                    ref, options, needle):
+    before = sorted(p.relative_to(sweep_storage) for p in sweep_storage.rglob("*"))
+    fails(capsys, ["train", "--from-trial", ref, "--sweeps", str(sweep_storage), "--storage", str(tmp_path / "train"),
+                   *options], needle)
+    assert not (tmp_path / "train").exists() and not (tmp_path / "evil").exists()  # no run, no shards prepared
+    assert sorted(p.relative_to(sweep_storage) for p in sweep_storage.rglob("*")) == before  # the sweep untouched
+
+
+def test_from_trial_epochs_that_are_no_whole_number_are_refused_by_the_parser(sweep_storage, tmp_path, capsys):
+    from test_reliability import fails_to_parse
+
+    for value in ("nan", "1e9", "", "inf"):
+        fails_to_parse(capsys, ["train", "--from-trial", "tiny/a1", "--sweeps", str(sweep_storage), "--epochs", value],
+                       "--epochs")
+
+
+def test_a_damaged_sibling_trial_does_not_block_retraining_the_good_one(sweep_storage):
+    """tiny/bad's params.json is damaged: the recipe of tiny/a1 still reads, and with no warning about
+    another trial's files."""
+    import warnings
+
+    from crystalae.search.retrain import trial_recipe
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recipe = trial_recipe(sweep_storage, "tiny/a1")
+    assert recipe["params"] == {"latent_dim": 4, "sigma": 0.5, "lr": 0.005} and recipe["trial"] == "a1"
+    assert recipe["lineage"]["sweep"] == "tiny" and recipe["train"]["epochs"] == 2
+
+
+def test_plain_train_refuses_a_run_name_that_leaves_storage(tmp_path, capsys):
+    for name in ("../evil", "a/b", "", ".hidden"):
+        fails(capsys, ["train", "--data", str(tmp_path / "ds"), "--storage", str(tmp_path / "runs"), "--name", name],
+              "invalid run name")
+    assert not (tmp_path / "runs").exists()
+
+
+# --- item 4: `generate --relax` ---------------------------------------------------------------------
+
+
+def test_generate_relax_without_chgnet_or_with_zero_steps_is_refused_before_anything(tmp_path, capsys, monkeypatch,
+                                                                                    tiny_checkpoint):
+    from test_reliability import fails_to_parse
+
+    base = ["generate", "--checkpoint", str(tiny_checkpoint), "--sample", "2", "--prior", "normal",
+            "--out", str(tmp_path / "g"), "--relax"]
+    fails_to_parse(capsys, [*base, "--relax-steps", "0"], "--relax-steps")
+    fails_to_parse(capsys, [*base, "--relax-steps", "-3"], "--relax-steps")
+    monkeypatch.setattr("crystalae.relax.relax_available", lambda: False)
+    fails(capsys, base, "--relax needs CHGNet", "pip install 'crystalae[relax]'")
+    assert not (tmp_path / "g").exists()
+
+
+def test_relax_keeps_a_crystal_the_potential_cannot_handle_as_it_was():
+    pytest.importorskip("chgnet")
+    from pymatgen.core import Lattice, Structure
+
+    from crystalae.relax import relax
+
+    with pytest.raises(ValueError, match="steps"):
+        relax([None], steps=0)
+    salt = Structure(Lattice.cubic(5.6), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    oganesson = Structure(Lattice.cubic(4.0), ["Og"], [[0, 0, 0]])  # no element CHGNet knows
+    out, record = relax([salt, oganesson, None], steps=2, workers=1)
+    assert out[1] is oganesson and out[2] is None and out[0] is not salt
+    assert record["relaxed"] == 1 and record["failed"] == 1
+
+
+def test_generate_relax_writes_a_crystal_that_failed_to_relax_as_decoded_and_reports_it(tmp_path, capsys,
+                                                                                       monkeypatch):
+    pytest.importorskip("chgnet")
+    from pymatgen.core import Lattice, Structure
+
+    import crystalae.relax
+    from crystalae.pretrained import PRETRAINED
+
+    if not (PRETRAINED / "perov_5" / "checkpoint.pt").exists():
+        pytest.skip("no shipped perov_5 model in this checkout")
+    real = crystalae.relax.relax
+    oganesson = Structure(Lattice.cubic(4.0), ["Og"], [[0, 0, 0]])
+
+    def second_one_unrelaxable(structures, steps):  # the real relaxation, the second crystal swapped for Og
+        return real([structures[0], oganesson], steps=steps, workers=1)
+
+    monkeypatch.setattr(crystalae.relax, "relax", second_one_unrelaxable)
+    out = tmp_path / "g"
+    assert main(["generate", "--checkpoint", str(PRETRAINED / "perov_5"), "--sample", "2", "--relax",
+                 "--relax-steps", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "relaxed 1 of 2 decoded crystals with CHGNet" in printed
+    assert "1 could not be relaxed and are written as decoded" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["relaxation"]["failed"] == 1 and summary["relaxation"]["relaxed"] == 1
+    assert summary["decoded"] == 2 and "Og" in (out / "sample-0001.cif").read_text()
