@@ -53,12 +53,18 @@ def model_dataset(model: Path, datasets: Path, work: Path) -> Path:
         return run_dataset(payload)
     except SystemExit:
         pass
+    for manifest in sorted(work.glob("*/manifest.json")):  # prepared here before (by any bench)
+        if read_manifest(manifest.parent)["dataset_hash"] == payload["dataset_hash"]:
+            return manifest.parent
     lineage = payload.get("lineage")
     if lineage:
+        from crystalae.search.results import SWEEP_FILE
         from crystalae.search.retrain import trial_recipe
         from crystalae.search.sweep import dataset_for
 
         sweep_dir = Path(lineage_sweep_dir(lineage))
+        if not (sweep_dir / SWEEP_FILE).exists():  # a fresh clone: the sweep's committed record
+            sweep_dir = ROOT / "search/sweeps" / sweep_dir.name
         recipe = trial_recipe(sweep_dir.parent, f"{sweep_dir.name}/{lineage['trial']}")
         data = Path(dataset_for(recipe["sweep"], recipe["voxel"], work))
     else:
