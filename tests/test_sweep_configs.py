@@ -1,0 +1,26 @@
+"""The sweep configs prepared for the geometry and atom-reader sweeps search their new levers."""
+from pathlib import Path
+
+import pytest
+
+from crystalae.search.config import load_sweep_config
+
+
+@pytest.mark.parametrize("name", ["carbon_24-geometry", "perov_5-readers"])
+def test_the_prepared_sweeps_search_axis_permutations_and_the_atom_reader(name, monkeypatch):
+    from crystalae.search.config import trial_overrides
+
+    repo = Path(__file__).resolve().parents[1]
+    dataset = name.split("-")[0]
+    if not (repo.parent / "shared" / "datasets" / dataset).is_dir():
+        pytest.skip("../shared/datasets is not available")
+    monkeypatch.chdir(repo)
+    config = load_sweep_config(repo / "search" / "configs" / f"{name}.yaml")
+    lever = {"carbon_24-geometry": "permute_axes", "perov_5-readers": "species_from"}[name]
+    values = {p.name: p.values for p in config.search_space}[lever]
+    assert len(values) == 2
+    for value in values:
+        point = next(p for p in config.points if p[lever] == value)
+        voxel, model, train = trial_overrides(config, point)
+        assert (train if lever == "permute_axes" else model)[lever] == value
+        assert config.voxel_config(voxel).sigma == 0.5
