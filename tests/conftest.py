@@ -16,6 +16,20 @@ def shared_csv(name: str) -> Path:
     return path
 
 
+def generated(rc: int, out: str | Path, count: int) -> dict:
+    """summary.json of a `generate` run into `out` that made `count` crystals, checked against what it wrote
+    and its exit code: a CIF per decoded crystal, 0 only when at least one decoded, 1 when none did (a run
+    that made nothing does not succeed). Returns the summary."""
+    import json
+
+    summary = json.loads((Path(out) / "summary.json").read_text())
+    assert summary["count"] == count, summary
+    cifs = [p for p in Path(out).glob("*.cif") if not p.name.endswith(".sym.cif")]
+    assert len(cifs) == summary["decoded"], (sorted(p.name for p in cifs), summary["decoded"])
+    assert rc == (0 if summary["decoded"] else 1), (rc, summary["decoded"])
+    return summary
+
+
 @pytest.fixture(scope="session")
 def perov_sample():
     return _sample("perov_5", 40)

@@ -192,29 +192,40 @@ def test_element_count_bars_share_of_each_set_per_count():
 
 def test_generate_page_batch_metrics(tiny_registry, monkeypatch):
     pytest.importorskip("matminer")
+    from crystalae.pretrained import PRETRAINED
+
+    if not (PRETRAINED / "perov_5" / "checkpoint.pt").exists():
+        pytest.skip("no shipped perov_5 model in this checkout")
     at = open_page("generate", monkeypatch, tiny_registry["storage"], tiny_registry["registry"])
     assert_clean(at)
     assert at.number_input(key="batch_count").value == 200 and at.text_input(key="batch_reference").value == "demo:200"
-
+    # the untrained champion has no fitted prior: the page says so, and auto sampling is refused as by the CLI
+    assert "no fitted prior" in " ".join(c.value for c in at.caption)
+    assert "has no fitted latent prior" in messages(at) and "crystalae fit-prior --checkpoint" in messages(at)
     at.number_input(key="batch_count").set_value(3)
     at.text_input(key="batch_reference").input("demo:5")
+    at.button(key="batch_go").click().run()
+    assert_clean(at)
+    failed = [w.value for w in at.warning]
+    assert len(failed) == 1 and "Batch metrics failed" in failed[0] and "no fitted latent prior" in failed[0]
+    assert "--prior normal" in failed[0] and not at.metric
+
+    # the shipped perov_5 model (posterior prior) decodes real crystals: the figures are about them
+    at.selectbox(key="generate_model").set_value("perov_5 (shipped)").run()
+    assert "posterior prior" in " ".join(c.value for c in at.caption) and "no fitted latent prior" not in messages(at)
     at.button(key="batch_go").click().run()
     assert_clean(at)
     tiles = {m.label: m.value for m in at.metric}
     assert {"Structural validity", "SMACT validity (as CDVAE)", "Composition validity (pymatgen, stricter)",
             "COV-R", "COV-P", "d_ρ (g/cm³)", "d_elem"} == set(tiles)
-    assert all(tiles.values()) and tiles["COV-R"].endswith("%")
+    assert float(tiles["Structural validity"].rstrip("%")) > 0, tiles  # some of the 3 samples are crystals
+    assert tiles["COV-R"].endswith("%") and tiles["d_ρ (g/cm³)"] != "–" and tiles["d_elem"] != "–"
     assert charts(at) == 2  # density histogram and element-count bars
     assert "3 samples" in at.subheader[0].value and "demo:5" in at.subheader[0].value
     assert any("equal counts" in c.value and "scaler" in c.value for c in at.caption)
 
     at.number_input(key="batch_seed").set_value(1).run()  # a rerun keeps the result until the next click
     assert len(at.metric) == 7
-
-    at.selectbox(key="batch_prior").set_value("fitted")  # the untrained checkpoint has no fitted prior
-    at.button(key="batch_go").click().run()
-    assert_clean(at)
-    assert "no fitted latent prior" in messages(at) and not at.metric
 
 
 def test_generate_page_batch_metrics_need_matminer(tiny_registry, monkeypatch):
@@ -234,14 +245,27 @@ def test_registry_page_lists_and_promotes(tiny_sweep, monkeypatch, tmp_path):
     assert list(table["ref"]) == ["tiny@1"] and table["aliases"][0] == "champion"
     assert at.button(key="promote_go").disabled  # nothing happens before the confirmation
 
+    assert at.checkbox(key="promote_fit_prior").value is True  # as `crystalae promote`: on by default
     at.text_input(key="promote_alias").input("candidate").run()
     at.checkbox(key="promote_confirm").check().run()
     at.button(key="promote_go").click().run()
     assert_clean(at)
-    assert "tiny@2" in at.success[0].value
+    assert "tiny@2" in at.success[0].value and "with a latent prior fitted on the trial" in at.success[0].value
     assert list(at.dataframe[0].value["ref"]) == ["tiny@1", "tiny@2"]
     assert json.loads((registry / "aliases.json").read_text())["candidate"] == "tiny@2"
     assert at.checkbox(key="promote_confirm").value is False
+    from crystalae.checkpoint import read_checkpoint
+
+    assert read_checkpoint(registry / "tiny" / "v2")["latent_prior"] is not None
+
+    at.checkbox(key="promote_fit_prior").uncheck().run()  # as --no-fit-prior
+    at.text_input(key="promote_alias").input("").run()
+    at.checkbox(key="promote_confirm").check().run()
+    at.button(key="promote_go").click().run()
+    assert_clean(at)
+    assert "tiny@3" in at.success[0].value and "without a fitted latent prior" in at.success[0].value
+    assert "crystalae fit-prior" in at.success[0].value
+    assert read_checkpoint(registry / "tiny" / "v3").get("latent_prior") is None
 
 
 # ---- empty and broken states ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ import gzip
 import json
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from test_reliability import GOOD_CIF, fails
@@ -348,3 +349,67 @@ def test_generate_relax_writes_a_crystal_that_failed_to_relax_as_decoded_and_rep
     summary = json.loads((out / "summary.json").read_text())
     assert summary["relaxation"]["failed"] == 1 and summary["relaxation"]["relaxed"] == 1
     assert summary["decoded"] == 2 and "Og" in (out / "sample-0001.cif").read_text()
+
+
+# --- item 4: the dashboard's batch metrics (Generate page) ------------------------------------------
+
+
+HUGE_CELL_CIF = GOOD_CIF.replace(" 4.0\n", " 1e8\n")  # a, b and c of 1e8 Å
+
+
+@pytest.mark.parametrize("reference, needle", [
+    ("demo:0", "use demo or demo:N"),
+    ("demo:99999999", "use demo or demo:N"),  # no unbounded built-in set
+    ("missing.csv", "does not exist"),
+    ("../" * 16 + "etc/passwd", "unknown structure format"),  # traversal to a file that is no crystal
+    ("huge.cif", "over 100 Å"),  # the reason, not only "no readable crystal"
+    ("bomb.cif.gz", "decompresses to over"),
+    ("empty.csv", "not a readable CSV"),
+    ("header.csv", "holds no entries"),
+])
+def test_batch_metrics_refuse_a_hostile_reference_and_drop_the_earlier_result(tmp_path, monkeypatch, reference, needle):
+    pytest.importorskip("streamlit")
+    pytest.importorskip("matminer")
+    from streamlit.testing.v1 import AppTest
+
+    from crystalae.pretrained import PRETRAINED
+
+    if not (PRETRAINED / "perov_5" / "checkpoint.pt").exists():
+        pytest.skip("no shipped perov_5 model in this checkout")
+    (tmp_path / "huge.cif").write_text(HUGE_CELL_CIF)
+    (tmp_path / "bomb.cif.gz").write_bytes(gzip.compress(b"#" * (2 << 20)))
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("material_id,cif\n")
+    (tmp_path / "sweeps").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CRYSTALAE_STORAGE", str(tmp_path / "sweeps"))
+    monkeypatch.setenv("CRYSTALAE_REGISTRY", str(tmp_path / "no-registry"))
+    page = Path(__file__).resolve().parents[1] / "dashboard" / "pages" / "3_Generate.py"
+    at = AppTest.from_file(str(page), default_timeout=120).run()
+    at.selectbox(key="generate_model").set_value("perov_5 (shipped)").run()
+    at.session_state["batch_metrics"] = {"title": "an earlier batch"}  # must not stay on show under a failure
+    at.number_input(key="batch_count").set_value(2)
+    at.text_input(key="batch_reference").input(reference)
+    at.button(key="batch_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    warnings = [w.value for w in at.warning]
+    assert len(warnings) == 1 and warnings[0].startswith("Batch metrics failed") and needle in warnings[0], warnings
+    assert not at.metric and not at.subheader
+
+
+def test_batch_metrics_with_no_reference_ask_for_one_instead_of_reading_the_current_folder(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "good.cif").write_text(GOOD_CIF)  # what an empty field would have read
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CRYSTALAE_STORAGE", str(tmp_path / "sweeps"))
+    monkeypatch.setenv("CRYSTALAE_REGISTRY", str(tmp_path / "no-registry"))
+    monkeypatch.setattr("crystalae.coverage.matminer_available", lambda: True)
+    page = Path(__file__).resolve().parents[1] / "dashboard" / "pages" / "3_Generate.py"
+    at = AppTest.from_file(str(page), default_timeout=120).run()
+    for empty in ("", "   "):
+        at.text_input(key="batch_reference").input(empty).run()
+        assert not at.exception and "Give the reference crystals" in " ".join(i.value for i in at.info)
+        assert "batch_go" not in [b.key for b in at.button]

@@ -8,6 +8,7 @@ import sys
 import warnings
 
 import pytest
+from conftest import generated
 
 from crystalae.library_logs import library_logs_to
 
@@ -79,7 +80,7 @@ def test_v_adds_crystalaes_debug_lines_to_generate(tmp_path, capsys, tiny_checkp
 
     command = ["generate", "--checkpoint", str(tiny_checkpoint), "--sample", "1", "--prior", "normal"]
     try:
-        assert main([*command, "--out", str(tmp_path / "a"), "-v"]) in (0, 1)  # 1: the untrained model decoded nothing
+        generated(main([*command, "--out", str(tmp_path / "a"), "-v"]), tmp_path / "a", 1)  # exit 1 if none decoded
         verbose = capsys.readouterr().err
     finally:
         main(["models", "--registry", str(tmp_path / "none")])  # back to the default verbosity

@@ -37,8 +37,14 @@ except data.MISSING_ERRORS as exc:  # e.g. the checkpoint folder was deleted aft
     st.warning(f"Cannot load {choice.label}: {exc}")
     st.stop()
 cfg, voxel = loaded.model_config, loaded.voxel
+fitted_prior = loaded.meta.get("latent_prior")
 st.caption(f"latent_dim {cfg.latent_dim} · grid {voxel.grid}³ · {voxel.representation} representation · "
-           f"sigma {voxel.sigma:.3g} Å · epoch {loaded.meta.get('epoch')}")
+           f"sigma {voxel.sigma:.3g} Å · epoch {loaded.meta.get('epoch')} · "
+           + (f"{fitted_prior.get('kind', 'fitted')} prior" if fitted_prior else "no fitted prior"))
+if not fitted_prior:  # as `crystalae generate`: auto, fitted and posterior are refused, normal is asked for
+    st.info(f"{choice.label} has no fitted latent prior, and N(0, I) latents decode mostly to nothing, so sampling "
+            "it needs the normal prior, chosen on purpose. Fit one with `crystalae fit-prior --checkpoint "
+            f"{choice.path} --data ITS_DATASET --out NEW`, or promote the trial on the Registry page (it fits one).")
 
 
 def run(title: str, make) -> None:
@@ -173,8 +179,10 @@ def prior_inputs(left: DeltaGenerator, right: DeltaGenerator, key: str) -> tuple
 
     prior = left.selectbox(
         "Prior", PRIORS, key=f"{key}_prior",
-        help="auto: the kind stored with the checkpoint's prior (N(0, I) without one); fitted: the Gaussian fitted "
-             "to the training codes; posterior: around the training codes; normal: N(0, I)")
+        help="auto: the kind stored with the model's prior; fitted: the Gaussian fitted to the training codes; "
+             "posterior: around the training codes; normal: N(0, I). A model without a fitted prior samples only "
+             "with normal (as `crystalae generate --prior normal`): fit one with `crystalae fit-prior`, or "
+             "promote the trial on the Registry page")
     spread = right.number_input(
         "Spread", 0.0, 10.0, None, 0.01, key=f"{key}_spread", placeholder="stored with the prior",
         help="Noise scale of the prior; empty: the one stored with the prior (else 1 for fitted and normal, "
@@ -249,6 +257,8 @@ with metrics_tab:
                                          help=cutoff_help)
     if not matminer_available():  # CrystalNN and Magpie fingerprints come from matminer
         st.info("Batch metrics need matminer for the CDVAE fingerprints: `pip install 'crystalae[metrics]'`")
+    elif not batch_reference.strip():  # an empty field would read the current folder
+        st.info("Give the reference crystals to score the batch against (e.g. demo:200 or a test.csv).")
     elif st.button("Score a batch", type="primary", key="batch_go"):
         score_batch(int(batch_count), int(batch_seed), batch_prior, batch_spread, batch_reference.strip(),
                     (float(cut_structure), float(cut_composition)))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from crystalae.checkpoint import FILENAME
+from crystalae.checkpoint import FILENAME, read_checkpoint
 from crystalae.dashboard import data, views
 from crystalae.registry import Registry, lineage_text
 from crystalae.search.results import promote_trial
@@ -81,20 +81,36 @@ name = left.text_input("Model name", value=summary.name, key="promote_name")
 alias = right.text_input("Alias (optional)", placeholder="e.g. champion", key="promote_alias").strip() or None
 checkpoint = Path(root) / trial.best_checkpoint
 st.caption(f"Checkpoint: `{checkpoint}`")
+fit_prior = st.checkbox(
+    "Fit a latent prior on the trial's dataset (needed to generate from the version)", value=True,
+    key="promote_fit_prior",
+    help="As `crystalae promote` (`--no-fit-prior` turns it off): the posterior codes of the trial's training "
+         "crystals, kept with the version so that sampling lands where the decoder was trained. Without a prior, "
+         "`crystalae generate` and the Generate page sample the version only from N(0, I) (--prior normal).")
 
 
 def promote() -> None:
     """Button callback: runs before the rerun, so it may reset the confirmation checkbox."""
     try:
         # the trial's best checkpoint (the one shown above), recorded as every promote from a sweep records it
-        manifest = promote_trial(root, Registry(paths.registry), trial.trial_id, name=name, alias=alias)
+        manifest = promote_trial(root, Registry(paths.registry), trial.trial_id, name=name, alias=alias,
+                                 fit_prior=fit_prior)
     except (ValueError, OSError) as exc:  # bad name/alias (SweepConfigError), CheckpointError
         st.session_state.promote_message = ("error", f"Promotion failed: {exc}")
         return
     data.registry_entries.clear()
     st.session_state.promote_confirm = False
     target = f" and moved alias `{alias}` to it" if alias else ""
-    st.session_state.promote_message = ("success", f"Promoted {trial.trial_id} as `{manifest['ref']}`{target}.")
+    folder = paths.registry_folder(manifest["ref"], manifest["name"], manifest["version"])
+    if manifest.get("source", {}).get("latent_prior"):
+        prior = f", with a latent prior {manifest['source']['latent_prior']}."
+    elif read_checkpoint(folder).get("latent_prior") is not None:
+        prior = ", with the latent prior its checkpoint already had."
+    else:  # turned off, or the trial's dataset is gone
+        why = "" if not fit_prior else " (the trial's dataset is gone, so none could be fitted)"
+        prior = (f", without a fitted latent prior{why}: generating from it needs `crystalae fit-prior` "
+                 "or the normal prior.")
+    st.session_state.promote_message = ("success", f"Promoted {trial.trial_id} as `{manifest['ref']}`{target}{prior}")
 
 
 confirmed = st.checkbox(f"I want to copy this checkpoint into the registry as a new version of `{name}`"
