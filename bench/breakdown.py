@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation import model_dataset  # noqa: E402
 from reconstruction import breakdown  # noqa: E402
-from report import ROOT, relative, report  # noqa: E402
+from report import ROOT, add_data_options, relative, report  # noqa: E402
 
 from crystalae.checkpoint import load_checkpoint  # noqa: E402
 from crystalae.dataset import read_table  # noqa: E402
@@ -31,8 +31,7 @@ from crystalae.training import TrainConfig  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a checkpoint folder")
-    parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared/datasets")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench")
+    add_data_options(parser)
     parser.add_argument("--out", type=Path, help="default: bench/results/breakdown_<model>.json")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation import model_dataset  # noqa: E402
 from reconstruction import load_recipe, recipe_dataset  # noqa: E402
-from report import ROOT, relative, report  # noqa: E402
+from report import ROOT, add_data_options, relative, report  # noqa: E402
 
 from crystalae.checkpoint import load_checkpoint  # noqa: E402
 from crystalae.dataset import column_numpy, read_table, table_batches  # noqa: E402
@@ -77,8 +77,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="a checkpoint folder with its recipe.yaml")
     parser.add_argument("--recipe", type=Path, help="a bench recipe for the model's dataset (default: found by "
                         "the model's dataset hash, or prepared from its lineage)")
-    parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared/datasets")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench")
+    add_data_options(parser)
     parser.add_argument("--limit", type=int, help="first N test crystals (default: all)")
     parser.add_argument("--out", type=Path, help="default: bench/results/decode_ablation_<model>.json")
     args = parser.parse_args()

@@ -1,6 +1,7 @@
 """Print a benchmark's measured figures and optionally save them as JSON (shared by the bench scripts)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +39,9 @@ def relative(path: Path | str) -> str:
         except ValueError:
             continue
     return ".../" + "/".join(path.parts[-2:])
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """--datasets (the shared CSVs) and --work (where benches prepare shards), as every bench names them."""
+    parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared/datasets")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench", help="prepared shards")

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation import model_dataset  # noqa: E402
-from report import ROOT, relative, report  # noqa: E402
+from report import ROOT, add_data_options, relative, report  # noqa: E402
 
 from crystalae.checkpoint import export_checkpoint, load_checkpoint  # noqa: E402
 from crystalae.dataset import read_table  # noqa: E402
@@ -43,8 +43,7 @@ def scored(loaded, table, symprec: float | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a checkpoint folder")
-    parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared/datasets")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench")
+    add_data_options(parser)
     parser.add_argument("--symprecs", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--update", action="store_true", help="store the chosen tolerance in the model")
     parser.add_argument("--out", type=Path, help="default: bench/results/symmetry_<model>.json")

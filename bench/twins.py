@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reconstruction import load_recipe, recipe_dataset  # noqa: E402
-from report import ROOT, relative, report  # noqa: E402
+from report import ROOT, add_data_options, relative, report  # noqa: E402
 
 from crystalae.dataset import read_manifest, read_table  # noqa: E402
 from crystalae.files import write_json  # noqa: E402
@@ -68,8 +68,7 @@ def find_twins(test: dict[str, Structure], train: dict[str, Structure], done: di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, required=True, help="a bench recipe naming the dataset and split")
-    parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared/datasets")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench")
+    add_data_options(parser)
     parser.add_argument("--out", type=Path, help="default: bench/results/twins_<dataset>.json")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
