@@ -313,7 +313,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         train_values["use_gpu"] = True
     cfg = TrainConfig.from_dict(train_values)
     result = train(args.data, cfg, spec.get("model") or {}, storage=args.storage,
-                   name="crystalae" if args.name is None else args.name,
+                   name=args.name or "crystalae",  # --name '': the default, as promote's
                    preset=args.preset or spec.get("preset"), progress=True, mlflow=args.mlflow)
     return _report_training(result)
 
@@ -422,11 +422,11 @@ def _add_generate(sub) -> None:
     gen.add_argument("--sample", type=count(0, 100_000), default=0, metavar="N", help="N crystals from the prior")
     gen.add_argument("--interpolate", nargs=2, metavar=("ID_A", "ID_B"),
                      help="decode the straight path between two --source crystals' latent codes")
-    gen.add_argument("--steps", type=count(2, 1000), default=5, help="crystals along the --interpolate path, ends "
+    gen.add_argument("--steps", type=count(2, 1000), help="crystals along the --interpolate path, ends "
                      "included (default 5)")
     gen.add_argument("--alter", metavar="ID", help="decode variants of this --source crystal: its latent code plus noise")
-    gen.add_argument("--scale", type=number(0, 100), default=0.5, help="latent noise scale for --alter")
-    gen.add_argument("--count", type=count(1, 10_000), default=4, help="variants for --alter")
+    gen.add_argument("--scale", type=number(0, 100), help="latent noise scale for --alter (default 0.5)")
+    gen.add_argument("--count", type=count(1, 10_000), help="variants for --alter (default 4)")
     gen.add_argument("--source", help="where --interpolate/--alter ids live (structure source)")
     gen.add_argument("--prior", choices=("auto", "fitted", "posterior", "normal"), default="auto",
                      help="--sample from the Gaussian fitted to the training codes (fitted), around the training "
@@ -445,14 +445,15 @@ def _add_generate_extras(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--relax", action="store_true",
                      help="relax each crystal (cell and positions) with the CHGNet potential before writing it: "
                           "physical local geometry (needs crystalae[relax]; ~8 s a small crystal per core)")
-    gen.add_argument("--relax-steps", type=count(1, 10_000), default=100, metavar="N", help="most FIRE steps per crystal")
+    gen.add_argument("--relax-steps", type=count(1, 10_000), metavar="N", help="most FIRE steps per crystal "
+                     "(default 100)")
     gen.add_argument("--reference", metavar="SOURCE",
                      help="score the batch against these crystals: COV-R, COV-P, d_rho, d_elem as CDVAE "
                           "(needs crystalae[metrics]; compare batches of equal size)")
     gen.add_argument("--reference-limit", type=count(1), metavar="N", help="read only the first N reference crystals")
-    gen.add_argument("--cutoffs", nargs=2, type=number(0, 1000), default=[0.2, 4.0], metavar=("STRUCT", "COMP"),
-                     help="coverage cutoffs on the structure and composition fingerprints "
-                          "(CDVAE: 0.2 4 for perov_5 and carbon_24, 0.4 10 for mp_20)")
+    gen.add_argument("--cutoffs", nargs=2, type=number(0, 1000), metavar=("STRUCT", "COMP"),
+                     help="coverage cutoffs on the structure and composition fingerprints (default 0.2 4; "
+                          "CDVAE: 0.2 4 for perov_5 and carbon_24, 0.4 10 for mp_20)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -460,6 +461,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from crystalae.provenance import provenance as make_provenance
 
     generate.check_generate_folder(args.out, args.overwrite)
+    _check_generate_options(args)
     _check_generate_extras(args)
     loaded = _load_model(args)
     provenance: dict[str, Any] = {"provenance": make_provenance(_model_ref(args), seed=args.seed)}
@@ -509,6 +511,28 @@ def _relaxation_line(record: dict[str, Any], decoded: int) -> str:
     return (f"relaxed {record.get('relaxed', 0)} of {decoded} decoded crystals with {record.get('potential')}"
             + ("" if converged is None else f" ({converged} converged within {record.get('steps')} steps)")
             + (f"; {failed} could not be relaxed and are written as decoded" if failed else ""))
+
+
+#: generate options that do something only with another: option -> (the option it belongs to, its default)
+_GENERATE_NEEDS: dict[str, tuple[str, Any]] = {
+    "temperature": ("sample", None), "steps": ("interpolate", 5), "scale": ("alter", 0.5), "count": ("alter", 4),
+    "source": ("interpolate", None), "relax_steps": ("relax", 100), "reference_limit": ("reference", None),
+    "cutoffs": ("reference", [0.2, 4.0]),
+}
+
+
+def _check_generate_options(args: argparse.Namespace) -> None:
+    """Refuse an option that would be ignored without the one it belongs to (--relax-steps without --relax:
+    the user meant something that would not happen), then fill in the defaults."""
+    for option, (needs, default) in _GENERATE_NEEDS.items():
+        given = getattr(args, option) is not None
+        wanted = [needs, "alter"] if option == "source" else [needs]  # ids of --interpolate or --alter
+        if given and not any(getattr(args, n) for n in wanted):
+            flags = " or ".join(f"--{n}" for n in wanted)
+            raise ValueError(f"--{option.replace('_', '-')} does something only with {flags}: add it, or drop "
+                             f"--{option.replace('_', '-')}")
+        if not given:
+            setattr(args, option, default)
 
 
 def _check_generate_extras(args: argparse.Namespace) -> None:

@@ -171,6 +171,7 @@ class Registry:
         with self._lock():
             self._refresh()
             self._finish_interrupted()
+            self._check_unshadowed(name, alias)
             aliases = self.aliases() if alias is not None else {}  # a damaged alias file stops us here
             version = 1 + max(self.versions(name), default=0)
             target = self.root / name / f"v{version}"
@@ -208,6 +209,33 @@ class Registry:
                         uri_fs.remove_tree(uri_fs.join(self.location, name, f"v{version}"))
                     raise
         return manifest
+
+    def _check_unshadowed(self, name: str | None, alias: str | None) -> None:
+        """Refuse a model name or alias that another name would hide: `--model X` takes a shipped model
+        first, and `resolve` an alias before a model's latest version, so the new name would never be reached
+        (or would silently hide the other).
+
+        Raises:
+            RegistryError: naming the clash.
+        """
+        from crystalae.pretrained import pretrained_models
+
+        shipped = {m["name"] for m in pretrained_models()}
+        for value, what in ((name, "model name"), (alias, "alias")):
+            if value in shipped:
+                raise RegistryError(f"{what} {value!r} is a shipped model's name (--model {value} always means "
+                                    "the shipped one): choose another")
+        if alias is not None and (alias == name or self.versions(alias)):
+            raise RegistryError(f"alias {alias!r} is the name of a model in registry {self.location} (an alias "
+                                "would hide its latest version): choose another alias")
+        if name is not None:
+            try:
+                aliases = self.aliases()
+            except RegistryError:  # a damaged alias file is reported where aliases are needed
+                aliases = {}
+            if name in aliases:
+                raise RegistryError(f"model name {name!r} is an alias in registry {self.location} (pointing at "
+                                    f"{aliases[name]}), which would hide the new model: choose another name")
 
     def _finish_interrupted(self) -> None:
         """Under the lock: clean up after promotes that were killed. Their staging copies go; a version
@@ -264,6 +292,7 @@ class Registry:
         with self._lock():
             self._finish_interrupted()
             folder = self.resolve(ref)
+            self._check_unshadowed(None, alias)
             pinned = f"{folder.parent.name}@{folder.name[1:]}"
             write_json(self.root / ALIASES, {**self.aliases(), alias: pinned})
             self._publish_aliases()

@@ -197,6 +197,8 @@ def prepare_dataset(
             dataset (without `overwrite`) or other files.
     """
     _check_shard_memory(config, options)
+    if not uri_fs.is_remote(out) and Path(out).exists() and not Path(out).is_dir():
+        raise DatasetError(f"--out {out} is a file; give a folder for the dataset")
     try:  # before the source is read: a write would fail only after it, deep in the store's client
         uri_fs.check_bucket(out, "--out")
     except FileNotFoundError as missing:

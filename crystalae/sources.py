@@ -188,15 +188,18 @@ def _scan_folder(path: Path, where: str) -> Iterator[tuple[str, Any, dict[str, A
 
 def _scan_csv(path: Path, where: str) -> Iterator[tuple[str, Any, dict[str, Any]]]:
     """One entry per row of a CDVAE-style CSV, located by its byte offset."""
-    columns = None
+    columns, rows = None, 0
     for row_number, (offset, row) in enumerate(_csv_rows(path)):
         if columns is None:
             columns = _csv_columns(path, row)
             continue
         material_id = row[columns[0]] if 0 <= columns[0] < len(row) else str(row_number - 1)
+        rows += 1
         yield material_id, (offset, row_number - 1), {"source": where, "columns": columns}
     if columns is None:
         raise SourceError(f"{path}: not a readable CSV (EmptyDataError: no header row)")
+    if not rows:  # a run over it would do nothing and say it worked
+        raise SourceError(f"{path}: the CSV has a header and no rows: no structures to read")
 
 
 def local_source(part: str | Path) -> Path:
@@ -352,7 +355,7 @@ def _parse(entry: Entry) -> Structure:
             if entry.fmt == "cif":
                 from pymatgen.io.cif import CifParser
 
-                _check_cif_expansion(entry.text)
+                _check_cif_tables(entry.text)
                 parsed = CifParser.from_str(entry.text).parse_structures(primitive=False, on_error="raise")
                 if not parsed:
                     raise ValueError("no structure in CIF")
@@ -386,9 +389,11 @@ _SYMOP_KEYS = ("_symmetry_equiv_pos_as_xyz", "_space_group_symop_operation_xyz",
                "_space_group_symop.operation_xyz", "_symmetry_equiv.pos_as_xyz")
 
 
-def _check_cif_expansion(text: str) -> None:
-    """Refuse a CIF whose sites times symmetry operations exceed MAX_PARSED_ATOMS (an upper bound on
-    the atoms it expands to), read from the CIF's tables without building the structure."""
+def _check_cif_tables(text: str) -> None:
+    """Refuse, from the CIF's tables and before pymatgen builds the structure: sites times symmetry
+    operations over MAX_PARSED_ATOMS (an upper bound on the atoms it expands to); an occupancy outside
+    (0, 1] (pymatgen drops such a site without a word: another crystal); a fractional coordinate far
+    outside the cell (wrapping 1e300 into the cell keeps no position)."""
     from pymatgen.io.cif import CifFile
 
     for block in CifFile.from_str(text).data.values():
@@ -400,6 +405,25 @@ def _check_cif_expansion(text: str) -> None:
         if n_sites * n_ops > MAX_PARSED_ATOMS:
             raise ValueError(f"{n_sites} sites x {n_ops} symmetry operations could expand to {n_sites * n_ops} atoms, "
                              f"over the {MAX_PARSED_ATOMS} crystalae reads")
+        for value in _cif_numbers(data.get("_atom_site_occupancy", [])):
+            if not 0 < value <= 1:
+                raise ValueError(f"_atom_site_occupancy {value:g} is not in (0, 1]")
+        for axis in "xyz":
+            for value in _cif_numbers(data.get(f"_atom_site_fract_{axis}", [])):
+                if not abs(value) <= MAX_FRACTION:
+                    raise ValueError(f"_atom_site_fract_{axis} {value:g} is not within ±{MAX_FRACTION:g}")
+
+
+MAX_FRACTION = 1000.0  # fractional coordinates a CIF may give (an atom a thousand cells away is no typo we fix)
+
+
+def _cif_numbers(values: Any) -> Iterator[float]:
+    """The numbers of a CIF column, uncertainties ("0.25(3)") dropped; unknown ("?", ".") and text skipped."""
+    for value in values if isinstance(values, list) else [values]:
+        try:
+            yield float(str(value).split("(")[0])
+        except ValueError:
+            continue
 
 
 def check_structure(structure: Structure, min_distance: float = 0.5) -> None:

@@ -106,7 +106,7 @@ def retrain_trial(storage: str | Path, ref: str, *, epochs: int | None = None, d
 
     recipe = trial_recipe(storage, ref)
     sweep: SweepConfig = recipe["sweep"]
-    name = f"{sweep.name}-{recipe['trial']}" if name is None else name
+    name = name or f"{sweep.name}-{recipe['trial']}"
     values = {**recipe["train"], "threads": 0, **(train_overrides or {})}
     if epochs is not None:
         values["epochs"] = epochs

@@ -250,7 +250,6 @@ def sweep_storage(tmp_path):
     ("tiny/a1", ["--epochs", "-5"], "epochs must be >= 1"),
     ("tiny/a1", ["--name", "../evil"], "invalid run name '../evil'"),  # the run folder stays under --storage
     ("tiny/a1", ["--name", "/tmp/evil"], "invalid run name '/tmp/evil'"),
-    ("tiny/a1", ["--name", ""], "invalid run name ''"),  # not silently the default name
     ("tiny/a1", ["--mlflow", ""], "--mlflow is empty"),  # would train without tracking, without a word
     ("tiny/a1", ["--lr", "0.1"], "drop --config"),
 ])
@@ -286,7 +285,7 @@ def test_a_damaged_sibling_trial_does_not_block_retraining_the_good_one(sweep_st
 
 
 def test_plain_train_refuses_a_run_name_that_leaves_storage(tmp_path, capsys):
-    for name in ("../evil", "a/b", "", ".hidden"):
+    for name in ("../evil", "a/b", "/abs", ".hidden", "x" * 65):
         fails(capsys, ["train", "--data", str(tmp_path / "ds"), "--storage", str(tmp_path / "runs"), "--name", name],
               "invalid run name")
     assert not (tmp_path / "runs").exists()
@@ -365,7 +364,7 @@ HUGE_CELL_CIF = GOOD_CIF.replace(" 4.0\n", " 1e8\n")  # a, b and c of 1e8 Å
     ("huge.cif", "over 100 Å"),  # the reason, not only "no readable crystal"
     ("bomb.cif.gz", "decompresses to over"),
     ("empty.csv", "not a readable CSV"),
-    ("header.csv", "holds no entries"),
+    ("header.csv", "a header and no rows"),
 ])
 def test_batch_metrics_refuse_a_hostile_reference_and_drop_the_earlier_result(tmp_path, monkeypatch, reference, needle):
     pytest.importorskip("streamlit")
@@ -413,3 +412,83 @@ def test_batch_metrics_with_no_reference_ask_for_one_instead_of_reading_the_curr
         at.text_input(key="batch_reference").input(empty).run()
         assert not at.exception and "Give the reference crystals" in " ".join(i.value for i in at.info)
         assert "batch_go" not in [b.key for b in at.button]
+
+
+# --- the independent probe's kind of cases: more hostile inputs and odd combinations ---------------
+
+
+@pytest.mark.parametrize("old, new, needle", [
+    ("Na1 Na 0 0 0", "Na1 Na 0 0 0 -1", "_atom_site_occupancy -1 is not in (0, 1]"),  # pymatgen dropped the site
+    ("Na1 Na 0 0 0", "Na1 Na 0 0 0 0", "_atom_site_occupancy 0 is not in (0, 1]"),
+    ("Na1 Na 0 0 0", "Na1 Na 0 0 0 1.5", "_atom_site_occupancy 1.5 is not in (0, 1]"),
+    ("Na1 Na 0 0 0", "Na1 Na 1e300 0 0 1", "_atom_site_fract_x 1e+300 is not within ±1000"),  # wrapped to 0
+    ("Na1 Na 0 0 0", "Na1 Na 0 nan 0 1", "_atom_site_fract_y nan"),
+])
+def test_cif_sites_pymatgen_would_silently_change_are_rejected_as_their_row(tmp_path, capsys, old, new, needle):
+    source = tmp_path / "src"
+    source.mkdir()
+    text = GOOD_CIF.replace("_atom_site_fract_z\n", "_atom_site_fract_z\n_atom_site_occupancy\n")
+    (source / "bad.cif").write_text(text.replace("Cl1 Cl 0.5 0.5 0.5", "Cl1 Cl 0.5 0.5 0.5 1").replace(old, new))
+    (source / "good.cif").write_text(GOOD_CIF)
+    assert main(["data", "prepare", str(source), "--out", str(tmp_path / "ds"), "--grid", "8", "--workers", "1"]) == 0
+    rejects = (tmp_path / "ds" / "rejects.csv").read_text()
+    assert needle in rejects and "bad" in rejects and len(rejects.splitlines()) == 2, rejects
+    # fractions and uncertainties as CIFs write them are read as before
+    (source / "bad.cif").write_text(text.replace("Cl1 Cl 0.5 0.5 0.5", "Cl1 Cl 0.5(1) 0.5 0.5 1.0(0)")
+                                    .replace("Na1 Na 0 0 0", "Na1 Na -1.0 0 0 ?"))
+    assert main(["data", "prepare", str(source), "--out", str(tmp_path / "ds2"), "--grid", "8", "--workers", "1"]) == 0
+    assert "0 rejected" in capsys.readouterr().out
+
+
+def test_a_csv_with_a_header_and_no_rows_is_no_success(tmp_path, capsys, tiny_checkpoint):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("material_id,cif\n")
+    for argv in (["data", "prepare", str(empty), "--out", str(tmp_path / "ds"), "--grid", "8"],
+                 ["reconstruct", str(empty), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "r.csv")],
+                 ["roundtrip", str(empty), "--out", str(tmp_path / "t.csv"), "--grid", "8"]):
+        fails(capsys, argv, str(empty), "a header and no rows")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.csv"]  # nothing written that looks like a result
+
+
+def test_prepare_into_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine")
+    fails(capsys, ["data", "prepare", "demo:2", "--out", str(tmp_path / "taken"), "--grid", "8"],
+          f"--out {tmp_path / 'taken'} is a file")
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+@pytest.mark.parametrize("options, needle", [
+    (["--sample", "1", "--relax-steps", "5"], "--relax-steps does something only with --relax"),
+    (["--sample", "1", "--steps", "7"], "--steps does something only with --interpolate"),
+    (["--sample", "1", "--scale", "2"], "--scale does something only with --alter"),
+    (["--sample", "1", "--count", "3"], "--count does something only with --alter"),
+    (["--sample", "1", "--cutoffs", "0.1", "1"], "--cutoffs does something only with --reference"),
+    (["--sample", "1", "--reference-limit", "3"], "--reference-limit does something only with --reference"),
+    (["--sample", "1", "--source", "demo:3"], "--source does something only with --interpolate or --alter"),
+    (["--alter", "x", "--source", "demo:3", "--temperature", "2"], "--temperature does something only with --sample"),
+])
+def test_generate_refuses_an_option_that_would_be_ignored(tmp_path, capsys, tiny_checkpoint, options, needle):
+    fails(capsys, ["generate", "--checkpoint", str(tiny_checkpoint), "--prior", "normal", "--out", str(tmp_path / "g"),
+                   *options], needle)
+    assert not (tmp_path / "g").exists()
+
+
+def test_registry_names_cannot_hide_one_another(tmp_path, capsys, tiny_checkpoint):
+    from crystalae.pretrained import pretrained_models
+
+    registry = str(tmp_path / "reg")
+    promote = ["promote", str(tiny_checkpoint), "--registry", registry]
+    assert main([*promote, "--name", "mine", "--alias", "best"]) == 0
+    capsys.readouterr()
+    fails(capsys, [*promote, "--name", "best"], "model name 'best' is an alias", "mine@1")  # NAME would mean the alias
+    fails(capsys, [*promote, "--name", "other", "--alias", "mine"], "alias 'mine' is the name of a model")
+    fails(capsys, [*promote, "--name", "twin", "--alias", "twin"], "alias 'twin' is the name of a model")
+    fails(capsys, ["alias", "mine", "mine@1", "--registry", registry], "alias 'mine' is the name of a model")
+    shipped = [m["name"] for m in pretrained_models()]
+    if shipped:  # --model NAME takes the shipped model first: a registry model of that name is never reached
+        fails(capsys, [*promote, "--name", shipped[0]], f"model name {shipped[0]!r} is a shipped model's name")
+        fails(capsys, ["alias", shipped[0], "mine@1", "--registry", registry], f"alias {shipped[0]!r} is a shipped")
+    from crystalae.registry import Registry
+
+    assert [e["ref"] for e in Registry(registry).entries()] == ["mine@1"] and Registry(registry).aliases() == {
+        "best": "mine@1"}
