@@ -14,7 +14,8 @@
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     max_concurrent: 2
     search: {algorithm: tpe, scheduler: asha, grace_period: 2, seed: 0, warm_start: runs/sweeps/old}
-    tracking: {mlflow: sqlite:///mlflow.db}    # optional: trials as MLflow runs (or wandb_project: NAME)
+    tracking: {mlflow: sqlite:///mlflow.db}    # optional: trials as MLflow runs (or wandb_project: NAME);
+                                               # mlflow_checkpoint: true logs each trial's best weights too
             # defaults: grace_period an eighth of the epochs (at least 3), reduction_factor 2, startup_trials 8
     train: {batch_size: 8}                        # fixed TrainConfig values
     model: {seg_depth: 1}                         # fixed ModelConfig values
@@ -135,6 +136,9 @@ class SweepConfig(StrictConfig):
     # `mlflow` (e.g. sqlite:///mlflow.db or http://127.0.0.1:5000), and/or a W&B run in `wandb_project`.
     mlflow: str | None = None
     mlflow_experiment: str | None = None
+    # a trial's MLflow artifacts: its best checkpoint's config.json (configs, metrics, history) and, with
+    # this, the checkpoint's weights too (optimizer state included: tens of MB a trial for the larger models)
+    mlflow_checkpoint: bool = False
     wandb_project: str | None = None
 
     def problems(self) -> list[str | None]:
@@ -198,7 +202,7 @@ _SECTIONS = {
     "resources": {"workers_per_trial", "cpus_per_worker", "gpus_per_worker"},
     "search": {"algorithm", "scheduler", "grace_period", "reduction_factor", "startup_trials", "seed", "max_failures",
                "warm_start", "warm_start_trials", "points"},
-    "tracking": {"mlflow", "mlflow_experiment", "wandb_project"},
+    "tracking": {"mlflow", "mlflow_experiment", "mlflow_checkpoint", "wandb_project"},
 }
 #: fields that do not change what a sweep searches (a resumed sweep may change them)
 NOT_IDENTITY = ("trials", *_SECTIONS["tracking"])

@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Budget", "CHECKPOINT_GLOB", "CheckpointRecord", "DATASETS_DIR", "EpochRecord", "LOG_FILE", "Objective",
     "PARAMS_FILE", "RungRanking", "STUDY_FILE", "SUMMARY_FILE", "SWEEP_FILE", "SweepSummary", "TRIALS_DIR", "TUNE_DIR",
-    "Trial", "best_params", "collect_trials", "dataset_folders", "ended_runs", "export_record", "find_sweeps",
-    "is_sweep", "local_checkpoint", "local_root", "mirror_sweeps", "next_tune_dir", "promote_trial",
-    "recorded_statuses", "resolve_checkpoint", "spearman", "study_path", "sweep_config", "sweep_dataset", "sweep_dir",
-    "trial_folder", "tune_dirs",
+    "Trial", "best_params", "collect_trials", "dataset_folders", "ended_runs", "ended_status", "export_record",
+    "find_sweeps", "is_sweep", "local_checkpoint", "local_root", "mirror_sweeps", "next_tune_dir", "promote_trial",
+    "read_trial", "recorded_statuses", "resolve_checkpoint", "spearman", "study_path", "sweep_config",
+    "sweep_dataset", "sweep_dir", "sweep_objectives", "trial_folder", "tune_dirs",
 ]
 
 SWEEP_FILE = "sweep.json"
@@ -367,13 +367,24 @@ def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> 
     sweep = sweep_config(root)
     if statuses is None and (root / SUMMARY_FILE).exists():
         statuses = recorded_statuses(root)
-    objective = Objective(sweep.get("objective_metric", "val_score"), sweep.get("objective_mode", "max"))
-    secondary = tuple(Objective(m, o) for m, o in zip(sweep.get("secondary_metrics", ()), sweep.get("secondary_modes", ())))
+    objective, *secondary = sweep_objectives(sweep)
     folders = sorted(p for p in (root / TRIALS_DIR).glob("*") if p.is_dir()) if (root / TRIALS_DIR).exists() else []
     trials = []
     for folder in folders:  # a loop, not a comprehension: the warnings' stacklevel names the caller
         trials.append(_read_trial(root, folder, objective, statuses, sweep.get("epochs")))
-    return SweepSummary(sweep.get("name", name), objective, trials, secondary)
+    return SweepSummary(sweep.get("name", name), objective, trials, tuple(secondary))
+
+
+def sweep_objectives(sweep: dict[str, Any]) -> list[Objective]:
+    """The objectives of a sweep config (sweep.json's form), the primary one first."""
+    return [Objective(sweep.get("objective_metric", "val_score"), sweep.get("objective_mode", "max")),
+            *(Objective(m, o) for m, o in zip(sweep.get("secondary_metrics", ()), sweep.get("secondary_modes", ())))]
+
+
+def read_trial(root: str | Path, trial_id: str) -> Trial:
+    """One trial of a sweep, read as `collect_trials` reads each, while the sweep runs (status "running")."""
+    local = local_root(root)
+    return _read_trial(local, local / TRIALS_DIR / trial_id, sweep_objectives(sweep_config(local))[0], None, None)
 
 
 def _read_trial(root: Path, folder: Path, objective: Objective, statuses: dict[str, str] | None,
@@ -566,9 +577,15 @@ def _status(statuses: dict[str, str] | None, trial_id: str, epochs: int, budget:
     if statuses is None:
         return "running"  # the sweep has not ended (or its driver was killed)
     status = statuses.get(trial_id, "unknown")
-    if status == "finished" and budget is not None and epochs < budget:
-        return "early-stopped"  # ASHA ended it before the epoch budget
-    return status
+    return ended_status(False, epochs, budget) if status == "finished" else status
+
+
+def ended_status(failed: bool, epochs: int, budget: int | None) -> str:
+    """How a trial that has ended is shown: "error", "early-stopped" (it ended before the epoch budget:
+    ASHA or the sweep's time budget stopped it) or "finished"."""
+    if failed:
+        return "error"
+    return "early-stopped" if budget is not None and epochs < budget else "finished"
 
 
 def _reached_at(trial: Trial, record: CheckpointRecord | None, metric: str) -> tuple[float, float]:

@@ -243,18 +243,17 @@ def start_local_ray(sweep: SweepConfig) -> None:
              runtime_env=runtime_env(passed=(FAIL_ONCE_ENV,), api_server=f"http://127.0.0.1:{port}"))
 
 
-def tracker_callbacks(sweep: SweepConfig) -> list:
-    """Ray Tune's own MLflow and W&B loggers, as the sweep's `tracking` section asks."""
+def tracker_callbacks(sweep: SweepConfig, root: str | Path) -> list:
+    """The experiment trackers the sweep's `tracking` section asks for: crystalae's MLflow runs (every
+    configuration field, crystalae's metrics, the best checkpoint; `search.trackers`), Ray Tune's W&B logger."""
     callbacks = []
     if sweep.mlflow:
         from crystalae.extras import require
 
         require("mlflow", "tracking", "tracking: {mlflow: ...}")
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
+        from crystalae.search.trackers import MlflowTrials
 
-        callbacks.append(MLflowLoggerCallback(tracking_uri=sweep.mlflow, save_artifact=False,
-                                              experiment_name=sweep.mlflow_experiment or sweep.name,
-                                              tags={"crystalae.sweep": sweep.name}))
+        callbacks.append(MlflowTrials(sweep, root))
     if sweep.wandb_project:
         from crystalae.extras import require
 
@@ -321,7 +320,7 @@ def _new_tuner(sweep: SweepConfig, root: str | Path, work: Path, trainable: Any,
                                     time_budget_s=sweep.time_budget_s),
         run_config=tune.RunConfig(
             name=uri_fs.name_of(plan.experiment), storage_path=str(root), verbose=0,
-            callbacks=[console, PublishOnTrialEnd(publish_driver_files, work, root), *tracker_callbacks(sweep)],
+            callbacks=[console, PublishOnTrialEnd(publish_driver_files, work, root), *tracker_callbacks(sweep, root)],
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
     )
 
