@@ -11,6 +11,7 @@ import io
 import logging
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from crystalae.checkpoint import LoadedModel
 from crystalae.coverage import COVERAGE_CUTOFFS
 from crystalae.files import write_json, write_text
+from crystalae.locations import SWEEPS
 from crystalae.metrics import compare, summarize
 from crystalae.reconstruct import decode_latents, density_scale, structures_from_outputs
 from crystalae.sources import StructureError, list_entries, load_structure, reduce_cell
@@ -29,9 +31,9 @@ from crystalae.validity import smact_valid, structure_valid
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
 __all__ = [
-    "GenerationInterrupted", "alter", "check_generate_folder", "decode_to_structures", "encode", "interpolate",
-    "outputs_to_structures", "reconstruct", "reference_structures", "sample", "validity", "voxelized_source",
-    "write_generated",
+    "GenerationInterrupted", "TrainingSet", "alter", "check_generate_folder", "decode_to_structures", "encode",
+    "interpolate", "outputs_to_structures", "reconstruct", "reference_structures", "sample", "training_set", "triage",
+    "validity", "voxelized_source", "write_generated",
 ]
 
 log = logging.getLogger(__name__)
@@ -249,39 +251,117 @@ def reference_structures(source: str | Path, limit: int | None = None) -> list[S
 SYMPREC = 0.1  # Å: spglib's tolerance for a decoded crystal's space group (decoded positions are good to ~0.1 Å)
 
 
-def _symmetry(structure: Structure, path: Path) -> dict[str, Any]:
-    """summary.csv's space-group columns of one crystal, and its symmetrized CIF (the ideal crystal of that
-    group, written to `path`) when spglib finds one within SYMPREC."""
-    from crystalae.symmetry import spacegroup, symmetrize
+def _symmetrized_cif(structure: Structure, path: Path) -> str:
+    """Write the ideal crystal of `structure`'s space group (within SYMPREC) to `path`, a CIF with its
+    symmetry operations; returns the file's name."""
+    from crystalae.symmetry import symmetrize
 
-    found = spacegroup(structure, SYMPREC)
-    if found is None:
-        return {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cif = symmetrize(structure, SYMPREC).to(fmt="cif", symprec=SYMPREC)  # a CIF with its symmetry operations
-    write_text(path, cif)
-    return {"spacegroup": found[0], "spacegroup_number": found[1], "symmetrized_cif": path.name}
+        write_text(path, symmetrize(structure, SYMPREC).to(fmt="cif", symprec=SYMPREC))
+    return path.name
+
+
+def _matcher():
+    """The StructureMatcher of CDVAE's uniqueness and novelty (stol 0.5, ltol 0.3, angle_tol 10)."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    return StructureMatcher(stol=0.5, ltol=0.3, angle_tol=10)
 
 
 def _first_of_kind(structures: list[Structure | None]) -> list[bool | None]:
     """For each crystal, whether it is the first of its kind in the batch (StructureMatcher with CDVAE's
     settings); None where nothing was decoded. The batch's uniqueness is the share of True."""
-    from pymatgen.analysis.structure_matcher import StructureMatcher
-
     decoded = [s for s in structures if s is not None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        groups = StructureMatcher(stol=0.5, ltol=0.3, angle_tol=10).group_structures(decoded) if decoded else []
+        groups = _matcher().group_structures(decoded) if decoded else []
     first = {id(group[0]) for group in groups}
     return [None if s is None else id(s) in first for s in structures]
+
+
+@dataclass
+class TrainingSet:
+    """The crystals a model was trained on (its dataset's train split), kept as CIFs by reduced formula and
+    read only where a sample has that formula; `cifs` is None where they could not be found, and `note`
+    says where they came from or why not (summary.json records it)."""
+
+    cifs: dict[str, list[str]] | None
+    note: str
+    _read: dict[str, list[Structure]] = field(default_factory=dict, repr=False)
+
+    def novel(self, structures: list[Structure | None]) -> list[bool | None]:
+        """For each crystal, whether no training crystal matches it (CDVAE's StructureMatcher; a match needs
+        the same reduced formula); None where nothing was decoded or the training crystals are not known."""
+        if self.cifs is None:
+            return [None] * len(structures)
+        matcher, found = _matcher(), []
+        for s in structures:
+            if s is None:
+                found.append(None)
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                found.append(not any(matcher.fit(s, t) for t in self._same_formula(s.composition.reduced_formula)))
+        return found
+
+    def _same_formula(self, formula: str) -> list[Structure]:
+        if formula not in self._read:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pymatgen's CIF parser warns on rounded occupancies
+                self._read[formula] = [Structure.from_str(c, fmt="cif") for c in self.cifs.get(formula, [])]
+        return self._read[formula]
+
+
+def training_set(loaded: LoadedModel, sweeps: str | Path = SWEEPS) -> TrainingSet:
+    """The model's training crystals: the train split of the prepared dataset with the checkpoint's dataset
+    hash, looked for in the sweep its lineage names and in every sweep under `sweeps` (a sweep keeps the
+    datasets its trials trained on). Where none is found the set is empty and says so, rather than guess
+    from a source that may have been prepared otherwise."""
+    from pymatgen.core import Composition
+
+    from crystalae.dataset import read_table
+    from crystalae.search.results import find_sweeps, is_sweep, sweep_dataset
+
+    wanted = loaded.meta.get("dataset_hash")
+    if not wanted:
+        return TrainingSet(None, "novelty not computed: the checkpoint records no dataset hash")
+    lineage = loaded.meta.get("lineage") or {}
+    named = [lineage["sweep_dir"]] if lineage.get("sweep_dir") else []  # a retrained trial's own sweep
+    for root in [*named, *find_sweeps(sweeps)]:
+        data = sweep_dataset(root, wanted) if is_sweep(root) else None
+        if data is not None:
+            table = read_table(data, split="train", columns=["composition", "cif"])
+            cifs: dict[str, list[str]] = {}
+            for formula, cif in zip(table.column("composition").to_pylist(), table.column("cif").to_pylist()):
+                cifs.setdefault(Composition(formula).reduced_formula, []).append(cif)
+            return TrainingSet(cifs, f"against the {table.num_rows} training crystals of dataset {data}")
+    where = " or ".join(str(x) for x in [*named, sweeps])
+    return TrainingSet(None, f"novelty not computed: the training set (dataset {wanted[:12]}) is not prepared "
+                             f"in {where}")
+
+
+def triage(structures: list[Structure | None], training: TrainingSet | None = None) -> list[dict[str, Any]]:
+    """What a user sorts generated crystals by, one mapping per crystal: its space group (spglib within
+    SYMPREC: symbol, number; '' where none), whether it is the first of its kind in the batch (`unique`) and
+    whether it is `novel` against the model's training set (None where unknown)."""
+    from crystalae.symmetry import spacegroup
+
+    novel = (training or TrainingSet(None, "")).novel(structures)
+    rows = []
+    for structure, unique, new in zip(structures, _first_of_kind(structures), novel):
+        found = spacegroup(structure, SYMPREC) if structure is not None else None
+        rows.append({"spacegroup": found[0] if found else "", "spacegroup_number": found[1] if found else "",
+                     "unique": unique, "novel": new})
+    return rows
 
 
 def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], overwrite: bool = False,
                     reference: list[Structure] | None = None,
                     cutoffs: tuple[float, float] = COVERAGE_CUTOFFS["perov_5"],
-                    provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One CIF per crystal plus summary.csv and summary.json (validity rates), in a new or empty
+                    provenance: dict[str, Any] | None = None, training: TrainingSet | None = None) -> dict[str, Any]:
+    """One CIF per crystal plus summary.csv (per crystal: validity, `triage`'s space group, uniqueness and
+    novelty against `training`, the symmetrized CIF) and summary.json (the batch's rates), in a new or empty
     folder; with `overwrite`, the CIFs and summaries of an earlier run there are removed first.
 
     With `reference` crystals, the summary adds CDVAE's distribution metrics of the batch against
@@ -292,15 +372,15 @@ def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], 
     for stale in _earlier_run_files(out):
         stale.unlink(missing_ok=True)
     rows = []
-    first = _first_of_kind([s for _, s in named])
-    for (name, structure), unique in zip(named, first):
-        row = {"name": name, "formula": "", "n_atoms": 0, **validity(structure), "spacegroup": "",
-               "spacegroup_number": "", "unique": unique, "cif": "", "symmetrized_cif": ""}
+    for (name, structure), sorted_by in zip(named, triage([s for _, s in named], training)):
+        row = {"name": name, "formula": "", "n_atoms": 0, **validity(structure), **sorted_by, "cif": "",
+               "symmetrized_cif": ""}
         if structure is not None:
             row.update(formula=structure.composition.reduced_formula, n_atoms=len(structure),
                        cif=f"{name}.cif")
             write_text(out / row["cif"], structure.to(fmt="cif"))
-            row.update(_symmetry(structure, out / f"{name}.sym.cif"))
+            if row["spacegroup"]:
+                row["symmetrized_cif"] = _symmetrized_cif(structure, out / f"{name}.sym.cif")
         rows.append(row)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["name"], lineterminator="\n")
@@ -312,6 +392,9 @@ def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], 
                "structural_validity": sum(r["structural_valid"] for r in rows) / n,
                "composition_validity": sum(r["composition_valid"] for r in rows) / n,
                "uniqueness": sum(r["unique"] is True for r in rows) / n,  # distinct crystals among all samples
+               # samples unlike every training crystal, among all samples (None: the training set is not known)
+               "novelty": None if training is None or training.cifs is None else sum(r["novel"] is True for r in rows) / n,
+               "novelty_note": "no training set given" if training is None else training.note,
                # the field's figure (CDVAE's SMACT check); None where SMACT is not installed
                "composition_validity_smact": None if any(r["smact_valid"] is None for r in rows)
                else sum(r["smact_valid"] for r in rows) / n, **(provenance or {})}

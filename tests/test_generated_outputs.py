@@ -24,3 +24,38 @@ def test_summary_csv_gives_space_groups_symmetrized_cifs_and_uniqueness(tmp_path
     assert Structure.from_file(tmp_path / "g" / rows["a"]["symmetrized_cif"]).get_space_group_info()[0] == "Fm-3m"
     write_generated(tmp_path / "g", [("e", cscl)], overwrite=True)  # an earlier run's symmetrized CIFs go too
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["e.cif", "e.sym.cif", "summary.csv", "summary.json"]
+
+
+def _salt(a: float = 5.6) -> Structure:
+    return Structure(Lattice.cubic(a), ["Na"] * 4 + ["Cl"] * 4,
+                     [[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0], [.5, .5, .5], [.5, 0, 0], [0, .5, 0], [0, 0, .5]])
+
+
+def test_novelty_is_against_the_training_crystals_and_unknown_training_sets_are_said_so(tmp_path):
+    from crystalae.checkpoint import LoadedModel
+    from crystalae.generate import TrainingSet, training_set
+
+    cscl = Structure(Lattice.cubic(4.1), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    known = TrainingSet({"NaCl": [_salt(5.5).to(fmt="cif")]}, "two training crystals")
+    summary = write_generated(tmp_path / "g", [("a", _salt()), ("b", cscl), ("c", None)], training=known)
+    with open(tmp_path / "g" / "summary.csv", newline="") as handle:
+        assert [r["novel"] for r in csv.DictReader(handle)] == ["False", "True", ""]  # NaCl is in the training set
+    assert summary["novelty"] == 1 / 3 and summary["novelty_note"] == "two training crystals"
+    # a model whose dataset is nowhere here: no figure, and the summary says why rather than guess
+    lost = training_set(LoadedModel(None, None, {"dataset_hash": "d4c55b4cf1138664", "lineage": None}), tmp_path)
+    summary = write_generated(tmp_path / "h", [("a", _salt())], training=lost)
+    assert summary["novelty"] is None
+    assert summary["novelty_note"] == f"novelty not computed: the training set (dataset d4c55b4cf113) is not " \
+                                      f"prepared in {tmp_path}"
+
+
+def test_a_sweep_trials_training_set_is_found_by_its_dataset_hash(tiny_sweep):
+    from crystalae.checkpoint import load_checkpoint
+    from crystalae.generate import training_set
+    from crystalae.registry import find_model
+
+    loaded = load_checkpoint(find_model("champion", tiny_sweep["registry"]))
+    found = training_set(loaded, tiny_sweep["storage"])
+    assert found.cifs and str(tiny_sweep["root"]) in found.note
+    crystal = Structure.from_str(next(iter(found.cifs.values()))[0], fmt="cif")
+    assert found.novel([crystal, None]) == [False, None]  # a training crystal is not novel

@@ -104,16 +104,19 @@ def score_batch(count: int, seed: int, prior: str, spread: float | None, referen
                 cutoffs: tuple[float, float]) -> None:
     """Sample a batch, fingerprint it and the reference and keep CDVAE's metrics; problems become warnings."""
     from crystalae.coverage import distribution_metrics
-    from crystalae.generate import sample
+    from crystalae.generate import sample, training_set, triage
 
     bar = st.progress(0.0, text=f"Reading and fingerprinting the reference {reference}…")
     try:
         ref = data.reference_fingerprints(reference)  # cached: the slow part the first time only
         bar.progress(0.1, text=f"Sampling {count} crystals…")
         structures = sample(loaded, count, seed, prior, spread)
-        flags, prints = score_samples(structures, bar, 0.15, 0.95)
-        bar.progress(0.95, text="Comparing with the reference…")
+        flags, prints = score_samples(structures, bar, 0.15, 0.9)
+        bar.progress(0.9, text="Comparing with the reference…")
         metrics = distribution_metrics(prints, ref, cutoffs)
+        bar.progress(0.95, text="Space groups, uniqueness and novelty against the training set…")
+        training = training_set(loaded, paths.storage)
+        sorted_by = triage(structures, training)  # as summary.csv of `crystalae generate`
     except (ValueError, OSError) as exc:  # no prior for this kind, unreadable reference (SourceError, StructureError)
         st.session_state.batch_metrics = None
         st.warning(f"Batch metrics failed: {exc}")
@@ -125,6 +128,11 @@ def score_batch(count: int, seed: int, prior: str, spread: float | None, referen
         "title": f"{count} samples of {choice.label} ({prior} prior, {spread_text}, seed {seed}) against {reference}",
         "metrics": metrics,
         "rates": {k: share(flags, k) for k in ("structural_valid", "smact_valid", "composition_valid")},
+        "uniqueness": sum(r["unique"] is True for r in sorted_by) / max(count, 1),
+        "novelty": None if training.cifs is None else sum(r["novel"] is True for r in sorted_by) / max(count, 1),
+        "novelty_note": training.note,
+        "crystals": [{"sample": i, "formula": s.composition.reduced_formula if s is not None else "", **f, **r}
+                     for i, (s, f, r) in enumerate(zip(structures, flags, sorted_by))],
         # d_ρ and d_elem compare the valid samples with the whole reference: plot the same sets
         "density": (prints.density[prints.valid], ref.density),
         "elements": (prints.n_elements[prints.valid], ref.n_elements),
@@ -148,6 +156,10 @@ def show_batch(result: dict) -> None:
          "Composition validity by SMACT, the check CDVAE reports; – without smact (pip install 'crystalae[metrics]')."),
         ("Composition validity (pymatgen, stricter)", percent(rates["composition_valid"]),
          "pymatgen finds a charge-neutral assignment of oxidation states; stricter than SMACT."),
+        ("Unique", percent(result["uniqueness"]),
+         "Share of all samples that are the first of their kind in the batch (StructureMatcher, CDVAE's settings)."),
+        ("Novel", percent(result["novelty"]),
+         "Share of all samples that match no crystal of the model's training set; – where that set is not here."),
     ]
     distribution_tiles = [
         ("COV-R", percent(m["cov_recall"]), "Share of reference crystals with a sample within both cutoffs."),
@@ -166,6 +178,11 @@ def show_batch(result: dict) -> None:
                "equal counts. The composition fingerprints are standardised with crystalae's own scaler (fitted on "
                "random compositions, not CDVAE's constants; see `crystalae/coverage.py`), so COV reads close to, "
                "not exactly as, CDVAE's.")
+    if result["novelty"] is None:
+        st.caption(result["novelty_note"][:1].upper() + result["novelty_note"][1:] + ".")
+    st.dataframe(result["crystals"], hide_index=True, key="batch_crystals",
+                 column_order=("sample", "formula", "spacegroup", "spacegroup_number", "unique", "novel",
+                               "structural_valid", "smact_valid", "composition_valid"))
     left, right = st.columns(2)
     left.plotly_chart(views.density_histogram(*result["density"]), key="batch_density")
     right.plotly_chart(views.element_count_bars(*result["elements"]), key="batch_elements")
