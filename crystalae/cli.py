@@ -164,15 +164,23 @@ def _add_roundtrip(sub) -> None:
 
 
 def _cmd_roundtrip(args: argparse.Namespace) -> int:
-    from crystalae.roundtrip import metrics_path, roundtrip
+    from crystalae.roundtrip import roundtrip
 
     _check_output_file(args.out)
     metrics = roundtrip(args.source, args.out, voxel_config_from_args(args), species=args.species,
                         workers=args.workers, limit=args.limit)
-    print(_format_metrics(metrics))
-    print(f"wrote {args.out} and {metrics_path(Path(args.out))}")
-    _refuse_if_all_rejected(metrics, args.out)
+    _report_scored(metrics, args.out)
     return 0
+
+
+def _report_scored(metrics: dict[str, Any], out: Path) -> None:
+    """The figures of a roundtrip or reconstruct run and the three files it wrote (the console names each, so
+    OUT.details.csv is no surprise); then `_refuse_if_all_rejected`."""
+    from crystalae.roundtrip import details_path, metrics_path
+
+    print(_format_metrics(metrics))
+    print(f"wrote {out}, {details_path(Path(out))} (per structure) and {metrics_path(Path(out))}")
+    _refuse_if_all_rejected(metrics, out)
 
 
 def _refuse_if_all_rejected(metrics: dict[str, Any], out: Path) -> None:
@@ -312,13 +320,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.gpu:
         train_values["use_gpu"] = True
     cfg = TrainConfig.from_dict(train_values)
+    started = time.time()
     result = train(args.data, cfg, spec.get("model") or {}, storage=args.storage,
                    name=args.name or "crystalae",  # --name '': the default, as promote's
                    preset=args.preset or spec.get("preset"), progress=True, mlflow=args.mlflow)
-    return _report_training(result)
+    return _report_training(result, started)
 
 
-def _report_training(result) -> int:
+def _report_training(result, started: float) -> int:
+    """The run's last lines: the epochs this command trained (a resumed run counts only its own, against all
+    it has), the last validation figures and the best checkpoint."""
     from crystalae.training import best_checkpoint_path
 
     if result.error:
@@ -326,9 +337,26 @@ def _report_training(result) -> int:
         return 1
     metrics = result.metrics or {}
     shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val_") and isinstance(v, float)}
-    print(f"trained {metrics.get('epoch', -1) + 1} epochs; last validation: {shown}")
+    record = _newest_record(result)
+    # epochs this command trained: those that finished after it started (the history holds earlier runs' too)
+    now = sum(1 for h in record.get("history") or [] if isinstance(h.get("finished_at"), (int, float))
+              and h["finished_at"] >= started)
+    done, total = metrics.get("epoch", -1) + 1, (record.get("train_config") or {}).get("epochs", "?")
+    print(f"trained {now} epoch{'' if now == 1 else 's'}" + (f" ({done}/{total} in all)" if now != done else "")
+          + f"; last validation: {shown}")
     print(f"best checkpoint: {best_checkpoint_path(result)}")
     return 0
+
+
+def _newest_record(result) -> dict[str, Any]:
+    """The newest checkpoint's config.json (history, train config) of a Ray result; {} without one."""
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        return {}
+    import json
+
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/config.json") as handle:
+        return json.loads(handle.read())
 
 
 def _retrain(args: argparse.Namespace) -> int:
@@ -341,10 +369,11 @@ def _retrain(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("workers", "threads", "grad_clip") if getattr(args, k) is not None}
     if args.gpu:
         overrides["use_gpu"] = True
+    started = time.time()
     result = retrain_trial(args.sweeps, args.from_trial, epochs=args.epochs, data=args.data,
                            train_overrides=overrides, out=args.storage,
                            name=args.name, progress=True, mlflow=args.mlflow)
-    return _report_training(result)
+    return _report_training(result, started)
 
 
 def _load_model(args: argparse.Namespace):
@@ -404,13 +433,10 @@ def _add_reconstruct(sub) -> None:
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from crystalae.generate import reconstruct
-    from crystalae.roundtrip import metrics_path
 
     _check_output_file(args.out)
     metrics = reconstruct(_load_model(args), args.source, args.out, limit=args.limit, model_ref=_model_ref(args))
-    print(_format_metrics(metrics))
-    print(f"wrote {args.out} and {metrics_path(Path(args.out))}")
-    _refuse_if_all_rejected(metrics, args.out)
+    _report_scored(metrics, args.out)
     return 0
 
 
@@ -487,10 +513,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.reference is not None and not interrupted:
         reference = generate.reference_structures(args.reference, args.reference_limit)
     summary = generate.write_generated(args.out, named, overwrite=args.overwrite, reference=reference,
-                                       cutoffs=tuple(args.cutoffs), provenance=provenance)
+                                       cutoffs=tuple(args.cutoffs), provenance=provenance,
+                                       training=generate.training_set(loaded))
+    novelty = ("" if summary["novelty"] is None else f", {100 * summary['novelty']:.0f}% novel")
     print(f"wrote {summary['decoded']} of {summary['count']} crystals to {args.out}: structural validity "
           f"{100 * summary['structural_validity']:.1f}%, {_format_composition_validity(summary)}, "
-          f"{100 * summary['uniqueness']:.0f}% unique (space groups and symmetrized CIFs in summary.csv)")
+          f"{100 * summary['uniqueness']:.0f}% unique{novelty} (space groups and symmetrized CIFs in summary.csv)")
+    if summary["novelty"] is None:
+        print(summary["novelty_note"])
     if "distribution" in summary:
         print(f"against {len(reference)} reference crystals of {args.reference}: "
               + _format_distribution(summary["distribution"]))

@@ -48,6 +48,9 @@ class EpochLines:
         self._thread = threading.Thread(target=self._follow, daemon=True)
 
     def __enter__(self) -> EpochLines:
+        if self.shown >= 0:  # a resumed run: where it picks up, before its first new epoch line
+            log.info("resuming from epoch %d/%d (the newest checkpoint in %s)", self.shown + 1, self.epochs,
+                     self.run_dir)
         self._thread.start()
         return self
 

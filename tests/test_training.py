@@ -76,18 +76,37 @@ def test_resume_continues_the_epoch_count(trained):
     assert [h["epoch"] for h in payload["history"]] == list(range(6))
 
 
+def test_a_resumed_train_says_where_it_picks_up_and_counts_only_the_epochs_it_trained(trained, tmp_path, capsys):
+    import yaml
+
+    from crystalae.cli import main
+
+    newest = sorted(p for p in (trained["storage"] / "tiny").glob("checkpoint_*") if p.is_dir())[-1]
+    done = read_checkpoint(newest)["epoch"] + 1  # 4, or 6 after the resume test above
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({"model": TINY, "train": {"eval_limit": 4}}))
+    assert main(["train", "--data", str(trained["data"]), "--storage", str(trained["storage"]), "--name", "tiny",
+                 "--config", str(spec), "--epochs", str(done + 1), "--batch-size", "8", "--workers", "2"]) == 0
+    said = capsys.readouterr()
+    assert f"resuming from epoch {done}/{done + 1} (the newest checkpoint in " in said.out + said.err
+    assert f"trained 1 epoch ({done + 1}/{done + 1} in all); last validation" in said.out
+
+
 def test_resume_with_another_model_config_is_refused(trained):
     with pytest.raises(CheckpointError, match="another model config"):
         train(trained["data"], TRAIN, {**TINY, "latent_dim": 12}, storage=trained["storage"], name="tiny")
 
 
-def test_reconstruct_and_generate_write_parseable_cifs(trained, tmp_path):
+def test_reconstruct_and_generate_write_parseable_cifs(trained, tmp_path, capsys):
     from crystalae.cli import main
 
     # the newest kept checkpoint (the resume test above may have replaced the fixture's own)
     checkpoint = str(sorted(p for p in (trained["storage"] / "tiny").glob("checkpoint_*") if p.is_dir())[-1])
     out = tmp_path / "rec.csv"
     assert main(["reconstruct", "demo:6", "--checkpoint", checkpoint, "--out", str(out)]) == 0
+    # every file it wrote is named, the per-structure details too
+    assert f"wrote {out}, {tmp_path / 'rec.details.csv'} (per structure) and {tmp_path / 'rec.metrics.json'}" \
+        in capsys.readouterr().out
     metrics = json.loads((tmp_path / "rec.metrics.json").read_text())
     assert metrics["n"] == 6
     gen = tmp_path / "gen"
