@@ -514,11 +514,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         reference = generate.reference_structures(args.reference, args.reference_limit)
     summary = generate.write_generated(args.out, named, overwrite=args.overwrite, reference=reference,
                                        cutoffs=tuple(args.cutoffs), provenance=provenance,
-                                       training=generate.training_set(loaded))
+                                       training=generate.training_set(loaded),
+                                       relaxation=provenance.get("relaxation", {}).get("per_crystal"))
     novelty = ("" if summary["novelty"] is None else f", {100 * summary['novelty']:.0f}% novel")
     print(f"wrote {summary['decoded']} of {summary['count']} crystals to {args.out}: structural validity "
           f"{100 * summary['structural_validity']:.1f}%, {_format_composition_validity(summary)}, "
-          f"{100 * summary['uniqueness']:.0f}% unique{novelty} (space groups and symmetrized CIFs in summary.csv)")
+          f"{100 * summary['uniqueness']:.0f}% unique{novelty} (space groups and symmetrized CIFs"
+          f"{', relaxed energies' if 'relaxation' in provenance else ''} in summary.csv)")
     if summary["novelty"] is None:
         print(summary["novelty_note"])
     if "distribution" in summary:

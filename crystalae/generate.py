@@ -356,13 +356,30 @@ def triage(structures: list[Structure | None], training: TrainingSet | None = No
     return rows
 
 
+# relax's per-crystal record and its summary.csv column: prefixed, since generate has --steps of its own
+RELAXED_COLUMNS = {"energy_per_atom": "relaxed_energy_per_atom", "initial_energy_per_atom": "initial_energy_per_atom",
+                   "steps": "relax_steps", "converged": "relax_converged"}
+
+
+def relaxed_columns(relaxation: dict[str, list] | None, count: int) -> list[dict[str, Any]]:
+    """Per crystal, its relaxation as summary.csv columns: CHGNet energy after and before (eV/atom, to
+    0.1 meV), FIRE steps taken, converged; None (an empty cell) where not relaxed or it failed to relax."""
+    rows: list[dict[str, Any]] = [dict.fromkeys(RELAXED_COLUMNS.values()) for _ in range(count)]
+    for key, column in RELAXED_COLUMNS.items():
+        for row, value in zip(rows, (relaxation or {}).get(key, [])):
+            row[column] = round(value, 4) if isinstance(value, float) else value
+    return rows
+
+
 def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], overwrite: bool = False,
                     reference: list[Structure] | None = None,
                     cutoffs: tuple[float, float] = COVERAGE_CUTOFFS["perov_5"],
-                    provenance: dict[str, Any] | None = None, training: TrainingSet | None = None) -> dict[str, Any]:
+                    provenance: dict[str, Any] | None = None, training: TrainingSet | None = None,
+                    relaxation: dict[str, list] | None = None) -> dict[str, Any]:
     """One CIF per crystal plus summary.csv (per crystal: validity, `triage`'s space group, uniqueness and
-    novelty against `training`, the symmetrized CIF) and summary.json (the batch's rates), in a new or empty
-    folder; with `overwrite`, the CIFs and summaries of an earlier run there are removed first.
+    novelty against `training`, `relaxed_columns`, the symmetrized CIF) and summary.json (the batch's rates),
+    in a new or empty folder; with `overwrite`, the CIFs and summaries of an earlier run there are removed first.
+    `relaxation` is `crystalae.relax.relax`'s record["per_crystal"] for these crystals (None: not relaxed).
 
     With `reference` crystals, the summary adds CDVAE's distribution metrics of the batch against
     them (`crystalae.coverage`: COV-R, COV-P, d_ρ, d_elem; needs `crystalae[metrics]`).
@@ -372,8 +389,9 @@ def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], 
     for stale in _earlier_run_files(out):
         stale.unlink(missing_ok=True)
     rows = []
-    for (name, structure), sorted_by in zip(named, triage([s for _, s in named], training)):
-        row = {"name": name, "formula": "", "n_atoms": 0, **validity(structure), **sorted_by, "cif": "",
+    relaxed = relaxed_columns(relaxation, len(named))
+    for (name, structure), sorted_by, energies in zip(named, triage([s for _, s in named], training), relaxed):
+        row = {"name": name, "formula": "", "n_atoms": 0, **validity(structure), **sorted_by, **energies, "cif": "",
                "symmetrized_cif": ""}
         if structure is not None:
             row.update(formula=structure.composition.reduced_formula, n_atoms=len(structure),

@@ -1,8 +1,11 @@
-"""What `generate` writes beside the CIFs for a user to triage: space group, symmetrized CIF, uniqueness."""
+"""What `generate` writes beside the CIFs for a user to triage: space group, symmetrized CIF, uniqueness,
+relaxed energy and convergence."""
 from __future__ import annotations
 
 import csv
+import json
 
+import pytest
 from pymatgen.core import Lattice, Structure
 
 from crystalae.generate import write_generated
@@ -59,3 +62,31 @@ def test_a_sweep_trials_training_set_is_found_by_its_dataset_hash(tiny_sweep):
     assert found.cifs and str(tiny_sweep["root"]) in found.note
     crystal = Structure.from_str(next(iter(found.cifs.values()))[0], fmt="cif")
     assert found.novel([crystal, None]) == [False, None]  # a training crystal is not novel
+
+
+def test_relaxed_runs_fill_the_energy_and_convergence_columns_and_others_leave_them_empty(tmp_path, monkeypatch):
+    pytest.importorskip("chgnet")
+    import crystalae.relax
+    from crystalae.cli import main
+    from crystalae.generate import RELAXED_COLUMNS
+    from crystalae.pretrained import PRETRAINED
+
+    if not (PRETRAINED / "perov_5" / "checkpoint.pt").exists():
+        pytest.skip("no shipped perov_5 model in this checkout")
+    real = crystalae.relax.relax
+    # one worker: a pool would only add start-up time for two small crystals
+    monkeypatch.setattr(crystalae.relax, "relax", lambda structures, steps: real(structures, steps=steps, workers=1))
+    columns = list(RELAXED_COLUMNS.values())
+    for flags, out in ((["--relax", "--relax-steps", "2"], tmp_path / "relaxed"), ([], tmp_path / "plain")):
+        assert main(["generate", "--checkpoint", str(PRETRAINED / "perov_5"), "--sample", "2", *flags,
+                     "--out", str(out)]) == 0
+    with open(tmp_path / "relaxed" / "summary.csv", newline="") as handle:
+        relaxed = list(csv.DictReader(handle))
+    per_crystal = json.loads((tmp_path / "relaxed" / "summary.json").read_text())["relaxation"]["per_crystal"]
+    for i, row in enumerate(relaxed):
+        assert float(row["relaxed_energy_per_atom"]) == pytest.approx(per_crystal["energy_per_atom"][i], abs=1e-4)
+        assert float(row["initial_energy_per_atom"]) == pytest.approx(per_crystal["initial_energy_per_atom"][i],
+                                                                      abs=1e-4)
+        assert 1 <= int(row["relax_steps"]) <= 2 and row["relax_converged"] in ("True", "False")
+    with open(tmp_path / "plain" / "summary.csv", newline="") as handle:
+        assert all(row[c] == "" for row in csv.DictReader(handle) for c in columns)
