@@ -21,6 +21,7 @@ import torch
 from pymatgen.core import Structure
 
 from crystalae.checkpoint import LoadedModel, load_checkpoint
+from crystalae.config import check_finite, check_whole
 from crystalae.sources import StructureError, check_structure, list_entries, load_structure, reduce_cell
 from crystalae.voxelize import Density, VoxelizeError, voxelize
 
@@ -54,10 +55,27 @@ def load(ref: str | Path, registry: str | Path | None = None, device: str | None
     path = _locate(ref, registry)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_device(device)
     return CrystalModel(set_symprec(load_checkpoint(path, device=device), symprec), str(ref))
 
 
+def _check_device(device: Any) -> None:
+    """A device torch has here; else one ValueError (torch says 'Expected one of cpu, cuda, ipu, xpu, ...'
+    for a typo and raises an AssertionError for CUDA in a CPU-only build)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N, mps)") from None
+    if parsed.type == "cuda":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= gpus:
+            raise ValueError(f"device {device!r}: this machine has {gpus} CUDA GPU{'' if gpus == 1 else 's'} "
+                             "torch can use (give device='cpu')")
+
+
 def _locate(ref: str | Path, registry: str | Path | None) -> Path:
+    if not str(ref).strip():
+        raise LookupError("give a model: a shipped name (perov_5), a checkpoint path or a registry reference")
     if Path(ref).exists():
         return Path(ref)
     text = str(ref)
@@ -79,6 +97,8 @@ def as_structures(items: StructureLike | Iterable[StructureLike]) -> list[Struct
     passed bare. Raises `crystalae.sources.StructureError` naming an item that cannot be read."""
     if isinstance(items, (Structure, str, Path)) or _is_atoms(items):
         items = [items]
+    elif not isinstance(items, Iterable):
+        raise TypeError(f"expected a pymatgen Structure, ASE Atoms, a path or a list of them, got {type(items).__name__}")
     structures = []
     for k, item in enumerate(items):
         if isinstance(item, Structure):
@@ -190,8 +210,7 @@ class CrystalModel:
         """`steps` crystals decoded along the straight line between the latents of `a` and `b`."""
         from crystalae.generate import interpolate
 
-        if steps < 2:
-            raise ValueError(f"steps must be at least 2, got {steps}")
+        steps = check_whole(steps, "steps", 2, 1000)  # as `generate --steps`
         first, second = self.densities([*as_structures(a)[:1], *as_structures(b)[:1]])
         return interpolate(self.loaded, first, second, steps)
 
@@ -199,10 +218,17 @@ class CrystalModel:
         """`n` variants of `structure`: its latent moved by `scale` times unit Gaussian noise."""
         from crystalae.generate import alter
 
+        n = check_whole(n, "n", 0, 10_000)  # as `generate --count` (0: none)
+        scale = check_finite(scale, "scale", 0, 100)  # as `generate --scale`
+        seed = check_whole(seed, "seed", 0, 2**63 - 1)
+        if n == 0:
+            return []
         return alter(self.loaded, self.densities(as_structures(structure)[:1])[0], scale, n, seed)
 
     def _latents(self, latents: Any) -> torch.Tensor:
         z = torch.as_tensor(np.asarray(latents, dtype=np.float32))
+        if z.numel() == 0 and z.ndim <= 2:  # no latents ([], an (0, d) array): no crystals
+            z = z.reshape(0, self.latent_dim)
         if z.ndim == 1:
             z = z[None]
         if z.ndim != 2 or z.shape[1] != self.latent_dim:

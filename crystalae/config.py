@@ -12,8 +12,8 @@ from typing import Any, Literal, TypeVar
 
 __all__ = [
     "BoxMode", "ConfigError", "MAX_GRID", "MAX_Z", "NAME", "Objective", "Reduction", "Representation", "StrictConfig",
-    "VoxelConfig", "blank_problem", "check_name", "field_names", "grid_problem", "in_range", "is_score", "searchable",
-    "set_by",
+    "VoxelConfig", "blank_problem", "check_finite", "check_name", "check_whole", "field_names", "grid_problem",
+    "in_range", "is_score", "searchable", "set_by",
 ]
 
 Representation = Literal["cell", "box"]
@@ -53,6 +53,25 @@ def check_name(name: Any, what: str = "name") -> str:
         raise ConfigError(f"invalid {what} {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
                           "starting with a letter or digit")
     return name
+
+
+def check_whole(value: Any, what: str, low: int, high: int) -> int:
+    """`value` as a whole number in [low, high] (not a bool, not 2.5), for the Python API's counts and
+    seeds, whose CLI options are bounded the same way; else a ValueError naming `what`."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ValueError(f"{what} must be a whole number in {low:,}..{high:,}, got {value!r}")
+    return int(value)
+
+
+def check_finite(value: Any, what: str, low: float, high: float) -> float:
+    """`value` as a real number in [low, high] (NaN and inf refused); else a ValueError naming `what`."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+        raise ValueError(f"{what} must be a number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
 
 
 def blank_problem(value: Any, what: str, example: str = "sqlite:///mlflow.db") -> str | None:

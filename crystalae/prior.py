@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from crystalae.checkpoint import LoadedModel, export_checkpoint
+from crystalae.config import check_finite, check_whole
 from crystalae.reconstruct import density_scale
 
-__all__ = ["DEFAULT_SPREAD", "PRIORS", "fit_latent_prior", "resolve_prior", "sample_latents", "with_latent_prior"]
+__all__ = ["DEFAULT_SPREAD", "MAX_SAMPLES", "MAX_SPREAD", "PRIORS", "fit_latent_prior", "resolve_prior", "sample_latents",
+           "with_latent_prior"]
 
 
 @torch.no_grad()
@@ -67,6 +69,8 @@ def fit_latent_prior(loaded: LoadedModel, data: str | Path, split: str = "train"
 
 #: the spread each kind samples at unless told: the Gaussian as fitted; a tenth of it around a code
 DEFAULT_SPREAD = {"fitted": 1.0, "posterior": 0.1, "normal": 1.0}
+MAX_SPREAD = 10.0  # as `generate --temperature`
+MAX_SAMPLES = 100_000  # as `generate --sample`: the latents are drawn at once
 PRIORS = ("auto", "fitted", "posterior", "normal")
 
 
@@ -76,9 +80,10 @@ def sample_latents(loaded: LoadedModel, count: int, seed: int = 0, prior: str = 
     training codes), "posterior" (a training code plus that Gaussian's noise), "normal" (N(0, I)), or
     "auto": the kind stored with the checkpoint's prior (refused without one: see `resolve_prior`).
     `temperature` scales the noise; None takes the spread stored with the prior for its kind
-    (`DEFAULT_SPREAD` otherwise). Raises ValueError for a negative or fractional `count`."""
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-        raise ValueError(f"the number of samples must be a whole number >= 0, got {count!r}")
+    (`DEFAULT_SPREAD` otherwise). Raises ValueError for a `count` that is no whole number in
+    0..MAX_SAMPLES, a `seed` outside 0..2**63-1, a spread that is no number in [0, MAX_SPREAD]."""
+    count = check_whole(count, "the number of samples", 0, MAX_SAMPLES)  # (count, latent_dim) floats at once
+    seed = check_whole(seed, "the seed", 0, 2**63 - 1)
     kind, temperature = resolve_prior(loaded, prior, temperature)
     fitted = loaded.meta.get("latent_prior")
     generator = torch.Generator().manual_seed(seed)
@@ -104,6 +109,8 @@ def resolve_prior(loaded: LoadedModel, prior: str = "auto", temperature: float |
     """
     if prior not in PRIORS:
         raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+    if temperature is not None:  # NaN or a negative spread would sample latents that mean nothing, silently
+        check_finite(temperature, "the spread (temperature)", 0, MAX_SPREAD)
     fitted = loaded.meta.get("latent_prior")
     if prior != "normal" and fitted is None:
         raise ValueError(f"this model has no fitted latent prior, and N(0, I) latents decode mostly to nothing: fit "

@@ -492,3 +492,39 @@ def test_registry_names_cannot_hide_one_another(tmp_path, capsys, tiny_checkpoin
 
     assert [e["ref"] for e in Registry(registry).entries()] == ["mine@1"] and Registry(registry).aliases() == {
         "best": "mine@1"}
+
+
+def test_api_counts_spreads_seeds_and_devices_are_checked_before_any_work(tiny_checkpoint):
+    """Each was a torch allocation of hundreds of GB, a raw TypeError/RuntimeError/AssertionError, or NaN
+    latents decoded without a word."""
+    import crystalae
+
+    with pytest.raises(ValueError, match="device 'bogus' is not a torch device"):
+        crystalae.load(tiny_checkpoint, device="bogus")
+    with pytest.raises(ValueError, match="device 'cuda:99': this machine has"):
+        crystalae.load(tiny_checkpoint, device="cuda:99")
+    with pytest.raises(LookupError, match="give a model"):
+        crystalae.load("")
+    import numpy as np
+
+    model = crystalae.load(tiny_checkpoint, device="cpu")
+    salt = "never-read.cif"  # every case is refused before a structure is read
+    cases = [
+        (lambda: model.sample(10**9, prior="normal"), "number of samples must be a whole number in 0..100,000"),
+        (lambda: model.sample(2, prior="normal", temperature=float("nan")), r"spread \(temperature\) must be"),
+        (lambda: model.sample(2, prior="normal", temperature=-1.0), r"spread \(temperature\) must be"),
+        (lambda: model.sample(2, prior="normal", temperature=float("inf")), r"spread \(temperature\) must be"),
+        (lambda: model.sample(2, prior="normal", seed=-1), "the seed must be"),
+        (lambda: model.sample(2, prior="normal", seed=2**70), "the seed must be"),
+        (lambda: model.alter(salt, n=-1), "n must be a whole number"),
+        (lambda: model.alter(salt, n=10**9), "n must be a whole number"),
+        (lambda: model.alter(salt, scale=float("nan")), "scale must be a number"),
+        (lambda: model.interpolate(salt, salt, steps=10**9), "steps must be a whole number in 2..1,000"),
+        (lambda: model.interpolate(salt, salt, steps=2.5), "steps must be a whole number"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(TypeError, match="got NoneType"):
+        model.encode(None)
+    assert model.decode([]) == [] and model.decode(np.zeros((0, 4))) == [] and model.alter(salt, n=0) == []
