@@ -27,7 +27,7 @@ from crystalae.voxelize import cell_problem
 
 __all__ = [
     "ASE_FORMATS", "Chunk", "Entry", "MAX_CIF_TEXT", "MAX_CSV_FIELD", "MAX_PARSED_ATOMS", "READABLE",
-    "STRUCTURE_SUFFIXES", "SourceError", "SourceSlice", "StructureError", "check_structure", "demo_count",
+    "STRUCTURE_SUFFIXES", "SourceError", "SourceSlice", "StructureError", "check_structure", "demo_count", "format_of",
     "list_entries", "load_structure", "local_source", "plan_chunks", "read_chunk", "reduce_cell",
 ]
 
@@ -168,7 +168,7 @@ def _scan(part: str | Path) -> Iterator[tuple[str, Any, dict[str, Any]]]:
     elif path.suffix.lower() == ".csv":
         yield from _scan_csv(path, where)
     else:
-        if _format_of(path) is None:
+        if format_of(path) is None:
             raise SourceError(f"{path}: unknown structure format (crystalae reads {READABLE})")
         yield _entry_name(path), None, {"source": where}
 
@@ -176,9 +176,9 @@ def _scan(part: str | Path) -> Iterator[tuple[str, Any, dict[str, Any]]]:
 def _scan_folder(path: Path, where: str) -> Iterator[tuple[str, Any, dict[str, Any]]]:
     """Every visible file of a folder; those in no format crystalae reads become rejected entries."""
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not any(_format_of(f) is not None for f in files):
+    if not any(format_of(f) is not None for f in files):
         raise SourceError(f"{path}: no structure files in the folder (crystalae reads {READABLE})")
-    skipped = [f.name for f in files if _format_of(f) is None]
+    skipped = [f.name for f in files if format_of(f) is None]
     if skipped:  # each is also a rejected entry, with this reason
         log.warning("%s: %d files are not in a format crystalae reads and are skipped: %s%s", path, len(skipped),
                     ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
@@ -281,7 +281,7 @@ def _read_slice(piece: SourceSlice) -> list[tuple[int, Entry]]:
              if piece.first + k in duplicates else e) for k, e in enumerate(entries)]
 
 
-def _format_of(path: Path) -> str | None:
+def format_of(path: Path) -> str | None:
     if path.name.upper().startswith(("POSCAR", "CONTCAR")):
         return "poscar"
     if path.name.lower().endswith(".cif.gz"):
@@ -292,12 +292,12 @@ def _format_of(path: Path) -> str | None:
 def _entry_name(path: Path) -> str:
     if path.name.lower().endswith(".cif.gz"):
         return path.name[:-7]
-    return path.stem if _format_of(path) != "poscar" or path.suffix else path.name
+    return path.stem if format_of(path) != "poscar" or path.suffix else path.name
 
 
 def _file_entry(path: Path, in_folder: bool = False) -> Entry:
     """One file as an entry; a file of an unknown format in a folder is a rejected entry (saying so)."""
-    fmt = _format_of(path)
+    fmt = format_of(path)
     name = _entry_name(path)
     if in_folder and path.is_symlink() and not path.resolve().is_relative_to(path.parent.resolve()):
         # a folder source reads what is in the folder: a link elsewhere is not read (nor its content echoed)

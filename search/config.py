@@ -33,7 +33,7 @@ from crystalae.models import ModelConfig
 from crystalae.reconstruct import model_config_for
 from crystalae.search.results import SWEEP_FILE, is_sweep
 from crystalae.shards import PrepareOptions
-from crystalae.sources import SourceError, demo_count
+from crystalae.sources import READABLE, SourceError, demo_count, format_of
 from crystalae.training import REPORTED_METRICS, TrainConfig
 
 __all__ = [
@@ -384,6 +384,8 @@ def _check_source(source: Any, fail) -> None:
         fail(f"data.{exc}")
     if not demo and "://" not in source and not Path(source).exists():
         fail(f"data.source {source} does not exist")
+    if not demo and Path(source).is_file() and Path(source).suffix.lower() != ".csv" and format_of(Path(source)) is None:
+        fail(f"data.source {source}: unknown structure format (crystalae reads {READABLE})")  # not every trial, later
 
 
 SPLIT_KEYS = ("val_fraction", "test_fraction")

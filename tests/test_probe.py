@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -528,3 +529,36 @@ def test_api_counts_spreads_seeds_and_devices_are_checked_before_any_work(tiny_c
     with pytest.raises(TypeError, match="got NoneType"):
         model.encode(None)
     assert model.decode([]) == [] and model.decode(np.zeros((0, 4))) == [] and model.alter(salt, n=0) == []
+
+
+@pytest.mark.parametrize("section, key, value, needle", [
+    ("", "name", "../x", "invalid sweep name"),  # the sweep folder stays under --storage
+    ("", "name", "a/b", "invalid sweep name"),
+    ("budget", "trials", float("nan"), "trials"),
+    ("budget", "trials", 10**9, "trials"),
+    ("budget", "epochs", float("inf"), "epochs"),
+    ("budget", "time_budget_s", float("nan"), "time_budget_s"),
+    ("data", "grid", 10**6, "grid"),
+    ("data", "sigma", float("nan"), "sigma"),
+    ("data", "source", "/etc/passwd", "unknown structure format"),  # found now, not by every trial later
+    ("data", "source", ["demo:3", 5], "data.source"),
+    ("data", "val_fraction", float("nan"), "val_fraction"),
+    ("resources", "gpus_per_worker", float("nan"), "gpus_per_worker"),
+    ("search", "reduction_factor", float("nan"), "reduction_factor"),
+    ("search", "warm_start", "../../nope", "warm_start"),
+    ("train", "lr", float("nan"), "lr"),
+    ("train", "batch_size", 10**9, "batch_size"),
+    ("model", "max_width", 10**7, "max_width"),
+])
+def test_hostile_sweep_values_are_refused_when_the_config_is_read(section, key, value, needle):
+    import copy
+
+    from conftest import TINY_SWEEP
+
+    from crystalae.files import load_yaml
+    from crystalae.search.config import SweepConfigError, parse_sweep_config
+
+    raw = copy.deepcopy(load_yaml(TINY_SWEEP))
+    (raw.setdefault(section, {}) if section else raw)[key] = value
+    with pytest.raises(SweepConfigError, match=re.escape(needle)):
+        parse_sweep_config(raw)
