@@ -22,13 +22,14 @@ from pathlib import Path
 
 from crystalae.dashboard.launch import launch_command
 
-__all__ = ["CHROMIUM", "PAGES", "serve", "browser", "open_page", "screenshot"]
+__all__ = ["CHROMIUM", "PAGES", "serve", "browser", "open_page", "open_batch", "screenshot"]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 PAGES = {"home": "", "sweeps": "Sweeps", "compare": "Compare", "generate": "Generate", "registry": "Registry"}
 RUN_TIMEOUT = 180  # s: a page's first run loads torch and a model
+BATCH_TIMEOUT = 900  # s: the batch view samples and fingerprints its default 200 crystals and reference
 
 
 def _free_port() -> int:
@@ -115,13 +116,38 @@ def open_page(chromium, url: str, name: str):
     page.goto(f"{url}/{PAGES[name]}", timeout=RUN_TIMEOUT * 1000)
     wait_until_idle(page)
     if name == "generate":  # show generated crystals, not just the form
-        page.get_by_role("button", name="Generate samples").click()
-        page.wait_for_selector('[data-testid="stDownloadButton"]', timeout=RUN_TIMEOUT * 1000)
-        wait_until_idle(page)
+        _press(page, "Generate samples", '[data-testid="stDownloadButton"]')
+    _check_rendered(page)
+    return page
+
+
+def open_batch(chromium, url: str, timeout: float = BATCH_TIMEOUT):
+    """The Generate page's batch view: a batch scored at the page's defaults (CDVAE's metrics, the
+    crystals' table). The caller closes it.
+
+    Raises:
+        AssertionError: the page shows an exception or a warning (the batch failed), or is still loading.
+    """
+    page = open_page(chromium, url, "generate")
+    page.get_by_role("tab", name="Batch metrics").click()
+    _press(page, "Score a batch", '[data-testid="stMetric"]', timeout)
+    warnings = page.locator('[data-testid="stAlertContentWarning"]')
+    assert warnings.count() == 0, warnings.first.inner_text()
+    _check_rendered(page)
+    return page
+
+
+def _press(page, button: str, result: str, timeout: float = RUN_TIMEOUT) -> None:
+    """Click `button` and wait for the `result` selector and the run that draws it to finish."""
+    page.get_by_role("button", name=button).click()
+    page.wait_for_selector(result, timeout=timeout * 1000)
+    wait_until_idle(page, timeout)
+
+
+def _check_rendered(page) -> None:
     exceptions = page.locator('[data-testid="stException"]')
     assert exceptions.count() == 0, exceptions.first.inner_text()
     assert page.locator('[data-testid="stSkeleton"]').count() == 0, "page still loading"
-    return page
 
 
 def screenshot(page, path: Path, max_height: int = 5000) -> None:
@@ -138,11 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--storage", required=True, help="sweeps folder or URI")
     parser.add_argument("--registry", required=True, help="registry folder or URI")
     parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
+    parser.add_argument("--only", nargs="+", choices=[*PAGES, "batch"], help="these pictures only (default all)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     with serve(args.storage, args.registry, args.out / ".server.log") as url, browser() as chromium:
-        for name in PAGES:
-            page = open_page(chromium, url, name)
+        for name in args.only or [*PAGES, "batch"]:
+            page = open_batch(chromium, url) if name == "batch" else open_page(chromium, url, name)
             try:
                 screenshot(page, args.out / f"{name}.png")
                 print(f"{args.out / name}.png")
