@@ -163,9 +163,7 @@ class Registry:
             CheckpointError: `checkpoint` is missing or not a readable crystalae checkpoint.
             OSError: the copy or, on object storage, the upload failed (nothing is left published).
         """
-        check_model_name(name)
-        if alias is not None:
-            check_model_name(alias, "alias")
+        self.check_names(name, alias)
         payload = read_checkpoint(checkpoint)  # validates before anything is copied
         folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
         with self._lock():
@@ -209,6 +207,19 @@ class Registry:
                         uri_fs.remove_tree(uri_fs.join(self.location, name, f"v{version}"))
                     raise
         return manifest
+
+    def check_names(self, name: str, alias: str | None = None) -> None:
+        """What `promote` checks of a new version's `name` and `alias` before anything is read or copied
+        (`promote_trial` asks first too, before it spends minutes fitting a prior): safe folder names, and
+        neither hidden by another name (`_check_unshadowed`).
+
+        Raises:
+            RegistryError: naming the problem.
+        """
+        check_model_name(name)
+        if alias is not None:
+            check_model_name(alias, "alias")
+        self._check_unshadowed(name, alias)
 
     def _check_unshadowed(self, name: str | None, alias: str | None) -> None:
         """Refuse a model name or alias that another name would hide: `--model X` takes a shipped model

@@ -526,6 +526,7 @@ def promote_trial(root: str | Path, registry, trial: str | None = None, *, name:
     source = {"checkpoint": str(absolute(storage_join(root, checkpoint.path))), "sweep": summary.name,
               "trial": chosen.trial_id, "epoch": checkpoint.epoch}
     name = summary.name if name is None else name
+    registry.check_names(name, alias)  # a bad name is refused now, not after the prior is fitted
     if not fit_prior:
         return registry.promote(folder, name, alias=alias, source=source)
     import tempfile

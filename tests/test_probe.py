@@ -562,3 +562,57 @@ def test_hostile_sweep_values_are_refused_when_the_config_is_read(section, key, 
     (raw.setdefault(section, {}) if section else raw)[key] = value
     with pytest.raises(SweepConfigError, match=re.escape(needle)):
         parse_sweep_config(raw)
+
+
+@pytest.fixture
+def one_trial_sweep(tmp_path, tiny_checkpoint):
+    """sweeps/fake: one trial whose best checkpoint is the tiny model; its dataset is gone."""
+    root = tmp_path / "sweeps" / "fake"
+    checkpoint = root / "trials" / "t1" / "checkpoint_000000"
+    checkpoint.mkdir(parents=True)
+    for name in ("checkpoint.pt", "config.json"):
+        (checkpoint / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    (root / "sweep.json").write_text(json.dumps({"name": "fake", "objective_metric": "val_score",
+                                                 "objective_mode": "max", "epochs": 1}))
+    (root / "trials" / "t1" / "params.json").write_text("{}")
+    return tmp_path / "sweeps"
+
+
+def test_registry_page_refuses_hostile_names_before_any_work_and_says_what_it_promoted(one_trial_sweep, tmp_path,
+                                                                                       monkeypatch):
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from crystalae.pretrained import pretrained_models
+    from crystalae.registry import Registry
+
+    registry = tmp_path / "reg"
+    monkeypatch.setenv("CRYSTALAE_STORAGE", str(one_trial_sweep))
+    monkeypatch.setenv("CRYSTALAE_REGISTRY", str(registry))
+    page = Path(__file__).resolve().parents[1] / "dashboard" / "pages" / "4_Registry.py"
+    at = AppTest.from_file(str(page), default_timeout=120).run()
+
+    def promote(name: str, alias: str = "", fit_prior: bool = True) -> AppTest:
+        at.text_input(key="promote_name").input(name)
+        at.text_input(key="promote_alias").input(alias)
+        box = at.checkbox(key="promote_fit_prior")
+        box.check() if fit_prior else box.uncheck()
+        at.checkbox(key="promote_confirm").check().run()
+        return at.button(key="promote_go").click().run()
+
+    hostile = [("../x", "", "invalid model name '../x'"), ("a/b", "", "invalid model name 'a/b'"),
+               ("", "", "invalid model name ''"), ("ok", "../y", "invalid alias '../y'"),
+               ("ok", "ok", "alias 'ok' is the name of a model")]
+    shipped = [m["name"] for m in pretrained_models()]
+    hostile += [(shipped[0], "", "is a shipped model's name")] if shipped else []
+    for name, alias, needle in hostile:
+        promote(name, alias)
+        assert not at.exception and not at.success, [e.value for e in at.exception]
+        assert len(at.error) == 1 and at.error[0].value.startswith("Promotion failed") and needle in at.error[0].value
+    assert not Registry(registry).entries()  # nothing promoted, nothing half-copied
+    promote("fake", fit_prior=False)
+    assert "as `fake@1`, without a fitted latent prior: generating from it needs `crystalae fit-prior`" in \
+        at.success[0].value
+    promote("fake")  # asked for, but the trial's dataset is gone: said so, not claimed
+    assert "`fake@2`, without a fitted latent prior (the trial's dataset is gone" in at.success[0].value
+    assert [e["ref"] for e in Registry(registry).entries()] == ["fake@1", "fake@2"]
