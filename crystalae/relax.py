@@ -8,8 +8,8 @@ carbon_24 test reconstructions, the median fingerprint distance to the original 
 0.02 (CHGNet, 100 FIRE steps, fmax 0.1 eV/Å).
 
 Two paths do the same relaxation: ASE's FIRE on a `FrechetCellFilter` (cell and positions), stopped
-when every row of the filter's gradient (atom forces and the cell's, the virial over the atom count)
-is below `fmax` or after `steps` steps.
+when every row of the filter's gradient (the atom forces, and the cell's: the virial along the log of
+the cell's deformation, over the atom count) is below `fmax`, or after `steps` steps.
 - "batched" (the default): many crystals at once, one CHGNet call per step for the whole batch, the
   FIRE state kept per crystal (velocities, time step, mixing, steps since an uphill move); a crystal
   leaves the batch when it converges and the next one takes its place. Forces and stress come from
@@ -279,10 +279,11 @@ def _relax_batched_chunk(args: tuple[list[Structure | None], int, float, int]) -
 
 
 def relax(structures: list[Structure | None], steps: int = 100, fmax: float = 0.1, workers: int | None = None,
-          chunk: int = 4, method: str = "batched", batch: int = 8) -> tuple[list[Structure | None], dict[str, Any]]:
+          chunk: int = 4, method: str = "batched", batch: int = 4) -> tuple[list[Structure | None], dict[str, Any]]:
     """Each crystal relaxed (cell and positions, at most `steps` FIRE steps, to forces below `fmax`
     eV/Å), in worker processes; a crystal that fails to relax stays as it was. `method` "batched"
-    relaxes up to `batch` crystals per worker in one potential call per step; "one-by-one" runs
+    relaxes up to `batch` crystals per worker in one potential call per step (on a CPU a bigger batch
+    is no cheaper per crystal: bench/relax_batched.py); "one-by-one" runs
     CHGNet's StructOptimizer per crystal (`chunk` crystals per task). Returns the crystals and a record:
     potential, method, steps, fmax, how many relaxed, failed and converged, seconds, and `per_crystal`
     lists (None where there was no crystal or it failed): final and starting energy (eV/atom), steps
@@ -305,7 +306,7 @@ def relax(structures: list[Structure | None], steps: int = 100, fmax: float = 0.
         results: list[dict[str, Any] | None] = [None] * len(structures)
         for w, (share_results, share_timing) in enumerate(done):
             results[w :: len(parts)] = share_results
-            for key, value in share_timing.items():  # summed over the workers: CPU-seconds, calls
+            for key, value in share_timing.items():  # seconds in graphs / in the potential, calls: over all workers
                 timing[key] = timing.get(key, 0) + value
     else:
         parts = [(structures[i : i + chunk], steps, fmax) for i in range(0, len(structures), chunk)]
