@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--fmax", type=float, default=0.1)
     parser.add_argument("--workers", type=int, default=default_workers())
-    parser.add_argument("--batch", type=int, default=4, help="crystals per potential call, per worker")
+    parser.add_argument("--batch", type=int, default=1, help="crystals per potential call (the batched path)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/relax_batched.json")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
