@@ -159,7 +159,8 @@ def test_training_progress_shows_each_new_epoch_once(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="crystalae"), EpochLines(run, epochs=5, every=0.05):
         checkpoint(4)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["epoch 3/5 | loss 0.3333 (val 2) | val match 25.0% | 4.0 s",
+    assert lines == [f"resuming from epoch 2/5 (the newest checkpoint in {run})",
+                     "epoch 3/5 | loss 0.3333 (val 2) | val match 25.0% | 4.0 s",
                      "epoch 4/5 | loss 0.25 (val 2) | val match 25.0% | 4.0 s"]
 
 
