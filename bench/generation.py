@@ -14,8 +14,8 @@ needs) in the model's checkpoint. Writes bench/results/generation_<model>.json a
 generation_<model>.png (coverage and validity against spread). `--relax` relaxes every sample with
 CHGNet first (`crystalae.relax`; ~8 s a small crystal per core, so measure few settings) and writes
 generation_<model>_relaxed.json; `--settings KIND:SPREAD ...` measures only those. Samples are
-snapped to their symmetry as the model's decoding settings say (`bench/symmetry.py`); `--symprec 0`
-scores the raw decode.
+scored as decoded (raw), as `crystalae generate` writes them; `--symprec X` scores them snapped to their
+symmetry at X Å (`crystalae.symmetry`).
 """
 from __future__ import annotations
 
@@ -167,8 +167,8 @@ def main() -> None:
     parser.add_argument("--relax", action="store_true", help="relax the samples with CHGNet before scoring")
     parser.add_argument("--update", action="store_true", help="store the chosen prior and spread in the model")
     parser.add_argument("--markdown", action="store_true", help="print the README table of an earlier run")
-    parser.add_argument("--symprec", type=float, help="snap the samples at this tolerance in Å instead of the "
-                        "model's own (0: the raw decode; crystalae.symmetry)")
+    parser.add_argument("--symprec", type=float, help="snap the samples to their symmetry at this tolerance "
+                        "in Å (default and 0: the raw decode; crystalae.symmetry)")
     parser.add_argument("--out", type=Path, help="default: bench/results/generation_<model>[_relaxed].json")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

@@ -417,8 +417,9 @@ def _add_model_options(parser: argparse.ArgumentParser, example: str = "") -> No
                         "NAME@VERSION or an alias" + example)
     parser.add_argument("--registry", default=str(REGISTRY), help="registry folder or URI that --model names")
     parser.add_argument("--symprec", type=float, metavar="ANGSTROM",
-                        help="snap decoded crystals to the space group they have within this many Å (default: the "
-                             "model's own setting, chosen on its validation split; 0: raw decode)")
+                        help="snap decoded crystals to the space group they have within this many Å (default: "
+                             "reconstructions at the model's own tolerance, chosen on its validation split, "
+                             "samples raw; 0: raw decode)")
 
 
 def _add_reconstruct(sub) -> None:

@@ -27,6 +27,7 @@ from crystalae.locations import SWEEPS
 from crystalae.metrics import compare, summarize
 from crystalae.reconstruct import decode_latents, density_scale, structures_from_outputs
 from crystalae.sources import StructureError, list_entries, load_structure, reduce_cell
+from crystalae.symmetry import decoding_symprec
 from crystalae.validity import smact_valid, structure_valid
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
@@ -93,9 +94,10 @@ def encode(loaded: LoadedModel, densities: list) -> torch.Tensor:
 
 
 def decode_to_structures(loaded: LoadedModel, z: torch.Tensor, densities: list | None = None,
-                         batch_size: int = 64) -> list[Structure | None]:
+                         batch_size: int = 64, reconstructing: bool = False) -> list[Structure | None]:
     """Latents -> crystals; box models borrow lattice and origin from the input densities. Decoded in
-    batches, so memory does not grow with the number of latents."""
+    batches, so memory does not grow with the number of latents. `reconstructing`: the latents are
+    encodings of `densities` (see `outputs_to_structures` for what that changes)."""
     if loaded.model.vae.lattice is None and densities is None:
         raise ValueError("this model uses the box representation, which carries no lattice: "
                          "it can reconstruct but not generate crystals; train on the cell representation")
@@ -105,7 +107,8 @@ def decode_to_structures(loaded: LoadedModel, z: torch.Tensor, densities: list |
             for start in range(0, len(z), batch_size):
                 outputs = decode_latents(loaded.model, loaded.voxel, z[start : start + batch_size])
                 structures += outputs_to_structures(loaded, outputs,
-                                                    None if densities is None else densities[start : start + batch_size])
+                                                    None if densities is None else densities[start : start + batch_size],
+                                                    reconstructing)
                 bar.update(len(outputs["density"]))
         except KeyboardInterrupt:
             raise GenerationInterrupted(structures) from None
@@ -120,11 +123,13 @@ class GenerationInterrupted(KeyboardInterrupt):
         self.structures = structures
 
 
-def outputs_to_structures(loaded: LoadedModel, outputs: dict[str, Any], densities: list | None = None
-                          ) -> list[Structure | None]:
+def outputs_to_structures(loaded: LoadedModel, outputs: dict[str, Any], densities: list | None = None,
+                          reconstructing: bool = False) -> list[Structure | None]:
     """Decoder outputs (`decode_latents`) -> crystals; box models take lattice and origin from `densities`.
-    Crystals are snapped to their symmetry where the model's decoding settings say so (`symprec`)."""
-    symprec = (loaded.meta.get("decoding") or {}).get("symprec")
+    Crystals are snapped to their symmetry as `crystalae.symmetry.decoding_symprec` says: a
+    reconstruction (`reconstructing`) at the model's tolerance chosen on validation, a sample raw,
+    either at the user's tolerance where one was set."""
+    symprec = decoding_symprec(loaded, reconstructing)
     if loaded.model.vae.lattice is not None:
         return structures_from_outputs(loaded.model, loaded.voxel, outputs, symprec=symprec)
     return structures_from_outputs(loaded.model, loaded.voxel, outputs, np.stack([d.lattice for d in densities]),
@@ -162,7 +167,7 @@ def reconstruct_densities(loaded: LoadedModel, densities: list, batch_size: int 
     with tqdm(total=len(densities), desc="reconstruct", unit="crystal", disable=None) as bar:
         for start in range(0, len(densities), batch_size):
             part = densities[start : start + batch_size]
-            out += decode_to_structures(loaded, encode(loaded, part), part)
+            out += decode_to_structures(loaded, encode(loaded, part), part, reconstructing=True)
             bar.update(len(part))
     return out
 

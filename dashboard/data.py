@@ -325,7 +325,7 @@ def reconstruction(checkpoint: str, dataset: str, material_id: str) -> dict[str,
     density = Density(item["density"], item["labels"], item["lattice"], item["origin"], loaded.voxel)
     z = encode(loaded, [density])
     outputs = decode_latents(loaded.model, loaded.voxel, z)  # decoded once: grid for the view, atoms below
-    predicted = outputs_to_structures(loaded, outputs, [density])[0]
+    predicted = outputs_to_structures(loaded, outputs, [density], reconstructing=True)[0]
     true = Structure.from_str(item["cif"], fmt="cif")
     return {"input": item["density"], "output": outputs["density"][0], "true_cif": item["cif"],
             "cif": predicted.to(fmt="cif") if predicted is not None else None, **compare(predicted, true)}

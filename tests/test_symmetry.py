@@ -45,23 +45,28 @@ def test_snapping_refuses_a_tolerance_that_is_not_a_positive_length():
         symmetrize(DIAMOND, 0.0)
 
 
-def test_a_models_snapping_tolerance_applies_to_what_it_decodes_and_zero_means_raw():
+def test_reconstructions_snap_at_the_models_tolerance_samples_stay_raw_and_the_user_decides_both():
     import torch
 
     import crystalae
     from crystalae.generate import decode_to_structures
+    from crystalae.symmetry import decoding_symprec
 
+    model = crystalae.load("carbon_24", device="cpu")
+    assert decoding_symprec(model.loaded, reconstructing=True) == 0.5  # chosen on its validation split
+    assert decoding_symprec(model.loaded, reconstructing=False) is None
     raw = crystalae.load("carbon_24", device="cpu", symprec=0)
-    assert raw.loaded.meta["decoding"]["symprec"] is None
-    snapped = crystalae.load("carbon_24", device="cpu", symprec=0.5)
+    assert decoding_symprec(raw.loaded, reconstructing=True) is None
     z = torch.from_numpy(np.random.default_rng(0).normal(0, 0.05, (3, raw.loaded.model_config.latent_dim))).float()
-    mean = raw.loaded.meta["latent_prior"]["mean"].float()
-    as_decoded = decode_to_structures(raw.loaded, mean + z)
-    as_snapped = decode_to_structures(snapped.loaded, mean + z)
+    z = z + raw.loaded.meta["latent_prior"]["mean"].float()
+    as_decoded = decode_to_structures(raw.loaded, z)
+    assert decode_to_structures(model.loaded, z) == as_decoded  # samples: raw by default
+    as_reconstructed = decode_to_structures(model.loaded, z, reconstructing=True)
+    by_user = decode_to_structures(crystalae.load("carbon_24", device="cpu", symprec=0.3).loaded, z)
     assert any(s is not None for s in as_decoded)
-    for a, b in zip(as_decoded, as_snapped):
+    for a, b, c in zip(as_decoded, as_reconstructed, by_user):
         if a is not None:
-            assert b == symmetrize(a, 0.5)
+            assert b == symmetrize(a, 0.5) and c == symmetrize(a, 0.3)
     with pytest.raises(ValueError, match="symprec"):
         crystalae.load("carbon_24", device="cpu", symprec=-0.1)
 
