@@ -106,8 +106,9 @@ def wait_until_idle(page, timeout: float = RUN_TIMEOUT, quiet: float = 2.0) -> N
     raise AssertionError(f"{page.url} still running after {timeout} s")
 
 
-def open_page(chromium, url: str, name: str):
-    """Page `name` of PAGES, run to the end; the Generate page with samples drawn. The caller closes it.
+def open_page(chromium, url: str, name: str, prior: str | None = None):
+    """Page `name` of PAGES, run to the end; the Generate page with samples drawn (from `prior`, one of
+    `crystalae.prior.PRIORS`; default: the page's own choice). The caller closes it.
 
     Raises:
         AssertionError: the page shows an exception or is still loading.
@@ -116,6 +117,10 @@ def open_page(chromium, url: str, name: str):
     page.goto(f"{url}/{PAGES[name]}", timeout=RUN_TIMEOUT * 1000)
     wait_until_idle(page)
     if name == "generate":  # show generated crystals, not just the form
+        if prior is not None:
+            page.locator('[data-testid="stSelectbox"]', has_text="Prior").first.click()
+            page.get_by_role("option", name=prior, exact=True).click()
+            wait_until_idle(page)
         _press(page, "Generate samples", '[data-testid="stDownloadButton"]')
     _check_rendered(page)
     return page
