@@ -24,7 +24,7 @@ from crystalae.checkpoint import LoadedModel
 from crystalae.coverage import COVERAGE_CUTOFFS
 from crystalae.files import write_json, write_text
 from crystalae.locations import SWEEPS
-from crystalae.metrics import compare, summarize
+from crystalae.metrics import compare, structure_matcher, summarize
 from crystalae.reconstruct import decode_latents, density_scale, structures_from_outputs
 from crystalae.sources import StructureError, list_entries, load_structure, reduce_cell
 from crystalae.symmetry import decoding_symprec
@@ -267,20 +267,13 @@ def _symmetrized_cif(structure: Structure, path: Path) -> str:
     return path.name
 
 
-def _matcher():
-    """The StructureMatcher of CDVAE's uniqueness and novelty (stol 0.5, ltol 0.3, angle_tol 10)."""
-    from pymatgen.analysis.structure_matcher import StructureMatcher
-
-    return StructureMatcher(stol=0.5, ltol=0.3, angle_tol=10)
-
-
 def _first_of_kind(structures: list[Structure | None]) -> list[bool | None]:
     """For each crystal, whether it is the first of its kind in the batch (StructureMatcher with CDVAE's
     settings); None where nothing was decoded. The batch's uniqueness is the share of True."""
     decoded = [s for s in structures if s is not None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        groups = _matcher().group_structures(decoded) if decoded else []
+        groups = structure_matcher().group_structures(decoded) if decoded else []
     first = {id(group[0]) for group in groups}
     return [None if s is None else id(s) in first for s in structures]
 
@@ -300,7 +293,7 @@ class TrainingSet:
         the same reduced formula); None where nothing was decoded or the training crystals are not known."""
         if self.cifs is None:
             return [None] * len(structures)
-        matcher, found = _matcher(), []
+        matcher, found = structure_matcher(), []
         for s in structures:
             if s is None:
                 found.append(None)
