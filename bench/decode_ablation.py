@@ -32,6 +32,7 @@ from crystalae.checkpoint import load_checkpoint  # noqa: E402
 from crystalae.dataset import column_numpy, read_table, table_batches  # noqa: E402
 from crystalae.metrics import compare, summarize  # noqa: E402
 from crystalae.reconstruct import decode_latents, density_scale, structures_from_outputs  # noqa: E402
+from crystalae.symmetry import symmetrize  # noqa: E402
 
 # row name -> (atom count: "model" | "peaks" | "true", lattice: "model" | "true", snapped to symmetry)
 ROWS = {
@@ -58,15 +59,20 @@ def decode_rows(model, voxel, table, symprec: float | None, batch_size: int = 32
             mu, _ = model.vae.encode(batch["density"].unsqueeze(1) * density_scale(voxel))
             outputs = decode_latents(model, voxel, mu)
             lattices = column_numpy(part, "lattice")
+            raw: dict[tuple[str, str], list] = {}  # a snapped row snaps the raw row's crystals, not a new decode
             for name, (count, lattice, snapped) in rows.items():
-                variant = dict(outputs)
-                variant.pop("atoms", None)
-                if count == "model" and has_count:
-                    variant["atoms"] = outputs["atoms"]
-                elif count == "true":
-                    variant["atoms"] = np.array([len(t) for t in truths])
-                decoded = structures_from_outputs(model, voxel, variant, lattices if lattice == "true" else None,
-                                                  symprec=symprec if snapped else None)
+                if (count, lattice) not in raw:
+                    variant = dict(outputs)
+                    variant.pop("atoms", None)
+                    if count == "model" and has_count:
+                        variant["atoms"] = outputs["atoms"]
+                    elif count == "true":
+                        variant["atoms"] = np.array([len(t) for t in truths])
+                    raw[count, lattice] = structures_from_outputs(model, voxel, variant,
+                                                                  lattices if lattice == "true" else None)
+                decoded = raw[count, lattice]
+                if snapped:
+                    decoded = [None if p is None else symmetrize(p, symprec) for p in decoded]
                 records[name] += [compare(p, t) for p, t in zip(decoded, truths)]
             progress.update(len(truths))
     return records
