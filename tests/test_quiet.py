@@ -21,9 +21,6 @@ def test_library_logs_and_warnings_go_to_the_log_file_and_with_v_to_the_console_
     crystalae_logger = logging.getLogger("crystalae")
     level = crystalae_logger.level
     try:
-        # a filter an earlier test left in the process (some library ignores FutureWarning when imported)
-        # must not hide the warning this test raises
-        warnings.simplefilter("always")
         for debug in (False, True):
             crystalae_logger.setLevel(logging.DEBUG if debug else logging.INFO)
             with library_logs_to(log, ["optuna"]):
