@@ -13,9 +13,18 @@ from conftest import generated
 from crystalae.library_logs import library_logs_to
 
 
-def test_library_logs_and_warnings_go_to_the_log_file_and_with_v_to_the_console_too(tmp_path, capfd, recwarn):
+def test_library_logs_and_warnings_go_to_the_log_file_and_with_v_to_the_console_too(tmp_path, capfd, recwarn,
+                                                                                    monkeypatch):
     pytest.importorskip("optuna")
+    import sys
+
     import optuna
+
+    # Optuna's console handler keeps the stream that was sys.stderr when it was made, which, after an
+    # earlier test used Optuna, is that test's capture: point it at this test's stderr
+    for handler in logging.getLogger("optuna").handlers:
+        if type(handler) is logging.StreamHandler:  # not pytest's capture handlers (subclasses)
+            monkeypatch.setattr(handler, "stream", sys.stderr)
 
     log = tmp_path / "ray.log"
     crystalae_logger = logging.getLogger("crystalae")
