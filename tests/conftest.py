@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny configs, demo structures, and small samples of the shared datasets."""
+"""Shared fixtures: tiny configs, demo structures, and small samples of the CDVAE datasets (tests/data)."""
 from __future__ import annotations
 
 import warnings
@@ -6,14 +6,30 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+DATA = Path(__file__).resolve().parent / "data"  # 40 rows each of perov_5 and carbon_24 (README.md there)
 
 
-def shared_csv(name: str) -> Path:
-    path = SHARED / name / "val.csv"
-    if not path.exists():
-        pytest.skip(f"{path} not available")
-    return path
+def data_csv(name: str) -> Path:
+    """The in-repository sample of dataset `name` (tests/data/<name>.csv): rows of ../shared/datasets/<name>/val.csv."""
+    return DATA / f"{name}.csv"
+
+
+@pytest.fixture
+def shipped_config_cwd(tmp_path, monkeypatch) -> Path:
+    """A current folder from which the shipped sweep configs' data paths resolve without ../shared:
+    search/configs/*.yaml name ../shared/datasets/<name>/{val,extra}.csv (relative to the repository
+    root); here each of those is a copy of tests/data/<name>.csv. Returns the folder (the test's cwd)."""
+    import shutil
+
+    for csv in DATA.glob("*.csv"):
+        folder = tmp_path / "shared" / "datasets" / csv.stem
+        folder.mkdir(parents=True)
+        for part in ("val.csv", "extra.csv"):
+            shutil.copyfile(csv, folder / part)
+    cwd = tmp_path / "main"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
 
 
 def generated(rc: int, out: str | Path, count: int) -> dict:
@@ -43,7 +59,7 @@ def carbon_sample():
 def _sample(name: str, count: int):
     from crystalae.sources import list_entries, load_structure
 
-    entries = list_entries(shared_csv(name))
+    entries = list_entries(data_csv(name))
     step = max(1, len(entries) // count)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,11 +1,11 @@
 """The shipped reference models: loadable on a fresh clone, small, and still reconstructing held-out
-crystals (our test split of the shared data) at about the rate their RESULTS.json records."""
+crystals (rows of our test split of the shared data, in tests/data) at about the rate their RESULTS.json records."""
 import json
 import warnings
 from pathlib import Path
 
 import pytest
-from conftest import shared_csv
+from conftest import data_csv
 
 from crystalae.pretrained import PRETRAINED, pretrained_models
 from crystalae.shards import split_of
@@ -18,7 +18,7 @@ FLOOR = {"perov_5": 0.5, "carbon_24": 0.3}
 def _held_out(name: str, count: int):
     from crystalae.sources import list_entries, load_structure
 
-    entries = [e for e in list_entries(shared_csv(name)) if split_of(e.material_id, 0.1, 0.1) == "test"]
+    entries = [e for e in list_entries(data_csv(name)) if split_of(e.material_id, 0.1, 0.1) == "test"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return [(e.material_id, load_structure(e)) for e in entries[:count]]

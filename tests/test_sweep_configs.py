@@ -7,14 +7,11 @@ from crystalae.search.config import load_sweep_config
 
 
 @pytest.mark.parametrize("name", ["carbon_24-geometry", "perov_5-readers"])
-def test_the_prepared_sweeps_search_axis_permutations_and_the_atom_reader(name, monkeypatch):
+def test_the_prepared_sweeps_search_axis_permutations_and_the_atom_reader(name, shipped_config_cwd):
     from crystalae.search.config import trial_overrides
 
     repo = Path(__file__).resolve().parents[1]
-    dataset = name.split("-")[0]
-    if not (repo.parent / "shared" / "datasets" / dataset).is_dir():
-        pytest.skip("../shared/datasets is not available")
-    monkeypatch.chdir(repo)
+    # their data paths are relative to the repository root: shipped_config_cwd maps them to tests/data
     config = load_sweep_config(repo / "search" / "configs" / f"{name}.yaml")
     lever = {"carbon_24-geometry": "permute_axes", "perov_5-readers": "species_from"}[name]
     values = {p.name: p.values for p in config.search_space}[lever]
