@@ -137,9 +137,9 @@ def test_dashboard_launch_keeps_uris():
     assert command[-4:] == ["--storage", "s3://bucket/sweeps", "--registry", "s3://bucket/registry"]
 
 
-def test_h2_a_promote_whose_upload_fails_is_an_error_and_leaves_no_version(s3_bucket, tmp_path, fresh_cache,
-                                                                          tiny_checkpoint, capsys):
-    """Issue 24 H2: pyarrow's delayed-open writes swallow a failed PutObject; a missing bucket must not
+def test_a_promote_whose_upload_fails_is_an_error_and_leaves_no_version(s3_bucket, tmp_path, fresh_cache,
+                                                                       tiny_checkpoint, capsys):
+    """Issue 24: pyarrow's delayed-open writes swallow a failed PutObject; a missing bucket must not
     read as "promoted", and the local mirror must not list or serve the phantom version."""
     missing = s3_bucket.replace("s3://", "s3://no-such-bucket-") + "/registry"
     assert main(["promote", str(tiny_checkpoint), "--registry", missing]) == 2
@@ -149,16 +149,16 @@ def test_h2_a_promote_whose_upload_fails_is_an_error_and_leaves_no_version(s3_bu
     assert "tinymodel@1" not in capsys.readouterr().out
 
 
-def test_m8_m9_l14_l15_registry_on_s3_is_the_store_not_a_stale_mirror(s3_server, s3_bucket, tmp_path, fresh_cache,
-                                                                     tiny_checkpoint, monkeypatch, capsys):
-    """Issue 24: concurrent promotes never share a version (M8); the mirror follows the store (M9); a
-    missing bucket is an error (L14); a key with '..' is skipped and named (L15)."""
+def test_registry_on_s3_is_the_store_not_a_stale_mirror(s3_server, s3_bucket, tmp_path, fresh_cache,
+                                                        tiny_checkpoint, monkeypatch, capsys):
+    """Issue 24: concurrent promotes never share a version; the mirror follows the store; a missing
+    bucket is an error; a key with '..' is skipped and named."""
     import crystalae.registry as registry_module
     from crystalae.registry import Registry, RegistryError
 
     location = f"{s3_bucket}/registry"
     Registry(location).promote(tiny_checkpoint, "m")
-    # M8: a second writer claims v2 while the first waits on its claim: the first fails, v2 is the second's
+    # a second writer claims v2 while the first waits on its claim: the first fails, v2 is the second's
     first = Registry(location)
     second_claim = uri_fs.join(location, "m", "v2", registry_module.CLAIM)
     monkeypatch.setattr(registry_module.time, "sleep", lambda s: uri_fs.write_text(second_claim, "the-other-writer"))
@@ -166,7 +166,7 @@ def test_m8_m9_l14_l15_registry_on_s3_is_the_store_not_a_stale_mirror(s3_server,
         first.promote(tiny_checkpoint, "m")
     assert not uri_fs.exists(uri_fs.join(location, "m", "v2", "manifest.json"))
     assert uri_fs.read_text(second_claim) == "the-other-writer"  # the winner's claim is left alone
-    # M9: a version deleted from the store is no longer listed or served by a mirror that had it
+    # a version deleted from the store is no longer listed or served by a mirror that had it
     fresh_cache("cache-m9")
     reader = Registry(location)
     assert [e["ref"] for e in reader.entries()] == ["m@1"]
@@ -174,12 +174,12 @@ def test_m8_m9_l14_l15_registry_on_s3_is_the_store_not_a_stale_mirror(s3_server,
     assert reader.entries() == []
     with pytest.raises(RegistryError):
         reader.resolve("m@1")
-    # L15: a key with '..' under the prefix is skipped and named, the rest still works
+    # a key with '..' under the prefix is skipped and named, the rest still works
     s3_server.client().put_object(Bucket=s3_bucket[len("s3://"):], Key="registry/x/../evil", Body=b"x")
     Registry(location).promote(tiny_checkpoint, "n")
     assert main(["models", "--registry", location]) == 0
     captured = capsys.readouterr()
     assert "n@1" in captured.out and "'..' in a key" in captured.err
-    # L14: a bucket that does not exist is an error, not "no models yet"
+    # a bucket that does not exist is an error, not "no models yet"
     assert main(["models", "--registry", s3_bucket.replace("s3://", "s3://no-such-") + "/registry"]) == 2
     assert "does not exist" in capsys.readouterr().err

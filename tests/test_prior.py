@@ -106,7 +106,7 @@ def test_a_prior_of_the_wrong_size_is_refused(model_and_data, tmp_path):
 
 def test_fit_prior_command_writes_a_new_checkpoint_that_generate_uses(model_and_data, tmp_path, capsys):
     folder, data = model_and_data
-    # issue 24 M4: never into an existing checkpoint (given as a folder or as its file) or registry version
+    # issue 24: never into an existing checkpoint (given as a folder or as its file) or registry version
     for checkpoint in (folder, folder / "checkpoint.pt"):
         assert main(["fit-prior", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(folder)]) == 2
         assert "already exists" in capsys.readouterr().err
@@ -120,7 +120,7 @@ def test_fit_prior_command_writes_a_new_checkpoint_that_generate_uses(model_and_
 
 
 def test_fit_prior_refuses_data_the_model_was_not_trained_on(model_and_data, tmp_path, capsys):
-    """Issue 24 M3: other voxel settings, unknown elements, another dataset (unless allowed)."""
+    """Issue 24: other voxel settings, unknown elements, another dataset (unless allowed)."""
     from crystalae.checkpoint import save_checkpoint
     from crystalae.config import VoxelConfig
     from crystalae.models import CrystalAE, ModelConfig

@@ -1,6 +1,5 @@
 """Regression tests for the hostile-input probe (issue 10): every bad option or file gives one error line
-naming the input and the reason (exit 2, no traceback), nothing is lost silently, memory stays bounded.
-The numbers in the test names are the probe's case numbers."""
+naming the input and the reason (exit 2, no traceback), nothing is lost silently, memory stays bounded."""
 from __future__ import annotations
 
 import json
@@ -61,12 +60,12 @@ def fails_to_parse(capsys, argv: list[str], *needles: str) -> None:
 # --- silent data loss -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("option, value, needle", [
-    ("--shard-size", "-1", "shard_size"), ("--shard-size", "0", "shard_size"),  # 1
-    ("--limit", "-1", "limit"), ("--val-fraction", "2", "val_fraction"),  # 2
+    ("--shard-size", "-1", "shard_size"), ("--shard-size", "0", "shard_size"),
+    ("--limit", "-1", "limit"), ("--val-fraction", "2", "val_fraction"),
     ("--sigma", "inf", "sigma"), ("--cutoff-sigmas", "nan", "cutoff_sigmas"), ("--label-radius", "inf", "label_radius"),
-    ("--grid", "1000", "grid 1000 is above the limit of 128"), ("--grid", "100000", "limit of 128"),  # 9
+    ("--grid", "1000", "grid 1000 is above the limit of 128"), ("--grid", "100000", "limit of 128"),
 ])
-def test_1_2_9_bad_prepare_options_are_refused_before_anything_is_written(tmp_path, capsys, option, value, needle):
+def test_bad_prepare_options_are_refused_before_anything_is_written(tmp_path, capsys, option, value, needle):
     out = tmp_path / "ds"
     fails(capsys, ["data", "prepare", "demo:4", "--out", str(out), option, value], needle)
     assert not out.exists()
@@ -74,14 +73,14 @@ def test_1_2_9_bad_prepare_options_are_refused_before_anything_is_written(tmp_pa
     assert main(["data", "prepare", "demo:4", "--out", str(out), "--grid", "8", "--workers", "1"]) == 0
 
 
-def test_9_shards_that_would_not_fit_in_memory_are_refused(tmp_path, capsys):
+def test_shards_that_would_not_fit_in_memory_are_refused(tmp_path, capsys):
     out = tmp_path / "ds"
     fails(capsys, ["data", "prepare", "demo:4", "--out", str(out), "--representation", "box", "--rotations", "1000",
                    "--grid", "64"], "GiB", "--shard-size", "--rotations")
     assert not out.exists()
 
 
-def test_2_a_run_that_rejects_every_row_is_an_error_not_exit_0(tmp_path, capsys):
+def test_a_run_that_rejects_every_row_is_an_error_not_exit_0(tmp_path, capsys):
     folder = tmp_path / "cifs"
     folder.mkdir()
     for i in range(3):
@@ -90,14 +89,14 @@ def test_2_a_run_that_rejects_every_row_is_an_error_not_exit_0(tmp_path, capsys)
           "every one of the 3 structures was rejected", "rejects.csv")
 
 
-def test_2_limit_skips_are_counted_in_the_summary_line(tmp_path, capsys):
+def test_limit_skips_are_counted_in_the_summary_line(tmp_path, capsys):
     assert main(["data", "prepare", "demo:6", "--out", str(tmp_path / "ds"), "--grid", "8", "--limit", "4",
                  "--workers", "1"]) == 0
     line = capsys.readouterr().out
     assert "from 4 of 4 structures" in line and "2 skipped by --limit" in line
 
 
-def test_3_one_unreadable_file_in_a_folder_is_rejected_with_its_name_and_the_rest_is_written(tmp_path, capsys):
+def test_one_unreadable_file_in_a_folder_is_rejected_with_its_name_and_the_rest_is_written(tmp_path, capsys):
     folder = tmp_path / "cifs"
     folder.mkdir()
     (folder / "good.cif").write_text(GOOD_CIF)
@@ -114,7 +113,7 @@ def test_3_one_unreadable_file_in_a_folder_is_rejected_with_its_name_and_the_res
 
 # --- registry ---------------------------------------------------------------------------------------
 
-def test_4_names_cannot_collide_with_the_registry_files(tmp_path, capsys, tiny_checkpoint):
+def test_names_cannot_collide_with_the_registry_files(tmp_path, capsys, tiny_checkpoint):
     registry = tmp_path / "reg"
     for name in ("aliases.json", "x.lock", "../evil"):
         fails(capsys, ["promote", str(tiny_checkpoint), "--name", name, "--registry", str(registry)], "invalid model name")
@@ -124,7 +123,7 @@ def test_4_names_cannot_collide_with_the_registry_files(tmp_path, capsys, tiny_c
 
 
 @pytest.mark.parametrize("garbage", [b"\xff\xfe garbage", b"[1, 2]", b'{"champion": 3}'])
-def test_5_6_a_damaged_alias_file_is_named_and_breaks_nothing_else(tmp_path, capsys, tiny_checkpoint, garbage):
+def test_a_damaged_alias_file_is_named_and_breaks_nothing_else(tmp_path, capsys, tiny_checkpoint, garbage):
     from crystalae.registry import Registry, RegistryError
 
     registry = Registry(tmp_path / "reg")
@@ -136,7 +135,7 @@ def test_5_6_a_damaged_alias_file_is_named_and_breaks_nothing_else(tmp_path, cap
     assert main(["models", "--registry", str(registry.root)]) == 0
     captured = capsys.readouterr()
     assert "m@1" in captured.out and "aliases.json" in captured.err
-    # 6: a promote that cannot set its alias creates nothing
+    # a promote that cannot set its alias creates nothing
     fails(capsys, ["promote", str(tiny_checkpoint), "--name", "m", "--alias", "new", "--registry", str(registry.root)],
           "aliases.json")
     assert registry.versions("m") == [1]
@@ -158,7 +157,7 @@ def test_alias_command_pins_an_existing_version(tmp_path, capsys, tiny_checkpoin
     assert registry.aliases() == {"champion": "m@1"}
 
 
-def test_7_a_version_without_manifest_is_skipped_with_a_warning(tmp_path, capsys, tiny_checkpoint):
+def test_a_version_without_manifest_is_skipped_with_a_warning(tmp_path, capsys, tiny_checkpoint):
     from crystalae.registry import Registry
 
     registry = Registry(tmp_path / "reg")
@@ -171,7 +170,7 @@ def test_7_a_version_without_manifest_is_skipped_with_a_warning(tmp_path, capsys
     assert "skipped" in captured.err and "a/v1" in captured.err
 
 
-def test_8_promote_by_absolute_path_derives_the_name_from_the_folder(tmp_path, capsys, tiny_checkpoint):
+def test_promote_by_absolute_path_derives_the_name_from_the_folder(tmp_path, capsys, tiny_checkpoint):
     registry = tmp_path / "reg"
     assert main(["promote", str(tiny_checkpoint.resolve()), "--registry", str(registry)]) == 0
     assert "as tinymodel@1" in capsys.readouterr().out
@@ -183,11 +182,11 @@ def test_8_promote_by_absolute_path_derives_the_name_from_the_folder(tmp_path, c
 
 # --- memory and size bounds ---------------------------------------------------------------------------
 
-def test_9_roundtrip_refuses_a_huge_grid_up_front(tmp_path, capsys):
+def test_roundtrip_refuses_a_huge_grid_up_front(tmp_path, capsys):
     fails(capsys, ["roundtrip", "demo:2", "--out", str(tmp_path / "o.csv"), "--grid", "100000"], "grid", "128")
 
 
-def test_10_crystals_above_max_atoms_are_rejected_with_the_reason(tmp_path, capsys):
+def test_crystals_above_max_atoms_are_rejected_with_the_reason(tmp_path, capsys):
     from pymatgen.core import Lattice, Structure
 
     big = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]) * (10, 10, 10)
@@ -200,7 +199,7 @@ def test_10_crystals_above_max_atoms_are_rejected_with_the_reason(tmp_path, caps
     assert "2000 atoms, more than max_atoms=64" in details["error"][0]
 
 
-def test_10_neighbour_sums_in_blocks_match_the_all_at_once_result():
+def test_neighbour_sums_in_blocks_match_the_all_at_once_result():
     from crystalae.config import VoxelConfig
     from crystalae.decode import _image_translations, _neighbour_density
 
@@ -218,7 +217,7 @@ def test_10_neighbour_sums_in_blocks_match_the_all_at_once_result():
     assert whole.sum() > 0
 
 
-def test_11_crafted_checkpoints_are_refused_without_allocating(tmp_path, tiny_checkpoint):
+def test_crafted_checkpoints_are_refused_without_allocating(tmp_path, tiny_checkpoint):
     import torch
 
     from crystalae.checkpoint import CheckpointError, load_checkpoint
@@ -241,14 +240,14 @@ def test_11_crafted_checkpoints_are_refused_without_allocating(tmp_path, tiny_ch
 
 # --- one-line errors ------------------------------------------------------------------------------------
 
-def test_12_roundtrip_out_that_is_a_folder_is_refused_before_the_work(tmp_path, capsys):
+def test_roundtrip_out_that_is_a_folder_is_refused_before_the_work(tmp_path, capsys):
     fails(capsys, ["roundtrip", "demo:2", "--out", str(tmp_path)], "is a folder")
 
 
 @pytest.mark.parametrize("text, needle", [
     ("grid: [8\n", "not valid YAML"), ("- 8\n- 9\n", "expected a mapping"), ('grid: "eight"\n', "grid must be an integer"),
 ])
-def test_13_bad_voxel_config_yaml_is_one_line(tmp_path, capsys, text, needle):
+def test_bad_voxel_config_yaml_is_one_line(tmp_path, capsys, text, needle):
     path = tmp_path / "v.yaml"
     path.write_text(text)
     line = fails(capsys, ["roundtrip", "demo:2", "--out", str(tmp_path / "o.csv"), "--voxel-config", str(path)], needle)
@@ -259,18 +258,18 @@ def test_13_bad_voxel_config_yaml_is_one_line(tmp_path, capsys, text, needle):
     ("- 1\n", "expected a mapping"), ("optim: {lr: 1}\n", "unknown sections ['optim']"),
     ("train: [1]\n", "`train` must be a mapping"),
 ])
-def test_13_bad_train_config_yaml_is_one_line(tmp_path, capsys, text, needle):
+def test_bad_train_config_yaml_is_one_line(tmp_path, capsys, text, needle):
     path = tmp_path / "t.yaml"
     path.write_text(text)
     fails(capsys, ["train", "--data", str(tmp_path), "--config", str(path)], needle, "t.yaml")
 
 
-def test_14_generate_counts_are_checked(tmp_path, capsys, tiny_checkpoint):
+def test_generate_counts_are_checked(tmp_path, capsys, tiny_checkpoint):
     fails_to_parse(capsys, ["generate", "--checkpoint", str(tiny_checkpoint), "--sample", "-1"], "--sample", "-1")
     fails_to_parse(capsys, ["generate", "--checkpoint", str(tiny_checkpoint), "--alter", "x", "--count", "0"], "--count")
 
 
-def test_15_sweep_yaml_shape_errors_name_the_file(tmp_path, capsys):
+def test_sweep_yaml_shape_errors_name_the_file(tmp_path, capsys):
     listed = tmp_path / "list.yaml"
     listed.write_text("- a\n- b\n")
     fails(capsys, ["sweep", str(listed), "--name", "x"], "list.yaml", "top level must be a mapping")
@@ -307,7 +306,7 @@ SWEEP = {"name": "s", "data": {"source": "demo:20", "grid": 8},
     ("search_space", "latent_dim", {"type": "int", "low": -3, "high": 4}, "search_space.latent_dim=-3"),
     ("search_space", "sigma", {"type": "uniform", "low": 0.1, "high": 50.0}, "sigma must be > 0 and <= 5"),
 ])
-def test_16_sweep_values_out_of_range_are_refused_with_key_and_file(tmp_path, section, key, value, needle):
+def test_sweep_values_out_of_range_are_refused_with_key_and_file(tmp_path, section, key, value, needle):
     import yaml
 
     from crystalae.search.config import SweepConfigError, load_sweep_config
@@ -341,7 +340,7 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_17_sigterm_to_crystalae_dashboard_stops_the_server(tmp_path):
+def test_sigterm_to_crystalae_dashboard_stops_the_server(tmp_path):
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "crystalae", "dashboard", "--port", str(port),
                                 "--storage", str(tmp_path), "--registry", str(tmp_path / "reg")],
@@ -362,7 +361,7 @@ def test_17_sigterm_to_crystalae_dashboard_stops_the_server(tmp_path):
             process.kill()
 
 
-def test_18_binding_every_interface_warns(monkeypatch, capsys, tmp_path):
+def test_binding_every_interface_warns(monkeypatch, capsys, tmp_path):
     calls = []
     monkeypatch.setattr(os, "execv", lambda path, argv: calls.append(argv))
     assert main(["dashboard", "--host", "0.0.0.0", "--storage", str(tmp_path)]) == 0
@@ -372,7 +371,7 @@ def test_18_binding_every_interface_warns(monkeypatch, capsys, tmp_path):
     assert "warning" not in capsys.readouterr().err
 
 
-def test_19_generate_refuses_a_used_folder_unless_overwrite(tmp_path, capsys):
+def test_generate_refuses_a_used_folder_unless_overwrite(tmp_path, capsys):
     from crystalae.pretrained import PRETRAINED
 
     if not (PRETRAINED / "perov_5" / "checkpoint.pt").exists():
@@ -390,13 +389,13 @@ def test_19_generate_refuses_a_used_folder_unless_overwrite(tmp_path, capsys):
     assert main(base + ["--sample", "1", "--overwrite"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["count"] == 1
-    # issue 24 M2: --overwrite removes the earlier run's crystals, and only those
+    # issue 24: --overwrite removes the earlier run's crystals, and only those
     assert not (out / "sample-0009.cif").exists()
     assert (out / "mine.cif").read_text() == "a file no generate run wrote"
     assert len([p for p in out.glob("*.cif") if not p.name.endswith(".sym.cif")]) == summary["decoded"] + 1
 
 
-def test_20_ids_resolve_to_the_first_kept_row_not_a_rejected_duplicate(tmp_path, tiny_checkpoint):
+def test_ids_resolve_to_the_first_kept_row_not_a_rejected_duplicate(tmp_path, tiny_checkpoint):
     from crystalae.checkpoint import load_checkpoint
     from crystalae.generate import voxelized_source
 
@@ -413,7 +412,7 @@ class Payload:
         return (print, ("this must never run",))
 
 
-def test_21_unsafe_checkpoints_are_refused_without_suggesting_unsafe_loading(tmp_path, capsys):
+def test_unsafe_checkpoints_are_refused_without_suggesting_unsafe_loading(tmp_path, capsys):
     import torch
 
     folder = tmp_path / "evil"
@@ -436,7 +435,7 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
 # --- issue 24: the second hostile probe -------------------------------------------------------------
 
 
-def test_h1_decoding_refuses_cells_far_from_any_crystal_in_bounded_time():
+def test_decoding_refuses_cells_far_from_any_crystal_in_bounded_time():
     """A lattice head that predicts a near-flat 9,582 Å cell (crafted weights) and latents far from the
     prior decode to nothing, quickly, instead of sizing a periodic-image grid of millions."""
     import torch
@@ -472,7 +471,7 @@ def test_h1_decoding_refuses_cells_far_from_any_crystal_in_bounded_time():
     assert decode_to_structures(loaded, torch.zeros(2, latent_dim)) == [None, None]
 
 
-def test_m1_one_row_over_max_atoms_is_rejected_and_the_rest_reconstructed(tmp_path, capsys, tiny_checkpoint):
+def test_one_row_over_max_atoms_is_rejected_and_the_rest_reconstructed(tmp_path, capsys, tiny_checkpoint):
     from pymatgen.core import Lattice, Structure
 
     rng = np.random.default_rng(0)
@@ -490,7 +489,7 @@ def test_m1_one_row_over_max_atoms_is_rejected_and_the_rest_reconstructed(tmp_pa
     assert metrics["entries"] == 2 and metrics["rejected_inputs"] == 1 and metrics["n"] == 1
 
 
-def test_m4_tampered_registry_weights_are_refused(tmp_path, capsys, tiny_checkpoint):
+def test_tampered_registry_weights_are_refused(tmp_path, capsys, tiny_checkpoint):
     from crystalae.registry import Registry, RegistryError
 
     registry = tmp_path / "reg"
@@ -504,24 +503,24 @@ def test_m4_tampered_registry_weights_are_refused(tmp_path, capsys, tiny_checkpo
                    "--out", str(tmp_path / "gen")], "modified after promotion")
 
 
-def test_l3_l4_l5_l12_options_fail_early_with_a_clear_line(tmp_path, capsys, tiny_checkpoint):
+def test_bad_out_seed_name_and_address_options_fail_early_with_a_clear_line(tmp_path, capsys, tiny_checkpoint):
     from crystalae.config import ConfigError, check_name
     from crystalae.registry import Registry, RegistryError
 
     (tmp_path / "afile").write_text("x")
     gen = ["generate", "--checkpoint", str(tiny_checkpoint), "--sample", "1"]
-    fails(capsys, gen + ["--out", str(tmp_path / "afile" / "sub")], "is a file", "cannot be created")  # L3
-    fails_to_parse(capsys, gen + ["--out", str(tmp_path / "g"), "--seed", str(2**70)], "--seed", "must be")  # L4
+    fails(capsys, gen + ["--out", str(tmp_path / "afile" / "sub")], "is a file", "cannot be created")
+    fails_to_parse(capsys, gen + ["--out", str(tmp_path / "g"), "--seed", str(2**70)], "--seed", "must be")
     fails_to_parse(capsys, gen + ["--out", str(tmp_path / "g"), "--seed", "2^70"], "--seed", "expected an integer")
     registry = tmp_path / "reg"
     assert main(["promote", str(tiny_checkpoint), "--registry", str(registry)]) == 0
     with pytest.raises(RegistryError, match="has no version"):
         Registry(registry).resolve("tinymodel@\u00b2")  # a superscript two is a digit to str.isdigit
-    for name in ("tinymodel\n", "a\nb"):  # L5: `$` in a regex matches before a trailing newline
+    for name in ("tinymodel\n", "a\nb"):  # `$` in a regex matches before a trailing newline
         with pytest.raises(ConfigError, match="invalid"):
             check_name(name)
     fails(capsys, ["data", "prepare", "demo:4", "--out", str(tmp_path / "d"), "--address", "127.0.0.1:1"],
-          "--address", "--ray")  # L12
+          "--address", "--ray")
     assert not (tmp_path / "d").exists()
 
 
@@ -539,7 +538,7 @@ def _symmetry_bomb(sites: int = 52) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_m5_a_cif_symmetry_bomb_is_rejected_before_it_is_built(tmp_path, capsys):
+def test_a_cif_symmetry_bomb_is_rejected_before_it_is_built(tmp_path, capsys):
     from crystalae.sources import Entry, StructureError, load_structure
 
     bomb = _symmetry_bomb()
@@ -554,7 +553,7 @@ def test_m5_a_cif_symmetry_bomb_is_rejected_before_it_is_built(tmp_path, capsys)
     assert "1 rejected" in capsys.readouterr().out
 
 
-def test_l11_m7_damaged_sweep_files_are_named_and_one_damaged_checkpoint_hides_nothing_else(tmp_path):
+def test_damaged_sweep_files_are_named_and_one_damaged_checkpoint_hides_nothing_else(tmp_path):
     from crystalae.search.results import collect_trials, sweep_config
     from crystalae.uri_fs import DamagedFileError
 
@@ -574,7 +573,7 @@ def test_l11_m7_damaged_sweep_files_are_named_and_one_damaged_checkpoint_hides_n
         sweep_config(root)
 
 
-def test_l7_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path, capsys):
+def test_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path, capsys):
     levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
     for i in range(1, 9):
         levels.append(f"{chr(97 + i)}: &{chr(97 + i)} [" + ", ".join([f"*{chr(96 + i)}"] * 9) + "]")
@@ -588,7 +587,7 @@ def test_l7_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path, capsys):
     assert len(line) < 500
 
 
-def test_l8_one_huge_csv_field_rejects_its_row_not_the_file(tmp_path, capsys):
+def test_one_huge_csv_field_rejects_its_row_not_the_file(tmp_path, capsys):
     huge = GOOD_CIF + "#" + "x" * (1_100_000) + "\n"  # over 128 KB (Python's csv limit) and over 1 MB
     pd.DataFrame({"material_id": ["good", "huge", "good2"], "cif": [GOOD_CIF, huge, GOOD_CIF]}).to_csv(
         tmp_path / "s.csv", index=False)
@@ -599,11 +598,11 @@ def test_l8_one_huge_csv_field_rejects_its_row_not_the_file(tmp_path, capsys):
     assert details.loc["good", "error"] == "" and details.loc["good2", "error"] == ""
 
 
-def test_l13_dot_dot_in_an_object_storage_uri_is_refused(tmp_path, capsys):
+def test_dot_dot_in_an_object_storage_uri_is_refused(tmp_path, capsys):
     fails_to_parse(capsys, ["data", "prepare", "demo:4", "--out", "s3://bkt/x/../../bkt2/y"], "'..' is not allowed")
 
 
-def test_m6_an_unreachable_ray_address_fails_fast_and_writes_nothing(tmp_path, capsys):
+def test_an_unreachable_ray_address_fails_fast_and_writes_nothing(tmp_path, capsys):
     import socket
     import time
 
@@ -624,7 +623,7 @@ def test_m6_an_unreachable_ray_address_fails_fast_and_writes_nothing(tmp_path, c
     assert time.monotonic() - started < 30
 
 
-def test_l1_reconstructing_elements_the_model_never_saw_warns(tmp_path, capsys, carbon_sample):
+def test_reconstructing_elements_the_model_never_saw_warns(tmp_path, capsys, carbon_sample):
     source = tmp_path / "carbon"
     source.mkdir()
     for mid, structure in carbon_sample[:2]:
@@ -636,7 +635,7 @@ def test_l1_reconstructing_elements_the_model_never_saw_warns(tmp_path, capsys, 
     assert "2 of 2 crystals hold elements this model was never trained on (C)" in capsys.readouterr().err
 
 
-def test_l6_a_folder_source_does_not_follow_links_out_of_the_folder(tmp_path):
+def test_a_folder_source_does_not_follow_links_out_of_the_folder(tmp_path):
     from crystalae.sources import StructureError, list_entries, load_structure
 
     secret = tmp_path / "secret.cif"
@@ -653,7 +652,7 @@ def test_l6_a_folder_source_does_not_follow_links_out_of_the_folder(tmp_path):
     assert "hunter2" not in str(refused.value)
 
 
-def test_l9_l10_a_promote_killed_after_publishing_still_moves_its_alias_and_leaves_no_staging(tmp_path, tiny_checkpoint):
+def test_a_promote_killed_after_publishing_still_moves_its_alias_and_leaves_no_staging(tmp_path, tiny_checkpoint):
     import subprocess
     import sys
 
@@ -674,7 +673,7 @@ def test_l9_l10_a_promote_killed_after_publishing_still_moves_its_alias_and_leav
     assert registry.promote(tiny_checkpoint, "m")["version"] == 3
 
 
-def test_l2_ctrl_c_during_generate_keeps_the_crystals_decoded_so_far(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_during_generate_keeps_the_crystals_decoded_so_far(tmp_path, capsys, monkeypatch):
     import json
 
     import crystalae.generate as generate

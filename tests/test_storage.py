@@ -204,6 +204,6 @@ def test_download_skips_and_names_keys_that_climb_out(s3_bucket, tmp_path, caplo
     client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     client.put_object(Bucket=bucket, Key="run/../../escape.txt", Body=b"x")
     assert uri_fs.list_files(uri_fs.join(s3_bucket, "run")) == [("../../escape.txt", 1)]
-    uri_fs.download(uri_fs.join(s3_bucket, "run"), tmp_path / "mirror" / "run")  # the rest still mirrors (issue 24 L15)
+    uri_fs.download(uri_fs.join(s3_bucket, "run"), tmp_path / "mirror" / "run")  # the rest still mirrors (issue 24)
     assert "skipped the object" in caplog.text and "../../escape.txt" in caplog.text
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "mirror" / "escape.txt").exists()
