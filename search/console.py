@@ -6,6 +6,7 @@ Imported only inside `run_sweep`, so Ray stays a lazy import.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Iterable
@@ -17,7 +18,7 @@ from ray.tune import Callback
 
 from crystalae.library_logs import library_logs_to
 
-__all__ = ["PublishOnTrialEnd", "SweepConsole", "epochs_done", "ray_output_to"]
+__all__ = ["FreeDeadRuns", "PublishOnTrialEnd", "SweepConsole", "epochs_done", "ray_output_to"]
 
 _console: list[TextIO] = []  # the terminal while Ray's stdout goes to the log (innermost last)
 
@@ -44,6 +45,8 @@ class SweepConsole(Callback):
         self.best: tuple[float, str] | None = None
         self.done_epochs: dict[str, int] = {}
         self.ended: set[str] = set()
+        self.nodes: dict[str, str] = {}  # trial -> node of its last result (its rank-0 Train worker)
+        self.interrupted: dict[str, tuple[str, int]] = {}  # trial -> (node, epochs done) when it failed
 
     def setup(self, **info: Any) -> None:
         self.started = time.monotonic()  # also on a resumed sweep
@@ -69,11 +72,43 @@ class SweepConsole(Callback):
         return f"best {self.metric} {best} | trials {len(self.ended)}/{self.trials} done | ≤{eta} left"
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        if trial.trial_id in self.interrupted:
+            self._say(f"{trial.trial_id} restarted")
+            return
         self.done_epochs.setdefault(trial.trial_id, 0)
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
         self._say(f"{trial.trial_id} started: {params}")
 
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        """Tune restarts a failed trial (its process died with its node, or it raised): say where it was."""
+        node = self.nodes.get(trial.trial_id, "?")
+        epochs = self.done_epochs.get(trial.trial_id, 0)
+        self.interrupted[trial.trial_id] = (node, epochs)
+        why = "its node was lost" if node != "?" and not _node_alive(node) else "it failed (details in ray.log)"
+        self._say(f"{trial.trial_id} interrupted after epoch {epochs}/{self.epochs} on {node}: {why}; "
+                  f"Ray restarts it from its last checkpoint")
+
+    def _resumed(self, trial_id: str, node: str, epochs: int) -> None:
+        """The first result of a trial after it lost its node (a Tune restart, or Ray Train replacing its
+        workers, which Tune never sees): one line with the lost node and the epoch it went on from."""
+        lost, done = self.interrupted.pop(trial_id, (self.nodes.get(trial_id), self.done_epochs.get(trial_id, 0)))
+        if lost in (None, "?") or _node_alive(lost):
+            return  # an ordinary failure, or a move between live nodes
+        start = epochs - 1  # epochs its checkpoint held
+        if start >= done:
+            what = f"from its epoch-{start} checkpoint, nothing lost"
+        elif start == 0:
+            what = f"from epoch 0: no checkpoint of it in the sweep's storage, its {done} epochs are lost"
+        else:
+            what = f"from its epoch-{start} checkpoint: epochs {start + 1}-{done} are lost and retrained"
+        self._say(f"{trial_id} lost node {lost} after epoch {done}/{self.epochs}; resumed on {node} {what}")
+
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
+        node = result.get("node_ip")
+        if node and (trial.trial_id in self.interrupted or self.nodes.get(trial.trial_id, node) != node):
+            self._resumed(trial.trial_id, node, epochs_done(result))
+        if node:
+            self.nodes[trial.trial_id] = node
         self.done_epochs[trial.trial_id] = epochs_done(result)
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and value == value:
@@ -109,6 +144,13 @@ def ray_output_to(log_file: Path, libraries: Iterable[str] = ("ray", "optuna")):
         _console.pop()
 
 
+def _node_alive(ip: str) -> bool:
+    """Whether a live Ray node has address `ip` (a lost node is marked dead within seconds)."""
+    import ray
+
+    return any(n["Alive"] and n["NodeManagerAddress"] == ip for n in ray.nodes())
+
+
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
@@ -126,3 +168,34 @@ class PublishOnTrialEnd(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self.publish(*self.args)
+
+
+class FreeDeadRuns(Callback):
+    """Every `every` seconds of the sweep, and once at its end, frees what killed Ray Train runs still
+    hold (`crystalae.ray_env.free_dead_runs`): the CPUs of trials ASHA stopped and of trials whose node
+    was lost. Without it, on a cluster with no dashboard, those CPUs stay reserved until the sweep
+    hangs with trials that never start."""
+
+    def __init__(self, every: float = 2.0):
+        self.every, self.last = every, 0.0
+        self.freed = 0  # placement groups removed
+
+    def setup(self, **info: Any) -> None:
+        self.last = 0.0  # a restored sweep unpickles another process's monotonic clock
+
+    def _free(self) -> None:
+        from crystalae.ray_env import free_dead_runs
+
+        self.last = time.monotonic()
+        groups, cleaners = free_dead_runs()
+        if groups or cleaners:
+            self.freed += len(groups)
+            logging.getLogger("ray.tune").info("freed %d placement groups and %d cleaner actors of ended Train runs",
+                                               len(groups), len(cleaners))
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self.last >= self.every:
+            self._free()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._free()

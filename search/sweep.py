@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,11 +54,15 @@ from crystalae.shards import prepare_dataset
 from crystalae.training import TrainConfig
 
 __all__ = [
-    "FAIL_ONCE_ENV", "RunPlan", "dataset_folder", "dataset_for", "publish_driver_files", "run_sweep", "run_trial",
-    "tracker_callbacks", "trial_settings", "warm_start_points",
+    "FAIL_ONCE_ENV", "RunPlan", "dataset_folder", "dataset_for", "node_local_storage", "publish_driver_files",
+    "run_sweep", "run_trial", "tracker_callbacks", "trial_settings", "warm_start_points",
 ]
 
 FAIL_ONCE_ENV = "CRYSTALAE_FAIL_ONCE_DIR"  # fault injection for tests: each trial raises once
+# File systems whose folders every node can mount at one path; a folder on any other is node-local.
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "beegfs", "9p", "fuse")
+
+log = logging.getLogger(__name__)
 
 
 def dataset_for(sweep: SweepConfig, voxel_overrides: dict[str, Any], root: str | Path) -> str | Path:
@@ -183,6 +189,9 @@ def run_sweep(sweep: SweepConfig, storage: str | Path = SWEEPS, address: str | N
         elif own_ray:
             start_local_ray(sweep)
         route_logs()
+        problem = node_local_storage(root, ray.nodes())
+        if problem:
+            log.warning(problem)
         try:
             ended = _run_trials(sweep, root, work, sweep_dict, runs)
         finally:
@@ -241,6 +250,43 @@ def start_local_ray(sweep: SweepConfig) -> None:
     ray.init(num_cpus=max(4, sweep.max_concurrent * (per_trial + 2) + 2), include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False, configure_logging=False,
              runtime_env=runtime_env(passed=(FAIL_ONCE_ENV,), api_server=f"http://127.0.0.1:{port}"))
+
+
+def node_local_storage(root: str | Path, nodes: list[dict[str, Any]], host: str | None = None,
+                       mounts: str | Path = "/proc/mounts") -> str | None:
+    """Why the sweep folder `root` is unsafe for a cluster of `nodes` (`ray.nodes()`), or None.
+
+    Trial drivers, Train controllers and workers write to the folder on the node they run on. A folder
+    on this machine's own disk is one folder only while every live node runs on this machine (`host`,
+    default this one) or the folder is on a network file system (`mounts` lists them); otherwise each
+    node keeps its checkpoints on its own disk, and a lost node takes them with it.
+    """
+    if uri_fs.is_remote(root):
+        return None
+    hosts = sorted({n["NodeManagerHostname"] for n in nodes if n.get("Alive")} - {host or socket.gethostname()})
+    kind = _filesystem_of(Path(root), mounts)
+    if not hosts or kind.split(".")[0] in SHARED_FILESYSTEMS:
+        return None
+    return (f"--storage {root} is a folder on this machine's disk ({kind}), but nodes on {', '.join(hosts)} "
+            f"write their trials' checkpoints to their own disks: this machine (promote, the dashboard, "
+            f"--resume) will not see them, and a lost node loses them (its trials start again from epoch 0). "
+            f"Use object storage (--storage s3://...) or a shared mount at the same path on every node.")
+
+
+def _filesystem_of(path: Path, mounts: str | Path) -> str:
+    """The type of the file system holding `path` (the longest mount point above it), e.g. ext4, nfs4."""
+    best, kind = "", "unknown"
+    path = path.resolve()
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return kind
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 3 and (path.as_posix() + "/").startswith(fields[1].rstrip("/") + "/") \
+                and len(fields[1]) >= len(best):
+            best, kind = fields[1], fields[2]
+    return kind
 
 
 def tracker_callbacks(sweep: SweepConfig, root: str | Path) -> list:
@@ -302,7 +348,7 @@ def _new_tuner(sweep: SweepConfig, root: str | Path, work: Path, trainable: Any,
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from crystalae.search.console import PublishOnTrialEnd
+    from crystalae.search.console import FreeDeadRuns, PublishOnTrialEnd
     from crystalae.search.searcher import persistent_searcher
 
     searcher = persistent_searcher(sweep, root, points=warm_start_points(sweep) if plan.warm_start else None,
@@ -320,7 +366,8 @@ def _new_tuner(sweep: SweepConfig, root: str | Path, work: Path, trainable: Any,
                                     time_budget_s=sweep.time_budget_s),
         run_config=tune.RunConfig(
             name=uri_fs.name_of(plan.experiment), storage_path=str(root), verbose=0,
-            callbacks=[console, PublishOnTrialEnd(publish_driver_files, work, root), *tracker_callbacks(sweep, root)],
+            callbacks=[console, PublishOnTrialEnd(publish_driver_files, work, root), FreeDeadRuns(),
+                       *tracker_callbacks(sweep, root)],
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
     )
 
