@@ -23,9 +23,9 @@ from reconstruction import breakdown  # noqa: E402
 from report import ROOT, add_data_options, relative, report  # noqa: E402
 
 from crystalae.checkpoint import load_checkpoint  # noqa: E402
+from crystalae.config import TrainConfig  # noqa: E402
 from crystalae.dataset import read_table  # noqa: E402
-from crystalae.reconstruct import evaluate  # noqa: E402
-from crystalae.training import TrainConfig  # noqa: E402
+from crystalae.evaluation import evaluate  # noqa: E402
 
 
 def main() -> None:

@@ -31,8 +31,9 @@ from report import ROOT, add_data_options, relative, report  # noqa: E402
 from crystalae.checkpoint import load_checkpoint  # noqa: E402
 from crystalae.dataset import column_numpy, read_table, table_batches  # noqa: E402
 from crystalae.metrics import compare, summarize  # noqa: E402
-from crystalae.reconstruct import decode_latents, density_scale, structures_from_outputs  # noqa: E402
+from crystalae.readout import decode_latents, outputs_to_structures  # noqa: E402
 from crystalae.symmetry import symmetrize  # noqa: E402
+from crystalae.units import density_scale  # noqa: E402
 
 # row name -> (atom count: "model" | "peaks" | "true", lattice: "model" | "true", snapped to symmetry)
 ROWS = {
@@ -68,7 +69,7 @@ def decode_rows(model, voxel, table, symprec: float | None, batch_size: int = 32
                         variant["atoms"] = outputs["atoms"]
                     elif count == "true":
                         variant["atoms"] = np.array([len(t) for t in truths])
-                    raw[count, lattice] = structures_from_outputs(model, voxel, variant,
+                    raw[count, lattice] = outputs_to_structures(model, voxel, variant,
                                                                   lattices if lattice == "true" else None)
                 decoded = raw[count, lattice]
                 if snapped:

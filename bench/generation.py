@@ -4,14 +4,14 @@ against the model's own held-out test crystals, beside real crystals scored the 
     python bench/generation.py --model pretrained/perov_5 [--samples 1000] [--update] [--markdown]
     python bench/generation.py --model pretrained/carbon_24 --samples 200 --settings posterior:0.1 --relax
 
-For each way of sampling (the fitted Gaussian at a few spreads, the aggregate posterior at a few
+For each way of sampling (the fitted Gaussian at a few temperatures, the aggregate posterior at a few
 bandwidths; `crystalae.prior`), `--samples` crystals are decoded and scored (`crystalae.coverage`)
 against the test split, and against the validation split for choosing. The baseline row is the
-same number of real training crystals. The default spread is chosen on the validation split: the
+same number of real training crystals. The default temperature is chosen on the validation split: the
 highest mean of COV-R and COV-P among settings with structural validity ≥99% and SMACT validity
 ≥97% (else the highest). `--update` stores that choice (with the training codes the posterior kind
 needs) in the model's checkpoint. Writes bench/results/generation_<model>.json and a trade-off plot
-generation_<model>.png (coverage and validity against spread). `--relax` relaxes every sample with
+generation_<model>.png (coverage and validity against temperature). `--relax` relaxes every sample with
 CHGNet first (`crystalae.relax`; ~8 s a small crystal per core, so measure few settings) and writes
 generation_<model>_relaxed.json; `--settings KIND:SPREAD ...` measures only those. Samples are
 scored as decoded (raw), as `crystalae generate` writes them; `--symprec X` scores them snapped to their
@@ -58,7 +58,7 @@ def model_dataset(model: Path, datasets: Path, work: Path) -> Path:
             return manifest.parent
     lineage = payload.get("lineage")
     if lineage:
-        from crystalae.search.results import SWEEP_FILE
+        from crystalae.search.layout import SWEEP_FILE
         from crystalae.search.retrain import trial_recipe
         from crystalae.search.sweep import dataset_for
 
@@ -123,14 +123,14 @@ def plot(rows: list[dict], baseline: dict, path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, kind in zip(axes, ("fitted", "posterior")):
-        part = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["spread"])
-        x = [r["spread"] for r in part]
+        part = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["temperature"])
+        x = [r["temperature"] for r in part]
         for key, label, style in (("cov_recall", "COV-R", "o-"), ("cov_precision", "COV-P", "s-"),
                                   ("smact_validity", "SMACT valid", "^--"), ("novel_formula_rate", "new formulas", "x:")):
             ax.plot(x, [r[key] or 0 for r in part], style, label=label)
         for key, color in (("cov_recall", "C0"), ("cov_precision", "C1")):
             ax.axhline(baseline[key], color=color, lw=0.8, alpha=0.6)
-        ax.set_xlabel("Gaussian spread (temperature)" if kind == "fitted" else "bandwidth around a training code")
+        ax.set_xlabel("temperature (the fitted Gaussian's scale)" if kind == "fitted" else "bandwidth around a training code")
         ax.set_title(f"{kind} prior" + (" (lines: real crystals)" if kind == "fitted" else ""))
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", metavar="KIND:SPREAD", help="sampling settings to measure "
                         "(default: " + " ".join(f"{k}:{v:g}" for k, v in SETTINGS) + ")")
     parser.add_argument("--relax", action="store_true", help="relax the samples with CHGNet before scoring")
-    parser.add_argument("--update", action="store_true", help="store the chosen prior and spread in the model")
+    parser.add_argument("--update", action="store_true", help="store the chosen prior and temperature in the model")
     parser.add_argument("--markdown", action="store_true", help="print the README table of an earlier run")
     parser.add_argument("--symprec", type=float, help="snap the samples to their symmetry at this tolerance "
                         "in Å (default and 0: the raw decode; crystalae.symmetry)")
@@ -192,17 +192,17 @@ def main() -> None:
     baseline.pop("novel_formula_rate")
     settings = SETTINGS if not args.settings else [(k, float(v)) for k, _, v in (t.partition(":") for t in args.settings)]
     rows, relaxation = [], None
-    for kind, spread in settings:
+    for kind, temperature in settings:
         t0 = time.perf_counter()
         structures = decode_to_structures(loaded, sample_latents(loaded, args.samples, seed=0, prior=kind,
-                                                                 temperature=spread))
+                                                                 temperature=temperature))
         if args.relax:
             from crystalae.relax import relax
 
             structures, relaxation = relax(structures)
-        row = score(f"{kind} prior, spread {spread:g}", structures, fingerprints(structures, desc=f"{kind} {spread:g}"),
-                    test, val, cutoffs, train_formulas)
-        rows.append({**row, "kind": kind, "spread": spread, "seconds": round(time.perf_counter() - t0, 1)})
+        row = score(f"{kind} prior, temperature {temperature:g}", structures,
+                    fingerprints(structures, desc=f"{kind} {temperature:g}"), test, val, cutoffs, train_formulas)
+        rows.append({**row, "kind": kind, "temperature": temperature, "seconds": round(time.perf_counter() - t0, 1)})
         print(f"{row['setting']}: COV-R {row['cov_recall']:.3f} COV-P {row['cov_precision']:.3f} "
               f"SMACT {row['smact_validity']} d_rho {row['d_rho']:.3f}", flush=True)
     chosen = choose(rows)
@@ -218,17 +218,17 @@ def main() -> None:
     plot(rows, baseline, out.with_suffix(".png"), f"{args.model.name}: {args.samples} samples vs its test split")
     print(markdown(figures))
     if args.update and not args.relax:
-        prior = {**loaded.meta["latent_prior"], "kind": chosen["kind"], "temperature": chosen["spread"]}
+        prior = {**loaded.meta["latent_prior"], "kind": chosen["kind"], "temperature": chosen["temperature"]}
         export_checkpoint(args.model, args.model, latent_prior=prior)
         results_path = args.model / "RESULTS.json"
         results = json.loads(results_path.read_text())
-        results["sample_prior"] = (f"{chosen['kind']} prior at spread {chosen['spread']:g}, chosen by "
+        results["sample_prior"] = (f"{chosen['kind']} prior at temperature {chosen['temperature']:g}, chosen by "
                                    f"`python bench/generation.py --model {relative(args.model)} --update` "
                                    f"({figures['choice_rule']})")
         results["generation"] = {k: chosen[k] for k in ("structural_validity", "smact_validity", "cov_recall",
                                                         "cov_precision", "d_rho", "d_elem", "novel_formula_rate")}
         write_json(results_path, results)
-        print(f"rewrote {args.model} with the {chosen['kind']} prior at spread {chosen['spread']:g}")
+        print(f"rewrote {args.model} with the {chosen['kind']} prior at temperature {chosen['temperature']:g}")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ import torch
 from report import relative, report  # bench/report.py (scripts run from bench/)
 
 from crystalae.checkpoint import read_checkpoint
-from crystalae.config import VoxelConfig
+from crystalae.config import TrainConfig, VoxelConfig
 from crystalae.shards import PrepareOptions, prepare_dataset
-from crystalae.training import TrainConfig, train
+from crystalae.training import train
 
 MODEL = {"depth": 3, "base_width": 16, "latent_dim": 128, "residual": False}  # the perov_5 reference model
 

@@ -23,7 +23,8 @@ import numpy as np
 
 from crystalae.files import read_yaml_mapping, write_json
 from crystalae.search.config import parse_sweep_config
-from crystalae.search.results import SweepSummary, collect_trials, ended_runs, spearman, sweep_dataset, sweep_dir
+from crystalae.search.layout import sweep_dataset, sweep_dir
+from crystalae.search.results import SweepSummary, collect_trials, ended_runs, spearman
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import ROOT, relative  # noqa: E402
@@ -36,9 +37,9 @@ def test_match_rate(root: Path, checkpoint: Path) -> dict[str, float | None]:
     import torch
 
     from crystalae.checkpoint import load_checkpoint
+    from crystalae.config import TrainConfig
     from crystalae.dataset import read_table
-    from crystalae.reconstruct import evaluate
-    from crystalae.training import TrainConfig
+    from crystalae.evaluation import evaluate
 
     loaded = load_checkpoint(checkpoint)
     data = sweep_dataset(root, loaded.meta["dataset_hash"])

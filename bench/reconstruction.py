@@ -12,7 +12,8 @@ and the run's prepared datasets by hash), and its lineage goes into RESULTS.json
 
 A recipe YAML holds `dataset` (a folder of ../shared/datasets), `files` (its CSVs, read as one source),
 `voxel` (VoxelConfig fields), `split` (val/test fractions: a hash of material_id, stable across runs),
-`train` (TrainConfig), `model` (ModelConfig overrides) and `samples` (prior samples to check).
+`train` (TrainConfig), `model` (ModelConfig overrides), `samples` (prior samples to check) and, for a
+model a sweep found (pretrained/*/recipe.yaml), `lineage` (its sweep, config and trial; a record only).
 Rerunning the same recipe resumes training from its last checkpoint. Reported on the test split:
 StructureMatcher match rate and RMS (stol 0.5, ltol 0.3, angle_tol 10), per-atom species accuracy,
 atom-count rate, and CDVAE validity of prior samples; plus the wall time to every validation match rate.
@@ -35,16 +36,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from report import lineage_sweep_dir, relative, report  # noqa: E402  (bench/report.py)
 
 from crystalae.checkpoint import export_checkpoint, load_checkpoint, read_checkpoint  # noqa: E402
-from crystalae.config import VoxelConfig  # noqa: E402
+from crystalae.config import TrainConfig, VoxelConfig  # noqa: E402
 from crystalae.dataset import read_manifest, read_table  # noqa: E402
+from crystalae.evaluation import evaluate  # noqa: E402
 from crystalae.files import read_yaml_mapping, write_json  # noqa: E402
 from crystalae.generate import sample, validity  # noqa: E402
 from crystalae.prior import fit_latent_prior  # noqa: E402
-from crystalae.reconstruct import evaluate  # noqa: E402
 from crystalae.shards import PrepareOptions, prepare_dataset  # noqa: E402
-from crystalae.training import TrainConfig, best_checkpoint_path, train  # noqa: E402
+from crystalae.training import best_checkpoint_path, train  # noqa: E402
 
-RECIPE_KEYS = {"dataset", "files", "voxel", "split", "train", "model", "samples"}
+RECIPE_KEYS = {"dataset", "files", "voxel", "split", "train", "model", "samples", "lineage"}
 
 
 def load_recipe(path: Path) -> dict:
@@ -220,7 +221,7 @@ def run_checkpoints(folder: Path) -> tuple[str, int]:
 def run_dataset(payload: dict) -> Path:
     """The prepared dataset a run's checkpoint was trained on: its sweep's shards (lineage) or the ones
     `train --from-trial` prepared beside the run, found by the dataset hash."""
-    from crystalae.search.results import sweep_dataset
+    from crystalae.search.layout import sweep_dataset
 
     lineage = payload.get("lineage") or {}
     for root in (lineage_sweep_dir(lineage), *(str(p.parents[2]) for p in ROOT.glob("runs/*/datasets/*/manifest.json"))):

@@ -33,7 +33,8 @@ import numpy as np
 
 from crystalae.files import read_yaml_mapping, write_json
 from crystalae.search.config import SweepConfig, parse_sweep_config
-from crystalae.search.results import SweepSummary, collect_trials, ended_runs, sweep_dir
+from crystalae.search.layout import sweep_dir
+from crystalae.search.results import SweepSummary, collect_trials, ended_runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import ROOT, relative, report  # noqa: E402

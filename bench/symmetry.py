@@ -24,10 +24,10 @@ from generation import model_dataset  # noqa: E402
 from report import ROOT, add_data_options, relative, report  # noqa: E402
 
 from crystalae.checkpoint import export_checkpoint, load_checkpoint  # noqa: E402
+from crystalae.config import TrainConfig  # noqa: E402
 from crystalae.dataset import read_table  # noqa: E402
+from crystalae.evaluation import evaluate  # noqa: E402
 from crystalae.files import write_json  # noqa: E402
-from crystalae.reconstruct import evaluate  # noqa: E402
-from crystalae.training import TrainConfig  # noqa: E402
 
 
 def scored(loaded, table, symprec: float | None) -> dict:

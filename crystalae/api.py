@@ -12,6 +12,7 @@ where a latent decodes to no crystal.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -20,8 +21,18 @@ import numpy as np
 import torch
 from pymatgen.core import Structure
 
-from crystalae.checkpoint import LoadedModel, load_checkpoint
+from crystalae.checkpoint import LoadedModel
+from crystalae.config import GENERATE_DEFAULTS as DEFAULTS
 from crystalae.config import check_finite, check_whole
+from crystalae.generate import (
+    alter,
+    decode_to_structures,
+    encode,
+    interpolate,
+    sample,
+)
+from crystalae.loading import load_model
+from crystalae.reconstruct import reconstruct_densities, unknown_elements
 from crystalae.sources import StructureError, check_structure, list_entries, load_structure, reduce_cell
 from crystalae.voxelize import Density, VoxelizeError, voxelize
 
@@ -38,57 +49,17 @@ StructureLike = Union[Structure, "Atoms", str, Path]  # noqa: UP007 (a string me
 
 def load(ref: str | Path, registry: str | Path | None = None, device: str | None = None,
          symprec: float | None = None) -> CrystalModel:
-    """A model ready to use, from `ref`:
-
-    - a shipped model's name (`"perov_5"`, `"carbon_24"`; see `crystalae models`);
-    - a checkpoint folder or `checkpoint.pt` file;
-    - a registry reference (`NAME`, `NAME@3`, an alias such as `champion`) in `registry`
-      (default `runs/registry`, or an `s3://` URI).
+    """A model ready to use, from `ref`: a checkpoint folder or `checkpoint.pt` file, a shipped model's
+    name (`"perov_5"`, `"carbon_24"`; see `crystalae models`), or a registry reference (`NAME`, `NAME@3`,
+    an alias such as `champion`) in `registry` (default `runs/registry`, or an `s3://` URI): the same
+    references as `crystalae generate --model` (`crystalae.loading`).
 
     `device` defaults to CUDA when available. `symprec` (Å) snaps decoded crystals to their symmetry
     (`crystalae.symmetry`; 0: the raw decode; default: the model's own setting). Raises `LookupError`
     when `ref` names nothing, `crystalae.checkpoint.CheckpointError` when the file is not a usable
     checkpoint.
     """
-    from crystalae.symmetry import set_symprec
-
-    path = _locate(ref, registry)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    _check_device(device)
-    return CrystalModel(set_symprec(load_checkpoint(path, device=device), symprec), str(ref))
-
-
-def _check_device(device: Any) -> None:
-    """A device torch has here; else one ValueError (torch says 'Expected one of cpu, cuda, ipu, xpu, ...'
-    for a typo and raises an AssertionError for CUDA in a CPU-only build)."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N, mps)") from None
-    if parsed.type == "cuda":
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (parsed.index or 0) >= gpus:
-            raise ValueError(f"device {device!r}: this machine has {gpus} CUDA GPU{'' if gpus == 1 else 's'} "
-                             "torch can use (give device='cpu')")
-
-
-def _locate(ref: str | Path, registry: str | Path | None) -> Path:
-    if not str(ref).strip():
-        raise LookupError("give a model: a shipped name (perov_5), a checkpoint path or a registry reference")
-    if Path(ref).exists():
-        return Path(ref)
-    text = str(ref)
-    if isinstance(ref, Path) or "/" in text or "\\" in text or text.startswith(("~", ".")) or text.endswith(".pt"):
-        # a path, not a model name (names hold no slashes): say it is missing, not that the name is invalid
-        raise LookupError(f"{text}: no such checkpoint folder or file (the path does not exist)")
-    from crystalae.locations import REGISTRY
-    from crystalae.registry import RegistryError, find_model
-
-    try:  # the same lookup as `--model`: a shipped name, then the registry
-        return find_model(str(ref), registry if registry is not None else REGISTRY)
-    except RegistryError as exc:
-        raise LookupError(f"{ref!r} is not a checkpoint path: {exc}") from None
+    return CrystalModel(load_model(ref, registry, device=device, symprec=symprec), str(ref))
 
 
 def as_structures(items: StructureLike | Iterable[StructureLike]) -> list[Structure]:
@@ -156,8 +127,6 @@ class CrystalModel:
         Raises `crystalae.sources.StructureError` naming the first structure that cannot be used
         (too many atoms, atoms closer than 0.5 Å, elements outside the model's range).
         """
-        from crystalae.generate import unknown_elements
-
         voxel = self.loaded.voxel
         out = []
         for k, structure in enumerate(as_structures(structures)):
@@ -175,8 +144,6 @@ class CrystalModel:
     @torch.no_grad()
     def encode(self, structures: StructureLike | Iterable[StructureLike]) -> np.ndarray:
         """Posterior means, an array (n, latent_dim), of `structures`."""
-        from crystalae.generate import encode
-
         densities = self.densities(structures)
         return np.concatenate([encode(self.loaded, densities[i : i + 64]).float().cpu().numpy()
                                for i in range(0, len(densities), 64)]) if densities else np.zeros((0, self.latent_dim))
@@ -184,46 +151,41 @@ class CrystalModel:
     def decode(self, latents: np.ndarray | torch.Tensor | Sequence[Sequence[float]]) -> list[Structure | None]:
         """Crystals from latents (n, latent_dim); None where a latent decodes to no atoms or an
         impossible cell. Raises ValueError for a box model, which needs the input's lattice."""
-        from crystalae.generate import decode_to_structures
-
         return decode_to_structures(self.loaded, self._latents(latents))
 
     def reconstruct(self, structures: StructureLike | Iterable[StructureLike]) -> list[Structure | None]:
         """Each structure encoded and decoded again (what `crystalae reconstruct` scores)."""
-        from crystalae.generate import reconstruct_densities
-
         return reconstruct_densities(self.loaded, self.densities(structures))
 
-    def sample(self, n: int, seed: int | None = None, temperature: float | None = None,
+    def sample(self, n: int, seed: int = DEFAULTS.seed, temperature: float | None = None,
                prior: str = "auto") -> list[Structure | None]:
         """`n` new crystals from the latent prior stored with the model (see `crystalae.prior.PRIORS`);
-        `temperature` scales its spread (None: the spread stored with it). `seed` None draws a fresh one.
-        Raises ValueError for a negative or fractional `n`, and for a model without a fitted prior unless
-        `prior="normal"` (the message names `crystalae fit-prior`)."""
-        from crystalae.generate import sample
-
-        if seed is None:
-            seed = int(np.random.default_rng().integers(2**31))
+        `temperature` scales its noise (None: the one stored with it). The same `seed` gives the same
+        crystals (as `crystalae generate --seed`). Raises ValueError for a negative or fractional `n`,
+        and for a model without a fitted prior unless `prior="normal"` (the message names
+        `crystalae fit-prior`)."""
         return sample(self.loaded, n, seed, prior, temperature)
 
-    def interpolate(self, a: StructureLike, b: StructureLike, steps: int = 8) -> list[Structure | None]:
+    def interpolate(self, a: StructureLike, b: StructureLike,
+                    steps: int = DEFAULTS.interpolate_steps) -> list[Structure | None]:
         """`steps` crystals decoded along the straight line between the latents of `a` and `b`."""
-        from crystalae.generate import interpolate
-
         steps = check_whole(steps, "steps", 2, 1000)  # as `generate --steps`
         first, second = self.densities([*as_structures(a)[:1], *as_structures(b)[:1]])
         return interpolate(self.loaded, first, second, steps)
 
-    def alter(self, structure: StructureLike, scale: float = 0.1, n: int = 1, seed: int = 0) -> list[Structure | None]:
-        """`n` variants of `structure`: its latent moved by `scale` times unit Gaussian noise."""
-        from crystalae.generate import alter
-
-        n = check_whole(n, "n", 0, 10_000)  # as `generate --count` (0: none)
+    def alter(self, structure: StructureLike, scale: float = DEFAULTS.alter_scale, count: int = DEFAULTS.alter_count,
+              seed: int = DEFAULTS.seed, *, n: int | None = None) -> list[Structure | None]:
+        """`count` variants of `structure`: its latent moved by `scale` times unit Gaussian noise (`n` is
+        the old name of `count`, read until 1.0)."""
+        if n is not None:
+            warnings.warn("CrystalModel.alter(n=...) is now alter(count=...)", DeprecationWarning, stacklevel=2)
+            count = n
+        count = check_whole(count, "count", 0, 10_000)  # as `generate --count` (0: none)
         scale = check_finite(scale, "scale", 0, 100)  # as `generate --scale`
         seed = check_whole(seed, "seed", 0, 2**63 - 1)
-        if n == 0:
+        if count == 0:
             return []
-        return alter(self.loaded, self.densities(as_structures(structure)[:1])[0], scale, n, seed)
+        return alter(self.loaded, self.densities(as_structures(structure)[:1])[0], scale, count, seed)
 
     def _latents(self, latents: Any) -> torch.Tensor:
         z = torch.as_tensor(np.asarray(latents, dtype=np.float32))

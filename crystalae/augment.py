@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import itertools
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from crystalae.config import VoxelConfig
+from crystalae.config import TrainConfig, VoxelConfig
 from crystalae.voxelize import voxelize_arrays
-
-if TYPE_CHECKING:
-    from crystalae.training import TrainConfig
 
 __all__ = ["augment", "substitutes"]
 

@@ -17,8 +17,10 @@ from typing import Any
 
 from crystalae import __version__
 from crystalae.cli_args import Parser, add_config_options, count, given, location, number
+from crystalae.config import GENERATE_DEFAULTS as DEFAULTS
 from crystalae.config import VoxelConfig
 from crystalae.locations import DEMO, GENERATED, REGISTRY, SWEEPS, TRAIN
+from crystalae.report_lines import format_composition_validity, format_distribution, format_metrics, format_sweep
 
 __all__ = ["build_parser", "configure_logging", "main", "voxel_config_from_args"]
 
@@ -178,7 +180,7 @@ def _report_scored(metrics: dict[str, Any], out: Path) -> None:
     OUT.details.csv is no surprise); then `_refuse_if_all_rejected`."""
     from crystalae.roundtrip import details_path, metrics_path
 
-    print(_format_metrics(metrics))
+    print(format_metrics(metrics))
     print(f"wrote {out}, {details_path(Path(out))} (per structure) and {metrics_path(Path(out))}")
     _refuse_if_all_rejected(metrics, out)
 
@@ -193,15 +195,6 @@ def _refuse_if_all_rejected(metrics: dict[str, Any], out: Path) -> None:
                          f"reasons in {details_path(Path(out))}")
 
 
-def _format_metrics(metrics: dict[str, Any]) -> str:
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.2f}%"
-
-    rms = "n/a" if metrics.get("mean_rms") is None else f"{metrics['mean_rms']:.4g}"
-    return (f"{metrics['n']} structures: match rate {pct(metrics['match_rate'])}, mean RMS {rms}, "
-            f"composition {pct(metrics['composition_accuracy'])}, atom count {pct(metrics['atom_count_accuracy'])}"
-            f" ({metrics.get('rejected_inputs', 0)} inputs rejected, {metrics.get('decode_failures', 0)} decode failures,"
-            f" {metrics.get('seconds', 0)} s)")
 
 
 def _add_demo(sub) -> None:
@@ -217,68 +210,18 @@ def _add_demo(sub) -> None:
     demo.add_argument("--workers", type=count(1, 1024), help="processes for the round trip (default: all cores)")
 
 
+
+
+
+
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the built-in demo data: round trip, sweep, promote the best, generate."""
-    from importlib.resources import as_file, files
+    from crystalae.search.demo_job import run_demo
 
-    from crystalae.checkpoint import load_checkpoint
-    from crystalae.generate import sample, write_generated
-    from crystalae.registry import Registry
-    from crystalae.roundtrip import roundtrip
-    from crystalae.search.config import load_sweep_config
-    from crystalae.search.results import SWEEP_FILE, promote_trial, sweep_dir
-    from crystalae.search.sweep import run_sweep
-
-    out = Path(args.out)
-    with as_file(files("crystalae.search") / "configs" / "demo.yaml") as demo_yaml:
-        config = load_sweep_config(demo_yaml)
-    print("1/5 round trip crystal -> density -> crystal on the demo set (no learning)")
-    metrics = roundtrip(config.data["source"], out / "roundtrip.csv", config.voxel_config(), workers=args.workers)
-    print("    " + _format_metrics(metrics))
-    print(f"2/5 sweep {config.name}: {config.trials} trials x {config.epochs} epochs (Ray Tune + Optuna + ASHA)")
-    storage = args.storage
-    root = sweep_dir(storage, config.name)
-    summary = run_sweep(config, storage=storage, resume=(root / SWEEP_FILE).exists())
-    print(_format_sweep(summary))
-    registry = Registry(args.registry)
-    entry = promote_trial(root, registry, alias="champion", fit_prior=True)  # a prior, so it samples well
-    print(f"3/5 promoted trial {entry['source']['trial']} epoch {entry['epoch']} as {entry['ref']} (alias champion)")
-    loaded = load_checkpoint(registry.resolve("champion"))
-    generated = write_generated(out / "generated", [(f"sample-{i:02d}", s) for i, s in enumerate(sample(loaded, 8))],
-                                overwrite=True)  # the demo's own folder: a rerun replaces it
-    print(f"4/5 generated {generated['decoded']} of {generated['count']} crystals into {out / 'generated'}: "
-          f"structural validity {100 * generated['structural_validity']:.0f}%, "
-          f"{_format_composition_validity(generated)}")
-    _sample_pretrained(out / "pretrained_samples")
-    print("\nnext:\n" + _demo_next_steps(storage, args.registry))
+    run_demo(Path(args.out), args.storage, args.registry, args.workers)
     return 0
-
-
-def _demo_next_steps(storage: Path, registry: Path) -> str:
-    """The commands that pick up the demo's results, with only the flags that differ from the defaults."""
-    on_registry = "" if Path(registry) == REGISTRY else f" --registry {registry}"
-    on_storage = "" if Path(storage) == SWEEPS else f" --storage {storage}"
-    return "\n".join(f"  .venv/bin/crystalae {command}" for command in (
-        f"generate --model champion --sample 4{on_registry}", f"models{on_registry}",
-        f"dashboard{on_storage}{on_registry}"))
-
-
-def _sample_pretrained(out: Path, count: int = 8) -> None:
-    """The demo's last step: a few crystals from the shipped perov_5 model, with their validity."""
-    from crystalae.checkpoint import FILENAME, load_checkpoint
-    from crystalae.generate import sample, write_generated
-    from crystalae.pretrained import PRETRAINED
-
-    folder = PRETRAINED / "perov_5"
-    if not (folder / FILENAME).exists():
-        print(f"(no shipped model at {folder}: skipped sampling from it)")
-        return
-    named = [(f"perov-{i:02d}", s) for i, s in enumerate(sample(load_checkpoint(folder), count))]
-    summary = write_generated(out, named, overwrite=True)
-    formulas = ", ".join(s.composition.reduced_formula for _, s in named if s is not None)
-    print(f"5/5 sampled {count} crystals from the shipped perov_5 model into {out}: {formulas}; "
-          f"structural validity {100 * summary['structural_validity']:.0f}%, "
-          f"{_format_composition_validity(summary)}")
 
 
 def _add_train(sub) -> None:
@@ -301,14 +244,15 @@ def _add_train(sub) -> None:
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """The _TRAIN_OPTIONS from TrainConfig's fields (added when `train` is parsed: crystalae.training loads torch)."""
-    from crystalae.training import TrainConfig
+    from crystalae.config import TrainConfig
 
     group = parser.add_argument_group("training (override --config's `train:` section; defaults: TrainConfig)")
     add_config_options(group, TrainConfig, _TRAIN_OPTIONS, helps=_TRAIN_HELP)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from crystalae.training import TrainConfig, read_train_spec, train
+    from crystalae.config import TrainConfig
+    from crystalae.training import read_train_spec, train
 
     if args.from_trial is not None:
         return _retrain(args)
@@ -377,24 +321,17 @@ def _retrain(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
-    import torch
-
-    from crystalae.checkpoint import load_checkpoint
-    from crystalae.symmetry import set_symprec
+    from crystalae.loading import load_model
 
     if (args.checkpoint is None) == (getattr(args, "model", None) is None):
-        raise ValueError("give exactly one of --checkpoint PATH or --model NAME[@VERSION]|ALIAS")
-    path = args.checkpoint
-    if path is None:
-        from crystalae.registry import find_model
-
-        path = find_model(args.model, args.registry)
-    device = "cuda" if torch.cuda.is_available() and not getattr(args, "cpu", False) else "cpu"
-    loaded = set_symprec(load_checkpoint(path, device=device), getattr(args, "symprec", None))
+        raise ValueError("give exactly one of --checkpoint PATH or --model NAME[@VERSION]|ALIAS|PATH")
+    loaded = load_model(args.checkpoint if args.checkpoint is not None else args.model, args.registry,
+                        device="cpu" if getattr(args, "cpu", False) else None, symprec=getattr(args, "symprec", None))
     voxel, prior = loaded.voxel, loaded.meta.get("latent_prior")
-    log.debug("model %s: %s, epoch %s, latent %d, grid %d^3, sigma %.3g A, %s representation, on %s, prior %s",
-              _model_ref(args), path, loaded.meta.get("epoch"), loaded.model_config.latent_dim, voxel.grid, voxel.sigma,
-              voxel.representation, device, prior.get("kind", "fitted") if isinstance(prior, dict) else "none")
+    log.debug("model %s: epoch %s, latent %d, grid %d^3, sigma %.3g A, %s representation, on %s, prior %s",
+              _model_ref(args), loaded.meta.get("epoch"), loaded.model_config.latent_dim, voxel.grid, voxel.sigma,
+              voxel.representation, next(loaded.model.parameters()).device,
+              prior.get("kind", "fitted") if isinstance(prior, dict) else "none")
     return loaded
 
 
@@ -403,8 +340,8 @@ def _model_ref(args: argparse.Namespace) -> str:
     reference."""
     from crystalae.pretrained import pretrained_models
 
-    if args.checkpoint is not None:
-        return str(args.checkpoint)
+    if args.checkpoint is not None or Path(args.model).exists():
+        return str(args.checkpoint if args.checkpoint is not None else args.model)
     if args.model in {m["name"] for m in pretrained_models()}:
         return f"{args.model} (shipped)"
     return f"{args.model} (registry {args.registry})"
@@ -413,8 +350,8 @@ def _model_ref(args: argparse.Namespace) -> str:
 def _add_model_options(parser: argparse.ArgumentParser, example: str = "") -> None:
     """--checkpoint or --model (+ --registry), read by _load_model, and --cpu."""
     parser.add_argument("--checkpoint", type=Path, help="checkpoint folder, e.g. pretrained/perov_5 (or give --model)")
-    parser.add_argument("--model", help="a shipped model (perov_5, carbon_24) or a registry model: NAME, "
-                        "NAME@VERSION or an alias" + example)
+    parser.add_argument("--model", help="a shipped model (perov_5, carbon_24), a registry model: NAME, "
+                        "NAME@VERSION or an alias" + example + ", or a checkpoint path (as crystalae.load)")
     parser.add_argument("--registry", default=str(REGISTRY), help="registry folder or URI that --model names")
     parser.add_argument("--symprec", type=float, metavar="ANGSTROM",
                         help="snap decoded crystals to the space group they have within this many Å (default: "
@@ -433,7 +370,7 @@ def _add_reconstruct(sub) -> None:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from crystalae.generate import reconstruct
+    from crystalae.reconstruct import reconstruct
 
     _check_output_file(args.out)
     metrics = reconstruct(_load_model(args), args.source, args.out, limit=args.limit, model_ref=_model_ref(args))
@@ -450,18 +387,18 @@ def _add_generate(sub) -> None:
     gen.add_argument("--interpolate", nargs=2, metavar=("ID_A", "ID_B"),
                      help="decode the straight path between two --source crystals' latent codes")
     gen.add_argument("--steps", type=count(2, 1000), help="crystals along the --interpolate path, ends "
-                     "included (default 5)")
+                     f"included (default {DEFAULTS.interpolate_steps})")
     gen.add_argument("--alter", metavar="ID", help="decode variants of this --source crystal: its latent code plus noise")
-    gen.add_argument("--scale", type=number(0, 100), help="latent noise scale for --alter (default 0.5)")
-    gen.add_argument("--count", type=count(1, 10_000), help="variants for --alter (default 4)")
+    gen.add_argument("--scale", type=number(0, 100), help=f"latent noise scale for --alter (default {DEFAULTS.alter_scale:g})")
+    gen.add_argument("--count", type=count(1, 10_000), help=f"variants for --alter (default {DEFAULTS.alter_count})")
     gen.add_argument("--source", help="where --interpolate/--alter ids live (structure source)")
     gen.add_argument("--prior", choices=("auto", "fitted", "posterior", "normal"), default="auto",
                      help="--sample from the Gaussian fitted to the training codes (fitted), around the training "
                           "codes (posterior), or N(0, I) (normal); auto: the kind stored with the checkpoint's prior")
     gen.add_argument("--temperature", type=number(0, 10),
-                     help="spread of --sample: Gaussian noise scale (default: the one stored with the prior; "
+                     help="temperature of --sample: the Gaussian noise scale (default: the one stored with the prior; "
                           "1 for fitted and normal, 0.1 for posterior)")
-    gen.add_argument("--seed", type=count(0, 2**63 - 1), default=0, help="random seed of --sample and --alter")
+    gen.add_argument("--seed", type=count(0, 2**63 - 1), default=DEFAULTS.seed, help="random seed of --sample and --alter")
     _add_generate_extras(gen)
     gen.add_argument("--overwrite", action="store_true", help="replace an earlier run's crystals in --out")
     gen.add_argument("--cpu", action="store_true", help="stay on CPU even when a GPU is present")
@@ -486,6 +423,7 @@ def _add_generate_extras(gen: argparse.ArgumentParser) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from crystalae import generate
     from crystalae.provenance import provenance as make_provenance
+    from crystalae.search.training_set import training_set
 
     generate.check_generate_folder(args.out, args.overwrite)
     _check_generate_options(args)
@@ -495,9 +433,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.sample:  # refused here, before any sampling, when the model has no prior for it
         from crystalae.prior import resolve_prior
 
-        kind, spread = resolve_prior(loaded, args.prior, args.temperature, str(args.checkpoint or "CKPT"))
-        provenance["prior"] = {"kind": kind, "temperature": spread}
-        print(f"sampling {args.sample} latents from the {kind} prior at spread {spread:g}"
+        kind, temperature = resolve_prior(loaded, args.prior, args.temperature, str(args.checkpoint or "CKPT"))
+        provenance["prior"] = {"kind": kind, "temperature": temperature}
+        print(f"sampling {args.sample} latents from the {kind} prior at temperature {temperature:g}"
               + (" (the kind stored with the model)" if args.prior == "auto" else ""))
     started = time.monotonic()
     named, interrupted = _generated(args, loaded)
@@ -515,18 +453,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         reference = generate.reference_structures(args.reference, args.reference_limit)
     summary = generate.write_generated(args.out, named, overwrite=args.overwrite, reference=reference,
                                        cutoffs=tuple(args.cutoffs), provenance=provenance,
-                                       training=generate.training_set(loaded),
+                                       training=training_set(loaded),
                                        relaxation=provenance.get("relaxation", {}).get("per_crystal"))
     novelty = ("" if summary["novelty"] is None else f", {100 * summary['novelty']:.0f}% novel")
     print(f"wrote {summary['decoded']} of {summary['count']} crystals to {args.out}: structural validity "
-          f"{100 * summary['structural_validity']:.1f}%, {_format_composition_validity(summary)}, "
+          f"{100 * summary['structural_validity']:.1f}%, {format_composition_validity(summary)}, "
           f"{100 * summary['uniqueness']:.0f}% unique{novelty} (space groups and symmetrized CIFs"
           f"{', relaxed energies' if 'relaxation' in provenance else ''} in summary.csv)")
     if summary["novelty"] is None:
         print(summary["novelty_note"])
     if "distribution" in summary:
         print(f"against {len(reference)} reference crystals of {args.reference}: "
-              + _format_distribution(summary["distribution"]))
+              + format_distribution(summary["distribution"]))
     if interrupted:
         print(f"crystalae: interrupted: kept the {len(named)} crystals decoded so far", file=sys.stderr)
         return 130
@@ -548,7 +486,8 @@ def _relaxation_line(record: dict[str, Any], decoded: int) -> str:
 
 #: generate options that do something only with another: option -> (the option it belongs to, its default)
 _GENERATE_NEEDS: dict[str, tuple[str, Any]] = {
-    "temperature": ("sample", None), "steps": ("interpolate", 5), "scale": ("alter", 0.5), "count": ("alter", 4),
+    "temperature": ("sample", None), "steps": ("interpolate", DEFAULTS.interpolate_steps),
+    "scale": ("alter", DEFAULTS.alter_scale), "count": ("alter", DEFAULTS.alter_count),
     "source": ("interpolate", None), "relax_steps": ("relax", 100), "reference_limit": ("reference", None),
     "cutoffs": ("reference", [0.2, 4.0]),
 }
@@ -611,22 +550,8 @@ def _generated(args: argparse.Namespace, loaded) -> tuple[list[tuple[str, Any]],
     return named, False
 
 
-def _format_distribution(figures: dict[str, Any]) -> str:
-    """COV-R, COV-P, d_ρ and d_elem on one line (CDVAE's generation metrics)."""
-    def dist(x):
-        return "n/a" if x is None else f"{x:.3f}"
-
-    return (f"COV-R {100 * figures['cov_recall']:.1f}%, COV-P {100 * figures['cov_precision']:.1f}% "
-            f"(cutoffs {figures['cutoffs'][0]:g} / {figures['cutoffs'][1]:g}), "
-            f"d_rho {dist(figures['d_rho'])}, d_elem {dist(figures['d_elem'])}")
 
 
-def _format_composition_validity(summary: dict[str, Any]) -> str:
-    """The field's composition validity (SMACT, as CDVAE) and pymatgen's stricter check, labelled."""
-    smact = summary.get("composition_validity_smact")
-    field = "n/a (pip install crystalae[metrics])" if smact is None else f"{100 * smact:.1f}%"
-    return (f"composition validity {field} (SMACT, as CDVAE), "
-            f"{100 * summary['composition_validity']:.1f}% (pymatgen oxidation states)")
 
 
 def _add_fit_prior(sub) -> None:
@@ -643,7 +568,7 @@ def _add_fit_prior(sub) -> None:
                     help="how `generate` samples by default: around the training codes (posterior, better coverage) "
                          "or from the fitted Gaussian")
     fp.add_argument("--temperature", type=number(0, 10),
-                    help="default sampling spread stored with the prior (default: 0.1 posterior, 1 fitted)")
+                    help="default sampling temperature stored with the prior (default: 0.1 posterior, 1 fitted)")
 
 
 def _cmd_fit_prior(args: argparse.Namespace) -> int:
@@ -653,11 +578,11 @@ def _cmd_fit_prior(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):  # a checkpoint, a registry version...
         raise ValueError(f"--out {out} already exists: write the new checkpoint to a new folder "
                          "(checkpoints and registry versions are never rewritten)")
-    info = with_latent_prior(args.checkpoint, args.data, out, args.split, args.temperature, args.kind,
-                             args.allow_other_data)
+    info = with_latent_prior(args.checkpoint, args.data, out, split=args.split, temperature=args.temperature,
+                             kind=args.kind, allow_other_data=args.allow_other_data)
     print(f"fitted a latent prior on {info['count']} {args.split} crystals of {args.data} "
           f"(|mean| {info['mean_norm']:.3g}, typical std {info['mean_std']:.3g}); samples by default from the "
-          f"{info['kind']} prior at spread {info['temperature']:g}; wrote {args.out}")
+          f"{info['kind']} prior at temperature {info['temperature']:g}; wrote {args.out}")
     return 0
 
 
@@ -679,38 +604,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep_config(args.config, name=args.name)  # validated before Ray starts
     if args.trials is not None:
         sweep = dataclasses.replace(sweep, trials=args.trials)  # re-validated
-    from crystalae.search.results import sweep_dir
+    from crystalae.search.layout import sweep_dir
     from crystalae.search.sweep import run_sweep
 
     summary = run_sweep(sweep, storage=args.storage, address=args.address, resume=args.resume)
-    print(_format_sweep(summary))
+    print(format_sweep(summary))
     print(f"results in {sweep_dir(args.storage, sweep.name)}")
     return 0
 
 
-def _format_sweep(summary) -> str:
-    """A SweepSummary as a few lines: one per trial, with its status, epochs, best value and params."""
-    objective = summary.objective
-    lines = [f"sweep {summary.name}: {len(summary.trials)} trials, objective {objective.metric} ({objective.mode})"]
-    for t in summary.trials:
-        value = "n/a" if t.best_value is None else f"{t.best_value:.4g}"
-        match = (t.best_record.metrics.get("val_match_rate") if t.best_record else None)
-        if isinstance(match, (int, float)) and objective.metric != "val_match_rate":
-            value += f" (val match {100 * match:.0f}%)"  # the headline metric, at the same checkpoint
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
-        lines.append(f"  {t.trial_id}  {t.status:9s} epochs {t.epochs}  best {value}  {params}")
-    lines.append(_format_budget(summary.budget()))
-    return "\n".join(lines)
 
 
-def _format_budget(budget) -> str:
-    """One line: the compute a sweep spent, and how much of it came before its best result."""
-    line = f"compute: {budget.epochs} epochs, {budget.trial_seconds / 60:.1f} trial-minutes"
-    if budget.epochs_to_best is not None:
-        epochs = f"{budget.epochs_to_best} epoch" + ("" if budget.epochs_to_best == 1 else "s")
-        line += (f"; best reached after {epochs}, "
-                 f"{budget.seconds_to_best / 60:.1f} trial-minutes")
-    return line
 
 
 def _add_promote(sub) -> None:
@@ -733,63 +637,21 @@ def _add_promote(sub) -> None:
     pr.add_argument("--registry", default=str(REGISTRY), help="registry folder or URI (s3://...)")
 
 
-def _cmd_promote(args: argparse.Namespace) -> int:
-    from crystalae.checkpoint import FILENAME
-    from crystalae.registry import Registry
-    from crystalae.search.results import promote_trial, sweep_dir
-    from crystalae.uri_fs import read_json
 
-    if (args.within is not None or args.prefer) and not args.best:
-        raise ValueError("--within and --prefer choose among a sweep's trials: use them with --best")
-    if args.prefer and args.within is None:
-        raise ValueError("--prefer needs --within D (how far below the best objective a trial may be)")
-    registry = Registry(args.registry)
-    chosen = dict(name=args.name or None, alias=args.alias, metric=args.metric, mode=args.mode,  # --name '': the default
-                  fit_prior=args.fit_prior is not False)  # on by default: a trial's dataset is known
-    if args.best:
-        given = location(args.source)
-        root = given if isinstance(given, str) or given.is_dir() else sweep_dir(args.storage, args.source)
-        entry = promote_trial(root, registry, **chosen, within=args.within, prefer=args.prefer)
-    elif (Path(args.source) / FILENAME).exists():
-        if args.fit_prior:
-            raise ValueError(f"--fit-prior fits on a sweep trial's dataset, which {args.source} does not name: run "
-                             f"`crystalae fit-prior --checkpoint {args.source} --data ITS_DATASET --out NEW` first")
-        name = args.name or _checkpoint_name(Path(args.source))
-        if name is None:
-            raise ValueError(f"{args.source}: cannot derive a model name from this path; give --name NAME")
-        entry = registry.promote(args.source, name, alias=args.alias, source={"given": args.source})
-        if "latent_prior" not in read_json(Path(args.source) / "config.json"):
-            log.warning("%s has no latent prior, so `generate` refuses it until `crystalae fit-prior` adds one",
-                        entry["ref"])
-    else:
-        root, trial = _find_trial(Path(args.source), args.storage)
-        entry = promote_trial(root, registry, trial, **chosen)
+
+
+
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from crystalae.registry import Registry
+    from crystalae.search.promote import promote_source
+
+    entry = promote_source(args.source, Registry(args.registry), args.storage, best=args.best, name=args.name,
+                           alias=args.alias, metric=args.metric, mode=args.mode, within=args.within,
+                           prefer=args.prefer, fit_prior=args.fit_prior)
     print(f"promoted {entry['source']['checkpoint']} as {entry['ref']}" + (f" (alias {args.alias})" if args.alias else ""))
     return 0
-
-
-def _checkpoint_name(folder: Path) -> str | None:
-    """The default model name of a checkpoint folder: its own name (pretrained/perov_5 -> perov_5), or for a
-    Ray checkpoint_00003 folder its run's (two levels up); None when that is no valid model name."""
-    from crystalae.registry import RegistryError, check_model_name
-
-    folder = folder.resolve()
-    try:
-        return check_model_name(folder.parent.parent.name if folder.name.startswith("checkpoint_") else folder.name)
-    except RegistryError:
-        return None
-
-
-def _find_trial(source: Path, storage: str) -> tuple[str | Path, str]:
-    """RUN/TRIAL (under the sweep storage) or a trial folder -> (its sweep folder, the trial id)."""
-    from crystalae.search.results import is_sweep, sweep_dir, trial_folder
-    from crystalae.uri_fs import is_remote, list_files
-
-    root = source.parent.parent if source.is_dir() else sweep_dir(storage, str(source.parent))
-    folder = trial_folder(root, source.name)
-    if (list_files(folder) if is_remote(folder) else Path(folder).is_dir()) and is_sweep(root):
-        return root, source.name
-    raise ValueError(f"{source}: not a checkpoint folder, a trial folder or RUN/TRIAL under {storage}")
 
 
 def _add_alias(sub) -> None:

@@ -1,20 +1,30 @@
-"""Voxelization settings: one frozen dataclass, stored in every shard manifest and checkpoint."""
+"""Configuration as data: `VoxelConfig` (stored in every shard manifest and checkpoint), `TrainConfig`, the
+generation defaults, and `StrictConfig`, the frozen dataclasses that check themselves (with the renamed fields
+still read)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import re
 import types
 import typing
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, TypeVar
 
 __all__ = [
-    "BoxMode", "ConfigError", "MAX_GRID", "MAX_Z", "NAME", "Objective", "Reduction", "Representation", "StrictConfig",
-    "VoxelConfig", "blank_problem", "check_finite", "check_name", "check_whole", "field_names", "grid_problem",
-    "in_range", "is_score", "searchable", "set_by",
+    "GENERATE_DEFAULTS", "GenerateDefaults", "RENAMED_FIELDS", "TrainConfig", "current_names", "ConfigError",
+    "MAX_Z", "NAME", "Objective", "StrictConfig", "VoxelConfig", "blank_problem", "check_finite", "check_name",
+    "check_whole", "field_names", "grid_problem", "in_range", "is_score", "searchable", "set_by",
 ]
+
+log = logging.getLogger(__name__)
+
+#: configuration fields that were renamed: old name -> new name. The old names are still read (with a
+#: one-line deprecation message where a user wrote them) until crystalae 1.0.
+RENAMED_FIELDS = {"seg_weight": "species_weight"}
 
 Representation = Literal["cell", "box"]
 BoxMode = Literal["unit_cell", "lattice"]
@@ -136,6 +146,20 @@ def grid_problem(grid: int) -> str | None:
     return None
 
 
+def current_names(data: dict[str, Any], where: str | None = None) -> dict[str, Any]:
+    """`data` with renamed fields (`RENAMED_FIELDS`) under their new names. `where` (a file or section a
+    user wrote) gets one deprecation line per old name; records crystalae wrote itself are read silently."""
+    old = [k for k in data if k in RENAMED_FIELDS]
+    for key in old:
+        if RENAMED_FIELDS[key] in data:
+            raise ConfigError(f"{where or 'config'}: {key!r} and {RENAMED_FIELDS[key]!r} are one field; give only "
+                              f"{RENAMED_FIELDS[key]!r}")
+        if where is not None:
+            log.warning("%s: %r is now called %r (the old name is read until crystalae 1.0)", where, key,
+                        RENAMED_FIELDS[key])
+    return {RENAMED_FIELDS.get(k, k): v for k, v in data.items()} if old else data
+
+
 class StrictConfig:
     """Frozen config dataclasses that check themselves: field types (from the annotations), then the
     ranges in `problems()`; `as_dict` / strict `from_dict` (unknown keys raise)."""
@@ -159,6 +183,7 @@ class StrictConfig:
         """Strict: unknown keys raise, so a typo never silently falls back to a default."""
         if not isinstance(data, dict):
             raise ConfigError(f"{cls.__name__} must be a mapping of field: value, got {type(data).__name__}")
+        data = current_names(data)  # checkpoints and sweep records written before a rename
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} keys: {sorted(map(str, unknown))}")
@@ -267,3 +292,87 @@ class VoxelConfig(StrictConfig):
             in_range(self, "cutoff_sigmas", 2, 10),
             in_range(self, "seed", 0),
         ]
+
+
+@dataclass(frozen=True)
+class TrainConfig(StrictConfig):
+    """Optimisation and loss weights; model architecture lives in ModelConfig."""
+
+    epochs: int = set_by(20, "sweep budget")  # (in a sweep; `crystalae train` takes it directly)
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    beta: float = 1e-3  # KL weight (KL is averaged over latent dims, reconstruction over voxels)
+    species_weight: float = 1.0  # lambda: species cross-entropy (segmenter voxels or site-head atoms)
+    lattice_weight: float = 1.0
+    count_weight: float = 1.0  # cross-entropy of the atom-count head (models with count_head)
+    # Divide the reconstruction MSE by the batch's mean squared density, so its weight against the KL,
+    # species and lattice terms does not depend on the elements (carbon peaks are ~10x lower than Pb's).
+    recon_normalize: bool = True
+    background_weight: float = 0.1  # class weight of empty voxels in the cross-entropy
+    workers: int = set_by(1, "sweep resources")  # Ray Train workers (data parallel)
+    use_gpu: bool = set_by(False, "sweep resources")
+    amp: bool = True  # mixed precision (bf16) when on GPU; ignored on CPU
+    # torch threads (= CPUs Ray reserves) per worker; 0: the machine's cores / workers
+    threads: int = set_by(0, "sweep resources")
+    seed: int = 0
+    keep_checkpoints: int = 2  # best k by the score metric
+    # Clip the gradients' global norm to this before each step (None: no clipping). A carbon_24 retrain
+    # at a peak lr of 1.8e-3 blew up in one epoch (every loss term x10-30) and never came back.
+    grad_clip: float | None = None
+    eval_limit: int = 64  # validation crystals decoded end to end per epoch (StructureMatcher is slow)
+    # learning rate: "cosine" (linear warm-up, cosine decay to min_lr) or "constant"
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = 0.5
+    min_lr: float = 1e-5
+    # Augmentation of training batches (cell grids): a random whole-voxel periodic shift, which is
+    # exact, and, with probability `substitute`, each element replaced by a dataset element sharing an
+    # oxidation state, re-voxelized, so species are read from peak heights, not recalled from combinations.
+    shift: bool = True
+    substitute: float = 0.5
+    # Each training crystal described with its lattice vectors in a random order (the grid's axes
+    # permuted to match): the same crystal, so six views of every cell for heads that overfit a few
+    # thousand cells (carbon_24's lattice and count heads).
+    permute_axes: bool = False
+    negatives: int = 8  # random empty positions per crystal that teach the site head "no atom here"
+    # Site-head targets spread over elements of nearby Z (Gaussian, this many Z units; 0 = one-hot), so
+    # rare elements learn from their neighbours; plus a Z regression term of this weight.
+    species_smoothing: float = 1.5
+    z_weight: float = 1.0
+    # Keep each worker's decoded share of the training shards in memory after the first epoch: without
+    # it every epoch re-reads the Parquet files (one at a time). Turn off when a share exceeds memory.
+    cache_dataset: bool = True
+
+    def problems(self) -> list[str | None]:
+        positive = {"epochs": 100_000, "batch_size": 4096, "workers": 1024, "keep_checkpoints": 1000}
+        non_negative = {"weight_decay": 1.0, "beta": None, "species_weight": None, "lattice_weight": None,
+                        "count_weight": None, "background_weight": None, "threads": 1024, "seed": None,
+                        "eval_limit": 100_000, "warmup_epochs": None, "min_lr": None, "negatives": 1024,
+                        "species_smoothing": 100.0, "z_weight": None}
+        return [
+            None if self.grad_clip is None else in_range(self, "grad_clip", 0, low_open=True),
+            *(in_range(self, k, 1, high) for k, high in positive.items()),
+            *(in_range(self, k, 0, high) for k, high in non_negative.items()),
+            in_range(self, "lr", 0, 10, low_open=True),
+            in_range(self, "substitute", 0, 1),
+        ]
+
+    def resolved(self) -> TrainConfig:
+        """`threads` 0 made concrete: this machine's cores shared among the workers."""
+        if self.threads:
+            return self
+        return replace(self, threads=max(1, (os.cpu_count() or 1) // self.workers))
+
+
+@dataclass(frozen=True)
+class GenerateDefaults:
+    """The defaults of `crystalae generate`, the API's `CrystalModel` methods and the dashboard's Generate
+    page: one set, so the same call gives the same crystals everywhere."""
+
+    seed: int = 0  # fixed, not fresh: a rerun reproduces its crystals
+    interpolate_steps: int = 5  # crystals along an interpolation, both ends included
+    alter_scale: float = 0.5  # latent noise (in units of the unit Gaussian) of an altered crystal
+    alter_count: int = 4  # variants of an altered crystal
+
+
+GENERATE_DEFAULTS = GenerateDefaults()

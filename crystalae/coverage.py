@@ -19,7 +19,7 @@ on its own data, which crystalae does not copy. crystalae fits the same z-score 
 missing feature reads as the mean) on a broad, data-independent set: 2,000 random compositions of
 2-5 elements among H-Bi without the noble gases, amounts 1-6 (seed 0). Calibration on real perov_5
 crystals (1,000 from extra.csv against 1,521 from val.csv): COV-R 89.0% / COV-P 93.4%, where CDVAE's
-scaler read 88.4% / 93.7% on 1,000 real crystals against its test set (../shared/NOTES.md); at 200
+scaler read 88.4% / 93.7% on 1,000 real crystals against its test set; at 200
 against 500 it reads 52% / 83% against CDVAE's 48% / 73%, so small batches read a little high.
 Both COV figures grow with the number of samples and reference crystals: compare models at equal
 counts, and beside real crystals scored the same way.

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "BATCH_COLUMNS", "FORMAT", "MANIFEST", "DatasetError", "WorkerShare", "column_numpy", "config_of",
-    "dataset_species", "local_dataset", "prefetched", "read_manifest", "read_table", "shard_paths", "table_batches",
+    "FORMAT", "MANIFEST", "DatasetError", "WorkerShare", "column_numpy", "config_of", "dataset_species",
+    "local_dataset", "prefetched", "read_manifest", "read_table", "table_batches",
 ]
 
 FORMAT = "crystalae-shards/2"  # 2: per-atom `sites` column
@@ -74,7 +74,7 @@ def local_dataset(folder: str | Path) -> Path:
 _VERIFIED: set[tuple[str, int, int, str]] = set()  # cached shards this process has checked, as they were
 
 
-def shard_paths(folder: str | Path) -> list[Path]:
+def _shard_paths(folder: str | Path) -> list[Path]:
     folder = local_dataset(folder)
     return [folder / s["file"] for s in read_manifest(folder)["shards"]]
 
@@ -82,7 +82,7 @@ def shard_paths(folder: str | Path) -> list[Path]:
 def read_table(folder: str | Path, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
     """All rows of a dataset (optionally one split) as one Arrow table."""
     needed = None if columns is None else list(dict.fromkeys([*columns, *(["split"] if split else [])]))
-    table = pa.concat_tables([pq.read_table(p, columns=needed) for p in shard_paths(folder)])
+    table = pa.concat_tables([pq.read_table(p, columns=needed) for p in _shard_paths(folder)])
     if split is not None:
         import pyarrow.compute as pc
 
@@ -130,7 +130,7 @@ class WorkerShare:
     """
 
     def __init__(self, data: str | Path, rank: int, world: int, batch_size: int, keep: bool, seed: int = 0):
-        self.files, self.rank, self.world = shard_paths(data), rank, world
+        self.files, self.rank, self.world = _shard_paths(data), rank, world
         self.batch_size, self.keep, self.seed = batch_size, keep, seed
         splits = [pq.read_table(f, columns=["split"]).column("split").to_numpy(zero_copy_only=False) for f in self.files]
         self.train_rows = [np.flatnonzero(s == "train") for s in splits]

@@ -8,6 +8,7 @@ when the density follows the model, which is what lets thin, supercell-like carb
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ from crystalae.voxelize import (
     voxelize_arrays,
 )
 
-__all__ = ["MAX_CELL_LENGTH", "MAX_IMAGES", "MIN_VOLUME_PER_ATOM", "SPECIES_FROM", "DecodeError", "decode"]
+__all__ = ["MAX_CELL_LENGTH", "MAX_IMAGES", "SPECIES_SOURCES", "DecodeError", "decode"]
 
 _OFFSETS = np.array(list(itertools.product((-1, 0, 1), repeat=3)))  # (27, 3)
 _x, _y, _z = _OFFSETS.T
@@ -38,8 +39,8 @@ _ALL_NUMBERS = np.arange(1, MAX_Z + 1)
 MIN_VOLUME_PER_ATOM = 1.0
 # MAX_CELL_LENGTH and MAX_IMAGES (crystalae.voxelize, re-exported) keep decoding a hostile or far-off
 # prediction cheap: the lattice a latent predicts gets the same `cell_problem` check as a file's.
-# What `decode(species_from=...)` accepts: where each atom's atomic number comes from.
-SPECIES_FROM = ("labels", "composition", "density")
+# What `decode(species_source=...)` accepts: where each atom's atomic number comes from.
+SPECIES_SOURCES = ("labels", "composition", "density")
 
 
 class DecodeError(ValueError):
@@ -48,24 +49,26 @@ class DecodeError(ValueError):
 
 def decode(
     density: Density,
-    species_from: str = "labels",
+    species_source: str = "labels",
     composition: Composition | str | None = None,
+    *,
     iterations: int = 8,
     min_height: float | None = None,
     elements: tuple[int, ...] | None = None,
     max_peaks: int | None = None,
     atoms: int | None = None,
+    species_from: str | None = None,
 ) -> Structure:
     """Read a crystal back from a density grid.
 
     Steps: refuse inputs no crystal can be read from; find the distinct density peaks (optionally
     exactly `atoms` of them); refine their positions together; give each an atomic number.
 
-    species_from: where atomic numbers come from (one of `SPECIES_FROM`). "labels" takes each atom's
+    species_source: where atomic numbers come from (one of `SPECIES_SOURCES`). "labels" takes each atom's
         number from `density.labels` at its peak voxel (peaks on label 0 are dropped); "composition"
         hands the known `composition` out to the peaks by fitted peak height (peaks left over are
         dropped); "density" rounds each fitted peak height to the nearest atomic number among `elements`.
-    composition: the known composition, for species_from="composition" (ignored otherwise).
+    composition: the known composition, for species_source="composition" (ignored otherwise).
     iterations: at most this many refinement rounds (fewer once no peak moves 1e-6 voxel).
     min_height: electrons / Å^3 a peak must exceed (default: half the peak of a hydrogen atom).
     elements: atomic numbers the fitted peak heights are rounded to (default: all).
@@ -77,9 +80,13 @@ def decode(
     Returns the structure on `density.lattice`, fractional coordinates wrapped into [0, 1), with each
     site's fitted peak height (e/Å^3) as the "peak_height" site property.
     Raises DecodeError when no crystal can be read (the message says why) and ValueError for an
-    unknown `species_from`.
+    unknown `species_source`. (`species_from` is its old name, read until crystalae 1.0; a model's
+    `species_from` names its species reader: site head, segmenter or density.)
     """
-    species, min_height = _validate(density, species_from, composition, min_height, atoms)
+    if species_from is not None:
+        warnings.warn("decode(species_from=...) is now decode(species_source=...)", DeprecationWarning, stacklevel=2)
+        species_source = species_from
+    species, min_height = _validate(density, species_source, composition, min_height, atoms)
     pos, weight, numbers = _find_peaks(density, min_height, max_peaks, species.labels)
     candidates = _ALL_NUMBERS if elements is None else np.array(sorted(elements), dtype=int)
     if atoms is not None:
@@ -96,7 +103,7 @@ def decode(
 
 @dataclass(frozen=True)
 class _Species:
-    """`decode`'s `species_from`, read once (by `_species`): what the other steps need of it.
+    """`decode`'s `species_source`, read once (by `_species`): what the other steps need of it.
 
     labels: the grid peaks take their atomic numbers from ("labels"); None: numbers follow the
     fitted peak heights while refining. composition: the known composition handed out at the end
@@ -107,28 +114,28 @@ class _Species:
     composition: Composition | str | None = None
 
 
-def _species(species_from: str, density: Density, composition: Composition | str | None) -> _Species:
-    """The one place `species_from` is read; refuses a mode whose input is missing."""
-    if species_from == "labels":
+def _species(species_source: str, density: Density, composition: Composition | str | None) -> _Species:
+    """The one place `species_source` is read; refuses a mode whose input is missing."""
+    if species_source == "labels":
         if density.labels is None:
-            raise DecodeError("species_from='labels' needs a labels grid")
+            raise DecodeError("species_source='labels' needs a labels grid")
         return _Species(labels=density.labels)
-    if species_from == "composition":
+    if species_source == "composition":
         if composition is None:
-            raise DecodeError("species_from='composition' needs a composition")
+            raise DecodeError("species_source='composition' needs a composition")
         return _Species(composition=composition)
-    if species_from == "density":
+    if species_source == "density":
         return _Species()
-    raise ValueError(f"species_from must be one of {SPECIES_FROM}, got {species_from!r}")
+    raise ValueError(f"species_source must be one of {SPECIES_SOURCES}, got {species_source!r}")
 
 
-def _validate(density: Density, species_from: str, composition, min_height: float | None,
+def _validate(density: Density, species_source: str, composition, min_height: float | None,
               atoms: int | None) -> tuple[_Species, float]:
     """Refuse, cheaply and before any peak is searched, what no crystal can be read from.
     Returns the species source and the peak height threshold (its default filled in)."""
     if atoms is not None and (atoms < 1 or not density.periodic):
         raise DecodeError(f"atoms={atoms}: needs a positive count and a periodic (cell) grid")
-    species = _species(species_from, density, composition)
+    species = _species(species_source, density, composition)
     if min_height is None:
         min_height = 0.5 * float(gaussian_norm(atom_sigmas(np.array([1]), density.config))[0])
     if not np.isfinite(np.asarray(density.values)).all():

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "MAX_YAML_VALUES", "atomic_path", "atomic_write", "json_text", "load_yaml", "read_yaml_mapping", "sha256_file",
-    "write_json", "write_text",
+    "atomic_path", "atomic_write", "json_text", "load_yaml", "read_yaml_mapping", "sha256_file", "write_json",
+    "write_text",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Use a trained model: reconstruct a source, sample from the prior, interpolate, alter.
+"""Use a trained model: sample from the prior, interpolate, alter, and write the crystals with their checks.
 
 Every generated crystal is checked as in CDVAE: structural validity (all interatomic distances
 > 0.5 Å) and composition validity (SMACT); a batch can be scored against reference crystals with
@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,23 +20,26 @@ from pymatgen.core import Structure
 from tqdm.auto import tqdm
 
 from crystalae.checkpoint import LoadedModel
+from crystalae.config import GENERATE_DEFAULTS as DEFAULTS
 from crystalae.coverage import COVERAGE_CUTOFFS
 from crystalae.files import write_json, write_text
-from crystalae.locations import SWEEPS
-from crystalae.metrics import compare, structure_matcher, summarize
-from crystalae.reconstruct import decode_latents, density_scale, structures_from_outputs
+from crystalae.metrics import structure_matcher
+from crystalae.prior import sample_latents
+from crystalae.readout import decode_latents, decoding_options, outputs_to_structures
 from crystalae.sources import StructureError, list_entries, load_structure, reduce_cell
-from crystalae.symmetry import decoding_symprec
+from crystalae.symmetry import spacegroup, symmetrize
+from crystalae.units import density_scale
 from crystalae.validity import smact_valid, structure_valid
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
 __all__ = [
     "GenerationInterrupted", "TrainingSet", "alter", "check_generate_folder", "decode_to_structures", "encode",
-    "interpolate", "outputs_to_structures", "reconstruct", "reference_structures", "sample", "training_set", "triage",
+    "interpolate", "reference_structures", "sample", "triage",
     "validity", "voxelized_source", "write_generated",
 ]
 
 log = logging.getLogger(__name__)
+
 
 
 def validity(structure: Structure | None, min_distance: float = 0.5) -> dict[str, bool | None]:
@@ -97,18 +99,16 @@ def decode_to_structures(loaded: LoadedModel, z: torch.Tensor, densities: list |
                          batch_size: int = 64, reconstructing: bool = False) -> list[Structure | None]:
     """Latents -> crystals; box models borrow lattice and origin from the input densities. Decoded in
     batches, so memory does not grow with the number of latents. `reconstructing`: the latents are
-    encodings of `densities` (see `outputs_to_structures` for what that changes)."""
-    if loaded.model.vae.lattice is None and densities is None:
-        raise ValueError("this model uses the box representation, which carries no lattice: "
-                         "it can reconstruct but not generate crystals; train on the cell representation")
+    encodings of `densities` (see `crystalae.readout.decoding_options` for what that changes)."""
+    decoding_options(loaded, densities)  # a box model without densities is refused before any decoding
     structures: list[Structure | None] = []
     with tqdm(total=len(z), desc="decode", unit="crystal", disable=None if len(z) > batch_size else True) as bar:
         try:
             for start in range(0, len(z), batch_size):
                 outputs = decode_latents(loaded.model, loaded.voxel, z[start : start + batch_size])
-                structures += outputs_to_structures(loaded, outputs,
-                                                    None if densities is None else densities[start : start + batch_size],
-                                                    reconstructing)
+                part = None if densities is None else densities[start : start + batch_size]
+                structures += outputs_to_structures(loaded.model, loaded.voxel, outputs,
+                                                    **decoding_options(loaded, part, reconstructing))
                 bar.update(len(outputs["density"]))
         except KeyboardInterrupt:
             raise GenerationInterrupted(structures) from None
@@ -123,87 +123,22 @@ class GenerationInterrupted(KeyboardInterrupt):
         self.structures = structures
 
 
-def outputs_to_structures(loaded: LoadedModel, outputs: dict[str, Any], densities: list | None = None,
-                          reconstructing: bool = False) -> list[Structure | None]:
-    """Decoder outputs (`decode_latents`) -> crystals; box models take lattice and origin from `densities`.
-    Crystals are snapped to their symmetry as `crystalae.symmetry.decoding_symprec` says: a
-    reconstruction (`reconstructing`) at the model's tolerance chosen on validation, a sample raw,
-    either at the user's tolerance where one was set."""
-    symprec = decoding_symprec(loaded, reconstructing)
-    if loaded.model.vae.lattice is not None:
-        return structures_from_outputs(loaded.model, loaded.voxel, outputs, symprec=symprec)
-    return structures_from_outputs(loaded.model, loaded.voxel, outputs, np.stack([d.lattice for d in densities]),
-                                   np.stack([d.origin for d in densities]), symprec=symprec)
-
-
-def reconstruct(loaded: LoadedModel, source: str | Path, out: str | Path, limit: int | None = None,
-                batch_size: int = 32, model_ref: str | None = None) -> dict[str, Any]:
-    """Encode -> decode -> atoms -> species for every structure; same outputs as `roundtrip`.
-    `model_ref` (how the model was named) is recorded in the metrics' provenance."""
-    from crystalae.provenance import provenance
-    from crystalae.roundtrip import first_rejection, write_results
-
-    started = time.perf_counter()
-    items = voxelized_source(loaded, source, limit=limit)
-    good = [it for it in items if "density" in it]
-    _warn_unknown_elements(loaded, [it["structure"] for it in good])
-    for it, predicted in zip(good, reconstruct_densities(loaded, [it["density"] for it in good], batch_size)):
-        it.update(compare(predicted, it["structure"]))
-        it["cif"] = predicted.to(fmt="cif") if predicted is not None else ""
-        it["error"] = "" if predicted is not None else "no atoms decoded"
-    rows = [{"cif": "", "error": "", **it} for it in items]
-    valid = [r for r in rows if "density" in r]  # read and voxelized; the rest are rejected inputs
-    metrics = {"source": str(source), "entries": len(rows), "rejected_inputs": len(rows) - len(valid),
-               "first_rejection": first_rejection(rows),
-               "decode_failures": sum(1 for r in valid if r["error"]), **summarize(valid),
-               "seconds": round(time.perf_counter() - started, 2), "provenance": provenance(model_ref)}
-    write_results(Path(out), rows, metrics)
-    return metrics
-
-
-def reconstruct_densities(loaded: LoadedModel, densities: list, batch_size: int = 32) -> list[Structure | None]:
-    """Each density encoded and decoded again, in batches (the input's lattice serves box models)."""
-    out: list[Structure | None] = []
-    with tqdm(total=len(densities), desc="reconstruct", unit="crystal", disable=None) as bar:
-        for start in range(0, len(densities), batch_size):
-            part = densities[start : start + batch_size]
-            out += decode_to_structures(loaded, encode(loaded, part), part, reconstructing=True)
-            bar.update(len(part))
-    return out
-
-
-def unknown_elements(loaded: LoadedModel, structure: Structure) -> list[str]:
-    """Symbols of the elements of `structure` the model was never trained on (none for a model that
-    records no species)."""
-    known = set(loaded.model_config.species)
-    return sorted(el.symbol for el in structure.composition.elements if known and el.Z not in known)
-
-
-def _warn_unknown_elements(loaded: LoadedModel, structures: list[Structure]) -> None:
-    """Say so when crystals hold elements the model never saw: their reconstructions cannot match."""
-    foreign = [unknown_elements(loaded, s) for s in structures]
-    if any(foreign):
-        elements = sorted({symbol for found in foreign for symbol in found})
-        log.warning("%d of %d crystals hold elements this model was never trained on (%s%s); their "
-                    "reconstructions cannot match", sum(map(bool, foreign)), len(structures), ", ".join(elements[:8]),
-                    " ..." if len(elements) > 8 else "")
-
-
-def sample(loaded: LoadedModel, count: int, seed: int = 0, prior: str = "auto",
+def sample(loaded: LoadedModel, count: int, seed: int = DEFAULTS.seed, prior: str = "auto",
            temperature: float | None = None) -> list[Structure | None]:
     """`count` new crystals from the latent prior (the fitted one when the checkpoint has it)."""
-    from crystalae.prior import sample_latents
-
     return decode_to_structures(loaded, sample_latents(loaded, count, seed, prior, temperature))
 
 
-def interpolate(loaded: LoadedModel, density_a, density_b, steps: int) -> list[Structure | None]:
+def interpolate(loaded: LoadedModel, density_a, density_b, steps: int = DEFAULTS.interpolate_steps
+                ) -> list[Structure | None]:
+    """`steps` crystals decoded along the straight line between the two densities' latents, ends included."""
     z = encode(loaded, [density_a, density_b])
     t = torch.linspace(0, 1, steps, device=z.device)[:, None]
     return decode_to_structures(loaded, (1 - t) * z[0] + t * z[1])
 
 
-def alter(loaded: LoadedModel, density, scale: float, count: int = 1, seed: int = 0) -> list[Structure | None]:
+def alter(loaded: LoadedModel, density, scale: float = DEFAULTS.alter_scale, count: int = DEFAULTS.alter_count,
+          seed: int = DEFAULTS.seed) -> list[Structure | None]:
     """Decode the crystal's latent moved by `scale` x unit Gaussian noise (count variants)."""
     z = encode(loaded, [density])
     generator = torch.Generator().manual_seed(seed)
@@ -259,8 +194,6 @@ SYMPREC = 0.1  # Å: spglib's tolerance for a decoded crystal's space group (dec
 def _symmetrized_cif(structure: Structure, path: Path) -> str:
     """Write the ideal crystal of `structure`'s space group (within SYMPREC) to `path`, a CIF with its
     symmetry operations; returns the file's name."""
-    from crystalae.symmetry import symmetrize
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         write_text(path, symmetrize(structure, SYMPREC).to(fmt="cif", symprec=SYMPREC))
@@ -311,40 +244,10 @@ class TrainingSet:
         return self._read[formula]
 
 
-def training_set(loaded: LoadedModel, sweeps: str | Path = SWEEPS) -> TrainingSet:
-    """The model's training crystals: the train split of the prepared dataset with the checkpoint's dataset
-    hash, looked for in the sweep its lineage names and in every sweep under `sweeps` (a sweep keeps the
-    datasets its trials trained on). Where none is found the set is empty and says so, rather than guess
-    from a source that may have been prepared otherwise."""
-    from pymatgen.core import Composition
-
-    from crystalae.dataset import read_table
-    from crystalae.search.results import find_sweeps, is_sweep, sweep_dataset
-
-    wanted = loaded.meta.get("dataset_hash")
-    if not wanted:
-        return TrainingSet(None, "novelty not computed: the checkpoint records no dataset hash")
-    lineage = loaded.meta.get("lineage") or {}
-    named = [lineage["sweep_dir"]] if lineage.get("sweep_dir") else []  # a retrained trial's own sweep
-    for root in [*named, *find_sweeps(sweeps)]:
-        data = sweep_dataset(root, wanted) if is_sweep(root) else None
-        if data is not None:
-            table = read_table(data, split="train", columns=["composition", "cif"])
-            cifs: dict[str, list[str]] = {}
-            for formula, cif in zip(table.column("composition").to_pylist(), table.column("cif").to_pylist()):
-                cifs.setdefault(Composition(formula).reduced_formula, []).append(cif)
-            return TrainingSet(cifs, f"against the {table.num_rows} training crystals of dataset {data}")
-    where = " or ".join(str(x) for x in [*named, sweeps])
-    return TrainingSet(None, f"novelty not computed: the training set (dataset {wanted[:12]}) is not prepared "
-                             f"in {where}")
-
-
 def triage(structures: list[Structure | None], training: TrainingSet | None = None) -> list[dict[str, Any]]:
     """What a user sorts generated crystals by, one mapping per crystal: its space group (spglib within
     SYMPREC: symbol, number; '' where none), whether it is the first of its kind in the batch (`unique`) and
     whether it is `novel` against the model's training set (None where unknown)."""
-    from crystalae.symmetry import spacegroup
-
     novel = (training or TrainingSet(None, "")).novel(structures)
     rows = []
     for structure, unique, new in zip(structures, _first_of_kind(structures), novel):
@@ -369,7 +272,7 @@ def relaxed_columns(relaxation: dict[str, list] | None, count: int) -> list[dict
     return rows
 
 
-def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], overwrite: bool = False,
+def write_generated(out: str | Path, named: list[tuple[str, Structure | None]], *, overwrite: bool = False,
                     reference: list[Structure] | None = None,
                     cutoffs: tuple[float, float] = COVERAGE_CUTOFFS["perov_5"],
                     provenance: dict[str, Any] | None = None, training: TrainingSet | None = None,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from crystalae.extras import available
 
-__all__ = ["LIBRARY_LOGGERS", "library_logs_to", "verbose"]
+__all__ = ["library_logs_to", "verbose"]
 
 # the loggers each library writes to; Ray sets handlers on some of its sub-loggers itself
 LIBRARY_LOGGERS = {"ray": ("ray", "ray.tune", "ray.train", "ray.data"), "optuna": ("optuna",),

@@ -2,18 +2,14 @@
 (+ atom-count cross-entropy), and the site head's query positions and targets."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
+from crystalae.config import TrainConfig
 from crystalae.models import ModelConfig
-from crystalae.reconstruct import lattice_targets
+from crystalae.units import lattice_targets
 
-if TYPE_CHECKING:
-    from crystalae.training import TrainConfig
-
-__all__ = ["loss_terms", "site_loss", "site_targets"]
+__all__ = ["loss_terms", "site_targets"]
 
 
 def site_targets(sites: torch.Tensor, lattice: torch.Tensor, lut: torch.Tensor, negatives: int,
@@ -53,11 +49,11 @@ def loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Trai
         target = lut.to(x.device)[batch["labels"].long()]  # (B, N, N, N) class indices
         weights = torch.ones(out["species_logits"].shape[1], device=x.device)
         weights[0] = cfg.background_weight
-        terms["seg"] = F.cross_entropy(out["species_logits"].float(), target, weight=weights)
+        terms["species"] = F.cross_entropy(out["species_logits"].float(), target, weight=weights)
     if "site_logits" in out:
-        terms["seg"] = site_loss(out["site_logits"].float(), out["site_z"].float(), site_classes,
+        terms["species"] = _site_loss(out["site_logits"].float(), out["site_z"].float(), site_classes,
                                  _model_config(model).species, cfg)
-    total = recon + cfg.beta * kl + cfg.seg_weight * terms.get("seg", torch.zeros((), device=x.device))
+    total = recon + cfg.beta * kl + cfg.species_weight * terms.get("species", torch.zeros((), device=x.device))
     if "lattice" in out:
         terms["lattice"] = F.mse_loss(out["lattice"].float(), lattice_targets(batch["lattice"]).to(x.device))
         total = total + cfg.lattice_weight * terms["lattice"]
@@ -74,7 +70,7 @@ def _model_config(model: torch.nn.Module) -> ModelConfig:
     return (model.module if hasattr(model, "module") else model).config
 
 
-def site_loss(logits: torch.Tensor, z_estimate: torch.Tensor, classes: torch.Tensor, species: tuple[int, ...],
+def _site_loss(logits: torch.Tensor, z_estimate: torch.Tensor, classes: torch.Tensor, species: tuple[int, ...],
               cfg: TrainConfig) -> torch.Tensor:
     """Cross-entropy against Z-smoothed targets (empty positions stay one-hot) + z_weight * MSE(Z / 10)."""
     valid = classes != -100

@@ -11,10 +11,7 @@ from pymatgen.core import Structure
 
 from crystalae.validity import smact_valid, structure_valid
 
-__all__ = [
-    "MATCHER_SETTINGS", "compare", "reconstruction_score", "recovery", "site_confusion", "structure_matcher",
-    "summarize",
-]
+__all__ = ["compare", "reconstruction_score", "recovery", "site_confusion", "structure_matcher", "summarize"]
 
 MATCHER_SETTINGS = {"stol": 0.5, "ltol": 0.3, "angle_tol": 10}
 

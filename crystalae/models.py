@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crystalae.config import MAX_Z, StrictConfig, grid_problem, in_range, set_by
+from crystalae.config import MAX_Z, StrictConfig, VoxelConfig, grid_problem, in_range, set_by
 
 __all__ = [
-    "AttentionGate", "ConvBlock", "CrystalAE", "DensityVAE", "ModelConfig", "PAPER_PRESET", "Segmenter", "SiteHead",
-    "periodic_features", "sample_periodic",
+    "AttentionGate", "ConvBlock", "CrystalAE", "DensityVAE", "ModelConfig", "PAPER_PRESET", "Segmenter",
+    "SiteHead", "model_config_for", "sample_periodic",
 ]
 
 
@@ -29,7 +29,7 @@ __all__ = [
 class ModelConfig(StrictConfig):
     """Architecture of the VAE + segmenter pair; saved in every checkpoint."""
 
-    # set from the dataset by `inference.model_config_for`; the rest may be overridden or searched
+    # set from the dataset by `model_config_for`; the rest may be overridden or searched
     grid: int = set_by(32, "data")
     periodic: bool = set_by(True, "data")  # circular padding (cell representation)
     latent_dim: int = 128
@@ -304,3 +304,12 @@ class CrystalAE(nn.Module):
             head = self.site_head(out["z"], sites, features)
             out["site_logits"], out["site_z"] = head[..., :-1], head[..., -1]
         return out
+
+
+def model_config_for(voxel: VoxelConfig, species: tuple[int, ...], **overrides) -> ModelConfig:
+    """ModelConfig matching a dataset: grid, periodicity, classes and lattice head follow the data."""
+    if voxel.representation != "cell":
+        overrides.setdefault("species_from", "segmenter")  # the site head reads fractional positions
+    return ModelConfig(**{**overrides, "grid": voxel.grid, "periodic": voxel.representation == "cell",
+                          "species": tuple(species), "n_classes": len(species) + 1, "max_atoms": voxel.max_atoms,
+                          "lattice_head": voxel.representation == "cell"})

@@ -24,19 +24,18 @@ import torch
 
 from crystalae.checkpoint import LoadedModel, export_checkpoint
 from crystalae.config import check_finite, check_whole
-from crystalae.reconstruct import density_scale
+from crystalae.units import density_scale
 
-__all__ = ["DEFAULT_SPREAD", "MAX_SAMPLES", "MAX_SPREAD", "PRIORS", "fit_latent_prior", "resolve_prior", "sample_latents",
-           "with_latent_prior"]
+__all__ = ["PRIORS", "fit_latent_prior", "resolve_prior", "sample_latents", "with_latent_prior"]
 
 
 @torch.no_grad()
-def fit_latent_prior(loaded: LoadedModel, data: str | Path, split: str = "train", batch_size: int = 64,
+def fit_latent_prior(loaded: LoadedModel, data: str | Path, split: str = "train", *, batch_size: int = 64,
                      shrinkage: float = 1e-3, temperature: float | None = None, kind: str = "posterior"
                      ) -> dict[str, Any]:
     """Mean and Cholesky factor of the posterior means of `split` in a prepared dataset, the codes
     themselves, and the default way to sample: `kind` (fitted: the Gaussian; posterior: the codes
-    plus Gaussian noise) at spread `temperature` (default: 1 for fitted, 0.1 for posterior).
+    plus Gaussian noise) at `temperature` (default: 1 for fitted, 0.1 for posterior).
 
     `shrinkage` (a fraction of the mean variance, added to the diagonal) keeps the covariance positive
     definite when there are fewer crystals than latent dimensions.
@@ -67,9 +66,9 @@ def fit_latent_prior(loaded: LoadedModel, data: str | Path, split: str = "train"
             "split": split, "temperature": float(temperature), "kind": kind, "codes": z.half()}
 
 
-#: the spread each kind samples at unless told: the Gaussian as fitted; a tenth of it around a code
+#: the temperature each kind samples at unless told: the Gaussian as fitted; a tenth of it around a code
 DEFAULT_SPREAD = {"fitted": 1.0, "posterior": 0.1, "normal": 1.0}
-MAX_SPREAD = 10.0  # as `generate --temperature`
+MAX_TEMPERATURE = 10.0  # as `generate --temperature`
 MAX_SAMPLES = 100_000  # as `generate --sample`: the latents are drawn at once
 PRIORS = ("auto", "fitted", "posterior", "normal")
 
@@ -79,9 +78,9 @@ def sample_latents(loaded: LoadedModel, count: int, seed: int = 0, prior: str = 
     """(count, latent_dim) latents from one of the `PRIORS`: "fitted" (the Gaussian fitted to the
     training codes), "posterior" (a training code plus that Gaussian's noise), "normal" (N(0, I)), or
     "auto": the kind stored with the checkpoint's prior (refused without one: see `resolve_prior`).
-    `temperature` scales the noise; None takes the spread stored with the prior for its kind
+    `temperature` scales the noise; None takes the temperature stored with the prior for its kind
     (`DEFAULT_SPREAD` otherwise). Raises ValueError for a `count` that is no whole number in
-    0..MAX_SAMPLES, a `seed` outside 0..2**63-1, a spread that is no number in [0, MAX_SPREAD]."""
+    0..MAX_SAMPLES, a `seed` outside 0..2**63-1, a temperature that is no number in [0, MAX_TEMPERATURE]."""
     count = check_whole(count, "the number of samples", 0, MAX_SAMPLES)  # (count, latent_dim) floats at once
     seed = check_whole(seed, "the seed", 0, 2**63 - 1)
     kind, temperature = resolve_prior(loaded, prior, temperature)
@@ -100,7 +99,7 @@ def sample_latents(loaded: LoadedModel, count: int, seed: int = 0, prior: str = 
 
 def resolve_prior(loaded: LoadedModel, prior: str = "auto", temperature: float | None = None,
                   checkpoint: str = "CKPT") -> tuple[str, float]:
-    """(kind, spread) that `sample_latents` samples with for `prior` and `temperature` (see there).
+    """(kind, temperature) that `sample_latents` samples with for `prior` and `temperature` (see there).
 
     Raises:
         ValueError: an unknown `prior`; "auto", "fitted" or "posterior" for a checkpoint without a fitted
@@ -109,8 +108,8 @@ def resolve_prior(loaded: LoadedModel, prior: str = "auto", temperature: float |
     """
     if prior not in PRIORS:
         raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
-    if temperature is not None:  # NaN or a negative spread would sample latents that mean nothing, silently
-        check_finite(temperature, "the spread (temperature)", 0, MAX_SPREAD)
+    if temperature is not None:  # NaN or a negative temperature would sample latents that mean nothing, silently
+        check_finite(temperature, "the temperature", 0, MAX_TEMPERATURE)
     fitted = loaded.meta.get("latent_prior")
     if prior != "normal" and fitted is None:
         raise ValueError(f"this model has no fitted latent prior, and N(0, I) latents decode mostly to nothing: fit "
@@ -147,7 +146,7 @@ def _check_prior_data(loaded: LoadedModel, data: str | Path, allow_other_data: b
                          f"({str(trained)[:12]}); pass --allow-other-data to fit on it anyway")
 
 
-def with_latent_prior(source: str | Path, data: str | Path, out: str | Path, split: str = "train",
+def with_latent_prior(source: str | Path, data: str | Path, out: str | Path, *, split: str = "train",
                       temperature: float | None = None, kind: str = "posterior",
                       allow_other_data: bool = False) -> dict[str, Any]:
     """Copy checkpoint `source` to `out` (without optimizer state) with a prior fitted on `data`,

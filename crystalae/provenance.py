@@ -9,7 +9,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-__all__ = ["PACKAGES", "provenance", "versions"]
+__all__ = ["provenance", "versions"]
 
 PACKAGES = ("crystalae", "torch", "pymatgen", "ray", "optuna", "numpy")
 

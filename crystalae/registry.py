@@ -31,10 +31,10 @@ from crystalae.checkpoint import FILENAME, read_checkpoint
 from crystalae.config import ConfigError, check_name
 from crystalae.files import sha256_file, write_json
 from crystalae.locations import REGISTRY
+from crystalae.pretrained import pretrained_models
 from crystalae.provenance import provenance
 
-__all__ = ["ALIASES", "CLAIM", "CLAIM_WAIT_S", "Registry", "RegistryError", "check_model_name", "find_model",
-           "lineage_text"]
+__all__ = ["CLAIM", "Registry", "RegistryError", "check_model_name", "lineage_text"]
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Registry:
                 source: dict[str, Any] | None = None) -> dict[str, Any]:
         """Copy `checkpoint` into a new version of `name` (and point `alias` at it), all or nothing.
 
-        Promote a sweep trial with `crystalae.search.results.promote_trial`, which names the checkpoint
+        Promote a sweep trial with `crystalae.search.promote.promote_trial`, which names the checkpoint
         and records where it came from in `source`.
 
         Args:
@@ -229,8 +229,6 @@ class Registry:
         Raises:
             RegistryError: naming the clash.
         """
-        from crystalae.pretrained import pretrained_models
-
         shipped = {m["name"] for m in pretrained_models()}
         for value, what in ((name, "model name"), (alias, "alias")):
             if value in shipped:
@@ -380,27 +378,6 @@ class Registry:
                     continue
                 result.append({**manifest, "aliases": sorted(by_ref.get(ref, []))})
         return result
-
-
-def find_model(ref: str, registry: str | Path = REGISTRY) -> Path:
-    """The checkpoint folder a model name means: a shipped model's name (`perov_5`, see `crystalae models`)
-    first, then a registry reference (NAME, NAME@VERSION or an alias) in `registry`. The one lookup of
-    `--model`, `crystalae.load` and the demo's closing hint, so a name works the same everywhere.
-
-    Raises:
-        RegistryError: neither a shipped model nor anything in the registry (the message lists both).
-    """
-    from crystalae.pretrained import pretrained_models
-
-    shipped = {m["name"]: m["path"] for m in pretrained_models()}
-    if ref in shipped:
-        return shipped[ref]
-    try:
-        return Registry(registry).resolve(ref)
-    except RegistryError as exc:
-        names = ", ".join(sorted(shipped)) or "none in this install"
-        raise RegistryError(f"{exc}; nor is {ref!r} a shipped model ({names}); "
-                            "a checkpoint folder is named by its path (--checkpoint PATH)") from None
 
 
 def _manifest(name: str, version: int, payload: dict[str, Any], sha256: str, source: dict[str, Any]) -> dict[str, Any]:

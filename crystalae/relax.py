@@ -36,7 +36,7 @@ from pymatgen.core import Lattice, Structure
 from crystalae.extras import available, require
 from crystalae.parallel import default_workers, map_chunks
 
-__all__ = ["METHODS", "relax", "relax_available"]
+__all__ = ["relax", "relax_available"]
 
 METHODS = ("batched", "one-by-one")
 # ASE FIRE's defaults (ase.optimize.FIRE), which StructOptimizer uses: the batched path moves the same way
@@ -280,7 +280,7 @@ def _relax_batched_chunk(args: tuple[list[Structure | None], int, float, int]) -
     return out, timing
 
 
-def relax(structures: list[Structure | None], steps: int = 100, fmax: float = 0.1, workers: int | None = None,
+def relax(structures: list[Structure | None], *, steps: int = 100, fmax: float = 0.1, workers: int | None = None,
           chunk: int = 4, method: str = "batched", batch: int = 1) -> tuple[list[Structure | None], dict[str, Any]]:
     """Each crystal relaxed (cell and positions, at most `steps` FIRE steps, to forces below `fmax`
     eV/Å), `chunk` crystals per task in worker processes; a crystal that fails to relax stays as it

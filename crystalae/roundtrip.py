@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from crystalae.config import VoxelConfig
-from crystalae.decode import SPECIES_FROM, DecodeError, decode
+from crystalae.decode import SPECIES_SOURCES, DecodeError, decode
 from crystalae.files import write_json, write_text
 from crystalae.metrics import compare, summarize
 from crystalae.parallel import default_workers, map_chunks
@@ -34,7 +34,7 @@ def _roundtrip_chunk(task: tuple[list[tuple[int, Entry]], dict, str]) -> list[di
             continue
         predicted = None
         try:
-            predicted = decode(density, species_from=species, composition=true.composition)
+            predicted = decode(density, species_source=species, composition=true.composition)
             row["cif"] = predicted.to(fmt="cif")
         except DecodeError as exc:
             row["error"] = str(exc)
@@ -46,14 +46,15 @@ def roundtrip(
     source: str | Path,
     out: str | Path,
     config: VoxelConfig = VoxelConfig(),
+    *,
     species: str = "labels",
     workers: int | None = None,
     limit: int | None = None,
     chunk_size: int = 64,
 ) -> dict[str, Any]:
     """Write OUT (material_id,cif), OUT.details.csv and OUT.metrics.json; return the metrics."""
-    if species not in SPECIES_FROM:
-        raise ValueError(f"species must be one of {SPECIES_FROM}, got {species!r}")
+    if species not in SPECIES_SOURCES:
+        raise ValueError(f"species must be one of {SPECIES_SOURCES}, got {species!r}")
     out = Path(out)
     started = time.perf_counter()
     indexed = list(enumerate(list_entries(source, limit=limit)))

@@ -31,10 +31,7 @@ from crystalae.parallel import default_workers, map_chunks
 from crystalae.sources import Chunk, Entry, StructureError, load_structure, plan_chunks, read_chunk, reduce_cell
 from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
-__all__ = [
-    "MAX_SHARD_BYTES", "PLAN", "PrepareOptions", "SHARDS_DIR", "ShardTask", "build_shard", "prepare_dataset", "schema",
-    "site_table", "split_of",
-]
+__all__ = ["PrepareOptions", "ShardTask", "build_shard", "prepare_dataset", "site_table", "split_of"]
 
 PLAN = "prepare.json"
 SHARDS_DIR = "shards"
@@ -66,7 +63,7 @@ def split_of(material_id: str, val_fraction: float, test_fraction: float) -> str
     return "val" if u < test_fraction + val_fraction else "train"
 
 
-def schema(grid: int, max_atoms: int) -> pa.Schema:
+def _schema(grid: int, max_atoms: int) -> pa.Schema:
     shape = (grid, grid, grid)
     return pa.schema([
         ("material_id", pa.string()),
@@ -96,7 +93,7 @@ def _voxelize_entries(indexed: list[tuple[int, Entry]], config: VoxelConfig, opt
     """Voxelize one shard's entries; bad entries become reject records instead of errors."""
     from pymatgen.io.cif import CifWriter
 
-    rows: dict[str, list] = {name: [] for name in schema(config.grid, config.max_atoms).names}
+    rows: dict[str, list] = {name: [] for name in _schema(config.grid, config.max_atoms).names}
     densities, labels, sites, rejects = [], [], [], []
     for index, entry in indexed:
         try:
@@ -124,11 +121,11 @@ def _voxelize_entries(indexed: list[tuple[int, Entry]], config: VoxelConfig, opt
             labels.append(d.labels)
             sites.append(site_table(structure, config.max_atoms))
     if not densities:
-        return schema(config.grid, config.max_atoms).empty_table(), rejects
+        return _schema(config.grid, config.max_atoms).empty_table(), rejects
     rows["density"] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack(densities))
     rows["labels"] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack(labels))
     rows["sites"] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack(sites))
-    return pa.Table.from_pydict(rows, schema=schema(config.grid, config.max_atoms)), rejects
+    return pa.Table.from_pydict(rows, schema=_schema(config.grid, config.max_atoms)), rejects
 
 
 @dataclass(frozen=True)
@@ -162,6 +159,7 @@ def prepare_dataset(
     out: str | Path,
     config: VoxelConfig = VoxelConfig(),
     options: PrepareOptions = PrepareOptions(),
+    *,
     workers: int | None = None,
     overwrite: bool = False,
     executor: Callable[[list[ShardTask]], Iterable[dict[str, Any]]] | None = None,

@@ -26,9 +26,8 @@ from crystalae import uri_fs
 from crystalae.voxelize import cell_problem
 
 __all__ = [
-    "ASE_FORMATS", "Chunk", "Entry", "MAX_CIF_TEXT", "MAX_CSV_FIELD", "MAX_PARSED_ATOMS", "READABLE",
-    "STRUCTURE_SUFFIXES", "SourceError", "SourceSlice", "StructureError", "check_structure", "demo_count", "format_of",
-    "list_entries", "load_structure", "local_source", "plan_chunks", "read_chunk", "reduce_cell",
+    "Chunk", "Entry", "READABLE", "SourceError", "SourceSlice", "StructureError", "check_structure",
+    "demo_count", "format_of", "list_entries", "load_structure", "plan_chunks", "read_chunk", "reduce_cell",
 ]
 
 STRUCTURE_SUFFIXES = {".cif": "cif", ".json": "json", ".vasp": "poscar", ".poscar": "poscar",
@@ -158,7 +157,7 @@ def _scan(part: str | Path) -> Iterator[tuple[str, Any, dict[str, Any]]]:
         for k, material_id in enumerate(demo_ids(count)):
             yield material_id, (0, k), {"source": str(part)}
         return
-    path = local_source(part)
+    path = _local_source(part)
     if not path.exists():
         raise SourceError(f"source {part!s} does not exist")
     # chunks are read in other processes, maybe on other nodes: a URI as given, a local path made absolute
@@ -202,7 +201,7 @@ def _scan_csv(path: Path, where: str) -> Iterator[tuple[str, Any, dict[str, Any]
         raise SourceError(f"{path}: the CSV has a header and no rows: no structures to read")
 
 
-def local_source(part: str | Path) -> Path:
+def _local_source(part: str | Path) -> Path:
     """A source on this machine: the path itself, or for an object-storage URI (s3://bucket/mp.csv, or a
     folder of structure files) a copy in the local cache, fetched once per machine and kept while unchanged."""
     if not uri_fs.is_remote(part):
@@ -264,18 +263,18 @@ def _read_slice(piece: SourceSlice) -> list[tuple[int, Entry]]:
         entries = [Entry(mid, "structure", structure=s)
                    for mid, s in demo_structures(piece.start + piece.count, start=piece.start)]
     elif piece.files:
-        entries = [_file_entry(local_source(piece.source) / name, in_folder=True) for name in piece.files]
+        entries = [_file_entry(_local_source(piece.source) / name, in_folder=True) for name in piece.files]
     elif piece.columns != (-1, -1):
         entries = []
         id_column, cif_column = piece.columns
-        for k, (_, row) in zip(range(piece.count), _csv_rows(local_source(piece.source), piece.offset)):
+        for k, (_, row) in zip(range(piece.count), _csv_rows(_local_source(piece.source), piece.offset)):
             material_id = row[id_column] if 0 <= id_column < len(row) else str(piece.start + k)
             text = row[cif_column] if cif_column < len(row) else ""
             entries.append(Entry(material_id, "cif", text) if len(text) <= MAX_CIF_TEXT else
                            Entry(material_id, "cif", error=f"CIF text of {len(text):,} characters, over the "
                                                            f"{MAX_CIF_TEXT:,} crystalae reads"))
     else:
-        entries = [_file_entry(local_source(piece.source))]
+        entries = [_file_entry(_local_source(piece.source))]
     duplicates = dict(piece.duplicates)
     return [(piece.first + k, dataclasses.replace(e, duplicate_of=duplicates[piece.first + k])
              if piece.first + k in duplicates else e) for k, e in enumerate(entries)]

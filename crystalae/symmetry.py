@@ -18,7 +18,7 @@ from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 if TYPE_CHECKING:
     from crystalae.checkpoint import LoadedModel
 
-__all__ = ["ANGLE_TOLERANCE", "crystal_system", "decoding_symprec", "set_symprec", "spacegroup", "symmetrize"]
+__all__ = ["crystal_system", "decoding_symprec", "set_symprec", "spacegroup", "symmetrize"]
 
 ANGLE_TOLERANCE = 5.0  # degrees, spglib's tolerance on lattice angles (pymatgen's default)
 

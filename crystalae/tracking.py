@@ -10,7 +10,7 @@ from typing import Any
 from crystalae import uri_fs
 from crystalae.extras import require
 
-__all__ = ["ARTIFACTS_DIR", "MlflowRun", "experiment_id_of", "is_epoch_metric", "mlflow_client"]
+__all__ = ["MlflowRun", "experiment_id_of", "is_epoch_metric", "mlflow_client"]
 
 ARTIFACTS_DIR = "mlartifacts"  # beside a SQLite tracking database: where its runs' artifacts go
 # crystalae's own per-epoch numbers besides the train_/val_ terms (Ray Tune adds pid, timestamp, done, ...)

@@ -1,6 +1,7 @@
-"""Training: the configuration, one epoch, the Ray Train worker loop and the TorchTrainer driver.
+"""Training: one epoch, the Ray Train worker loop and the TorchTrainer driver.
 Losses live in `crystalae.losses`, augmentation in `crystalae.augment`, the data in `crystalae.dataset`
-and end-to-end validation (`evaluate`) in `crystalae.reconstruct`.
+end-to-end validation (`evaluate`) in `crystalae.evaluation` and the configuration (`TrainConfig`) in
+`crystalae.config`.
 
     crystalae train --data runs/demo/data --workers 2 --epochs 10
 
@@ -10,111 +11,44 @@ The same `run_epoch` serves the Ray worker loop and the plain single-process loo
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from crystalae.augment import augment
 from crystalae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from crystalae.config import ConfigError, Objective, StrictConfig, VoxelConfig, blank_problem, check_name, in_range, set_by
+from crystalae.config import ConfigError, Objective, TrainConfig, VoxelConfig, blank_problem, check_name
 from crystalae.dataset import WorkerShare, config_of, dataset_species, prefetched, read_manifest, read_table, table_batches
+from crystalae.evaluation import evaluate
+from crystalae.files import read_yaml_mapping
+from crystalae.library_logs import library_logs_to
 from crystalae.locations import TRAIN
 from crystalae.losses import loss_terms
-from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
+from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig, model_config_for
+from crystalae.progress import EpochLines
 from crystalae.ray_env import runtime_env
-from crystalae.reconstruct import class_lookup, density_scale, evaluate, model_config_for
+from crystalae.units import class_lookup, density_scale
 from crystalae.uri_fs import absolute
 from crystalae.uri_fs import is_remote as storage_is_remote
 
 __all__ = [
-    "REPORTED_METRICS", "SCORE", "TRAIN_SPEC_SECTIONS", "TrainConfig", "best_checkpoint_path", "build_configs", "check_run",
-    "dataset_species", "lr_factor", "read_train_spec", "run_epoch", "train", "train_loop_per_worker",
+    "REPORTED_METRICS", "best_checkpoint_path", "build_configs", "check_run", "dataset_species", "lr_factor",
+    "read_train_spec", "run_epoch", "train",
 ]
 
 SCORE = ("val_score", "max")  # the default objective: comparable across sigma, grid and architecture
 # Metrics every epoch reports (a sweep objective must be one of them); lattice terms need the cell grid.
 REPORTED_METRICS = (
     "val_score", "val_recovery", "val_match_rate", "val_rms", "val_species_accuracy", "val_atom_count_rate",
-    "val_density_mse", *(f"{split}_{term}" for split in ("val", "train") for term in ("loss", "recon", "kl", "seg", "lattice")),
+    "val_density_mse",
+    *(f"{split}_{term}" for split in ("val", "train") for term in ("loss", "recon", "kl", "species", "lattice")),
     "epoch_seconds", "eval_seconds", "parameters",
 )
-
-
-@dataclass(frozen=True)
-class TrainConfig(StrictConfig):
-    """Optimisation and loss weights; model architecture lives in ModelConfig."""
-
-    epochs: int = set_by(20, "sweep budget")  # (in a sweep; `crystalae train` takes it directly)
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    beta: float = 1e-3  # KL weight (KL is averaged over latent dims, reconstruction over voxels)
-    seg_weight: float = 1.0  # lambda: species cross-entropy (segmenter voxels or site-head atoms)
-    lattice_weight: float = 1.0
-    count_weight: float = 1.0  # cross-entropy of the atom-count head (models with count_head)
-    # Divide the reconstruction MSE by the batch's mean squared density, so its weight against the KL,
-    # species and lattice terms does not depend on the elements (carbon peaks are ~10x lower than Pb's).
-    recon_normalize: bool = True
-    background_weight: float = 0.1  # class weight of empty voxels in the cross-entropy
-    workers: int = set_by(1, "sweep resources")  # Ray Train workers (data parallel)
-    use_gpu: bool = set_by(False, "sweep resources")
-    amp: bool = True  # mixed precision (bf16) when on GPU; ignored on CPU
-    # torch threads (= CPUs Ray reserves) per worker; 0: the machine's cores / workers
-    threads: int = set_by(0, "sweep resources")
-    seed: int = 0
-    keep_checkpoints: int = 2  # best k by the score metric
-    # Clip the gradients' global norm to this before each step (None: no clipping). A carbon_24 retrain
-    # at a peak lr of 1.8e-3 blew up in one epoch (every loss term x10-30) and never came back.
-    grad_clip: float | None = None
-    eval_limit: int = 64  # validation crystals decoded end to end per epoch (StructureMatcher is slow)
-    # learning rate: "cosine" (linear warm-up, cosine decay to min_lr) or "constant"
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = 0.5
-    min_lr: float = 1e-5
-    # Augmentation of training batches (cell grids): a random whole-voxel periodic shift, which is
-    # exact, and, with probability `substitute`, each element replaced by a dataset element sharing an
-    # oxidation state, re-voxelized, so species are read from peak heights, not recalled from combinations.
-    shift: bool = True
-    substitute: float = 0.5
-    # Each training crystal described with its lattice vectors in a random order (the grid's axes
-    # permuted to match): the same crystal, so six views of every cell for heads that overfit a few
-    # thousand cells (carbon_24's lattice and count heads).
-    permute_axes: bool = False
-    negatives: int = 8  # random empty positions per crystal that teach the site head "no atom here"
-    # Site-head targets spread over elements of nearby Z (Gaussian, this many Z units; 0 = one-hot), so
-    # rare elements learn from their neighbours; plus a Z regression term of this weight.
-    species_smoothing: float = 1.5
-    z_weight: float = 1.0
-    # Keep each worker's decoded share of the training shards in memory after the first epoch: without
-    # it every epoch re-reads the Parquet files (one at a time). Turn off when a share exceeds memory.
-    cache_dataset: bool = True
-
-    def problems(self) -> list[str | None]:
-        positive = {"epochs": 100_000, "batch_size": 4096, "workers": 1024, "keep_checkpoints": 1000}
-        non_negative = {"weight_decay": 1.0, "beta": None, "seg_weight": None, "lattice_weight": None,
-                        "count_weight": None, "background_weight": None, "threads": 1024, "seed": None,
-                        "eval_limit": 100_000, "warmup_epochs": None, "min_lr": None, "negatives": 1024,
-                        "species_smoothing": 100.0, "z_weight": None}
-        return [
-            None if self.grad_clip is None else in_range(self, "grad_clip", 0, low_open=True),
-            *(in_range(self, k, 1, high) for k, high in positive.items()),
-            *(in_range(self, k, 0, high) for k, high in non_negative.items()),
-            in_range(self, "lr", 0, 10, low_open=True),
-            in_range(self, "substitute", 0, 1),
-        ]
-
-    def resolved(self) -> TrainConfig:
-        """`threads` 0 made concrete: this machine's cores shared among the workers."""
-        if self.threads:
-            return self
-        return replace(self, threads=max(1, (os.cpu_count() or 1) // self.workers))
 
 
 TRAIN_SPEC_SECTIONS = ("train", "model", "preset")
@@ -125,8 +59,6 @@ def read_train_spec(path: str | Path | None) -> dict[str, Any]:
     (ModelConfig overrides) and `preset`; unknown sections are an error naming the file."""
     if path is None:
         return {}
-    from crystalae.files import read_yaml_mapping
-
     data = read_yaml_mapping(path, "--config")
     unknown = set(data) - set(TRAIN_SPEC_SECTIONS)
     if unknown:
@@ -179,7 +111,7 @@ def run_epoch(model, batches: Iterable[dict], cfg: TrainConfig, scale: float, lu
     return {k: v / max(count, 1) for k, v in sums.items()} | {"samples": count}
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: data-parallel epochs over the `train` shard, rank 0 validates and checkpoints."""
     import ray.train
     import ray.train.torch
@@ -329,7 +261,7 @@ def check_run(name: Any, mlflow: str | None = None) -> None:
         raise ConfigError(problem)
 
 
-def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: dict[str, Any] | None = None,
+def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: dict[str, Any] | None = None, *,
           storage: str | Path = TRAIN, name: str = "crystalae", preset: str | None = None,
           callbacks: list | None = None, score: tuple[str, str] = SCORE, lineage: dict[str, Any] | None = None,
           progress: bool = False, mlflow: str | None = None):
@@ -339,8 +271,6 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
     logs a line per epoch, and `mlflow` (a tracking URI) logs the run there (local storage). Returns the
     Ray `Result` (its `checkpoint` is the newest, `best_checkpoints` ranked)."""
     import ray
-
-    from crystalae.library_logs import library_logs_to
 
     check_run(name, mlflow)
     manifest = read_manifest(data)
@@ -378,7 +308,7 @@ def _fit(data, cfg: TrainConfig, voxel: VoxelConfig, model_cfg: ModelConfig, man
                    "dataset_hash": manifest["dataset_hash"], "lineage": lineage,
                  "train_rows": manifest["counts"]["splits"].get("train", 0)}
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        _train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.threads}),
@@ -391,8 +321,6 @@ def _fit(data, cfg: TrainConfig, voxel: VoxelConfig, model_cfg: ModelConfig, man
     )
     if not (progress or mlflow) or storage_is_remote(storage):
         return trainer.fit()
-    from crystalae.progress import EpochLines
-
     sinks = []
     if mlflow:
         from crystalae.tracking import MlflowRun

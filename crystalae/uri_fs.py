@@ -27,10 +27,10 @@ from pyarrow.fs import FileInfo, FileSelector, FileSystem, FileType, LocalFileSy
 from crystalae import files
 
 __all__ = [
-    "DamagedFileError", "Location", "absolute", "cache_for", "cache_root", "check_bucket", "download", "download_file",
-    "exists", "filesystem", "is_file", "is_remote", "join", "list_files", "local_path_of", "name_of", "open_input",
-    "open_output", "read_bytes", "read_json", "read_text", "remove_tree", "upload", "upload_file", "write_bytes",
-    "write_json", "write_text",
+    "DamagedFileError", "Location", "absolute", "cache_for", "cache_root", "check_bucket", "download",
+    "download_file", "exists", "filesystem", "is_file", "is_remote", "join", "list_files", "local_path_of",
+    "name_of", "open_input", "open_output", "read_bytes", "read_json", "read_text", "remove_tree", "upload",
+    "upload_file", "write_bytes", "write_json", "write_text",
 ]
 
 Location = str | Path
@@ -139,25 +139,27 @@ def read_json(location: Location) -> Any:
         raise DamagedFileError(f"{location} is damaged: not valid JSON ({exc})") from None
 
 
-def write_bytes(location: Location, data: bytes) -> None:
-    """Write a whole file at once; readers see the old content or the new one, never a part."""
+def write_bytes(location: Location, data: bytes) -> Location:
+    """Write a whole file at once; readers see the old content or the new one, never a part. Returns
+    where it was written (a local path, as `crystalae.files.write_text` returns it, or the URI)."""
     if not is_remote(location):
-        files.atomic_write(local_path_of(location), lambda tmp: tmp.write_bytes(data))
-        return
+        return files.atomic_write(local_path_of(location), lambda tmp: tmp.write_bytes(data))
     fs, path = filesystem(location)
     # one PUT (a multipart upload when large): the object store publishes it whole, or not at all, at close
     with fs.open_output_stream(path) as stream:
         stream.write(data)
+    return location
 
 
-def write_text(location: Location, text: str) -> None:
-    """Write a whole UTF-8 text file at once."""
-    write_bytes(location, text.encode("utf-8"))
+def write_text(location: Location, text: str) -> Location:
+    """Write a whole UTF-8 text file at once (local or object storage; `crystalae.files.write_text` is the
+    local-only form); returns where."""
+    return write_bytes(location, text.encode("utf-8"))
 
 
-def write_json(location: Location, data: Any) -> None:
-    """Write JSON in the one form crystalae writes it (`crystalae.files.json_text`)."""
-    write_text(location, files.json_text(data))
+def write_json(location: Location, data: Any) -> Location:
+    """Write JSON in the one form crystalae writes it (`crystalae.files.json_text`); returns where."""
+    return write_text(location, files.json_text(data))
 
 
 @contextmanager

@@ -4,7 +4,7 @@ A composition is valid when some assignment of SMACT's oxidation states to its e
 neutral at the composition's own (gcd-reduced) ratios and passes the Pauling electronegativity test
 (cations less electronegative than anions); a single element, or only metals (an alloy), is valid as
 it is. pymatgen's `oxi_state_guesses`, which crystalae reported before, is stricter: real perov_5
-crystals pass SMACT 98% and it 88% (../shared/NOTES.md).
+crystals pass SMACT 98% and it 88%.
 
 SMACT is an optional dependency (`pip install crystalae[metrics]`); without it the SMACT figure is
 None, never a guess.
@@ -19,7 +19,7 @@ from pymatgen.core import Composition
 
 from crystalae.extras import available
 
-__all__ = ["smact_available", "smact_valid", "structure_valid"]
+__all__ = ["smact_valid", "structure_valid"]
 
 
 def structure_valid(structure, min_distance: float = 0.5) -> bool:
@@ -33,13 +33,13 @@ def structure_valid(structure, min_distance: float = 0.5) -> bool:
     return bool(d.min() > min_distance) and min(structure.lattice.abc) > min_distance
 
 
-def smact_available() -> bool:
+def _smact_available() -> bool:
     return available("smact")
 
 
 def smact_valid(composition: Composition | str) -> bool | None:
     """CDVAE's composition validity of `composition` (None where SMACT is not installed)."""
-    if not smact_available():
+    if not _smact_available():
         return None
     amounts = Composition(composition).get_el_amt_dict()
     symbols = tuple(sorted(amounts))

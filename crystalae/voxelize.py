@@ -17,9 +17,9 @@ from pymatgen.core import Element, Structure
 from crystalae.config import MAX_Z, VoxelConfig
 
 __all__ = [
-    "MAX_CELL_LENGTH", "MAX_COPIES", "MAX_IMAGES", "MAX_TERMS", "Density", "VoxelizeError", "atom_sigmas",
-    "cell_problem", "crystal_arrays", "dense_reference_density", "gaussian_norm", "grid_step", "image_counts",
-    "rotation_matrix", "voxel_offset", "voxelize", "voxelize_arrays",
+    "MAX_CELL_LENGTH", "MAX_IMAGES", "Density", "VoxelizeError", "atom_sigmas", "cell_problem",
+    "crystal_arrays", "dense_reference_density", "gaussian_norm", "image_counts", "rotation_matrix",
+    "voxel_offset", "voxelize", "voxelize_arrays",
 ]
 
 # Limits that keep the work one crystal costs bounded whatever a file or a latent says, checked (by
@@ -52,7 +52,7 @@ class Density:
 
     @property
     def step(self) -> np.ndarray:
-        return grid_step(self.config, self.lattice)
+        return _grid_step(self.config, self.lattice)
 
     @property
     def voxel_offset(self) -> np.ndarray:
@@ -67,7 +67,7 @@ class Density:
         return float(abs(np.linalg.det(self.step)))
 
 
-def grid_step(config: VoxelConfig, lattice: np.ndarray) -> np.ndarray:
+def _grid_step(config: VoxelConfig, lattice: np.ndarray) -> np.ndarray:
     """(3, 3) matrix whose rows are the Cartesian steps between neighbouring voxels."""
     if config.representation == "cell":
         return np.asarray(lattice, dtype=float) / config.grid
@@ -213,7 +213,7 @@ def voxelize_arrays(
         values = _cell_density(lattice, frac, numbers, sigmas, config)
         origin = np.zeros(3)
         placed = lattice
-        labels = _labels(frac * config.grid, numbers, grid_step(config, lattice), config, periodic=True)
+        labels = _labels(frac * config.grid, numbers, _grid_step(config, lattice), config, periodic=True)
     else:
         placed = lattice @ (np.eye(3) if rotation is None else rotation).T
         centre = np.full(3, config.box_size / 2)
@@ -234,7 +234,7 @@ def voxelize_arrays(
             cart, numbers, sigmas = _fill_box(placed, origin, cart, numbers, sigmas, config)
         values = _box_density(cart, numbers, sigmas, config)
         index = (cart - voxel_offset(config)) / (config.box_size / config.grid)
-        labels = _labels(index, numbers, grid_step(config, placed), config, periodic=False)
+        labels = _labels(index, numbers, _grid_step(config, placed), config, periodic=False)
     return Density(values.astype(np.float32), labels, placed, origin, config)
 
 

@@ -21,15 +21,24 @@ from crystalae.checkpoint import (
     FILENAME,
     CheckpointError,
     LoadedModel,
-    load_checkpoint,
-    read_checkpoint,
 )
+from crystalae.coverage import fingerprints
+from crystalae.dataset import column_numpy, read_table
+from crystalae.generate import encode, reference_structures
+from crystalae.loading import find_model
+from crystalae.loading import load_model as load_model_at
 from crystalae.locations import REGISTRY, SWEEPS
+from crystalae.metrics import compare
+from crystalae.pretrained import pretrained_models
+from crystalae.readout import decode_latents, decoding_options, outputs_to_structures
 from crystalae.registry import Registry, RegistryError
-from crystalae.search import results
+from crystalae.search import layout, results
+from crystalae.search.config import SweepConfig
 from crystalae.search.results import SweepSummary
+from crystalae.sources import list_entries
 from crystalae.uri_fs import absolute, is_remote, read_json
 from crystalae.uri_fs import join as storage_join
+from crystalae.voxelize import Density
 
 if TYPE_CHECKING:  # pymatgen and matminer load only on the pages that score crystals
     from crystalae.coverage import Fingerprints
@@ -51,7 +60,7 @@ class Paths:
     def registry_folder(self, ref: str, name: str, version: int) -> Path:
         """A version's folder on this machine (from object storage, downloaded on first use)."""
         registry = Registry(self.registry)
-        return registry.resolve(ref) if registry.remote else registry.root / name / f"v{version}"
+        return find_model(ref, self.registry) if registry.remote else registry.root / name / f"v{version}"
 
 
 def app_paths(argv: list[str] | None = None) -> Paths:
@@ -71,7 +80,7 @@ def app_paths(argv: list[str] | None = None) -> Paths:
 def mirror_storage(location: str) -> str:
     """A local copy of sweeps on object storage (all but Tune's state), refreshed every few seconds;
     unchanged files are not fetched again."""
-    return str(results.mirror_sweeps(location))
+    return str(layout.mirror_sweeps(location))
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------
@@ -79,7 +88,7 @@ def mirror_storage(location: str) -> str:
 @st.cache_data(ttl=LIVE_TTL, show_spinner=False)
 def find_sweeps(storage: str) -> list[str]:
     """Sweep folders at most two levels below `storage`, sorted (strings, so Streamlit can hash them)."""
-    return [str(p) for p in results.find_sweeps(storage)]
+    return [str(p) for p in layout.find_sweeps(storage)]
 
 
 def sweep_label(storage: Path, sweep_root: str) -> str:
@@ -95,10 +104,8 @@ def load_summary(sweep_root: str) -> SweepSummary:
 @st.cache_data(ttl=LIVE_TTL)
 def first_rung(sweep_root: str) -> int:
     """The epoch of the sweep's first ASHA cut (its grace period); 1 where the sweep.json is unreadable."""
-    from crystalae.search.config import SweepConfig
-
     try:
-        return SweepConfig.from_dict(read_json(storage_join(sweep_root, results.SWEEP_FILE))).asha_grace_period()
+        return SweepConfig.from_dict(read_json(storage_join(sweep_root, layout.SWEEP_FILE))).asha_grace_period()
     except (OSError, ValueError, TypeError, KeyError):
         return 1
 
@@ -134,7 +141,7 @@ def param_importance(sweep_root: str, study_name: str, min_trials: int = 3) -> t
 
     import optuna
 
-    db = results.study_path(sweep_root)
+    db = layout.study_path(sweep_root)
     if not db.exists():  # opening a missing sqlite file would create an empty one
         return None, f"No Optuna study at {db}."
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -170,6 +177,7 @@ class ModelChoice:
 
     label: str
     path: str  # checkpoint folder
+    ref: str = ""  # what `crystalae.load` and `--model` take for it: NAME@N, a shipped name, a checkpoint path
     sweep_root: str | None = None  # where to look for its dataset first
     origin: str | None = None  # registry versions: the checkpoint folder it was promoted from
     shipped: bool = False  # a shipped reference model (crystalae.pretrained)
@@ -189,7 +197,7 @@ def model_choices(paths: Paths) -> tuple[list[ModelChoice], list[str]]:
         for e in registry_entries(str(paths.registry)):
             tags = f" [{', '.join(e['aliases'])}]" if e["aliases"] else ""
             choices.append(ModelChoice(f"{e['ref']}{tags} (registry)",
-                                       str(paths.registry_folder(e["ref"], e["name"], e["version"])),
+                                       str(paths.registry_folder(e["ref"], e["name"], e["version"])), e["ref"],
                                        origin=e.get("source", {}).get("checkpoint")))
     except (OSError, ValueError) as exc:
         problems.append(f"Registry {paths.registry} is unreadable: {exc}")
@@ -201,13 +209,13 @@ def model_choices(paths: Paths) -> tuple[list[ModelChoice], list[str]]:
             continue
         name = sweep_label(paths.storage, root)
         for t in summary.trials:
-            if t.best_checkpoint:
+            if t.best_checkpoint_path:
                 epoch = "?" if t.best_epoch is None else t.best_epoch
-                choices.append(ModelChoice(f"{name}/{t.trial_id} (best, epoch {epoch})",
-                                           str(Path(root) / t.best_checkpoint), sweep_root=root))
-    from crystalae.pretrained import pretrained_models
-
-    choices += [ModelChoice(f"{m['name']} (shipped)", str(m["path"]), shipped=True) for m in pretrained_models()]
+                folder = str(Path(root) / t.best_checkpoint_path)
+                choices.append(ModelChoice(f"{name}/{t.trial_id} (best, epoch {epoch})", folder, folder,
+                                           sweep_root=root))
+    choices += [ModelChoice(f"{m['name']} (shipped)", str(m["path"]), m["name"], shipped=True)
+                for m in pretrained_models()]
     return choices, problems
 
 
@@ -227,15 +235,14 @@ def checkpoint_info(path: str) -> dict[str, Any]:
     folder = Path(path)
     if not (folder / FILENAME).exists():
         raise CheckpointError(f"checkpoint {folder} is missing ({FILENAME} not found; was it deleted?)")
-    if (folder / "config.json").exists():
-        return json.loads((folder / "config.json").read_text())
-    payload = read_checkpoint(folder)  # older checkpoints: the same fields, from the weights file
-    return {k: v for k, v in payload.items() if k not in ("model", "optimizer")}
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"checkpoint {folder} has no config.json (every checkpoint crystalae writes has one)")
+    return json.loads((folder / "config.json").read_text())
 
 
 @st.cache_resource(max_entries=6, show_spinner="Loading model…")
 def load_model(path: str) -> LoadedModel:
-    return load_checkpoint(path)
+    return load_model_at(path)  # the CLI's and the API's loader: same device choice and decoding settings
 
 
 def metric_value(metrics: dict[str, Any], name: str) -> Any:
@@ -260,8 +267,8 @@ SPECIES_PATHS = {"site": "site head", "segmenter": "segmenter (paper)", "density
 
 
 def species_path(info: dict[str, Any]) -> str:
-    """How a checkpoint's model assigns species, in words (older checkpoints used the segmenter)."""
-    return SPECIES_PATHS.get((info.get("model_config") or {}).get("species_from", "segmenter"), "?")
+    """How a checkpoint's model assigns species, in words."""
+    return SPECIES_PATHS.get((info.get("model_config") or {}).get("species_from"), "?")
 
 
 # ---- datasets -------------------------------------------------------------------------------------
@@ -273,7 +280,7 @@ def find_dataset(storage: str, voxel_config: dict[str, Any], prefer: str | None 
     for root in roots:
         from crystalae.dataset import read_manifest
 
-        for folder in results.dataset_folders(root):
+        for folder in layout.dataset_folders(root):
             try:
                 if read_manifest(folder).get("config") == voxel_config:
                     return str(folder)
@@ -284,8 +291,6 @@ def find_dataset(storage: str, voxel_config: dict[str, Any], prefer: str | None 
 
 @st.cache_data(show_spinner="Reading validation ids…")
 def validation_ids(dataset: str) -> list[str]:
-    from crystalae.dataset import read_table
-
     table = read_table(dataset, split="val", columns=["material_id", "split", "rotation"])
     return sorted({m for m, r in zip(table.column("material_id").to_pylist(), table.column("rotation").to_pylist())
                    if r == 0})
@@ -295,8 +300,6 @@ def validation_ids(dataset: str) -> list[str]:
 def validation_item(dataset: str, material_id: str) -> dict[str, Any] | None:
     """The stored row of one validation crystal: cif, density, labels, lattice, origin (rotation 0)."""
     import pyarrow.compute as pc
-
-    from crystalae.dataset import column_numpy, read_table
 
     table = read_table(dataset, split="val")
     table = table.filter(pc.and_(pc.equal(table.column("material_id"), material_id),
@@ -313,11 +316,6 @@ def reconstruction(checkpoint: str, dataset: str, material_id: str) -> dict[str,
     """Encode -> decode one stored validation crystal: input/output grids, decoded CIF and match/RMS."""
     from pymatgen.core import Structure
 
-    from crystalae.generate import encode, outputs_to_structures
-    from crystalae.metrics import compare
-    from crystalae.reconstruct import decode_latents
-    from crystalae.voxelize import Density
-
     loaded = load_model(checkpoint)
     item = validation_item(dataset, material_id)
     if item is None:
@@ -325,7 +323,8 @@ def reconstruction(checkpoint: str, dataset: str, material_id: str) -> dict[str,
     density = Density(item["density"], item["labels"], item["lattice"], item["origin"], loaded.voxel)
     z = encode(loaded, [density])
     outputs = decode_latents(loaded.model, loaded.voxel, z)  # decoded once: grid for the view, atoms below
-    predicted = outputs_to_structures(loaded, outputs, [density], reconstructing=True)[0]
+    predicted = outputs_to_structures(loaded.model, loaded.voxel, outputs,
+                                      **decoding_options(loaded, [density], reconstructing=True))[0]
     true = Structure.from_str(item["cif"], fmt="cif")
     return {"input": item["density"], "output": outputs["density"][0], "true_cif": item["cif"],
             "cif": predicted.to(fmt="cif") if predicted is not None else None, **compare(predicted, true)}
@@ -334,8 +333,6 @@ def reconstruction(checkpoint: str, dataset: str, material_id: str) -> dict[str,
 @st.cache_data(show_spinner=False)
 def source_ids(source: str) -> list[str]:
     """Material ids of a structure source (demo:N, CSV, folder, file); SourceError if unreadable."""
-    from crystalae.sources import list_entries
-
     return [e.material_id for e in list_entries(source)]
 
 
@@ -345,7 +342,4 @@ def source_ids(source: str) -> list[str]:
 def reference_fingerprints(source: str) -> Fingerprints:
     """CDVAE fingerprints of a reference source's crystals; cached, since one reference serves many batches
     (a source whose files change is read again after the sidebar's Refresh)."""
-    from crystalae.coverage import fingerprints
-    from crystalae.generate import reference_structures
-
     return fingerprints(reference_structures(source), desc="reference")

@@ -1,4 +1,4 @@
-"""The command line that starts the dashboard; `crystalae dashboard` runs it in a subprocess.
+"""The command line that starts the dashboard; `crystalae dashboard` replaces itself with it (`os.execv`).
 
     python -m streamlit run dashboard/app.py --server.address 127.0.0.1 --server.port 8501 \
         --server.headless true --browser.gatherUsageStats false -- --storage runs/sweeps --registry runs/registry
@@ -12,7 +12,7 @@ APP = Path(__file__).resolve().parent / "app.py"
 
 
 def launch_command(storage: str, registry: str, port: int = 8501, host: str = "127.0.0.1") -> list[str]:
-    """argv for `subprocess` that serves the dashboard over `storage` (sweeps) and `registry`.
+    """argv (for `os.execv` or a subprocess) that serves the dashboard over `storage` (sweeps) and `registry`.
 
     Binds 127.0.0.1 by default: the app can promote models, so it should not face a network unasked.
     Paths become absolute because Streamlit may run the script from another working directory.

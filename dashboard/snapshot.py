@@ -22,7 +22,7 @@ from pathlib import Path
 
 from crystalae.dashboard.launch import launch_command
 
-__all__ = ["CHROMIUM", "PAGES", "serve", "browser", "open_page", "open_batch", "screenshot"]
+__all__ = ["CHROMIUM", "PAGES", "serve", "browser", "open_page", "screenshot"]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -126,7 +126,7 @@ def open_page(chromium, url: str, name: str, prior: str | None = None):
     return page
 
 
-def open_batch(chromium, url: str, timeout: float = BATCH_TIMEOUT):
+def _open_batch(chromium, url: str, timeout: float = BATCH_TIMEOUT):
     """The Generate page's batch view: a batch scored at the page's defaults (CDVAE's metrics, the
     crystals' table). The caller closes it.
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with serve(args.storage, args.registry, args.out / ".server.log") as url, browser() as chromium:
         for name in args.only or [*PAGES, "batch"]:
-            page = open_batch(chromium, url) if name == "batch" else open_page(chromium, url, name)
+            page = _open_batch(chromium, url) if name == "batch" else open_page(chromium, url, name)
             try:
                 screenshot(page, args.out / f"{name}.png")
                 print(f"{args.out / name}.png")

@@ -27,19 +27,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from crystalae.config import ConfigError, StrictConfig, VoxelConfig, blank_problem, check_name, field_names, in_range
+from crystalae.config import (
+    RENAMED_FIELDS,
+    ConfigError,
+    StrictConfig,
+    TrainConfig,
+    VoxelConfig,
+    blank_problem,
+    check_name,
+    current_names,
+    field_names,
+    in_range,
+)
 from crystalae.files import load_yaml
-from crystalae.models import ModelConfig
-from crystalae.reconstruct import model_config_for
-from crystalae.search.results import SWEEP_FILE, is_sweep
+from crystalae.models import CrystalAE, ModelConfig, model_config_for
+from crystalae.search.layout import SWEEP_FILE, is_sweep
 from crystalae.shards import PrepareOptions
 from crystalae.sources import READABLE, SourceError, demo_count, format_of
-from crystalae.training import REPORTED_METRICS, TrainConfig
+from crystalae.training import REPORTED_METRICS
 
 __all__ = [
-    "DISTRIBUTIONS", "MODEL_PARAMS", "NOT_IDENTITY", "Param", "SAMPLER_ONLY",
-    "SCHEDULER_ONLY", "SPLIT_KEYS", "SweepConfig", "SweepConfigError",
-    "TRAIN_PARAMS", "VOXEL_PARAMS", "load_sweep_config", "parse_sweep_config", "split_options", "trial_overrides",
+    "MODEL_PARAMS", "NOT_IDENTITY", "Param", "SAMPLER_ONLY", "SCHEDULER_ONLY", "SweepConfig",
+    "SweepConfigError", "load_sweep_config", "parse_sweep_config", "split_options", "trial_overrides",
 ]
 
 DISTRIBUTIONS = {"categorical", "uniform", "loguniform", "int"}
@@ -191,6 +200,7 @@ class SweepConfig(StrictConfig):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
         """Inverse of `as_dict` (the already-validated, flat form stored in sweep.json)."""
+        data = _current_names(data)  # a sweep recorded before a field was renamed
         space = tuple(Param(**{**p, "values": tuple(p["values"])}) for p in data["search_space"])
         return cls(**{**data, "search_space": space})
 
@@ -240,6 +250,10 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
     unknown = set(raw) - set(_SECTIONS)
     if unknown:
         fail(f"unknown keys {sorted(map(str, unknown))} (allowed: {sorted(_SECTIONS)})")
+    try:
+        raw = _current_names(raw, where)
+    except ConfigError as exc:
+        fail(str(exc).removeprefix(f"{where}: "))
     flat = _flat_sections(raw, fail)
     if "name" not in raw:
         fail("missing `name`")
@@ -272,6 +286,28 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
     return config
 
 
+def _current_names(raw: dict[str, Any], where: str | None = None) -> dict[str, Any]:
+    """A sweep config (its YAML sections, or the flat form of sweep.json) with renamed fields under their
+    new names in `train`, `search_space` and the first points; `where` (a file the user wrote) gets the
+    deprecation lines (`crystalae.config.current_names`)."""
+    raw = dict(raw)
+    if isinstance(raw.get("train"), dict):
+        raw["train"] = current_names(raw["train"], where and f"{where}: train")
+    space = raw.get("search_space")
+    if isinstance(space, dict):
+        raw["search_space"] = current_names(space, where and f"{where}: search_space")
+    elif isinstance(space, list):  # sweep.json: a list of Param dicts
+        raw["search_space"] = [{**p, "name": RENAMED_FIELDS.get(p.get("name"), p.get("name"))} for p in space]
+    points = (raw.get("search") or {}).get("points") if isinstance(raw.get("search"), dict) else raw.get("points")
+    if isinstance(points, (list, tuple)):
+        renamed = [current_names(p) if isinstance(p, dict) else p for p in points]
+        if isinstance(raw.get("search"), dict):
+            raw["search"] = {**raw["search"], "points": renamed}
+        else:
+            raw["points"] = renamed
+    return raw
+
+
 def _check_first_points(config: SweepConfig, fail) -> None:
     """The configurations a sweep evaluates first must exist: a warm-start sweep, points inside the space."""
     if config.warm_start is not None and not is_sweep(config.warm_start):
@@ -286,6 +322,7 @@ def point_problem(space: tuple[Param, ...], point: Any) -> str | None:
     """Why `point` is not a configuration this search space can produce (None when it is)."""
     if not isinstance(point, dict):
         return f"must be a mapping of parameter: value, got {point!r}"
+    point = current_names(point)  # a trial sampled before a field was renamed
     names = {p.name: p for p in space}
     missing, extra = sorted(set(names) - set(point)), sorted(map(str, set(point) - set(names)))
     if missing or extra:
@@ -329,8 +366,6 @@ def _build_on_meta(model_config: ModelConfig) -> None:
     """Build the trial's network on PyTorch's meta device (no memory): layer shapes torch refuses fail now."""
     import torch
 
-    from crystalae.models import CrystalAE
-
     with torch.device("meta"):
         CrystalAE(model_config)
 
@@ -349,6 +384,7 @@ def _objectives(value: Any, fail, flat: dict[str, Any]) -> Any:
 def trial_overrides(sweep: SweepConfig, params: dict[str, Any]) -> tuple[dict, dict, dict]:
     """A trial's sampled `params` routed by field role, merged with the sweep's fixed values:
     (voxel overrides, model overrides, TrainConfig values)."""
+    params = current_names(params)  # a trial sampled before a field was renamed
     voxel = {k: v for k, v in params.items() if k in VOXEL_PARAMS}
     model = {**sweep.model, **{k: v for k, v in params.items() if k in MODEL_PARAMS}}
     train = {**sweep.train, **{k: v for k, v in params.items() if k in TRAIN_PARAMS},

@@ -1,51 +1,35 @@
-"""Reading sweep results from disk (no Ray needed): the one owner of the sweep folder layout and of the
-trial and summary types. The CLI, the dashboard and the benchmarks read sweeps only through here.
-
-Layout of a sweep folder (`<storage>/<name>/`, a local folder or an object-storage URI):
-    sweep.json          the validated config
-    optuna.db           the Optuna study (open with `optuna-dashboard sqlite:///optuna.db`)
-    datasets/<key>/     voxelized shards, one per distinct voxel config (shared by trials with one sigma)
-    trials/<trial_id>/  the trial's Ray Train run: params.json, checkpoint_*/ (weights + metric history)
-    tune/, tune-2/, …   Ray Tune experiment state, one per run of trials (`--resume` restores the
-                        newest; `--resume --trials N` on an ended sweep starts the next one)
-    summary.json        trial table written when the sweep ends (status, params, best metrics, budget)
-    ray.log             Ray's own log output while the sweep ran (the console shows one line per event)
+"""Reading sweep results (no Ray needed): the trial and summary types, and `collect_trials`, which reads
+them from a sweep folder (`crystalae.search.layout`). The CLI, the dashboard and the benchmarks read
+sweeps only through here.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from crystalae.config import Objective, is_score
-from crystalae.uri_fs import DamagedFileError, absolute, cache_for, download, is_file, is_remote, list_files, name_of, read_json
+from crystalae.config import Objective, current_names, is_score
+from crystalae.search.layout import (
+    CHECKPOINT_GLOB,
+    PARAMS_FILE,
+    SUMMARY_FILE,
+    SWEEP_FILE,
+    TRIALS_DIR,
+    local_root,
+)
+from crystalae.uri_fs import DamagedFileError, is_file, name_of, read_json
 from crystalae.uri_fs import join as storage_join
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Budget", "CHECKPOINT_GLOB", "CheckpointRecord", "DATASETS_DIR", "EpochRecord", "LOG_FILE", "Objective",
-    "PARAMS_FILE", "RungRanking", "STUDY_FILE", "SUMMARY_FILE", "SWEEP_FILE", "SweepSummary", "TRIALS_DIR", "TUNE_DIR",
-    "Trial", "best_params", "collect_trials", "dataset_folders", "ended_runs", "ended_status", "export_record",
-    "find_sweeps", "is_sweep", "local_checkpoint", "local_root", "mirror_sweeps", "next_tune_dir", "promote_trial",
-    "read_trial", "recorded_statuses", "resolve_checkpoint", "spearman", "study_path", "sweep_config",
-    "sweep_dataset", "sweep_dir", "sweep_objectives", "trial_folder", "tune_dirs",
+    "Budget", "CheckpointRecord", "EpochRecord", "Objective", "RungRanking", "SweepSummary", "Trial",
+    "best_params", "collect_trials", "ended_runs", "ended_status", "read_trial", "recorded_statuses",
+    "resolve_checkpoint", "spearman", "sweep_config",
 ]
-
-SWEEP_FILE = "sweep.json"
-SUMMARY_FILE = "summary.json"
-STUDY_FILE = "optuna.db"
-TRIALS_DIR = "trials"
-DATASETS_DIR = "datasets"
-TUNE_DIR = "tune"
-PARAMS_FILE = "params.json"
-LOG_FILE = "ray.log"
-CHECKPOINT_GLOB = "checkpoint_*"  # Ray Train's checkpoint folder names
 
 
 @dataclass(frozen=True)
@@ -64,12 +48,12 @@ class Trial:
     history: list[dict[str, Any]]  # per-epoch metrics
     checkpoints: list[CheckpointRecord]  # kept checkpoints, by epoch
     best_value: float | None  # the objective at the best kept checkpoint
-    best_checkpoint: str | None  # its path, relative to the sweep folder
+    best_checkpoint_path: str | None  # its path, relative to the sweep folder
 
     @property
     def best_record(self) -> CheckpointRecord | None:
-        """The kept checkpoint at `best_checkpoint` (None before the trial has one)."""
-        return next((c for c in self.checkpoints if c.path == self.best_checkpoint), None)
+        """The kept checkpoint at `best_checkpoint_path` (None before the trial has one)."""
+        return next((c for c in self.checkpoints if c.path == self.best_checkpoint_path), None)
 
     @property
     def best_epoch(self) -> int | None:
@@ -174,7 +158,7 @@ class SweepSummary:
     def best_checkpoint(self, metric: str | None = None, mode: str | None = None) -> tuple[Trial, CheckpointRecord]:
         """The best kept checkpoint of the whole sweep on `metric` (default: the objective), by the one rule
         for "best" (`Objective.best`): numbers only; of equal values, the one whose trial reached the value
-        first, as the live console reports it. Each `Trial.best_checkpoint` follows the same rule.
+        first, as the live console reports it. Each `Trial.best_checkpoint_path` follows the same rule.
 
         Args:
             metric: the metric to rank by; default, the sweep's objective.
@@ -187,7 +171,7 @@ class SweepSummary:
             ValueError: no kept checkpoint has a numeric value of `metric`.
         """
         objective = Objective(metric or self.objective.metric, mode or self.objective.mode)
-        found = _best_checkpoint(self.trials, objective)
+        found = _best_of(self.trials, objective)
         if found is None:
             raise ValueError(f"no checkpoint of sweep {self.name} has metric {objective.metric!r}")
         return found
@@ -246,102 +230,6 @@ class SweepSummary:
         return {**asdict(self), "budget": asdict(self.budget())}
 
 
-def sweep_dir(storage: str | Path, name: str) -> str | Path:
-    """The sweep folder: `<storage>/<name>`, a local path or an object-storage URI (s3://...)."""
-    return storage_join(absolute(storage), name)
-
-
-def local_root(root: str | Path) -> Path:
-    """Where a sweep's files are read: the folder itself, or for object storage a local mirror of its
-    small files (configs, metrics, optuna.db), refreshed from the store on each call."""
-    if not is_remote(root):
-        return Path(root)
-    return download(root, cache_for(root), include=_mirrored)
-
-
-def _is_tune_dir(name: str) -> bool:
-    """A Tune experiment folder of a sweep: tune, tune-2, tune-3, ..."""
-    return name == TUNE_DIR or (name.startswith(TUNE_DIR + "-") and name.removeprefix(TUNE_DIR + "-").isdigit())
-
-
-def _mirrored(relative: str) -> bool:
-    """The files a reader of a sweep needs: not Tune's state, not the shards or the weights."""
-    top, _, rest = relative.partition("/")
-    if _is_tune_dir(top):
-        return False
-    if top == DATASETS_DIR:
-        return rest.count("/") == 1 and rest.endswith(("/manifest.json", "/prepare.json"))
-    return relative.endswith(".json") or relative in (STUDY_FILE, LOG_FILE)
-
-
-def mirror_sweeps(storage: str | Path) -> Path:
-    """A local copy of every sweep under `storage` (for the dashboard): all but Tune's own state."""
-    def wanted(relative: str) -> bool:
-        return not any(_is_tune_dir(part) for part in relative.split("/")[:-1])
-
-    return download(storage, cache_for(storage), include=wanted) if is_remote(storage) else Path(storage)
-
-
-def local_checkpoint(root: str | Path, relative: str) -> Path:
-    """A checkpoint folder of the sweep on this machine (downloaded once from object storage)."""
-    if not is_remote(root):
-        return Path(root) / relative
-    return download(storage_join(root, relative))
-
-
-def is_sweep(folder: str | Path) -> bool:
-    return is_file(storage_join(folder, SWEEP_FILE))
-
-
-def find_sweeps(storage: str | Path) -> list[str | Path]:
-    """Sweep folders at most two levels below `storage` (a storage may group sweeps in folders), sorted."""
-    if is_remote(storage):
-        found = {relative.rpartition("/")[0] for relative, _ in list_files(storage)
-                 if relative.rpartition("/")[2] == SWEEP_FILE and 1 <= relative.count("/") <= 3}
-        return [storage_join(storage, *folder.split("/")) for folder in sorted(found)]
-    root = Path(storage)
-    if not root.is_dir():
-        return []
-    return sorted({p.parent for pattern in (SWEEP_FILE, f"*/{SWEEP_FILE}", f"*/*/{SWEEP_FILE}")
-                   for p in root.glob(pattern)})
-
-
-def trial_folder(root: str | Path, trial_id: str) -> str | Path:
-    return storage_join(root, TRIALS_DIR, trial_id)
-
-
-def study_path(root: str | Path) -> Path:
-    """The Optuna study: a SQLite file, so for a sweep on object storage the local copy (the driver
-    uploads it as trials end; readers get it with the mirror)."""
-    return cache_for(root) / STUDY_FILE if is_remote(root) else Path(root) / STUDY_FILE
-
-
-def dataset_folders(root: str | Path) -> list[Path]:
-    """Finished prepared datasets of a sweep (those with a manifest), as local folders."""
-    from crystalae.dataset import MANIFEST, local_dataset
-
-    if is_remote(root):
-        return [local_dataset(storage_join(root, DATASETS_DIR, p.parent.name))
-                for p in sorted((local_root(root) / DATASETS_DIR).glob(f"*/{MANIFEST}"))]
-    return sorted(p.parent for p in (Path(root) / DATASETS_DIR).glob(f"*/{MANIFEST}"))
-
-
-def tune_dirs(root: str | Path) -> list[str | Path]:
-    """The sweep's Tune experiment folders, oldest first (tune, tune-2, tune-3, ...)."""
-    if is_remote(root):
-        names = {relative.partition("/")[0] for relative, _ in list_files(root) if "/" in relative}
-    else:
-        names = {p.name for p in Path(root).glob(f"{TUNE_DIR}*") if p.is_dir()}
-    found = [n for n in names if _is_tune_dir(n)]
-    ordered = sorted(found, key=lambda n: int(n.removeprefix(TUNE_DIR + "-")) if n != TUNE_DIR else 1)
-    return [storage_join(root, n) for n in ordered]
-
-
-def next_tune_dir(root: str | Path) -> str | Path:
-    count = len(tune_dirs(root))
-    return storage_join(root, TUNE_DIR if count == 0 else f"{TUNE_DIR}-{count + 1}")
-
-
 def _read_json(root: str | Path, name: str) -> Any:
     path = storage_join(root, name)
     return read_json(path) if is_file(path) else None
@@ -350,7 +238,7 @@ def _read_json(root: str | Path, name: str) -> Any:
 def ended_runs(root: str | Path) -> int:
     """How many Tune experiments of this sweep ran to the end (summary.json records it)."""
     summary = _read_json(root, SUMMARY_FILE)
-    return 0 if summary is None else int(summary.get("tune_runs", 1))  # summaries before extensions: one run
+    return 0 if summary is None else int(summary["tune_runs"])
 
 
 def sweep_config(root: str | Path) -> dict[str, Any]:
@@ -367,7 +255,7 @@ def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> 
     sweep = sweep_config(root)
     if statuses is None and (root / SUMMARY_FILE).exists():
         statuses = recorded_statuses(root)
-    objective, *secondary = sweep_objectives(sweep)
+    objective, *secondary = _sweep_objectives(sweep)
     folders = sorted(p for p in (root / TRIALS_DIR).glob("*") if p.is_dir()) if (root / TRIALS_DIR).exists() else []
     trials = []
     for folder in folders:  # a loop, not a comprehension: the warnings' stacklevel names the caller
@@ -375,7 +263,7 @@ def collect_trials(root: str | Path, statuses: dict[str, str] | None = None) -> 
     return SweepSummary(sweep.get("name", name), objective, trials, tuple(secondary))
 
 
-def sweep_objectives(sweep: dict[str, Any]) -> list[Objective]:
+def _sweep_objectives(sweep: dict[str, Any]) -> list[Objective]:
     """The objectives of a sweep config (sweep.json's form), the primary one first."""
     return [Objective(sweep.get("objective_metric", "val_score"), sweep.get("objective_mode", "max")),
             *(Objective(m, o) for m, o in zip(sweep.get("secondary_metrics", ()), sweep.get("secondary_modes", ())))]
@@ -384,7 +272,7 @@ def sweep_objectives(sweep: dict[str, Any]) -> list[Objective]:
 def read_trial(root: str | Path, trial_id: str) -> Trial:
     """One trial of a sweep, read as `collect_trials` reads each, while the sweep runs (status "running")."""
     local = local_root(root)
-    return _read_trial(local, local / TRIALS_DIR / trial_id, sweep_objectives(sweep_config(local))[0], None, None)
+    return _read_trial(local, local / TRIALS_DIR / trial_id, _sweep_objectives(sweep_config(local))[0], None, None)
 
 
 def _read_trial(root: Path, folder: Path, objective: Objective, statuses: dict[str, str] | None,
@@ -411,54 +299,18 @@ def _read_trial(root: Path, folder: Path, objective: Objective, statuses: dict[s
         params = {}
     trial = Trial(trial_id=folder.name, params=params,
                   status=_status(statuses, folder.name, len(history), budget), epochs=len(history),
-                  history=history, checkpoints=[record for record, _ in found], best_value=None, best_checkpoint=None)
-    best = _best_checkpoint([trial], objective)
+                  history=history, checkpoints=[record for record, _ in found], best_value=None, best_checkpoint_path=None)
+    best = _best_of([trial], objective)
     if best is None:
         return trial
-    return replace(trial, best_value=best[1].metrics[objective.metric], best_checkpoint=best[1].path)
+    return replace(trial, best_value=best[1].metrics[objective.metric], best_checkpoint_path=best[1].path)
 
 
-def _best_checkpoint(trials: list[Trial], objective: Objective) -> tuple[Trial, CheckpointRecord] | None:
+def _best_of(trials: list[Trial], objective: Objective) -> tuple[Trial, CheckpointRecord] | None:
     """The one rule for the best kept checkpoint, of one trial or of a sweep: `objective.best` over the
     checkpoints listed in the order their values were first reached (a tie goes to the first to reach it)."""
     pairs = sorted(((t, c) for t in trials for c in t.checkpoints), key=lambda p: _reached_at(*p, objective.metric))
     return objective.best(pairs, lambda p: p[1].metrics.get(objective.metric))
-
-
-def export_record(root: str | Path, out: str | Path) -> list[Path]:
-    """Copy a local sweep's small files to `out`: its config, study, summary, each trial's params and each
-    kept checkpoint's `config.json` (metrics and per-epoch history), but no weights and no datasets.
-
-    The copy reads like the sweep itself (`collect_trials`, the dashboard, `train --from-trial`), so a
-    sweep can be committed beside the model it found. Local data sources, which a sweep stores as absolute
-    paths, are written relative to the current directory (as a sweep config's own sources are read), so
-    the record names no folder of this machine. Returns the files written.
-    """
-    import shutil
-
-    root, out = Path(root), Path(out)
-    wanted = [SWEEP_FILE, SUMMARY_FILE, STUDY_FILE, *(str(p.relative_to(root)) for p in (root / TRIALS_DIR).glob(
-        f"*/{PARAMS_FILE}")), *(str(p.relative_to(root)) for p in (root / TRIALS_DIR).glob(f"*/{CHECKPOINT_GLOB}/config.json"))]
-    written = []
-    for relative in wanted:
-        if (root / relative).is_file():
-            (out / relative).parent.mkdir(parents=True, exist_ok=True)
-            if relative.endswith(".json"):  # compact: the sweep's own files are indented for people
-                data = json.loads((root / relative).read_text())
-                if relative == SWEEP_FILE:
-                    data["data"]["source"] = _portable_source(data["data"]["source"])
-                (out / relative).write_text(json.dumps(data, separators=(",", ":")))
-            else:
-                shutil.copy2(root / relative, out / relative)
-            written.append(out / relative)
-    return written
-
-
-def _portable_source(source: str | list) -> str | list:
-    """A sweep's stored source with its absolute local paths made relative to the current directory."""
-    if isinstance(source, list):
-        return [_portable_source(part) for part in source]
-    return os.path.relpath(source) if os.path.isabs(source) else source
 
 
 def recorded_statuses(root: str | Path) -> dict[str, str]:
@@ -468,11 +320,12 @@ def recorded_statuses(root: str | Path) -> dict[str, str]:
 
 
 def best_params(root: str | Path) -> list[dict[str, Any]]:
-    """The params of a sweep's scored trials, best first by its own objective."""
-    return [t.params for t in collect_trials(root).ranked_trials()]
+    """The params of a sweep's scored trials, best first by its own objective (under today's field names,
+    as a warm start feeds them to a new sweep)."""
+    return [current_names(t.params) for t in collect_trials(root).ranked_trials()]
 
 
-def resolve_checkpoint(summary: SweepSummary, trial: str | None = None, metric: str | None = None,
+def resolve_checkpoint(summary: SweepSummary, trial: str | None = None, *, metric: str | None = None,
                        mode: str | None = None, within: float | None = None,
                        prefer: str | None = None) -> tuple[Trial, CheckpointRecord]:
     """The checkpoint a promote names: the best kept checkpoint (`SweepSummary.best_checkpoint`) of
@@ -498,71 +351,6 @@ def resolve_checkpoint(summary: SweepSummary, trial: str | None = None, metric: 
     if within is None:
         return summary.best_checkpoint(metric, mode)
     return summary.pick(within, Objective.parse(prefer, summary.objectives) if prefer else None)
-
-
-def promote_trial(root: str | Path, registry, trial: str | None = None, *, name: str | None = None,
-                  alias: str | None = None, metric: str | None = None, mode: str | None = None,
-                  within: float | None = None, prefer: str | None = None, fit_prior: bool = True) -> dict[str, Any]:
-    """Promote the checkpoint `resolve_checkpoint` names (the best of `trial`, or of the whole sweep) into
-    `registry` (a crystalae.registry.Registry) as a new version of `name` (default: the sweep's name).
-    The CLI (`promote`, `demo`) and the dashboard promote trials only through here, so every version
-    promoted from a sweep records one `source`: {"checkpoint": its folder (absolute) or URI, "sweep",
-    "trial", "epoch"}, plus "latent_prior" when one was fitted.
-
-    With `fit_prior` (the default: the trial's dataset is known), a checkpoint without a latent prior gets
-    one fitted on its trial's dataset first (see `crystalae.prior`), so the version samples crystals where
-    its decoder was trained; without a prior, `generate` refuses the version.
-
-    Returns:
-        The new version's manifest (`Registry.promote`).
-
-    Raises:
-        ValueError: as `resolve_checkpoint`, or `Registry.promote` (a bad name or alias, RegistryError; an
-            unreadable checkpoint, CheckpointError).
-    """
-    summary = collect_trials(root)
-    chosen, checkpoint = resolve_checkpoint(summary, trial, metric, mode, within, prefer)
-    folder = local_checkpoint(root, checkpoint.path)
-    source = {"checkpoint": str(absolute(storage_join(root, checkpoint.path))), "sweep": summary.name,
-              "trial": chosen.trial_id, "epoch": checkpoint.epoch}
-    name = summary.name if name is None else name
-    registry.check_names(name, alias)  # a bad name is refused now, not after the prior is fitted
-    if not fit_prior:
-        return registry.promote(folder, name, alias=alias, source=source)
-    import tempfile
-
-    from crystalae.checkpoint import read_checkpoint
-    from crystalae.prior import with_latent_prior
-
-    payload = read_checkpoint(folder)
-    data = None if payload.get("latent_prior") is not None else sweep_dataset(root, payload["dataset_hash"])
-    if data is None:  # it has a prior already, or the trial's dataset is gone: promote it as it is
-        if payload.get("latent_prior") is None:
-            log.warning("trial %s: its dataset is gone from %s, so no latent prior was fitted; `generate` refuses "
-                        "the version until `crystalae fit-prior` adds one", chosen.trial_id, root)
-        return registry.promote(folder, name, alias=alias, source=source)
-    with tempfile.TemporaryDirectory() as tmp:
-        with_latent_prior(folder, data, Path(tmp) / "checkpoint")
-        return registry.promote(Path(tmp) / "checkpoint", name, alias=alias,
-                                source={**source, "latent_prior": "fitted on the trial dataset's train split"})
-
-
-def sweep_dataset(root: str | Path, dataset_hash: str) -> str | Path | None:
-    """The prepared dataset under the sweep's `datasets/` whose manifest has `dataset_hash` (None: gone)."""
-    from crystalae.dataset import MANIFEST
-
-    base = storage_join(root, DATASETS_DIR)
-    if is_remote(base):
-        names = sorted({relative.split("/")[0] for relative, _ in list_files(base) if relative.endswith(MANIFEST)})
-    else:
-        names = sorted(p.parent.name for p in Path(base).glob(f"*/{MANIFEST}"))
-    for folder in (storage_join(base, n) for n in names):
-        try:
-            if read_json(storage_join(folder, MANIFEST)).get("dataset_hash") == dataset_hash:
-                return folder
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:
@@ -600,4 +388,3 @@ def _reached_at(trial: Trial, record: CheckpointRecord | None, metric: str) -> t
     own = time_of(record.metrics if record else None)
     first = time_of(trial.first_reached(metric, record.metrics.get(metric))) if record else math.inf
     return min(first, own), own
-

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from crystalae import uri_fs
-from crystalae.config import ConfigError, check_name
+from crystalae.config import ConfigError, TrainConfig, check_name
+from crystalae.dataset import MANIFEST, config_of
 from crystalae.locations import TRAIN
 from crystalae.search.config import SweepConfig, point_problem, trial_overrides
-from crystalae.search.results import PARAMS_FILE, SWEEP_FILE, TRIALS_DIR, collect_trials, is_sweep, sweep_dir
-from crystalae.training import TrainConfig
+from crystalae.search.layout import PARAMS_FILE, SWEEP_FILE, TRIALS_DIR, is_sweep, sweep_dir
+from crystalae.search.results import collect_trials
+from crystalae.search.sweep import dataset_folder, dataset_for
+from crystalae.training import check_run, train
 
 __all__ = ["trial_recipe", "retrain_trial"]
 
@@ -100,10 +103,6 @@ def retrain_trial(storage: str | Path, ref: str, *, epochs: int | None = None, d
         ValueError: `data` was prepared with another voxel config than the trial's; as `trial_recipe`, or
             `crystalae.training.check_run`, TrainConfig (a bad `epochs`), before anything is written.
     """
-    from crystalae.dataset import MANIFEST, config_of
-    from crystalae.search.sweep import dataset_folder, dataset_for
-    from crystalae.training import check_run, train
-
     recipe = trial_recipe(storage, ref)
     sweep: SweepConfig = recipe["sweep"]
     name = name or f"{sweep.name}-{recipe['trial']}"

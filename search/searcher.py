@@ -14,7 +14,8 @@ from ray.tune.search.optuna import OptunaSearch
 from crystalae.config import Objective
 from crystalae.search.config import SweepConfig
 from crystalae.search.console import epochs_done
-from crystalae.search.results import ended_status, study_path
+from crystalae.search.layout import study_path
+from crystalae.search.results import ended_status
 
 __all__ = ["PersistentOptunaSearch", "persistent_searcher"]
 

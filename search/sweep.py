@@ -31,7 +31,7 @@ from crystalae.search.config import (
     split_options,
     trial_overrides,
 )
-from crystalae.search.results import (
+from crystalae.search.layout import (
     DATASETS_DIR,
     LOG_FILE,
     PARAMS_FILE,
@@ -39,17 +39,13 @@ from crystalae.search.results import (
     SUMMARY_FILE,
     SWEEP_FILE,
     TRIALS_DIR,
-    SweepSummary,
-    best_params,
-    collect_trials,
-    ended_runs,
     local_root,
     next_tune_dir,
-    recorded_statuses,
     sweep_dir,
     trial_folder,
     tune_dirs,
 )
+from crystalae.search.results import SweepSummary, best_params, collect_trials, ended_runs, recorded_statuses
 from crystalae.shards import prepare_dataset
 from crystalae.training import TrainConfig
 

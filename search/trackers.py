@@ -12,10 +12,11 @@ from ray.tune import Callback
 
 from crystalae import uri_fs
 from crystalae.search.config import SweepConfig
-from crystalae.search.results import CHECKPOINT_GLOB, ended_status, local_checkpoint, read_trial, trial_folder
+from crystalae.search.layout import CHECKPOINT_GLOB, local_checkpoint, trial_folder
+from crystalae.search.results import ended_status, read_trial
 from crystalae.tracking import MlflowRun, experiment_id_of, mlflow_client
 
-__all__ = ["BEST_CHECKPOINT", "MlflowTrials", "trained_with"]
+__all__ = ["MlflowTrials", "trained_with"]
 
 BEST_CHECKPOINT = "best_checkpoint"  # the artifact folder of a trial's best checkpoint
 
@@ -40,7 +41,7 @@ class MlflowTrials(Callback):
     searched values by their names and every field of the configuration it trained with (`train.batch_size`,
     `voxel.grid`, `model.base_width`, ...); as metrics, crystalae's per-epoch numbers only, at step `epoch`;
     at its end, its best checkpoint's config.json as artifacts (the weights too with `mlflow_checkpoint`), and
-    tags `crystalae.status` (finished, early-stopped, error) and `crystalae.best_checkpoint`.
+    tags `crystalae.status` (finished, early-stopped, error) and `crystalae.best_checkpoint_path`.
 
     A resumed sweep continues each trial's run (found by the trial's folder)."""
 
@@ -91,9 +92,9 @@ class MlflowTrials(Callback):
         if run is None:  # no report reached the driver: the trial never trained an epoch
             return
         record = read_trial(self.root, trial_id)
-        if record.best_checkpoint:
-            folder = local_checkpoint(self.root, record.best_checkpoint)
+        if record.best_checkpoint_path:
+            folder = local_checkpoint(self.root, record.best_checkpoint_path)
             run.log_files(sorted(p for p in folder.iterdir() if p.is_file()) if self.weights
                           else [folder / "config.json"], BEST_CHECKPOINT)
         run.close(failed, tags={"crystalae.status": ended_status(failed, record.epochs, self.epochs),
-                                "crystalae.best_checkpoint": record.best_checkpoint or ""})
+                                "crystalae.best_checkpoint_path": record.best_checkpoint_path or ""})

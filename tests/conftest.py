@@ -102,7 +102,8 @@ def tiny_sweep(tmp_path_factory):
 
     from crystalae.registry import Registry
     from crystalae.search.config import load_sweep_config
-    from crystalae.search.results import promote_trial, sweep_dir
+    from crystalae.search.layout import sweep_dir
+    from crystalae.search.promote import promote_trial
     from crystalae.search.sweep import run_sweep
 
     base = tmp_path_factory.mktemp("sweep")

@@ -29,7 +29,7 @@ def test_import_is_light_and_the_api_is_visible():
 
 
 def test_reconstruct_matches_like_the_reconstruct_command(perov_model, perov_sample, tmp_path):
-    from crystalae.generate import reconstruct
+    from crystalae.reconstruct import reconstruct
 
     sample = perov_sample[:12]
     folder = tmp_path / "cifs"
@@ -67,7 +67,7 @@ def test_decode_sample_interpolate_and_alter_give_structures(perov_model, perov_
     assert [s.composition for s in first] == [s.composition for s in perov_model.sample(3, seed=4)]
     path = perov_model.interpolate(a, b, steps=4)
     assert len(path) == 4 and compare(path[0], a).get("match") is not None
-    assert len(perov_model.alter(a, scale=0.05, n=2)) == 2
+    assert len(perov_model.alter(a, scale=0.05, count=2)) == 2
 
 
 def test_bad_input_names_the_item_and_the_reason(perov_model, carbon_sample):

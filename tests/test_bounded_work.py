@@ -126,7 +126,7 @@ def test_the_cell_check_is_the_one_decoding_uses():
     density = voxelize_arrays(Lattice.cubic(4.0).matrix, np.zeros((1, 3)), np.array([6]), config)
     density.lattice = thin
     with pytest.raises(DecodeError) as decoding:
-        decode(density, species_from="density")
+        decode(density, species_source="density")
     assert str(voxelizing.value) == cell_problem(thin, config) and str(decoding.value).startswith(str(voxelizing.value))
     for bad in (np.full((3, 3), np.nan), np.eye(3) * 1e300, np.zeros((3, 3))):
         assert cell_problem(bad, config) is not None

@@ -95,16 +95,17 @@ def test_the_demo_promotes_where_model_load_and_dashboard_look(tmp_path, monkeyp
     from pathlib import Path
 
     import crystalae
-    from crystalae.cli import _demo_next_steps, build_parser
+    from crystalae.cli import build_parser
     from crystalae.locations import REGISTRY, SWEEPS
     from crystalae.registry import Registry
+    from crystalae.search.demo_job import demo_next_steps
 
     parser = build_parser()
     demo = parser.parse_args(["demo"])
     for command in ("generate", "models", "dashboard", "promote x", "reconstruct x --out o.csv"):
         assert Path(parser.parse_args(command.split()).registry) == Path(demo.registry) == REGISTRY, command
     assert Path(parser.parse_args(["dashboard"]).storage) == Path(demo.storage) == SWEEPS
-    assert "crystalae generate --model champion --sample 4\n" in _demo_next_steps(demo.storage, demo.registry) + "\n"
+    assert "crystalae generate --model champion --sample 4\n" in demo_next_steps(demo.storage, demo.registry) + "\n"
 
     monkeypatch.chdir(tmp_path)
     Registry(REGISTRY).promote(tiny_checkpoint, "demo", alias="champion")  # what the demo's step 3 does

@@ -11,7 +11,7 @@ from crystalae.voxelize import VoxelizeError, rotation_matrix, voxelize
 
 def _roundtrip(structure, config, species="labels", material_id="x"):
     density = voxelize(structure, config, rotation_matrix(config, material_id, 0))
-    return decode(density, species_from=species, composition=structure.composition)
+    return decode(density, species_source=species, composition=structure.composition)
 
 
 def _score(structure, config, material_id):
@@ -49,7 +49,7 @@ def test_shared_datasets_sample_round_trip(perov_sample, carbon_sample):
 
 
 def test_decode_refines_below_a_hundredth_of_an_angstrom(carbon_sample):
-    """Thin carbon supercells only match when positions are good to ~0.01 Å (see NOTES.md)."""
+    """Thin carbon supercells only match when positions are good to ~0.01 Å."""
     for _, s in carbon_sample[:10]:
         s = reduce_cell(s, "niggli")
         out = _roundtrip(s, VoxelConfig())
@@ -69,7 +69,7 @@ def test_empty_density_is_a_clear_error(demo_set):
 
 
 def test_degenerate_predicted_lattice_is_a_decode_error(demo_set):
-    from crystalae.reconstruct import lattice_from_params
+    from crystalae.units import lattice_from_params
 
     flat = lattice_from_params(np.array([0.4, 0.4, 0.4, 1 / 3, 1 / 3, 150 / 90]))  # angles cannot close a cell
     density = voxelize(demo_set[0][1], VoxelConfig(grid=16))
@@ -85,21 +85,21 @@ def test_known_atom_count_separates_merged_peaks():
     truth = Structure(Lattice.from_parameters(6, 5, 5.5, 80, 95, 100), ["C", "C"], [[0.4, 0.5, 0.5], [0.6, 0.5, 0.5]])
     config = VoxelConfig(grid=16, sigma=0.7)
     density = voxelize(truth, config)
-    assert len(decode(density, species_from="density", elements=(6,))) == 1
-    two = decode(density, species_from="density", elements=(6,), atoms=2)
+    assert len(decode(density, species_source="density", elements=(6,))) == 1
+    two = decode(density, species_source="density", elements=(6,), atoms=2)
     assert compare(two, truth)["match"]
     assert all(min(truth.lattice.get_distance_and_image(s.frac_coords, t.frac_coords)[0] for t in truth) < 0.05
                for s in two)
-    assert len(decode(density, species_from="density", elements=(6,), atoms=1)) == 1  # more peaks than atoms: heaviest kept
+    assert len(decode(density, species_source="density", elements=(6,), atoms=1)) == 1  # more peaks than atoms: heaviest kept
     with pytest.raises(DecodeError, match="atoms=0"):
-        decode(density, species_from="density", atoms=0)
+        decode(density, species_source="density", atoms=0)
     with pytest.raises(DecodeError, match="cannot fit"):  # e.g. a latent far from the data: rejected at once
-        decode(density, species_from="density", atoms=200)
+        decode(density, species_source="density", atoms=200)
 
 
-def test_species_from_is_checked_and_zero_iterations_read_numbers_from_heights(demo_set):
+def test_species_source_is_checked_and_zero_iterations_read_numbers_from_heights(demo_set):
     density = voxelize(demo_set[0][1], VoxelConfig(grid=16))
-    with pytest.raises(ValueError, match="species_from must be one of"):
-        decode(density, species_from="segmenter")
+    with pytest.raises(ValueError, match="species_source must be one of"):
+        decode(density, species_source="segmenter")
     box = VoxelConfig(representation="box", box_mode="lattice", grid=16)
-    assert len(decode(voxelize(demo_set[0][1], box), species_from="density", iterations=0)) > 0
+    assert len(decode(voxelize(demo_set[0][1], box), species_source="density", iterations=0)) > 0

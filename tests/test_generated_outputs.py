@@ -36,7 +36,8 @@ def _salt(a: float = 5.6) -> Structure:
 
 def test_novelty_is_against_the_training_crystals_and_unknown_training_sets_are_said_so(tmp_path):
     from crystalae.checkpoint import LoadedModel
-    from crystalae.generate import TrainingSet, training_set
+    from crystalae.generate import TrainingSet
+    from crystalae.search.training_set import training_set
 
     cscl = Structure(Lattice.cubic(4.1), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     known = TrainingSet({"NaCl": [_salt(5.5).to(fmt="cif")]}, "two training crystals")
@@ -54,8 +55,8 @@ def test_novelty_is_against_the_training_crystals_and_unknown_training_sets_are_
 
 def test_a_sweep_trials_training_set_is_found_by_its_dataset_hash(tiny_sweep):
     from crystalae.checkpoint import load_checkpoint
-    from crystalae.generate import training_set
-    from crystalae.registry import find_model
+    from crystalae.loading import find_model
+    from crystalae.search.training_set import training_set
 
     loaded = load_checkpoint(find_model("champion", tiny_sweep["registry"]))
     found = training_set(loaded, tiny_sweep["storage"])

@@ -8,7 +8,7 @@ import pytest
 from crystalae import uri_fs
 from crystalae.cli import main
 from crystalae.dataset import read_manifest
-from tests.conftest import TINY_SWEEP
+from conftest import TINY_SWEEP
 
 
 @pytest.fixture
@@ -42,7 +42,8 @@ def test_sweep_promote_and_dashboard_on_s3(s3_bucket, tmp_path, fresh_cache, mon
     import ray
 
     from crystalae.registry import Registry
-    from crystalae.search.results import collect_trials, study_path
+    from crystalae.search.layout import study_path
+    from crystalae.search.results import collect_trials
 
     config = tmp_path / "s3sweep.yaml"
     single = TINY_SWEEP[:TINY_SWEEP.index("objective:")] + "objective: {metric: val_score, mode: max}\n" + \
@@ -61,7 +62,7 @@ def test_sweep_promote_and_dashboard_on_s3(s3_bucket, tmp_path, fresh_cache, mon
 
     fresh_cache("cache-b")  # another machine: nothing local, everything read from the store
     summary = collect_trials(f"{sweeps}/s3sweep")
-    assert len(summary.trials) == 2 and all(t.best_checkpoint for t in summary.trials)
+    assert len(summary.trials) == 2 and all(t.best_checkpoint_path for t in summary.trials)
     assert all(t.status == "finished" for t in summary.trials)
     assert study_path(f"{sweeps}/s3sweep").is_file()
     assert main(["promote", "--best", "s3sweep", "--storage", sweeps, "--registry", registry, "--alias", "champion"]) == 0

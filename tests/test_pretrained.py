@@ -27,7 +27,7 @@ def _held_out(name: str, count: int):
 @pytest.mark.parametrize("name", sorted(FLOOR))
 def test_shipped_model_reconstructs_held_out_crystals(name, tmp_path):
     from crystalae.checkpoint import load_checkpoint
-    from crystalae.generate import reconstruct
+    from crystalae.reconstruct import reconstruct
 
     folder = PRETRAINED / name
     if not (folder / "checkpoint.pt").exists():
@@ -62,11 +62,11 @@ def test_models_command_lists_shipped_models(capsys):
 
 
 def test_demo_ends_by_sampling_the_shipped_perov_model(tmp_path, capsys):
-    from crystalae.cli import _sample_pretrained
+    from crystalae.search.demo_job import sample_pretrained
 
     if not (PRETRAINED / "perov_5" / "checkpoint.pt").exists():
         pytest.skip("no shipped perov_5 model in this checkout")
-    _sample_pretrained(tmp_path, count=4)
+    sample_pretrained(tmp_path, count=4)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["count"] == 4 and 0 <= summary["structural_validity"] <= 1
     assert "5/5 sampled 4 crystals from the shipped perov_5 model" in capsys.readouterr().out

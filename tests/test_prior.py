@@ -36,7 +36,7 @@ def test_fitted_prior_matches_the_training_latents_and_travels_in_the_checkpoint
     from crystalae.checkpoint import export_checkpoint, load_checkpoint
     from crystalae.dataset import read_table, table_batches
     from crystalae.prior import fit_latent_prior, sample_latents
-    from crystalae.reconstruct import density_scale
+    from crystalae.units import density_scale
 
     folder, data = model_and_data
     loaded = load_checkpoint(folder)
@@ -116,7 +116,7 @@ def test_fit_prior_command_writes_a_new_checkpoint_that_generate_uses(model_and_
     rc = main(["generate", "--checkpoint", str(out), "--sample", "2", "--out", str(tmp_path / "gen"), "--cpu"])
     # auto takes the fitted prior's kind; the tiny model may decode none (then it exits 1, never 0)
     assert generated(rc, tmp_path / "gen", 2)["prior"] == {"kind": "posterior", "temperature": 0.1}
-    assert "from the posterior prior at spread 0.1 (the kind stored with the model)" in capsys.readouterr().out
+    assert "from the posterior prior at temperature 0.1 (the kind stored with the model)" in capsys.readouterr().out
 
 
 def test_fit_prior_refuses_data_the_model_was_not_trained_on(model_and_data, tmp_path, capsys):

@@ -118,7 +118,7 @@ def test_generate_refuses_a_model_without_a_prior_and_says_which_prior_it_used(t
         pytest.skip("no shipped perov_5 model in this checkout")
     assert main(["generate", "--checkpoint", str(PRETRAINED / "perov_5"), "--sample", "2", "--out",
                  str(tmp_path / "p")]) == 0
-    assert "from the posterior prior at spread 0.05 (the kind stored with the model)" in capsys.readouterr().out
+    assert "from the posterior prior at temperature 0.05 (the kind stored with the model)" in capsys.readouterr().out
 
 
 def test_promoting_a_checkpoint_folder_without_a_prior_warns_and_fit_prior_there_is_refused(tmp_path, capsys,
@@ -512,13 +512,13 @@ def test_api_counts_spreads_seeds_and_devices_are_checked_before_any_work(tiny_c
     salt = "never-read.cif"  # every case is refused before a structure is read
     cases = [
         (lambda: model.sample(10**9, prior="normal"), "number of samples must be a whole number in 0..100,000"),
-        (lambda: model.sample(2, prior="normal", temperature=float("nan")), r"spread \(temperature\) must be"),
-        (lambda: model.sample(2, prior="normal", temperature=-1.0), r"spread \(temperature\) must be"),
-        (lambda: model.sample(2, prior="normal", temperature=float("inf")), r"spread \(temperature\) must be"),
+        (lambda: model.sample(2, prior="normal", temperature=float("nan")), r"temperature must be"),
+        (lambda: model.sample(2, prior="normal", temperature=-1.0), r"temperature must be"),
+        (lambda: model.sample(2, prior="normal", temperature=float("inf")), r"temperature must be"),
         (lambda: model.sample(2, prior="normal", seed=-1), "the seed must be"),
         (lambda: model.sample(2, prior="normal", seed=2**70), "the seed must be"),
-        (lambda: model.alter(salt, n=-1), "n must be a whole number"),
-        (lambda: model.alter(salt, n=10**9), "n must be a whole number"),
+        (lambda: model.alter(salt, count=-1), "count must be a whole number"),
+        (lambda: model.alter(salt, count=10**9), "count must be a whole number"),
         (lambda: model.alter(salt, scale=float("nan")), "scale must be a number"),
         (lambda: model.interpolate(salt, salt, steps=10**9), "steps must be a whole number in 2..1,000"),
         (lambda: model.interpolate(salt, salt, steps=2.5), "steps must be a whole number"),
@@ -528,7 +528,7 @@ def test_api_counts_spreads_seeds_and_devices_are_checked_before_any_work(tiny_c
             call()
     with pytest.raises(TypeError, match="got NoneType"):
         model.encode(None)
-    assert model.decode([]) == [] and model.decode(np.zeros((0, 4))) == [] and model.alter(salt, n=0) == []
+    assert model.decode([]) == [] and model.decode(np.zeros((0, 4))) == [] and model.alter(salt, count=0) == []
 
 
 @pytest.mark.parametrize("section, key, value, needle", [

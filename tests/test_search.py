@@ -26,7 +26,7 @@ def test_tiny_sweep_writes_results(tiny_sweep):
     assert json.loads((root / "summary.json").read_text())["trials"]
     for trial in summary.trials:
         assert trial.status in ("finished", "early-stopped")
-        assert trial.best_checkpoint and (root / trial.best_checkpoint / "checkpoint.pt").exists()
+        assert trial.best_checkpoint_path and (root / trial.best_checkpoint_path / "checkpoint.pt").exists()
         assert trial.history[0]["epoch"] == 0 and "val_loss" in trial.history[0]
         assert set(trial.params) == {"latent_dim", "sigma", "lr"}
     import optuna
@@ -198,7 +198,7 @@ def test_train_from_trial_retrains_its_configuration_with_lineage(tiny_sweep, tm
     lineage = payload["lineage"]
     assert lineage["sweep"] == "tiny" and lineage["trial"] == best.trial_id and lineage["epochs"] == 1
     assert lineage["params"] == best.params and lineage["objective"]["trial_best"] == best.best_value
-    trial_payload = read_checkpoint(tiny_sweep["root"] / best.best_checkpoint)
+    trial_payload = read_checkpoint(tiny_sweep["root"] / best.best_checkpoint_path)
     assert payload["dataset_hash"] == trial_payload["dataset_hash"]  # the sweep's own shards for its sigma
     assert payload["model_config"] == trial_payload["model_config"]
     assert payload["train_config"]["grad_clip"] == 5.0  # a run setting the command line adds to the trial's
@@ -358,8 +358,7 @@ def test_fields_marked_set_by_data_are_set_by_the_data():
     from dataclasses import fields
 
     from crystalae.config import VoxelConfig
-    from crystalae.models import ModelConfig
-    from crystalae.reconstruct import model_config_for
+    from crystalae.models import ModelConfig, model_config_for
     from crystalae.search.config import MODEL_PARAMS
 
     data_fields = {f.name for f in fields(ModelConfig) if f.metadata.get("set_by") == "data"}
@@ -477,7 +476,7 @@ def test_a_sweep_reads_a_list_of_sources_as_one_dataset_and_checks_each(tmp_path
 
 
 def test_a_sweeps_small_files_export_as_a_record_that_reads_like_the_sweep(tiny_sweep, tmp_path):
-    from crystalae.search.results import export_record
+    from crystalae.search.export import export_record
 
     written = export_record(tiny_sweep["root"], tmp_path / "record")
     assert written and not list((tmp_path / "record").rglob("*.pt")) and not (tmp_path / "record" / "datasets").exists()
@@ -501,7 +500,7 @@ def test_a_sweeps_small_files_export_as_a_record_that_reads_like_the_sweep(tiny_
 
 
 def test_a_record_names_its_local_sources_relative_to_the_current_directory(tmp_path, monkeypatch):
-    from crystalae.search.results import export_record
+    from crystalae.search.export import export_record
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()

@@ -5,14 +5,15 @@ import torch
 from pymatgen.core import Lattice, Structure
 
 from crystalae.augment import augment, substitutes
-from crystalae.config import VoxelConfig
+from crystalae.config import TrainConfig, VoxelConfig
 from crystalae.decode import decode
+from crystalae.evaluation import evaluate
 from crystalae.losses import site_targets
 from crystalae.metrics import reconstruction_score, site_confusion
 from crystalae.models import CrystalAE, ModelConfig, SiteHead
-from crystalae.reconstruct import density_scale, evaluate
 from crystalae.shards import site_table
-from crystalae.training import TrainConfig, lr_factor, run_epoch
+from crystalae.training import lr_factor, run_epoch
+from crystalae.units import density_scale
 from crystalae.voxelize import voxelize
 
 SRTIO3 = Structure(Lattice.cubic(3.9), ["Sr", "Ti", "O", "O", "O"],
@@ -117,9 +118,9 @@ def test_cosine_schedule_warms_up_then_decays():
 @pytest.mark.parametrize("species_from", ["site", "segmenter", "density"])
 def test_each_species_path_trains_and_evaluates(species_from, tmp_path):
     from crystalae.dataset import read_table, table_batches
-    from crystalae.reconstruct import class_lookup
     from crystalae.shards import PrepareOptions, prepare_dataset
     from crystalae.training import build_configs
+    from crystalae.units import class_lookup
 
     prepare_dataset("demo:24", tmp_path, VoxelConfig(grid=8), PrepareOptions(val_fraction=0.3), workers=1)
     voxel, config = build_configs(tmp_path, {"species_from": species_from, "depth": 1, "base_width": 4,
@@ -134,7 +135,7 @@ def test_each_species_path_trains_and_evaluates(species_from, tmp_path):
     terms = run_epoch(model, table_batches(read_table(tmp_path, split="train"), 8), cfg, density_scale(voxel),
                       class_lookup(config.species), torch.device("cpu"), optimizer,
                       lambda b: augment(b, cfg, voxel, config.species, rng))
-    assert np.isfinite(terms["loss"]) and ("seg" in terms) == (species_from != "density")
+    assert np.isfinite(terms["loss"]) and ("species" in terms) == (species_from != "density")
     metrics = evaluate(model, read_table(tmp_path, split="val"), voxel, cfg, torch.device("cpu"))
     assert 0 <= metrics["score"] <= 1.001 and len(metrics["confusion"]) == len(config.species) + 1
 
@@ -153,9 +154,10 @@ def test_periodic_feature_sampling_hits_voxels_and_interpolates():
 def test_count_head_trains_and_sets_how_many_atoms_are_decoded(tmp_path):
     from crystalae.dataset import read_table, table_batches
     from crystalae.losses import loss_terms
-    from crystalae.reconstruct import class_lookup, decode_latents, structures_from_outputs
+    from crystalae.readout import decode_latents, outputs_to_structures
     from crystalae.shards import PrepareOptions, prepare_dataset
     from crystalae.training import build_configs
+    from crystalae.units import class_lookup
 
     prepare_dataset("demo:16", tmp_path, VoxelConfig(grid=8, max_atoms=12), PrepareOptions(val_fraction=0.3), workers=1)
     voxel, config = build_configs(tmp_path, {"count_head": True, "depth": 1, "base_width": 4, "latent_dim": 8})
@@ -176,7 +178,7 @@ def test_count_head_trains_and_sets_how_many_atoms_are_decoded(tmp_path):
     with torch.no_grad():
         outputs = decode_latents(model, voxel, model.vae.encode(batch["density"][:, None] * density_scale(voxel))[0])
     assert (outputs["atoms"] == counts.numpy()).all()
-    decoded = structures_from_outputs(model, voxel, outputs)
+    decoded = outputs_to_structures(model, voxel, outputs)
     assert all(len(s) == n for s, n in zip(decoded, outputs["atoms"]) if s is not None)
 
 

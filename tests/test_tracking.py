@@ -11,8 +11,8 @@ def test_a_sweeps_mlflow_runs_hold_every_config_field_its_own_metrics_and_the_be
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
+    from crystalae.config import TrainConfig
     from crystalae.models import ModelConfig
-    from crystalae.training import TrainConfig
 
     client = MlflowClient(tiny_sweep["mlflow"])
     experiment = client.get_experiment_by_name("tiny")
@@ -33,7 +33,7 @@ def test_a_sweeps_mlflow_runs_hold_every_config_field_its_own_metrics_and_the_be
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_score")]
         assert sorted(steps) == list(range(trial.epochs))
         assert run.data.tags["crystalae.status"] == trial.status
-        assert run.data.tags["crystalae.best_checkpoint"] == trial.best_checkpoint
+        assert run.data.tags["crystalae.best_checkpoint_path"] == trial.best_checkpoint_path
         # the best checkpoint's record (without weights unless tracking: {mlflow_checkpoint: true})
         assert [a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")] == \
             ["best_checkpoint/config.json"]

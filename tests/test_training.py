@@ -8,11 +8,11 @@ from conftest import generated
 from pymatgen.core import Structure
 
 from crystalae.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from crystalae.config import ConfigError, VoxelConfig
+from crystalae.config import ConfigError, TrainConfig, VoxelConfig
 from crystalae.dataset import WorkerShare
 from crystalae.models import PAPER_PRESET, CrystalAE, ModelConfig
 from crystalae.shards import PrepareOptions, prepare_dataset
-from crystalae.training import TrainConfig, train
+from crystalae.training import train
 
 TINY = {"depth": 1, "base_width": 4, "max_width": 8, "latent_dim": 8, "seg_depth": 1, "seg_width": 4,
         "residual": False}
@@ -209,8 +209,8 @@ def test_any_base_width_builds_and_runs():
 def test_grad_clip_bounds_each_step_and_is_off_by_default(tiny_data):
     """With plain SGD at lr 1 a step moves the weights by the gradient itself: clipped, its norm is the clip."""
     from crystalae.dataset import read_table, table_batches
-    from crystalae.reconstruct import class_lookup, density_scale
     from crystalae.training import build_configs, run_epoch
+    from crystalae.units import class_lookup, density_scale
 
     voxel, config = build_configs(tiny_data, TINY)
     batch = next(table_batches(read_table(tiny_data, split="train"), 8))

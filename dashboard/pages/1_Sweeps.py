@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from crystalae.dashboard import data, views
-from crystalae.search.results import LOG_FILE
+from crystalae.search.layout import LOG_FILE
 
 st.set_page_config(page_title="Sweeps · crystalae", page_icon="💎", layout="wide")
 paths = data.app_paths()

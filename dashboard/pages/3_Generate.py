@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import streamlit as st
 
+from crystalae.config import GENERATE_DEFAULTS
 from crystalae.dashboard import data, views
 
 if TYPE_CHECKING:
@@ -100,17 +101,18 @@ def share(flags: list[dict], name: str) -> float | None:
     return None if any(v is None for v in values) else sum(values) / max(len(values), 1)
 
 
-def score_batch(count: int, seed: int, prior: str, spread: float | None, reference: str,
+def score_batch(count: int, seed: int, prior: str, temperature: float | None, reference: str,
                 cutoffs: tuple[float, float]) -> None:
     """Sample a batch, fingerprint it and the reference and keep CDVAE's metrics; problems become warnings."""
     from crystalae.coverage import distribution_metrics
-    from crystalae.generate import sample, training_set, triage
+    from crystalae.generate import sample, triage
+    from crystalae.search.training_set import training_set
 
     bar = st.progress(0.0, text=f"Reading and fingerprinting the reference {reference}…")
     try:
         ref = data.reference_fingerprints(reference)  # cached: the slow part the first time only
         bar.progress(0.1, text=f"Sampling {count} crystals…")
-        structures = sample(loaded, count, seed, prior, spread)
+        structures = sample(loaded, count, seed, prior, temperature)
         flags, prints = score_samples(structures, bar, 0.15, 0.9)
         bar.progress(0.9, text="Comparing with the reference…")
         metrics = distribution_metrics(prints, ref, cutoffs)
@@ -123,9 +125,9 @@ def score_batch(count: int, seed: int, prior: str, spread: float | None, referen
         return
     finally:
         bar.empty()
-    spread_text = "stored spread" if spread is None else f"spread {spread:g}"
+    temperature_text = "stored temperature" if temperature is None else f"temperature {temperature:g}"
     st.session_state.batch_metrics = {
-        "title": f"{count} samples of {choice.label} ({prior} prior, {spread_text}, seed {seed}) against {reference}",
+        "title": f"{count} samples of {choice.label} ({prior} prior, {temperature_text}, seed {seed}) against {reference}",
         "metrics": metrics,
         "rates": {k: share(flags, k) for k in ("structural_valid", "smact_valid", "composition_valid")},
         "uniqueness": sum(r["unique"] is True for r in sorted_by) / max(count, 1),
@@ -191,7 +193,7 @@ def show_batch(result: dict) -> None:
 source = st.text_input("Structure source for Interpolate and Alter", "demo:36", key="source",
                        help="demo:N (built-in crystals), a CDVAE-style CSV, a folder of CIF/POSCAR files, or one file")
 def prior_inputs(left: DeltaGenerator, right: DeltaGenerator, key: str) -> tuple[str, float | None]:
-    """How to sample: the prior kind and its spread (None: the one stored with the prior)."""
+    """How to sample: the prior kind and its temperature (None: the one stored with the prior)."""
     from crystalae.prior import PRIORS
 
     prior = left.selectbox(
@@ -200,25 +202,25 @@ def prior_inputs(left: DeltaGenerator, right: DeltaGenerator, key: str) -> tuple
              "posterior: around the training codes; normal: N(0, I). A model without a fitted prior samples only "
              "with normal (as `crystalae generate --prior normal`): fit one with `crystalae fit-prior`, or "
              "promote the trial on the Registry page")
-    spread = right.number_input(
-        "Spread", 0.0, 10.0, None, 0.01, key=f"{key}_spread", placeholder="stored with the prior",
+    temperature = right.number_input(
+        "Temperature", 0.0, 10.0, None, 0.01, key=f"{key}_temperature", placeholder="stored with the prior",
         help="Noise scale of the prior; empty: the one stored with the prior (else 1 for fitted and normal, "
              "0.1 for posterior)")
-    return prior, spread
+    return prior, temperature
 
 
 sample_tab, interp_tab, alter_tab, metrics_tab = st.tabs(["Random samples", "Interpolate", "Alter", "Batch metrics"])
 with sample_tab:
     columns = st.columns(4)
     count = columns[0].number_input("How many", 1, 24, 4, key="sample_count")
-    seed = columns[1].number_input("Seed", 0, 2**31 - 1, 0, key="sample_seed")
-    sample_prior, sample_spread = prior_inputs(columns[2], columns[3], "sample")
+    seed = columns[1].number_input("Seed", 0, 2**31 - 1, GENERATE_DEFAULTS.seed, key="sample_seed")
+    sample_prior, sample_temperature = prior_inputs(columns[2], columns[3], "sample")
     if st.button("Generate samples", type="primary", key="sample_go"):
         from crystalae.generate import sample
 
         run(f"{count} samples (seed {seed}, {sample_prior} prior)",
             lambda: [(f"sample-{seed}-{i}", s) for i, s in
-                     enumerate(sample(loaded, int(count), int(seed), sample_prior, sample_spread))])
+                     enumerate(sample(loaded, int(count), int(seed), sample_prior, sample_temperature))])
 
 try:
     ids = data.source_ids(source)
@@ -232,7 +234,7 @@ if ids:
         left, mid, right = st.columns(3)
         a = left.selectbox("From", ids, index=0, key="interp_a")
         b = mid.selectbox("To", ids, index=min(1, len(ids) - 1), key="interp_b")
-        steps = right.slider("Steps", 2, 12, 5, key="interp_steps")
+        steps = right.slider("Steps", 2, 12, GENERATE_DEFAULTS.interpolate_steps, key="interp_steps")
         if st.button("Interpolate", type="primary", key="interp_go"):
             from crystalae.generate import interpolate
 
@@ -242,9 +244,10 @@ if ids:
     with alter_tab:
         left, mid, right = st.columns(3)
         base = left.selectbox("Crystal", ids, key="alter_id")
-        scale = mid.slider("Noise scale (latent σ)", 0.0, 3.0, 0.5, 0.05, key="alter_scale")
-        variants = right.number_input("Variants", 1, 12, 3, key="alter_count")
-        alter_seed = right.number_input("Seed", 0, 2**31 - 1, 0, key="alter_seed")
+        scale = mid.slider("Noise scale (latent σ)", 0.0, 3.0, GENERATE_DEFAULTS.alter_scale, 0.05,
+                           key="alter_scale")
+        variants = right.number_input("Variants", 1, 12, GENERATE_DEFAULTS.alter_count, key="alter_count")
+        alter_seed = right.number_input("Seed", 0, 2**31 - 1, GENERATE_DEFAULTS.seed, key="alter_seed")
         if st.button("Alter", type="primary", key="alter_go"):
             from crystalae.generate import alter
 
@@ -261,8 +264,8 @@ with metrics_tab:
     columns = st.columns(4)
     batch_count = columns[0].number_input("Samples", 1, 2000, 200, key="batch_count",
                                           help="CrystalNN fingerprints cost ~0.1 s a crystal, shared by the CPU cores")
-    batch_seed = columns[1].number_input("Seed", 0, 2**31 - 1, 0, key="batch_seed")
-    batch_prior, batch_spread = prior_inputs(columns[2], columns[3], "batch")
+    batch_seed = columns[1].number_input("Seed", 0, 2**31 - 1, GENERATE_DEFAULTS.seed, key="batch_seed")
+    batch_prior, batch_temperature = prior_inputs(columns[2], columns[3], "batch")
     left, mid, right = st.columns([2, 1, 1])
     batch_reference = left.text_input(
         "Reference crystals", "demo:200", key="batch_reference",
@@ -277,7 +280,7 @@ with metrics_tab:
     elif not batch_reference.strip():  # an empty field would read the current folder
         st.info("Give the reference crystals to score the batch against (e.g. demo:200 or a test.csv).")
     elif st.button("Score a batch", type="primary", key="batch_go"):
-        score_batch(int(batch_count), int(batch_seed), batch_prior, batch_spread, batch_reference.strip(),
+        score_batch(int(batch_count), int(batch_seed), batch_prior, batch_temperature, batch_reference.strip(),
                     (float(cut_structure), float(cut_composition)))
     if st.session_state.batch_metrics is not None:
         show_batch(st.session_state.batch_metrics)

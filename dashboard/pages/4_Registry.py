@@ -9,7 +9,7 @@ import streamlit as st
 from crystalae.checkpoint import FILENAME, read_checkpoint
 from crystalae.dashboard import data, views
 from crystalae.registry import Registry, lineage_text
-from crystalae.search.results import promote_trial
+from crystalae.search.promote import promote_trial
 
 st.set_page_config(page_title="Registry · crystalae", page_icon="💎", layout="wide")
 if "promote_message" not in st.session_state:
@@ -67,7 +67,7 @@ except (OSError, ValueError) as exc:  # e.g. a damaged summary.json (named in th
     st.warning(f"Could not read sweep `{root}`: {exc}")
     st.stop()
 candidates = {f"{t.trial_id} ({t.status}, best {t.best_value:.4g})": t
-              for t in summary.trials if t.best_checkpoint}
+              for t in summary.trials if t.best_checkpoint_path}
 if not candidates:
     st.info("No trial of this sweep has a checkpoint yet (running, or every trial failed before an epoch).")
     st.stop()
@@ -79,7 +79,7 @@ trial = candidates[st.selectbox("Trial", labels, index=start, key="promote_trial
 left, right = st.columns(2)
 name = left.text_input("Model name", value=summary.name, key="promote_name")
 alias = right.text_input("Alias (optional)", placeholder="e.g. champion", key="promote_alias").strip() or None
-checkpoint = Path(root) / trial.best_checkpoint
+checkpoint = Path(root) / trial.best_checkpoint_path
 st.caption(f"Checkpoint: `{checkpoint}`")
 fit_prior = st.checkbox(
     "Fit a latent prior on the trial's dataset (needed to generate from the version)", value=True,
