@@ -4,11 +4,11 @@ all back from a fresh machine's point of view (an empty local cache), the dashbo
 from __future__ import annotations
 
 import pytest
+from conftest import TINY_SWEEP
 
 from crystalae import uri_fs
 from crystalae.cli import main
 from crystalae.dataset import read_manifest
-from conftest import TINY_SWEEP
 
 
 @pytest.fixture
