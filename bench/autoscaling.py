@@ -81,8 +81,10 @@ def fake_cluster_config(cluster: dict[str, Any], gcs_address: str) -> dict[str, 
     return {
         "cluster_name": cluster["cluster_name"], "max_workers": min(cluster["max_workers"], MAX_WORKERS),
         "upscaling_speed": cluster["upscaling_speed"], "idle_timeout_minutes": IDLE_TIMEOUT_MINUTES,
+        # the fake nodes are Ray processes started already: nothing to set up over SSH, no launch hash to compare
         "provider": {"type": "external", "module": "autoscaling.NamedHeadProvider", "gcs_address": gcs_address,
-                     "head_node_type": head},
+                     "head_node_type": head, "disable_node_updaters": True, "disable_launch_config_check": True,
+                     "use_node_id_as_ip": True},  # its nodes share one IP; the provider names them by node id
         "auth": {"ssh_user": "ray"}, "available_node_types": types, "head_node_type": head,
         "file_mounts": {}, "file_mounts_sync_continuously": False, **{k: [] for k in empty_lists},
     }

@@ -25,25 +25,33 @@ LIMITS = ["--memory=2000000000", "--object-store-memory=200000000"]  # else each
 
 class LocalCluster:
     """Ray nodes started with `ray start` as docs/cluster.md shows, sharing one temp dir (so one place to
-    find and stop their processes). `env` goes to every node's processes (e.g. the S3 endpoint)."""
+    find and stop their processes). `env` goes to every node's processes (e.g. the S3 endpoint);
+    `head_args` are more `ray start --head` options (e.g. an autoscaling config), `port` the head's (default:
+    a free one)."""
 
-    def __init__(self, head_cpus: int, dashboard: bool = False, env: dict[str, str] | None = None):
+    def __init__(self, head_cpus: int, dashboard: bool = False, env: dict[str, str] | None = None,
+                 head_args: tuple[str, ...] = (), port: int | None = None):
         self.ray_bin = str(Path(sys.executable).parent / "ray")
         self.env = {**os.environ, **RAY_ENV, **FAST_NODE_DEATH, **(env or {})}
         self.temp_dir = Path(tempfile.mkdtemp(prefix="crae-", dir="/tmp"))  # short: Unix socket paths are capped
-        port = free_port()
+        port = port or free_port()
         self.address = f"127.0.0.2:{port}"
         self.nodes: list[str] = []
         self.dashboard_port = free_port() if dashboard else None
         dash = ["--include-dashboard=true", "--dashboard-host=127.0.0.2", f"--dashboard-port={self.dashboard_port}"] \
             if dashboard else ["--include-dashboard=false"]
-        self._start(["--head", f"--port={port}", "--node-ip-address=127.0.0.2", f"--temp-dir={self.temp_dir}",
-                     f"--num-cpus={head_cpus}", *dash], "127.0.0.2")
+        try:
+            self._start(["--head", f"--port={port}", "--node-ip-address=127.0.0.2", f"--temp-dir={self.temp_dir}",
+                         f"--num-cpus={head_cpus}", *dash, *head_args], "127.0.0.2")
+        except BaseException:
+            self.stop()  # a head that started half-way
+            raise
 
     def _start(self, args: list[str], ip: str) -> None:
         try:
+            # minutes, not seconds: `ray start` took over 120 s here while other test runs loaded the 2 cores
             subprocess.run([self.ray_bin, "start", *args, *LIMITS], env=self.env, check=True, capture_output=True,
-                           timeout=120)
+                           timeout=300)
         except subprocess.CalledProcessError as error:
             raise RuntimeError(f"ray start {ip} failed:\n{error.stderr.decode()[-2000:]}") from error
         self.nodes.append(ip)
@@ -61,14 +69,18 @@ class LocalCluster:
             os.kill(pid, signal.SIGKILL)
         self.nodes.remove(ip)
 
-    def wait_for_nodes(self, alive: int, timeout: float = 60) -> None:
-        """Wait until the head counts `alive` live nodes."""
+    def alive_nodes(self) -> int:
+        """How many live nodes the head counts (from a short-lived client process)."""
         code = (f"import ray; ray.init(address={self.address!r}, log_to_driver=False); "
                 "print(sum(n['Alive'] for n in ray.nodes()))")
+        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
+        return int(out.stdout.strip().splitlines()[-1])
+
+    def wait_for_nodes(self, alive: int, timeout: float = 60) -> None:
+        """Wait until the head counts `alive` live nodes."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
-            if out.stdout.strip().splitlines()[-1:] == [str(alive)]:
+            if self.alive_nodes() == alive:
                 return
             time.sleep(1)
         raise TimeoutError(f"cluster {self.address} did not reach {alive} live nodes")
@@ -96,9 +108,9 @@ class LocalCluster:
 
 @contextmanager
 def local_cluster(head_cpus: int, workers: dict[str, int], dashboard: bool = False,
-                  env: dict[str, str] | None = None) -> Iterator[LocalCluster]:
+                  env: dict[str, str] | None = None, head_args: tuple[str, ...] = ()) -> Iterator[LocalCluster]:
     """A `LocalCluster` with worker nodes `{ip: cpus}`, stopped on exit."""
-    cluster = LocalCluster(head_cpus, dashboard, env)
+    cluster = LocalCluster(head_cpus, dashboard, env, head_args)
     try:
         for ip, cpus in workers.items():
             cluster.add_node(ip, cpus)
