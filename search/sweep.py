@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +49,10 @@ from crystalae.shards import prepare_dataset
 from crystalae.training import TrainConfig
 
 __all__ = [
-    "FAIL_ONCE_ENV", "RunPlan", "dataset_folder", "dataset_for", "node_local_storage", "publish_driver_files",
+    "RunPlan", "dataset_folder", "dataset_for", "node_local_storage", "publish_driver_files",
     "run_sweep", "run_trial", "tracker_callbacks", "trial_settings", "warm_start_points",
 ]
 
-FAIL_ONCE_ENV = "CRYSTALAE_FAIL_ONCE_DIR"  # fault injection for tests: each trial raises once
 # File systems whose folders every node can mount at one path; a folder on any other is node-local.
 SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "beegfs", "9p", "fuse")
 
@@ -113,22 +111,11 @@ def run_trial(params: dict[str, Any], sweep_dict: dict[str, Any], root: str | Pa
     trial_id = tune.get_context().get_trial_id()
     voxel, model, train_cfg = trial_settings(sweep, params)
     uri_fs.write_json(uri_fs.join(trial_folder(root, trial_id), PARAMS_FILE), params)
-    _maybe_fail_once(trial_id)
     data = dataset_for(sweep, voxel, root)
     result = train(data, train_cfg, model, storage=uri_fs.join(root, TRIALS_DIR), name=trial_id,
                    callbacks=[TuneReportCallback()], score=(sweep.objective_metric, sweep.objective_mode))
     if result.error is not None:
         raise result.error
-
-
-def _maybe_fail_once(trial_id: str) -> None:
-    folder = os.environ.get(FAIL_ONCE_ENV)
-    if folder:
-        marker = Path(folder) / trial_id
-        if not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-            raise RuntimeError(f"injected failure for trial {trial_id} (set by {FAIL_ONCE_ENV})")
 
 
 def warm_start_points(sweep: SweepConfig) -> list[dict[str, Any]]:
@@ -245,7 +232,7 @@ def start_local_ray(sweep: SweepConfig) -> None:
     port = free_local_port()
     ray.init(num_cpus=max(4, sweep.max_concurrent * (per_trial + 2) + 2), include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False, configure_logging=False,
-             runtime_env=runtime_env(passed=(FAIL_ONCE_ENV,), api_server=f"http://127.0.0.1:{port}"))
+             runtime_env=runtime_env(api_server=f"http://127.0.0.1:{port}"))
 
 
 def node_local_storage(root: str | Path, nodes: list[dict[str, Any]], host: str | None = None,
