@@ -149,7 +149,7 @@ def test_generate_page_samples_interpolates_and_alters(tiny_sweep, monkeypatch, 
     assert charts(at) == 5  # default 5 steps, one view each
     at.button(key="alter_go").click().run()
     assert_clean(at)
-    assert charts(at) == 3 and at.header[0].value.endswith("altered with scale 0.5")
+    assert charts(at) == 4 and at.header[0].value.endswith("altered with scale 0.5")  # the CLI's default 4 variants
 
     at.text_input(key="source").input(str(tmp_path / "missing.csv")).run()
     assert_clean(at)
