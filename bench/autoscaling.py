@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,19 +24,29 @@ from typing import Any
 
 import yaml
 
+ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # this process watches the cluster as a Ray client, and Ray reads its auth mode on import
+    sys.path.insert(0, str(ROOT / "tests"))
+    from raycluster import RAY_ENV
+
+    os.environ.update(RAY_ENV)
+
 try:  # the Ray monitor imports this module (NamedHeadProvider) without the bench folder's helpers
     from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
     from ray.autoscaler.tags import TAG_RAY_USER_NODE_TYPE
 except ImportError:  # Ray missing: fails in main, where it is needed
     FakeMultiNodeProvider = object
 
-ROOT = Path(__file__).resolve().parents[1]
 # AWS's figures for cluster.yaml's instance types (vCPUs, GPUs); cluster.yaml leaves `resources: {}` for
 # Ray's AWS provider to fill in from the instance type, so the fake provider needs them spelt out.
 INSTANCE_SHAPES = {"m5.2xlarge": {"CPU": 8}, "g5.xlarge": {"CPU": 4, "GPU": 1}}
 SCALE = {"CPU": 0.25, "GPU": 1.0}  # this machine has 2 cores: head 8 -> 2 CPUs, GPU worker 4 -> 1 CPU (+1 GPU)
 MAX_WORKERS = 2  # cluster.yaml's 8 workers, capped for one small machine
 IDLE_TIMEOUT_MINUTES = 0.25  # cluster.yaml's 10 minutes, shortened so the bench sees nodes removed
+# Ray Train asks the autoscaler for its workers' resources (request_resources) and a killed run never
+# withdraws the request: it expires after this long (Ray Train's AUTOSCALING_REQUESTS_EXPIRE_TIME_S), and
+# until then the autoscaler keeps nodes for it, idle or not
+REQUEST_EXPIRY_S = 180
 
 SWEEP = """
 name: autoscale
@@ -133,7 +144,7 @@ def watch(cluster, sweep: subprocess.Popen, console: Path, idle_timeout_s: float
             if ended_at is None and sweep.poll() is not None:
                 ended_at = now
                 events.append({"t": now, "event": "sweep ended", "rc": sweep.returncode})
-            if ended_at is not None and (len(alive) == 1 or now - ended_at > idle_timeout_s + 90):
+            if ended_at is not None and (len(alive) == 1 or now - ended_at > REQUEST_EXPIRY_S + idle_timeout_s + 60):
                 break
             time.sleep(1)
     finally:
@@ -147,12 +158,6 @@ def main() -> None:
     parser.add_argument("--limit", type=float, default=900, help="seconds before giving up")
     args = parser.parse_args()
 
-    import os
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from raycluster import RAY_ENV
-
-    os.environ.update(RAY_ENV)  # this process watches the cluster as a Ray client
     with tempfile.TemporaryDirectory(prefix="crae-as-", dir="/tmp") as tmp:
         temp = Path(tmp)
         cluster, config = autoscaling_cluster(temp)
@@ -164,8 +169,10 @@ def main() -> None:
                 sweep = subprocess.Popen([sys.executable, "-m", "crystalae", "sweep", str(sweep_file), "--storage",
                                           str(temp / "sweeps"), "--address", cluster.address],
                                          env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
-                events = watch(cluster, sweep, console, config["idle_timeout_minutes"] * 60, args.limit)
-            sweep.kill()
+                try:
+                    events = watch(cluster, sweep, console, config["idle_timeout_minutes"] * 60, args.limit)
+                finally:
+                    sweep.kill()
             summary = console.read_text().splitlines()[-8:]
         finally:
             cluster.stop()
