@@ -195,8 +195,6 @@ def _refuse_if_all_rejected(metrics: dict[str, Any], out: Path) -> None:
                          f"reasons in {details_path(Path(out))}")
 
 
-
-
 def _add_demo(sub) -> None:
     demo = _command(sub, "demo", _cmd_demo, "run the main job on the built-in demo data")
     demo.add_argument("--out", type=Path, default=DEMO,
@@ -208,12 +206,6 @@ def _add_demo(sub) -> None:
     demo.add_argument("--registry", type=Path, default=REGISTRY,
                       help=f"registry the champion is promoted into (default {REGISTRY})")
     demo.add_argument("--workers", type=count(1, 1024), help="processes for the round trip (default: all cores)")
-
-
-
-
-
-
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -550,10 +542,6 @@ def _generated(args: argparse.Namespace, loaded) -> tuple[list[tuple[str, Any]],
     return named, False
 
 
-
-
-
-
 def _add_fit_prior(sub) -> None:
     fp = _command(sub, "fit-prior", _cmd_fit_prior,
                   "fit the sampling prior of a checkpoint to its training set's latents")
@@ -613,10 +601,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
-
-
 def _add_promote(sub) -> None:
     pr = _command(sub, "promote", _cmd_promote, "copy a checkpoint into the model registry")
     pr.add_argument("source", help="RUN/TRIAL, a trial or checkpoint folder, or with --best a sweep name/folder")
@@ -635,12 +619,6 @@ def _add_promote(sub) -> None:
     pr.add_argument("--alias", help="alias to move to the new version, e.g. champion")
     pr.add_argument("--storage", default=str(SWEEPS), help="sweeps folder or URI (s3://...)")
     pr.add_argument("--registry", default=str(REGISTRY), help="registry folder or URI (s3://...)")
-
-
-
-
-
-
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:

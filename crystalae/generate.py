@@ -25,7 +25,7 @@ from crystalae.coverage import COVERAGE_CUTOFFS
 from crystalae.files import write_json, write_text
 from crystalae.metrics import structure_matcher
 from crystalae.prior import sample_latents
-from crystalae.readout import decode_latents, decoding_options, outputs_to_structures
+from crystalae.readout import check_decodable, decode_latents, decoding_options, outputs_to_structures
 from crystalae.sources import StructureError, list_entries, load_structure, reduce_cell
 from crystalae.symmetry import spacegroup, symmetrize
 from crystalae.units import density_scale
@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
 
 
 def validity(structure: Structure | None, min_distance: float = 0.5) -> dict[str, bool | None]:
@@ -100,7 +99,7 @@ def decode_to_structures(loaded: LoadedModel, z: torch.Tensor, densities: list |
     """Latents -> crystals; box models borrow lattice and origin from the input densities. Decoded in
     batches, so memory does not grow with the number of latents. `reconstructing`: the latents are
     encodings of `densities` (see `crystalae.readout.decoding_options` for what that changes)."""
-    decoding_options(loaded, densities)  # a box model without densities is refused before any decoding
+    check_decodable(loaded, densities)  # before any decoding
     structures: list[Structure | None] = []
     with tqdm(total=len(z), desc="decode", unit="crystal", disable=None if len(z) > batch_size else True) as bar:
         try:

@@ -19,7 +19,7 @@ from crystalae.voxelize import Density, atom_sigmas, gaussian_norm
 if TYPE_CHECKING:
     from crystalae.checkpoint import LoadedModel
 
-__all__ = ["decode_latents", "decoding_options", "outputs_to_structures", "site_classes"]
+__all__ = ["check_decodable", "decode_latents", "decoding_options", "outputs_to_structures", "site_classes"]
 
 
 @torch.no_grad()
@@ -109,17 +109,23 @@ def outputs_to_structures(model: CrystalAE, voxel: VoxelConfig, outputs: dict[st
     return result
 
 
+def check_decodable(loaded: LoadedModel, densities: list | None) -> None:
+    """Refuse a box model without the input densities: it carries no lattice, so it can reconstruct
+    crystals but not generate them (ValueError)."""
+    if loaded.model.vae.lattice is None and densities is None:
+        raise ValueError("this model uses the box representation, which carries no lattice: "
+                         "it can reconstruct but not generate crystals; train on the cell representation")
+
+
 def decoding_options(loaded: LoadedModel, densities: list | None = None, reconstructing: bool = False
                      ) -> dict[str, Any]:
     """`outputs_to_structures`'s keyword arguments for a loaded model: box models take lattice and
     origin from the input `densities`; crystals are snapped to their symmetry as
     `crystalae.symmetry.decoding_symprec` says (a reconstruction, `reconstructing`, at the model's
     tolerance chosen on validation, a sample raw, either at the user's tolerance where one was set)."""
+    check_decodable(loaded, densities)
     options: dict[str, Any] = {"symprec": decoding_symprec(loaded, reconstructing)}
     if loaded.model.vae.lattice is None:
-        if densities is None:
-            raise ValueError("this model uses the box representation, which carries no lattice: "
-                             "it can reconstruct but not generate crystals; train on the cell representation")
         options |= {"lattices": np.stack([d.lattice for d in densities]),
                     "origins": np.stack([d.origin for d in densities])}
     return options

@@ -9,7 +9,6 @@ __all__ = [
 ]
 
 
-
 def format_metrics(metrics: dict[str, Any]) -> str:
     """Match rate, RMS, composition and atom-count accuracy, rejections and time of a scored run."""
     def pct(x):
@@ -22,7 +21,6 @@ def format_metrics(metrics: dict[str, Any]) -> str:
             f" {metrics.get('seconds', 0)} s)")
 
 
-
 def format_distribution(figures: dict[str, Any]) -> str:
     """COV-R, COV-P, d_ρ and d_elem on one line (CDVAE's generation metrics)."""
     def dist(x):
@@ -33,14 +31,12 @@ def format_distribution(figures: dict[str, Any]) -> str:
             f"d_rho {dist(figures['d_rho'])}, d_elem {dist(figures['d_elem'])}")
 
 
-
 def format_composition_validity(summary: dict[str, Any]) -> str:
     """The field's composition validity (SMACT, as CDVAE) and pymatgen's stricter check, labelled."""
     smact = summary.get("composition_validity_smact")
     field = "n/a (pip install crystalae[metrics])" if smact is None else f"{100 * smact:.1f}%"
     return (f"composition validity {field} (SMACT, as CDVAE), "
             f"{100 * summary['composition_validity']:.1f}% (pymatgen oxidation states)")
-
 
 
 def format_sweep(summary) -> str:
@@ -56,7 +52,6 @@ def format_sweep(summary) -> str:
         lines.append(f"  {t.trial_id}  {t.status:9s} epochs {t.epochs}  best {value}  {params}")
     lines.append(format_budget(summary.budget()))
     return "\n".join(lines)
-
 
 
 def format_budget(budget) -> str:

@@ -298,13 +298,12 @@ def _current_names(raw: dict[str, Any], where: str | None = None) -> dict[str, A
         raw["search_space"] = current_names(space, where and f"{where}: search_space")
     elif isinstance(space, list):  # sweep.json: a list of Param dicts
         raw["search_space"] = [{**p, "name": RENAMED_FIELDS.get(p.get("name"), p.get("name"))} for p in space]
-    points = (raw.get("search") or {}).get("points") if isinstance(raw.get("search"), dict) else raw.get("points")
-    if isinstance(points, (list, tuple)):
-        renamed = [current_names(p) if isinstance(p, dict) else p for p in points]
-        if isinstance(raw.get("search"), dict):
-            raw["search"] = {**raw["search"], "points": renamed}
-        else:
-            raw["points"] = renamed
+    if isinstance(raw.get("search"), dict):  # the YAML's search section (sweep.json holds `points` flat)
+        raw["search"] = holder = dict(raw["search"])
+    else:
+        holder = raw
+    if isinstance(holder.get("points"), (list, tuple)):
+        holder["points"] = [current_names(p) if isinstance(p, dict) else p for p in holder["points"]]
     return raw
 
 

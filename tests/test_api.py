@@ -190,3 +190,24 @@ def test_a_train_run_logs_its_epochs_to_mlflow_and_a_resume_continues_the_run(tm
     [logged] = client.search_runs([client.get_experiment_by_name("crystalae").experiment_id])
     assert logged.data.params["train.lr"] == "0.001"
     assert [m.step for m in client.get_metric_history(logged.info.run_id, "val_match_rate")] == [0, 1, 2]
+
+
+def test_a_box_model_reconstructs_but_refuses_to_generate_before_decoding(monkeypatch):
+    """A box-representation model carries no lattice: decoding latents alone is one ValueError, raised
+    before any batch is decoded."""
+    import torch
+
+    import crystalae.generate as generate
+    from crystalae.checkpoint import LoadedModel
+    from crystalae.config import VoxelConfig
+    from crystalae.models import CrystalAE, model_config_for
+
+    voxel = VoxelConfig(representation="box", grid=8)
+    model = CrystalAE(model_config_for(voxel, (11, 17), latent_dim=4, depth=1, base_width=4, max_width=8, seg_depth=1,
+                                       seg_width=4, residual=False))
+    loaded = LoadedModel(model, voxel, {})
+    decoded = []
+    monkeypatch.setattr(generate, "decode_latents", lambda *a: decoded.append(1))
+    with pytest.raises(ValueError, match="box representation, which carries no lattice"):
+        generate.decode_to_structures(loaded, torch.zeros(3, 4))
+    assert not decoded
