@@ -79,8 +79,9 @@ def store_choice(model: Path, figures: dict) -> None:
     chosen = figures["chosen_symprec"]
     val_match = max([r["match_rate"] for r in figures["validation"] if r["symprec"] == chosen] or [None],
                     key=lambda v: v or 0)
-    export_checkpoint(model, model, decoding={"symprec": chosen, "chosen_by": "bench/symmetry.py",
-                                              "validation_match_rate": val_match})
+    decoding = dict(load_checkpoint(model).meta.get("decoding") or {})  # other settings (count choice) stay
+    export_checkpoint(model, model, decoding=decoding | {"symprec": chosen, "chosen_by": "bench/symmetry.py",
+                                                         "validation_match_rate": val_match})
     results_path = model / "RESULTS.json"
     results = json.loads(results_path.read_text())
     results["symmetrized"] = {k: figures[k] for k in ("chosen_symprec", "test_symmetrized_match_rate",

@@ -342,6 +342,11 @@ class TrainConfig(StrictConfig):
     # Keep each worker's decoded share of the training shards in memory after the first epoch: without
     # it every epoch re-reads the Parquet files (one at a time). Turn off when a share exceeds memory.
     cache_dataset: bool = True
+    # Start from a trained model (a checkpoint path or a shipped or registry name): its architecture and
+    # every weight whose name and shape fit. With `reader_only` a new species reader (segmenter or site
+    # head) learns on the model's VAE, which stays fixed, so two readers can be compared on one VAE.
+    init_from: str | None = None
+    reader_only: bool = False
 
     def problems(self) -> list[str | None]:
         positive = {"epochs": 100_000, "batch_size": 4096, "workers": 1024, "keep_checkpoints": 1000}
@@ -355,6 +360,8 @@ class TrainConfig(StrictConfig):
             *(in_range(self, k, 0, high) for k, high in non_negative.items()),
             in_range(self, "lr", 0, 10, low_open=True),
             in_range(self, "substitute", 0, 1),
+            None if self.init_from or not self.reader_only else
+            "reader_only needs init_from: the trained model whose VAE the new reader reads",
         ]
 
     def resolved(self) -> TrainConfig:

@@ -13,7 +13,7 @@ from crystalae.config import TrainConfig, VoxelConfig
 from crystalae.dataset import column_numpy, table_batches
 from crystalae.metrics import compare, reconstruction_score, site_confusion, summarize
 from crystalae.models import CrystalAE
-from crystalae.readout import decode_latents, outputs_to_structures
+from crystalae.readout import CountChoice, decode_latents, outputs_to_structures
 from crystalae.symmetry import symmetrize
 from crystalae.units import density_scale
 
@@ -22,12 +22,15 @@ __all__ = ["evaluate"]
 
 @torch.no_grad()
 def evaluate(model: CrystalAE, table, voxel: VoxelConfig, cfg: TrainConfig, device: torch.device, *,
-             symprec: float | None = None, records: bool = False) -> dict[str, Any]:
+             symprec: float | None = None, count_choice: CountChoice | None = None,
+             records: bool = False) -> dict[str, Any]:
     """End to end on the first `eval_limit` crystals (encode -> decode -> atoms -> species): match
     rate, RMS, atom-count rate, per-atom species accuracy and confusion, density MSE, and the score.
 
     symprec: also score the decoded crystals snapped to their symmetry within this many Å (the
     "symmetrized" entry: match rate, RMS, CDVAE's valid match rate); the other figures stay raw.
+    count_choice: how a count-head model picks atom counts (`crystalae.readout.CountChoice`; default:
+    the head's most likely, as training validates).
     records: also return one `compare` record per crystal ("records"), with its material id and atom
     count (and "symmetrized_match" where snapped), for breakdowns by size or crystal system.
     """
@@ -45,7 +48,8 @@ def evaluate(model: CrystalAE, table, voxel: VoxelConfig, cfg: TrainConfig, devi
         mse_sum += float(F.mse_loss(recon, x, reduction="sum")) / x[0].numel()
         lattices = None if model.vae.lattice is not None else batch["lattice"].numpy()
         origins = None if lattices is None else column_numpy(part, "origin")
-        for i, p in enumerate(outputs_to_structures(model, voxel, outputs, lattices, origins)):
+        decoded = outputs_to_structures(model, voxel, outputs, lattices, origins, count_choice=count_choice)
+        for i, p in enumerate(decoded):
             true = Structure.from_str(part.column("cif")[i].as_py(), fmt="cif")
             per_crystal.append({**compare(p, true), "material_id": part.column("material_id")[i].as_py(),
                                 "n_atoms": len(true)})

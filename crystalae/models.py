@@ -292,6 +292,19 @@ class CrystalAE(nn.Module):
         self.vae = DensityVAE(config)
         self.segmenter = Segmenter(config) if config.species_from == "segmenter" else None
         self.site_head = SiteHead(config) if config.species_from == "site" else None
+        self.vae_frozen = False
+
+    def freeze_vae(self) -> CrystalAE:
+        """Fix the VAE's weights (no gradients, always in eval mode): only the species reader learns."""
+        self.vae.requires_grad_(False)
+        self.vae_frozen = True
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> CrystalAE:
+        super().train(mode)
+        if self.vae_frozen:
+            self.vae.eval()
+        return self
 
     def forward(self, x: torch.Tensor, sites: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """`sites` (B, A, 3) fractional query positions for the site head (teacher forcing)."""

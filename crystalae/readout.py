@@ -3,6 +3,7 @@ read out as atoms with their species (`outputs_to_structures`), by density peaks
 the segmenter, as the model's `species_from` says."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,12 +15,35 @@ from crystalae.decode import DecodeError, decode
 from crystalae.models import CrystalAE
 from crystalae.symmetry import decoding_symprec, symmetrize
 from crystalae.units import density_scale, lattice_from_params
-from crystalae.voxelize import Density, atom_sigmas, gaussian_norm
+from crystalae.voxelize import Density, atom_sigmas, gaussian_norm, voxelize
 
 if TYPE_CHECKING:
     from crystalae.checkpoint import LoadedModel
 
-__all__ = ["check_decodable", "decode_latents", "decoding_options", "outputs_to_structures", "site_classes"]
+__all__ = ["CountChoice", "check_decodable", "decode_latents", "decoding_options", "density_misfit",
+           "outputs_to_structures", "site_classes"]
+
+
+@dataclass(frozen=True)
+class CountChoice:
+    """How a count-head model picks each crystal's number of atoms when decoding: each of the head's
+    `candidates` most likely counts is read out, and the crystal kept is the one whose own density
+    (voxelized on the decoded lattice) misfits the decoded density least (`density_misfit`), less
+    `prior_weight` times the count's log-probability. `candidates=1` is the head's most likely count.
+
+    A model stores its choice under `decoding` (`count_candidates`, `count_prior_weight`), chosen on
+    its validation split by `bench/count_choice.py`; a blurred density whose peaks merged can look like
+    fewer atoms to the head, but a crystal with too few atoms leaves density unexplained."""
+
+    candidates: int = 1
+    prior_weight: float = 0.003
+
+    @classmethod
+    def of(cls, decoding: dict[str, Any] | None) -> CountChoice:
+        """The choice a model's `decoding` settings store (the head's argmax where they store none)."""
+        decoding = decoding or {}
+        return cls(int(decoding.get("count_candidates") or 1),
+                   float(decoding.get("count_prior_weight", cls.prior_weight)))
 
 
 @torch.no_grad()
@@ -34,8 +58,37 @@ def decode_latents(model: CrystalAE, voxel: VoxelConfig, z: torch.Tensor) -> dic
     if model.vae.lattice is not None:
         out["lattice_params"] = model.vae.lattice_params(z).float().cpu().numpy()
     if model.vae.count is not None:
-        out["atoms"] = model.vae.atom_counts(z).cpu().numpy()
+        logits = model.vae.count(z)
+        out["atoms"] = (logits.argmax(1) + 1).cpu().numpy()
+        out["count_logp"] = torch.log_softmax(logits.float(), 1).cpu().numpy()  # column k: k + 1 atoms
     return out
+
+
+def density_misfit(structure: Structure, voxel: VoxelConfig, density: np.ndarray) -> float:
+    """Relative squared error between `structure` voxelized (on its own lattice) and a decoded density
+    grid: 0 when the atoms explain the density exactly."""
+    target = np.maximum(density, 0)
+    return float(((voxelize(structure, voxel).values - target) ** 2).sum() / max(float((target**2).sum()), 1e-30))
+
+
+def _chosen_count(model: CrystalAE, voxel: VoxelConfig, outputs: dict[str, np.ndarray], i: int, lattice: np.ndarray,
+                  choice: CountChoice) -> Structure:
+    """Crystal `i` read with each candidate count, the best by `choice` (DecodeError if none decodes)."""
+    logp = outputs["count_logp"][i]
+    labels = outputs["labels"][i] if "labels" in outputs else None
+    best, best_cost = None, np.inf
+    for column in np.argsort(-logp, kind="stable")[:choice.candidates]:
+        try:
+            structure = _to_structure(model, voxel, outputs["density"][i], labels, outputs["latent"][i], lattice,
+                                      atoms=int(column) + 1)
+        except DecodeError:
+            continue
+        cost = density_misfit(structure, voxel, outputs["density"][i]) - choice.prior_weight * float(logp[column])
+        if cost < best_cost:
+            best, best_cost = structure, cost
+    if best is None:
+        raise DecodeError(f"no crystal could be read with any of the {choice.candidates} likeliest atom counts")
+    return best
 
 
 def _to_structure(model: CrystalAE, voxel: VoxelConfig, density: np.ndarray, labels: np.ndarray | None,
@@ -85,12 +138,15 @@ def _assign_sites(model: CrystalAE, latent: np.ndarray, structure: Structure, ke
 
 def outputs_to_structures(model: CrystalAE, voxel: VoxelConfig, outputs: dict[str, np.ndarray],
                             lattices: np.ndarray | None = None, origins: np.ndarray | None = None,
-                            symprec: float | None = None) -> list[Structure | None]:
+                            symprec: float | None = None, count_choice: CountChoice | None = None
+                            ) -> list[Structure | None]:
     """One crystal per decoded grid; lattice from the head (cell) or given (box). None = failed.
-    symprec: snap each crystal to the space group it has within this many Å (`crystalae.symmetry`)."""
+    symprec: snap each crystal to the space group it has within this many Å (`crystalae.symmetry`).
+    count_choice: how a count-head model picks the atom count (default: the head's most likely)."""
     if symprec:
         return [None if s is None else symmetrize(s, symprec)
-                for s in outputs_to_structures(model, voxel, outputs, lattices, origins)]
+                for s in outputs_to_structures(model, voxel, outputs, lattices, origins, count_choice=count_choice)]
+    choosing = count_choice is not None and count_choice.candidates > 1 and "count_logp" in outputs
     result = []
     for i in range(len(outputs["density"])):
         if lattices is not None:
@@ -101,6 +157,9 @@ def outputs_to_structures(model: CrystalAE, voxel: VoxelConfig, outputs: dict[st
             raise DecodeError("box models need the input lattice to place atoms")
         labels = outputs["labels"][i] if "labels" in outputs else None
         try:
+            if choosing:
+                result.append(_chosen_count(model, voxel, outputs, i, lattice, count_choice))
+                continue
             atoms = int(outputs["atoms"][i]) if "atoms" in outputs else None
             result.append(_to_structure(model, voxel, outputs["density"][i], labels, outputs["latent"][i], lattice,
                                        None if origins is None else origins[i], atoms))
@@ -124,7 +183,8 @@ def decoding_options(loaded: LoadedModel, densities: list | None = None, reconst
     `crystalae.symmetry.decoding_symprec` says (a reconstruction, `reconstructing`, at the model's
     tolerance chosen on validation, a sample raw, either at the user's tolerance where one was set)."""
     check_decodable(loaded, densities)
-    options: dict[str, Any] = {"symprec": decoding_symprec(loaded, reconstructing)}
+    options: dict[str, Any] = {"symprec": decoding_symprec(loaded, reconstructing),
+                               "count_choice": CountChoice.of(loaded.meta.get("decoding"))}
     if loaded.model.vae.lattice is None:
         options |= {"lattices": np.stack([d.lattice for d in densities]),
                     "origins": np.stack([d.origin for d in densities])}

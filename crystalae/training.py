@@ -14,6 +14,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from crystalae.augment import augment
+from crystalae.base_model import base_overrides, check_base_voxel, find_base, load_base_weights
 from crystalae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from crystalae.config import ConfigError, Objective, TrainConfig, VoxelConfig, blank_problem, check_name
 from crystalae.dataset import WorkerShare, config_of, dataset_species, prefetched, read_manifest, read_table, table_batches
@@ -123,7 +125,12 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
     model = CrystalAE(model_cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.init_from:
+        load_base_weights(model, cfg.init_from, vae_only=cfg.reader_only)  # a resumed run's checkpoint replaces these
+    if cfg.reader_only:
+        model.freeze_vae()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     # Restore: a resumed run continues from its latest checkpoint (weights, optimizer, history).
     start_epoch, history, last_metrics = _restore(model, optimizer)
@@ -275,7 +282,12 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
     check_run(name, mlflow)
     manifest = read_manifest(data)
     cfg = cfg.resolved()
+    if cfg.init_from:
+        cfg = replace(cfg, init_from=find_base(cfg.init_from))
+        model_overrides = {**base_overrides(cfg.init_from), **(model_overrides or {})}
     voxel, model_cfg = build_configs(data, model_overrides or {}, preset)
+    if cfg.init_from:
+        check_base_voxel(cfg.init_from, voxel)
     storage = absolute(storage)
     _check_resume(None if storage_is_remote(storage) else Path(storage) / name, model_cfg, voxel)
     with library_logs_to(_library_log(storage, name), ("ray", *(("mlflow",) if mlflow else ()))) as route_logs:

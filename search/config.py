@@ -40,6 +40,7 @@ from crystalae.config import (
     in_range,
 )
 from crystalae.files import load_yaml
+from crystalae.loading import find_model
 from crystalae.models import CrystalAE, ModelConfig, model_config_for
 from crystalae.search.layout import SWEEP_FILE, is_sweep
 from crystalae.shards import PrepareOptions
@@ -269,6 +270,7 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
         bad = set(raw.get(section) or {}) - allowed
         if bad:
             fail(f"unknown keys in {section}: {sorted(map(str, bad))} (see {cls.__name__})")
+    _check_base_model(fixed_train.get("init_from"), fail)
     space = tuple(_param(pname, spec, fail) for pname, spec in (raw.get("search_space") or {}).items())
     if not space:
         fail("search_space is empty")
@@ -284,6 +286,16 @@ def parse_sweep_config(raw: dict[str, Any], where: str = "sweep config") -> Swee
         fail(f"data: {exc}")
     _check_extremes(config, fail)
     return config
+
+
+def _check_base_model(ref: Any, fail) -> None:
+    """A sweep that starts every trial from a trained model (`train.init_from`) needs it to exist: a
+    missing one fails here, not in every trial."""
+    if ref:
+        try:
+            find_model(ref)
+        except (ValueError, LookupError) as exc:
+            fail(f"train.init_from: {exc}")
 
 
 def _current_names(raw: dict[str, Any], where: str | None = None) -> dict[str, Any]:

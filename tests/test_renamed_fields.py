@@ -27,7 +27,11 @@ def test_a_sweep_yaml_with_the_old_name_loads_under_the_new_one_with_one_line(tm
     from crystalae.search.config import load_sweep_config
 
     path = tmp_path / "old.yaml"
-    path.write_text((ROOT / "search/configs/perov_5-readers.yaml").read_text().replace("species_weight", "seg_weight"))
+    old = (ROOT / "search/configs/perov_5-readers.yaml").read_text()
+    old = old.replace("search_space:\n", "search_space:\n  seg_weight: {type: loguniform, low: 0.3, high: 3.0}\n")
+    old = old.replace("background_weight: 0.1}", "background_weight: 0.1, seg_weight: 1.0}")
+    assert old.count("seg_weight") == 3  # the search space and both first points, as configs were written
+    path.write_text(old)
     with caplog.at_level(logging.WARNING, logger="crystalae"):
         sweep = load_sweep_config(path)
     assert "species_weight" in [p.name for p in sweep.search_space]

@@ -21,3 +21,15 @@ def test_the_prepared_sweeps_search_axis_permutations_and_the_atom_reader(name, 
         voxel, model, train = trial_overrides(config, point)
         assert (train if lever == "permute_axes" else model)[lever] == value
         assert config.voxel_config(voxel).sigma == 0.5
+
+
+def test_a_sweep_from_a_base_model_that_does_not_exist_is_refused_before_any_trial(tmp_path, shipped_config_cwd):
+    from crystalae.search.config import SweepConfigError
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "search" / "configs" / "perov_5-readers.yaml").read_text()
+    assert "init_from: perov_5," in text  # the readers' sweep starts from the shipped model
+    path = tmp_path / "readers.yaml"
+    path.write_text(text.replace("init_from: perov_5,", "init_from: no-such-model,"))
+    with pytest.raises(SweepConfigError, match="train.init_from: .*no-such-model"):
+        load_sweep_config(path)

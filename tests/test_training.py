@@ -97,6 +97,48 @@ def test_resume_with_another_model_config_is_refused(trained):
         train(trained["data"], TRAIN, {**TINY, "latent_dim": 12}, storage=trained["storage"], name="tiny")
 
 
+def test_a_segmenter_trained_on_a_fixed_vae_keeps_the_vae_and_learns_the_species(trained, tmp_path):
+    """`init_from` + `reader_only`: the base's architecture without repeating it, its VAE weights exactly,
+    and a new segmenter that learned (its species loss fell and its weights moved from their start)."""
+    base = sorted(p for p in (trained["storage"] / "tiny").glob("checkpoint_*") if p.is_dir())[-1]
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-2, workers=1, eval_limit=2, init_from=str(base), reader_only=True)
+    result = train(trained["data"], cfg, {"species_from": "segmenter"}, storage=tmp_path, name="reader")
+    assert result.error is None
+    payload, base_payload = _latest(result), read_checkpoint(base)
+    assert payload["model_config"]["latent_dim"] == TINY["latent_dim"]  # from the base, not given again
+    assert payload["model_config"]["species_from"] == "segmenter"
+    vae = {k: v for k, v in base_payload["model"].items() if k.startswith("vae.")}
+    assert vae and all(torch.equal(payload["model"][k], v) for k, v in vae.items())
+    history = payload["history"]
+    assert history[-1]["train_species"] < history[0]["train_species"]
+    torch.manual_seed(cfg.seed)  # the worker's seed: the segmenter's starting weights
+    start = CrystalAE(ModelConfig.from_dict(payload["model_config"])).state_dict()
+    assert any(not torch.equal(payload["model"][k], start[k]) for k in start if k.startswith("segmenter."))
+    assert "site_head.net.0.weight" not in payload["model"]
+
+
+def test_init_from_refuses_what_it_cannot_start_from(trained, tmp_path):
+    from dataclasses import replace
+
+    from crystalae.base_model import check_base_voxel, load_base_weights
+
+    with pytest.raises(ConfigError, match="reader_only needs init_from"):
+        TrainConfig(reader_only=True)
+    base = sorted(p for p in (trained["storage"] / "tiny").glob("checkpoint_*") if p.is_dir())[-1]
+    voxel = VoxelConfig.from_dict(read_checkpoint(base)["voxel_config"])
+    check_base_voxel(str(base), voxel)  # the same settings pass
+    with pytest.raises(ConfigError, match="voxel settings differ.*sigma"):
+        check_base_voxel(str(base), replace(voxel, sigma=voxel.sigma + 0.25))
+    config = ModelConfig.from_dict(read_checkpoint(base)["model_config"])
+    assert load_base_weights(CrystalAE(config), str(base)) == []  # the same model: every weight fits
+    fresh = load_base_weights(CrystalAE(config), str(base), vae_only=True)  # a new reader of the same kind
+    assert fresh and all(k.startswith("site_head.") for k in fresh)
+    with pytest.raises(CheckpointError, match="its VAE does not fit"):
+        load_base_weights(CrystalAE(replace(config, latent_dim=config.latent_dim + 4)), str(base))
+    with pytest.raises(ValueError, match="no-such-model"):
+        train(trained["data"], TrainConfig(epochs=1, init_from="no-such-model"), storage=tmp_path, name="x")
+
+
 def test_reconstruct_and_generate_write_parseable_cifs(trained, tmp_path, capsys):
     from crystalae.cli import main
 
