@@ -26,6 +26,7 @@ from crystalae.checkpoint import load_checkpoint  # noqa: E402
 from crystalae.config import TrainConfig  # noqa: E402
 from crystalae.dataset import read_table  # noqa: E402
 from crystalae.evaluation import evaluate  # noqa: E402
+from crystalae.readout import CountChoice  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +41,8 @@ def main() -> None:
     test = read_table(model_dataset(args.model, args.datasets, args.work), split="test")
     symprec = (loaded.meta.get("decoding") or {}).get("symprec")
     cfg = TrainConfig.from_dict({**loaded.meta["train_config"], "eval_limit": test.num_rows})
-    metrics = evaluate(loaded.model, test, loaded.voxel, cfg, torch.device("cpu"), symprec=symprec, records=True)
+    metrics = evaluate(loaded.model, test, loaded.voxel, cfg, torch.device("cpu"), symprec=symprec, records=True,
+                       count_choice=CountChoice.of(loaded.meta.get("decoding")))
     figures = {"model": relative(args.model), "dataset_hash": loaded.meta["dataset_hash"], "test_rows": test.num_rows,
                "test_match_rate": metrics["match_rate"], "test_rms": metrics["rms"],
                "test_symmetrized": metrics.get("symmetrized"),

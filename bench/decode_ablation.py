@@ -31,14 +31,18 @@ from report import ROOT, add_data_options, relative, report  # noqa: E402
 from crystalae.checkpoint import load_checkpoint  # noqa: E402
 from crystalae.dataset import column_numpy, read_table, table_batches  # noqa: E402
 from crystalae.metrics import compare, summarize  # noqa: E402
-from crystalae.readout import decode_latents, outputs_to_structures  # noqa: E402
+from crystalae.readout import CountChoice, decode_latents, outputs_to_structures  # noqa: E402
 from crystalae.symmetry import symmetrize  # noqa: E402
 from crystalae.units import density_scale  # noqa: E402
 
-# row name -> (atom count: "model" | "peaks" | "true", lattice: "model" | "true", snapped to symmetry)
+# row name -> (atom count: "model" | "chosen" | "peaks" | "true", lattice: "model" | "true", snapped to symmetry);
+# "model" is the count head's most likely count, "chosen" the model's stored `CountChoice` (its default)
 ROWS = {
     "the model's own heads": ("model", "model", False),
     "the model's own heads, symmetrized": ("model", "model", True),
+    "count chosen by density fit": ("chosen", "model", False),
+    "count chosen by density fit, symmetrized": ("chosen", "model", True),
+    "count chosen by density fit, true lattice (oracle)": ("chosen", "true", False),
     "one atom per density peak": ("peaks", "model", False),
     "true atom count": ("true", "model", False),
     "true lattice": ("model", "true", False),
@@ -46,12 +50,15 @@ ROWS = {
 }
 
 
-def decode_rows(model, voxel, table, symprec: float | None, batch_size: int = 32) -> dict[str, list[dict]]:
+def decode_rows(model, voxel, table, symprec: float | None, count_choice: CountChoice, batch_size: int = 32
+                ) -> dict[str, list[dict]]:
     """Per row, one `compare` record per crystal of `table`; `symprec`: the model's snapping tolerance
-    (None: no symmetrized row)."""
+    (None: no symmetrized row); `count_choice`: the model's (no "chosen" rows when it takes the argmax)."""
     has_count = model.vae.count is not None
+    choosing = has_count and count_choice.candidates > 1
     # without a count head the model's own count is one atom per peak: that row would repeat
-    rows = {name: spec for name, spec in ROWS.items() if (has_count or spec[0] != "peaks") and (symprec or not spec[2])}
+    rows = {name: spec for name, spec in ROWS.items() if (has_count or spec[0] != "peaks") and (symprec or not spec[2])
+            and (choosing or spec[0] != "chosen")}
     records: dict[str, list[dict]] = {name: [] for name in rows}
     with torch.no_grad(), tqdm(total=table.num_rows, desc="decoding", unit="crystal") as progress:
         for index, batch in enumerate(table_batches(table, batch_size)):
@@ -69,8 +76,9 @@ def decode_rows(model, voxel, table, symprec: float | None, batch_size: int = 32
                         variant["atoms"] = outputs["atoms"]
                     elif count == "true":
                         variant["atoms"] = np.array([len(t) for t in truths])
-                    raw[count, lattice] = outputs_to_structures(model, voxel, variant,
-                                                                  lattices if lattice == "true" else None)
+                    raw[count, lattice] = outputs_to_structures(
+                        model, voxel, variant, lattices if lattice == "true" else None,
+                        count_choice=count_choice if count == "chosen" else None)
                 decoded = raw[count, lattice]
                 if snapped:
                     decoded = [None if p is None else symmetrize(p, symprec) for p in decoded]
@@ -99,7 +107,8 @@ def main() -> None:
     test = read_table(data, split="test")
     test = test.slice(0, args.limit or test.num_rows)
     started = time.perf_counter()
-    records = decode_rows(loaded.model, loaded.voxel, test, (loaded.meta.get("decoding") or {}).get("symprec"))
+    decoding = loaded.meta.get("decoding") or {}
+    records = decode_rows(loaded.model, loaded.voxel, test, decoding.get("symprec"), CountChoice.of(decoding))
     rows = []
     for name, recs in records.items():
         summary = summarize(recs)

@@ -42,6 +42,7 @@ from crystalae.evaluation import evaluate  # noqa: E402
 from crystalae.files import read_yaml_mapping, write_json  # noqa: E402
 from crystalae.generate import sample, validity  # noqa: E402
 from crystalae.prior import fit_latent_prior  # noqa: E402
+from crystalae.readout import CountChoice  # noqa: E402
 from crystalae.shards import PrepareOptions, prepare_dataset  # noqa: E402
 from crystalae.training import best_checkpoint_path, train  # noqa: E402
 
@@ -140,7 +141,7 @@ def score(args: argparse.Namespace, job: dict):
     test = read_table(data, split="test")
     symprec = (loaded.meta.get("decoding") or {}).get("symprec")
     metrics = evaluate(loaded.model, test, loaded.voxel, TrainConfig(**{**cfg.as_dict(), "eval_limit": test.num_rows}),
-                       device, symprec=symprec, records=True)
+                       device, symprec=symprec, records=True, count_choice=CountChoice.of(loaded.meta.get("decoding")))
     count = int(recipe.get("samples", 200))
     valid = [validity(s) for s in sample(loaded, count, seed=0)]
     train_seconds = sum(h.get("epoch_seconds", 0) + h.get("eval_seconds", 0) for h in history)

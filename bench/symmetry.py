@@ -28,12 +28,14 @@ from crystalae.config import TrainConfig  # noqa: E402
 from crystalae.dataset import read_table  # noqa: E402
 from crystalae.evaluation import evaluate  # noqa: E402
 from crystalae.files import write_json  # noqa: E402
+from crystalae.readout import CountChoice  # noqa: E402
 
 
 def scored(loaded, table, symprec: float | None) -> dict:
     """Match rate and RMS of one split, raw and (with `symprec`) snapped."""
     cfg = TrainConfig.from_dict({**loaded.meta["train_config"], "eval_limit": table.num_rows})
-    figures = evaluate(loaded.model, table, loaded.voxel, cfg, torch.device("cpu"), symprec=symprec)
+    figures = evaluate(loaded.model, table, loaded.voxel, cfg, torch.device("cpu"), symprec=symprec,
+                       count_choice=CountChoice.of(loaded.meta.get("decoding")))
     row = {"symprec": symprec, "raw_match_rate": figures["match_rate"], "raw_rms": figures["rms"]}
     if symprec:
         row.update({"match_rate": figures["symmetrized"]["match_rate"], "rms": figures["symmetrized"]["rms"]})

@@ -41,6 +41,9 @@ class ModelConfig(StrictConfig):
     seg_depth: int = 2
     seg_width: int = 16
     attention: bool = False  # attention gates on U-Net skips, as the paper
+    # the segmenter also reads the decoder's last feature map (as the site head does with site_features),
+    # not the reconstructed density alone as the paper's: one density peak height cannot tell Z from Z + 1
+    seg_features: bool = False
     n_classes: int = set_by(2, "data")  # background + elements in `species`
     species: tuple[int, ...] = set_by((6,), "data")  # atomic number of class i + 1
     lattice_head: bool = set_by(True, "data")  # predict (a, b, c, alpha, beta, gamma) from the latent
@@ -209,7 +212,8 @@ class Segmenter(nn.Module):
         self.config = config
         c = config
         widths = [c.seg_width * 2**i for i in range(c.seg_depth + 1)]
-        self.down = nn.ModuleList([ConvBlock(1, widths[0], c.periodic, c.norm, False)] + [
+        inputs = 1 + (_widths(c)[0] if c.seg_features else 0)
+        self.down = nn.ModuleList([ConvBlock(inputs, widths[0], c.periodic, c.norm, False)] + [
             ConvBlock(widths[i], widths[i + 1], c.periodic, c.norm, False, stride=2) for i in range(c.seg_depth)])
         self.up = nn.ModuleList([ConvBlock(widths[i + 1] + widths[i], widths[i], c.periodic, c.norm, False)
                                  for i in reversed(range(c.seg_depth))])
@@ -218,6 +222,7 @@ class Segmenter(nn.Module):
         self.head = nn.Conv3d(widths[0], c.n_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: the density (B, 1, N, N, N), with `seg_features` followed by the decoder's features."""
         skips = []
         for block in self.down:
             x = block(x)
@@ -294,6 +299,10 @@ class CrystalAE(nn.Module):
         self.site_head = SiteHead(config) if config.species_from == "site" else None
         self.vae_frozen = False
 
+    def segmenter_input(self, recon: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """What the segmenter reads: the reconstructed density, and with `seg_features` the decoder's features."""
+        return torch.cat([recon, features], dim=1) if self.config.seg_features else recon
+
     def freeze_vae(self) -> CrystalAE:
         """Fix the VAE's weights (no gradients, always in eval mode): only the species reader learns."""
         self.vae.requires_grad_(False)
@@ -311,7 +320,7 @@ class CrystalAE(nn.Module):
         out = self.vae(x)
         if self.segmenter is not None:
             # The segmenter learns from the VAE's output, as at generation time; it does not steer the VAE.
-            out["species_logits"] = self.segmenter(out["recon"].detach())
+            out["species_logits"] = self.segmenter(self.segmenter_input(out["recon"], out["features"]).detach())
         if self.site_head is not None and sites is not None:
             features = out["features"] if self.config.site_features else None
             head = self.site_head(out["z"], sites, features)

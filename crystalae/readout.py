@@ -50,11 +50,12 @@ class CountChoice:
 def decode_latents(model: CrystalAE, voxel: VoxelConfig, z: torch.Tensor) -> dict[str, np.ndarray]:
     """Latents -> physical densities (B, N, N, N), lattice parameters, the latents themselves and,
     for segmenter models, atomic-number label grids."""
-    recon = model.vae.decode(z)
+    recon, features = model.vae.decode_features(z)
     out = {"density": recon[:, 0].float().cpu().numpy() / density_scale(voxel), "latent": z.float().cpu().numpy()}
     if model.segmenter is not None:
         species = np.array((0,) + tuple(model.config.species))
-        out["labels"] = species[model.segmenter(recon).argmax(1).cpu().numpy()].astype(np.uint8)
+        logits = model.segmenter(model.segmenter_input(recon, features))
+        out["labels"] = species[logits.argmax(1).cpu().numpy()].astype(np.uint8)
     if model.vae.lattice is not None:
         out["lattice_params"] = model.vae.lattice_params(z).float().cpu().numpy()
     if model.vae.count is not None:

@@ -351,8 +351,9 @@ def _check_resume(run_dir: Path | None, model_cfg: ModelConfig, voxel: VoxelConf
         return
     for file in sorted(run_dir.glob("checkpoint_*/checkpoint.pt"))[-1:]:
         payload = read_checkpoint(file)
-        for label, saved, wanted in (("model", payload["model_config"], model_cfg.as_dict()),
-                                     ("voxel", payload["voxel_config"], voxel.as_dict())):
+        # read back through the config classes: a field added since the run started takes its default
+        for label, saved, wanted in (("model", ModelConfig.from_dict(payload["model_config"]).as_dict(), model_cfg.as_dict()),
+                                     ("voxel", VoxelConfig.from_dict(payload["voxel_config"]).as_dict(), voxel.as_dict())):
             diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
             if diff:
                 raise CheckpointError(f"run {run_dir} holds checkpoints of another {label} config "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -269,6 +270,18 @@ SPECIES_PATHS = {"site": "site head", "segmenter": "segmenter (paper)", "density
 def species_path(info: dict[str, Any]) -> str:
     """How a checkpoint's model assigns species, in words."""
     return SPECIES_PATHS.get((info.get("model_config") or {}).get("species_from"), "?")
+
+
+def training_summary(info: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint's run trained and how long an epoch took (the median of its recorded epochs,
+    seconds): the cost side of comparing atom readers. A reader trained alone on another model's fixed
+    VAE (`train.reader_only`) says so, since its epochs skip the VAE's backward pass."""
+    seconds = [h["epoch_seconds"] for h in info.get("history") or []
+               if isinstance(h.get("epoch_seconds"), (int, float)) and not isinstance(h.get("epoch_seconds"), bool)]
+    train = info.get("train_config") or {}
+    trained = (f"reader only, on {train.get('init_from')}'s fixed VAE" if train.get("reader_only")
+               else "VAE and reader together")
+    return {"trained": trained, "s / epoch": round(float(np.median(seconds)), 1) if seconds else None}
 
 
 # ---- datasets -------------------------------------------------------------------------------------

@@ -111,7 +111,8 @@ def test_compare_page_metrics_confusion_and_reconstruction(tiny_sweep, monkeypat
     assert_clean(at)
     assert len(at.multiselect(key="compare_models").value) == 2
     metrics = at.dataframe[0].value
-    assert len(metrics) == 2 and {"val_density_mse", "val_match_rate", "val_rms"} <= set(metrics.columns)
+    assert len(metrics) == 2 and {"val_density_mse", "val_match_rate", "val_rms", "s / epoch"} <= set(metrics.columns)
+    assert (metrics["s / epoch"] > 0).all() and set(metrics["trained"]) == {"VAE and reader together"}
     assert not at.warning, [w.value for w in at.warning]
     # per-element bars, 2 confusions, original atoms, then per model 2 slices + atoms + 2 isosurfaces
     assert charts(at) >= 3 + 1 + 2 * 5
@@ -382,3 +383,12 @@ def test_pickers_list_the_shipped_models_and_promote_starts_on_the_best_trial(ti
     at = open_page("registry", monkeypatch, tiny_sweep["storage"], tiny_sweep["registry"])
     best = tiny_sweep["summary"].best_trial().trial_id
     assert at.selectbox(key="promote_trial").value.startswith(best)
+
+
+def test_the_compare_table_says_when_a_reader_was_trained_alone_on_a_fixed_vae():
+    from crystalae.dashboard.data import training_summary
+
+    info = {"train_config": {"init_from": "perov_5", "reader_only": True},
+            "history": [{"epoch_seconds": 10.0}, {"epoch_seconds": 30.0}, {"epoch_seconds": 12.0}, {}]}
+    assert training_summary(info) == {"trained": "reader only, on perov_5's fixed VAE", "s / epoch": 12.0}
+    assert training_summary({}) == {"trained": "VAE and reader together", "s / epoch": None}

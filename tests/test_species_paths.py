@@ -115,7 +115,7 @@ def test_cosine_schedule_warms_up_then_decays():
         TrainConfig(schedule="step")
 
 
-@pytest.mark.parametrize("species_from", ["site", "segmenter", "density"])
+@pytest.mark.parametrize("species_from", ["site", "segmenter", "segmenter+features", "density"])
 def test_each_species_path_trains_and_evaluates(species_from, tmp_path):
     from crystalae.dataset import read_table, table_batches
     from crystalae.shards import PrepareOptions, prepare_dataset
@@ -123,12 +123,15 @@ def test_each_species_path_trains_and_evaluates(species_from, tmp_path):
     from crystalae.units import class_lookup
 
     prepare_dataset("demo:24", tmp_path, VoxelConfig(grid=8), PrepareOptions(val_fraction=0.3), workers=1)
+    species_from, features = species_from.split("+")[0], species_from.endswith("+features")
     voxel, config = build_configs(tmp_path, {"species_from": species_from, "depth": 1, "base_width": 4,
-                                             "latent_dim": 8, "seg_depth": 1, "seg_width": 4})
+                                             "latent_dim": 8, "seg_depth": 1, "seg_width": 4, "seg_features": features})
     torch.manual_seed(0)
     model = CrystalAE(config)
     assert (model.site_head is not None) == (species_from == "site")
     assert (model.segmenter is not None) == (species_from == "segmenter")
+    if features:  # the density and the decoder's 4 feature channels
+        assert model.segmenter.down[0].main[0].in_channels == 1 + 4
     cfg = TrainConfig(batch_size=8, eval_limit=4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)

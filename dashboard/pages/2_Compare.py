@@ -37,10 +37,13 @@ if not models:
 st.header("Validation metrics")
 table = pd.DataFrame([{"model": c.label, "epoch": infos[c.label].get("epoch"),
                        "species from": data.species_path(infos[c.label]),
-                       **{m: infos[c.label]["metrics"].get(m) for m in ["val_loss", *data.RECON_METRICS]}}
+                       **{m: infos[c.label]["metrics"].get(m) for m in ["val_loss", *data.RECON_METRICS]},
+                       **data.training_summary(infos[c.label])}
                       for c in models])
 st.dataframe(table, hide_index=True, key="metric_table")
-st.caption("Reconstruction metrics on the validation split, as recorded in each checkpoint's config.json.")
+st.caption("Reconstruction metrics on the validation split, as recorded in each checkpoint's config.json; "
+           "`s / epoch` is the median training epoch of the run that made it (a reader trained on a fixed VAE "
+           "skips the VAE's backward pass, so compare its time with that in mind).")
 
 accuracy = {c.label: data.per_element_accuracy(infos[c.label]["metrics"]) for c in models}
 if any(accuracy.values()):
