@@ -660,6 +660,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for m in pretrained_models():
         shown = _format_figures({k: v for k, v in m["test"].items() if k in ("match_rate", "rms", "species_accuracy")})
         made = f"\n    from: {lineage_text(m)}" if m["lineage"] else ""
+        if m["default_decoding"]:
+            default = m["default_decoding"]
+            figures = _format_figures({k: default[k] for k in ("match_rate", "rms")})
+            shown = f"{figures} as it decodes by default ({default['decoding']}); raw decode {shown}"
         print(f"pretrained {m['name']}: --model {m['name']} (or --checkpoint {m['path']})  test: {shown}{made}")
     entries = Registry(args.registry).entries()
     if not entries:

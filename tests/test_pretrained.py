@@ -99,3 +99,15 @@ def test_shipped_perov_lineage_names_the_committed_sweep_record(monkeypatch):
     recipe = trial_recipe(root / "search/sweeps", f"{shipped['sweep']}/{shipped['trial']}")
     assert recipe["lineage"]["sweep_dir"] == shipped["sweep_dir"] == "search/sweeps/perov_5"
     assert recipe["params"] == shipped["params"]
+
+
+def test_models_report_the_figure_of_their_default_decoding_beside_the_raw_one():
+    from crystalae.pretrained import default_decoding_figures
+
+    assert default_decoding_figures({"test_match_rate": 0.9}) is None  # decodes raw: the test_* figures say it
+    snapped = {"symmetrized": {"chosen_symprec": 0.5, "test_symmetrized_match_rate": 0.7, "test_symmetrized_rms": 0.09}}
+    assert default_decoding_figures(snapped) == {"match_rate": 0.7, "rms": 0.09, "decoding": "snapped at 0.5 Å"}
+    both = {**snapped, "count_choice": {"test_chosen": {"match_rate": 0.69, "rms": 0.1, "symmetrized_match_rate": 0.76,
+                                                         "symmetrized_rms": 0.097}}}
+    assert default_decoding_figures(both) == {"match_rate": 0.76, "rms": 0.097,
+                                              "decoding": "atom count by density fit, snapped at 0.5 Å"}
