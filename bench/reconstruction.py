@@ -41,6 +41,7 @@ from crystalae.dataset import read_manifest, read_table  # noqa: E402
 from crystalae.evaluation import evaluate  # noqa: E402
 from crystalae.files import read_yaml_mapping, write_json  # noqa: E402
 from crystalae.generate import sample, validity  # noqa: E402
+from crystalae.loading import load_model  # noqa: E402
 from crystalae.prior import fit_latent_prior  # noqa: E402
 from crystalae.readout import CountChoice  # noqa: E402
 from crystalae.shards import PrepareOptions, prepare_dataset  # noqa: E402
@@ -89,7 +90,8 @@ def main() -> None:
     out = args.out or ROOT / "bench/results" / f"reconstruction_{job['name']}.json"
     report(figures, out, hide=("history", "test_per_element_accuracy"))
     if args.export:
-        export(args, job["best"], figures, latent_prior=loaded.meta.get("latent_prior") if args.run else None)
+        export(args, job["best"], figures, latent_prior=loaded.meta.get("latent_prior") if args.run else
+               base_prior(job["best"]))
 
 
 def finished_run(args: argparse.Namespace) -> dict:
@@ -177,6 +179,15 @@ def score(args: argparse.Namespace, job: dict):
                                           "val_species_accuracy", "val_atom_count_rate", "val_score")} for h in history],
     }
     return figures, loaded
+
+
+def base_prior(best: str):
+    """A new reader on another model's fixed VAE (`train.reader_only`) samples from that model's prior:
+    the same VAE, so the same latent space. None for any other run."""
+    train_config = read_checkpoint(best)["train_config"]
+    if not train_config.get("reader_only"):
+        return None
+    return load_model(train_config["init_from"]).meta.get("latent_prior")
 
 
 def export(args: argparse.Namespace, best: str, figures: dict, latent_prior) -> None:
