@@ -173,12 +173,6 @@ class DensityVAE(nn.Module):
             raise RuntimeError("this model has no lattice head (box representation)")
         return self.lattice(z)
 
-    def atom_counts(self, z: torch.Tensor) -> torch.Tensor:
-        """(B,) most likely number of atoms in each crystal."""
-        if self.count is None:
-            raise RuntimeError("this model has no count head")
-        return self.count(z).argmax(1) + 1
-
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu

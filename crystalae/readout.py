@@ -15,7 +15,7 @@ from crystalae.decode import DecodeError, decode
 from crystalae.models import CrystalAE
 from crystalae.symmetry import decoding_symprec, symmetrize
 from crystalae.units import density_scale, lattice_from_params
-from crystalae.voxelize import Density, atom_sigmas, gaussian_norm, voxelize
+from crystalae.voxelize import Density, VoxelizeError, atom_sigmas, gaussian_norm, voxelize
 
 if TYPE_CHECKING:
     from crystalae.checkpoint import LoadedModel
@@ -82,9 +82,10 @@ def _chosen_count(model: CrystalAE, voxel: VoxelConfig, outputs: dict[str, np.nd
         try:
             structure = _to_structure(model, voxel, outputs["density"][i], labels, outputs["latent"][i], lattice,
                                       atoms=int(column) + 1)
-        except DecodeError:
+            misfit = density_misfit(structure, voxel, outputs["density"][i])
+        except (DecodeError, VoxelizeError):
             continue
-        cost = density_misfit(structure, voxel, outputs["density"][i]) - choice.prior_weight * float(logp[column])
+        cost = misfit - choice.prior_weight * float(logp[column])
         if cost < best_cost:
             best, best_cost = structure, cost
     if best is None:
