@@ -22,7 +22,7 @@ FREE_CHECK = """
 import json, time, ray
 from ray._private.state import state
 ray.init(address="{address}", log_to_driver=False)
-for _ in range(30):  # Ray frees a dead job's resources within seconds
+for _ in range(90):  # Ray frees a dead job's resources within seconds; on a loaded machine, a minute or more
     total, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
     cleaners = [a for a in state.actor_table(None).values()
                 if a["ActorClassName"] == "PlacementGroupCleaner" and a["State"] == "ALIVE"]
@@ -63,7 +63,7 @@ def _snapshots(root: str | Path) -> dict[str, list[dict]]:
 
 def _cluster_state(cluster) -> dict:
     result = subprocess.run([sys.executable, "-c", FREE_CHECK.format(address=cluster.address)], env=cluster.env,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=240)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
