@@ -145,7 +145,7 @@ def score(args: argparse.Namespace, job: dict):
     metrics = evaluate(loaded.model, test, loaded.voxel, TrainConfig(**{**cfg.as_dict(), "eval_limit": test.num_rows}),
                        device, symprec=symprec, records=True, count_choice=CountChoice.of(loaded.meta.get("decoding")))
     count = int(recipe.get("samples", 200))
-    valid = [validity(s) for s in sample(loaded, count, seed=0)]
+    valid = [validity(s) for s in sample(loaded, count, seed=0)] if count else []  # samples: 0 needs no prior
     train_seconds = sum(h.get("epoch_seconds", 0) + h.get("eval_seconds", 0) for h in history)
     figures = {
         "recipe": relative(args.recipe) if args.recipe else None, "run": relative(args.run) if args.run else None,
@@ -166,10 +166,10 @@ def score(args: argparse.Namespace, job: dict):
         "test_symmetrized": metrics.get("symmetrized"),
         "test_breakdown": breakdown(metrics["records"], test, read_manifest(data)["dataset_hash"]),
         "prior_samples": count,
-        "sample_structural_validity": sum(v["structural_valid"] for v in valid) / max(count, 1),
-        "sample_composition_validity": sum(v["composition_valid"] for v in valid) / max(count, 1),
-        "sample_composition_validity_smact": None if any(v["smact_valid"] is None for v in valid)
-        else sum(v["smact_valid"] for v in valid) / max(count, 1),
+        "sample_structural_validity": sum(v["structural_valid"] for v in valid) / count if count else None,
+        "sample_composition_validity": sum(v["composition_valid"] for v in valid) / count if count else None,
+        "sample_composition_validity_smact": None if not count or any(v["smact_valid"] is None for v in valid)
+        else sum(v["smact_valid"] for v in valid) / count,
         # training time as recorded per epoch by the run (all resumed pieces together), and the
         # validation curve against it: when each validation match rate was first reached
         "train_seconds": round(train_seconds, 1), "prepare_seconds": round(job["prepare_seconds"], 1),
