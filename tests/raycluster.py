@@ -23,6 +23,14 @@ FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeo
 LIMITS = ["--memory=2000000000", "--object-store-memory=200000000"]  # else each node claims half the RAM
 
 
+def marked_line(stdout: str, marker: str) -> str:
+    """The rest of the last line of `stdout` that starts with `marker` (AssertionError naming the output if
+    none does): a client's answer among whatever lines Ray itself prints."""
+    found = [line[len(marker):].strip() for line in stdout.splitlines() if line.startswith(marker)]
+    assert found, f"no {marker!r} line in: {stdout[-2000:]!r}"
+    return found[-1]
+
+
 class LocalCluster:
     """Ray nodes started with `ray start` as docs/cluster.md shows, sharing one temp dir (so one place to
     find and stop their processes). `env` goes to every node's processes (e.g. the S3 endpoint);
@@ -72,9 +80,10 @@ class LocalCluster:
     def alive_nodes(self) -> int:
         """How many live nodes the head counts (from a short-lived client process)."""
         code = (f"import ray; ray.init(address={self.address!r}, log_to_driver=False); "
-                "print(sum(n['Alive'] for n in ray.nodes()))")
+                "print('alive nodes:', sum(n['Alive'] for n in ray.nodes()))")
         out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
-        return int(out.stdout.strip().splitlines()[-1])
+        # Ray may print its own lines too (e.g. "raylet has lagging heartbeats" about the node just killed)
+        return int(marked_line(out.stdout, "alive nodes:"))
 
     def wait_for_nodes(self, alive: int, timeout: float = 60) -> None:
         """Wait until the head counts `alive` live nodes."""

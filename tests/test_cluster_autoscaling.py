@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from raycluster import marked_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ remove_placement_group(pg)
 idle = time.monotonic()
 while alive() > 1 and time.monotonic() - idle < 180:
     time.sleep(1)
-print(json.dumps({{"before": before, "during": during, "after": alive(), "up_s": round(up, 1),
+print("autoscaling:", json.dumps({{"before": before, "during": during, "after": alive(), "up_s": round(up, 1),
                   "down_s": round(time.monotonic() - idle, 1)}}))
 """
 
@@ -63,7 +64,7 @@ def test_the_autoscaler_adds_a_worker_for_queued_work_and_removes_it_when_idle(t
     finally:
         cluster.stop()
     assert result.returncode == 0, result.stderr[-3000:]
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    seen = json.loads(marked_line(result.stdout, "autoscaling:"))  # Ray may print lines of its own
     assert (seen["before"], seen["during"], seen["after"]) == (1, 2, 1), seen
     # removed after the idle timeout, not at once
     assert seen["down_s"] >= config["idle_timeout_minutes"] * 60, seen

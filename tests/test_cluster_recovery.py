@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_SWEEP
+from raycluster import marked_line
 
 from crystalae import uri_fs
 from crystalae.search.results import collect_trials
@@ -29,7 +30,7 @@ for _ in range(90):  # Ray frees a dead job's resources within seconds; on a loa
     if free == total and not cleaners:
         break
     time.sleep(1)
-print(json.dumps({{"total": total, "free": free, "cleaners": len(cleaners)}}))
+print("cluster state:", json.dumps({{"total": total, "free": free, "cleaners": len(cleaners)}}))
 """
 
 
@@ -64,7 +65,7 @@ def _snapshots(root: str | Path) -> dict[str, list[dict]]:
 def _cluster_state(cluster) -> dict:
     result = subprocess.run([sys.executable, "-c", FREE_CHECK.format(address=cluster.address)], env=cluster.env,
                             capture_output=True, text=True, timeout=240)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(marked_line(result.stdout, "cluster state:"))
 
 
 def _wait_for(condition, timeout: float, what: str, proc: subprocess.Popen):
