@@ -19,7 +19,7 @@ from crystalae.loading import find_model
 from crystalae.models import CrystalAE, ModelConfig
 from crystalae.pretrained import pretrained_models
 
-__all__ = ["base_overrides", "check_base_voxel", "find_base", "load_base_weights"]
+__all__ = ["base_configs", "check_base_voxel", "find_base", "load_base_weights"]
 
 
 def find_base(ref: str) -> str:
@@ -31,20 +31,23 @@ def find_base(ref: str) -> str:
     return shipped.get(path, str(path))
 
 
-def base_overrides(path: str) -> dict[str, Any]:
-    """The base model's architecture as ModelConfig overrides; the dataset's fields (grid, species, ...)
-    are set again from the data, and the caller's overrides win over these."""
+def base_configs(ref: str) -> tuple[dict[str, Any], VoxelConfig]:
+    """The base model's architecture as ModelConfig overrides (the dataset's fields, grid, species, ...,
+    are set again from the data, and the caller's overrides win over these) and its voxel settings: one
+    read of the checkpoint for both."""
+    payload = _payload(ref)
     settable = field_names(ModelConfig, settable=True)
-    return {k: v for k, v in _payload(path)["model_config"].items() if k in settable}
+    return ({k: v for k, v in payload["model_config"].items() if k in settable},
+            VoxelConfig.from_dict(payload["voxel_config"]))
 
 
-def check_base_voxel(path: str, voxel: VoxelConfig) -> None:
-    """Refuse data voxelized otherwise than the base model's (ConfigError naming both): its VAE would
-    read densities it never learned."""
-    saved = VoxelConfig.from_dict(_payload(path)["voxel_config"])
+def check_base_voxel(ref: str, saved: VoxelConfig, voxel: VoxelConfig) -> None:
+    """Refuse data voxelized otherwise than the base model `ref` (its settings `saved`; ConfigError naming
+    both): its VAE would read densities it never learned."""
     if saved != voxel:
-        diff = {k: (v, voxel.as_dict()[k]) for k, v in saved.as_dict().items() if voxel.as_dict()[k] != v}
-        raise ConfigError(f"init_from {path}: the data's voxel settings differ from the model's "
+        wanted = voxel.as_dict()
+        diff = {k: (v, wanted[k]) for k, v in saved.as_dict().items() if wanted[k] != v}
+        raise ConfigError(f"init_from {ref}: the data's voxel settings differ from the model's "
                           f"(model vs data: {diff}); prepare the data with the model's settings")
 
 

@@ -73,10 +73,9 @@ def density_misfit(structure: Structure, voxel: VoxelConfig, density: np.ndarray
 
 
 def _chosen_count(model: CrystalAE, voxel: VoxelConfig, outputs: dict[str, np.ndarray], i: int, lattice: np.ndarray,
-                  choice: CountChoice) -> Structure:
+                  labels: np.ndarray | None, choice: CountChoice) -> Structure:
     """Crystal `i` read with each candidate count, the best by `choice` (DecodeError if none decodes)."""
     logp = outputs["count_logp"][i]
-    labels = outputs["labels"][i] if "labels" in outputs else None
     best, best_cost = None, np.inf
     for column in np.argsort(-logp, kind="stable")[:choice.candidates]:
         try:
@@ -160,7 +159,7 @@ def outputs_to_structures(model: CrystalAE, voxel: VoxelConfig, outputs: dict[st
         labels = outputs["labels"][i] if "labels" in outputs else None
         try:
             if choosing:
-                result.append(_chosen_count(model, voxel, outputs, i, lattice, count_choice))
+                result.append(_chosen_count(model, voxel, outputs, i, lattice, labels, count_choice))
                 continue
             atoms = int(outputs["atoms"][i]) if "atoms" in outputs else None
             result.append(_to_structure(model, voxel, outputs["density"][i], labels, outputs["latent"][i], lattice,

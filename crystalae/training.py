@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from crystalae.augment import augment
-from crystalae.base_model import base_overrides, check_base_voxel, find_base, load_base_weights
+from crystalae.base_model import base_configs, check_base_voxel, find_base, load_base_weights
 from crystalae.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from crystalae.config import ConfigError, Objective, TrainConfig, VoxelConfig, blank_problem, check_name
 from crystalae.dataset import WorkerShare, config_of, dataset_species, prefetched, read_manifest, read_table, table_batches
@@ -282,12 +282,14 @@ def train(data: str | Path, cfg: TrainConfig = TrainConfig(), model_overrides: d
     check_run(name, mlflow)
     manifest = read_manifest(data)
     cfg = cfg.resolved()
+    base_voxel = None
     if cfg.init_from:
         cfg = replace(cfg, init_from=find_base(cfg.init_from))
-        model_overrides = {**base_overrides(cfg.init_from), **(model_overrides or {})}
+        base_model, base_voxel = base_configs(cfg.init_from)
+        model_overrides = {**base_model, **(model_overrides or {})}
     voxel, model_cfg = build_configs(data, model_overrides or {}, preset)
-    if cfg.init_from:
-        check_base_voxel(cfg.init_from, voxel)
+    if base_voxel is not None:
+        check_base_voxel(cfg.init_from, base_voxel, voxel)
     storage = absolute(storage)
     _check_resume(None if storage_is_remote(storage) else Path(storage) / name, model_cfg, voxel)
     with library_logs_to(_library_log(storage, name), ("ray", *(("mlflow",) if mlflow else ()))) as route_logs:

@@ -120,15 +120,17 @@ def test_a_segmenter_trained_on_a_fixed_vae_keeps_the_vae_and_learns_the_species
 def test_init_from_refuses_what_it_cannot_start_from(trained, tmp_path):
     from dataclasses import replace
 
-    from crystalae.base_model import check_base_voxel, load_base_weights
+    from crystalae.base_model import base_configs, check_base_voxel, load_base_weights
 
     with pytest.raises(ConfigError, match="reader_only needs init_from"):
         TrainConfig(reader_only=True)
     base = sorted(p for p in (trained["storage"] / "tiny").glob("checkpoint_*") if p.is_dir())[-1]
-    voxel = VoxelConfig.from_dict(read_checkpoint(base)["voxel_config"])
-    check_base_voxel(str(base), voxel)  # the same settings pass
+    overrides, voxel = base_configs(str(base))
+    assert voxel == VoxelConfig.from_dict(read_checkpoint(base)["voxel_config"])
+    assert overrides["latent_dim"] == TINY["latent_dim"] and "species" not in overrides  # the data sets species
+    check_base_voxel(str(base), voxel, voxel)  # the same settings pass
     with pytest.raises(ConfigError, match="voxel settings differ.*sigma"):
-        check_base_voxel(str(base), replace(voxel, sigma=voxel.sigma + 0.25))
+        check_base_voxel(str(base), voxel, replace(voxel, sigma=voxel.sigma + 0.25))
     config = ModelConfig.from_dict(read_checkpoint(base)["model_config"])
     assert load_base_weights(CrystalAE(config), str(base)) == []  # the same model: every weight fits
     fresh = load_base_weights(CrystalAE(config), str(base), vae_only=True)  # a new reader of the same kind
