@@ -272,3 +272,18 @@ def test_grad_clip_bounds_each_step_and_is_off_by_default(tiny_data):
     assert step_norm(TrainConfig(batch_size=8, grad_clip=1e-3)) == pytest.approx(1e-3, rel=1e-3)
     with pytest.raises(ConfigError, match="grad_clip must be > 0, got 0.0"):
         TrainConfig(grad_clip=0.0)
+
+
+def test_train_refuses_a_reader_without_a_base_or_an_unknown_base_in_one_line(trained, tmp_path, capsys):
+    import yaml
+
+    from crystalae.cli import main
+
+    for train_section, said in (({"reader_only": True}, "reader_only needs init_from"),
+                                ({"init_from": "no-such-model"}, "no-such-model")):
+        spec = tmp_path / "reader.yaml"
+        spec.write_text(yaml.safe_dump({"train": train_section}))
+        assert main(["train", "--data", str(trained["data"]), "--storage", str(tmp_path), "--name", "r",
+                     "--config", str(spec), "--epochs", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0] and "Traceback" not in err[0], err
